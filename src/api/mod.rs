@@ -1,0 +1,1 @@
+//! The custom resource types: data and schema only, no I/O.

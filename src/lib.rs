@@ -1,0 +1,5 @@
+//! kmsgrant-operator: grants on KMS customer master keys, declared as Kubernetes objects.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
