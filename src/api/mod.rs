@@ -1,1 +1,108 @@
-//! The custom resource types: data and schema only, no I/O.
+//! The custom resource types of group `kmsgrant.io`, version `v1alpha1`: data and schema only, no
+//! I/O. The CRD YAML in `crds/` is generated from these types (`kmsgrant-operator crd`).
+
+mod grant;
+mod provider;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use grant::{
+    DeletionPolicy, GrantRef, GranteePrincipalType, KmsGrant, KmsGrantSpec, KmsGrantStatus,
+    Operation, ProviderConfigRef,
+};
+pub use provider::{
+    AuthConfig, AuthType, KmsProviderConfig, KmsProviderConfigSpec, KmsProviderConfigStatus,
+    RateLimit, SecretReference,
+};
+
+/// The API group of every resource here.
+pub const GROUP: &str = "kmsgrant.io";
+
+/// KMS key IDs (`key_id`), from the API pages.
+pub const KEY_ID_PATTERN: &str = r"^[0-9a-z]{8}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{12}$";
+/// Grantee, retiring and issuing principals (user or account IDs), from the API pages.
+pub const PRINCIPAL_PATTERN: &str = r"^[a-zA-Z0-9]{1,64}$";
+/// Grant names (`name` of create-grant), from the API pages.
+pub const GRANT_NAME_PATTERN: &str = r"^[a-zA-Z0-9:/_-]{1,255}$";
+
+/// Every CustomResourceDefinition this operator serves, in install order.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![KmsGrant::crd(), KmsProviderConfig::crd()]
+        .into_iter()
+        .map(unwrap_descriptions)
+        .collect()
+}
+
+/// Doc comments are wrapped at 100 columns; `kubectl explain` wraps on its own, so line breaks
+/// inside a paragraph are joined and only paragraph breaks are kept.
+fn unwrap_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(node: &mut serde_json::Value) {
+        match node {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map.iter_mut() {
+                    match (key.as_str(), value) {
+                        ("description", serde_json::Value::String(text)) => {
+                            let paragraphs: Vec<String> = text
+                                .split("\n\n")
+                                .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+                                .collect();
+                            *text = paragraphs.join("\n\n");
+                        }
+                        (_, value) => walk(value),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(crd).expect("a CRD serialises to JSON");
+    walk(&mut value);
+    serde_json::from_value(value).expect("only descriptions changed")
+}
+
+/// The YAML document of one CRD, as committed in `crds/`.
+pub fn crd_yaml(crd: &CustomResourceDefinition) -> String {
+    serde_yaml::to_string(crd).expect("a CRD always serialises to YAML")
+}
+
+/// The file name of one CRD in `crds/`.
+pub fn crd_file_name(crd: &CustomResourceDefinition) -> String {
+    format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("crd"))
+}
+
+/// A condition in the kstatus convention (`Ready`, `Reconciling`, `Stalled`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type: `Ready`, `Reconciling` or `Stalled`.
+    #[serde(rename = "type")]
+    #[schemars(length(min = 1, max = 316))]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: ConditionStatus,
+    /// Why the condition has this status: a CamelCase word from a fixed, documented set.
+    #[schemars(length(max = 1024))]
+    pub reason: String,
+    /// What is wrong and what to do about it, for people.
+    #[serde(default)]
+    #[schemars(length(max = 32768))]
+    pub message: String,
+    /// The `metadata.generation` this condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the status last changed (RFC 3339).
+    #[schemars(extend("format" = "date-time"))]
+    pub last_transition_time: String,
+}
+
+/// The status of a condition.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}

@@ -1,0 +1,282 @@
+//! `KmsGrant`: "principal P may perform operations O on key K", owned by one object.
+
+use std::collections::BTreeSet;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Condition, GRANT_NAME_PATTERN, KEY_ID_PATTERN, PRINCIPAL_PATTERN};
+
+/// A grant on a KMS customer master key (CMK), kept in place by the operator.
+///
+/// The operator creates the grant through the KMS API, records its ID in `status.grantId`,
+/// recreates it when it disappears from the cloud, replaces it when the spec changes, and
+/// revokes (or retires, or leaves) it when this object is deleted.
+// Each `printcolumn(...)` repeats `type_ = ...`, which clippy mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kmsgrant.io",
+    version = "v1alpha1",
+    kind = "KmsGrant",
+    namespaced,
+    status = "KmsGrantStatus",
+    shortname = "kmsg",
+    category = "kmsgrant",
+    doc = "KmsGrant declares a grant on a KMS customer master key: the grantee principal may perform the listed operations on the key. The operator creates, repairs, replaces and revokes the grant on the cloud to match this object.",
+    printcolumn(
+        name = "Key",
+        type_ = "string",
+        json_path = ".spec.keyId",
+        description = "ID of the customer master key"
+    ),
+    printcolumn(
+        name = "Grantee",
+        type_ = "string",
+        json_path = ".spec.granteePrincipal",
+        description = "User or account that receives the permissions"
+    ),
+    printcolumn(
+        name = "Operations",
+        type_ = "string",
+        json_path = ".spec.operations",
+        description = "Operations the grantee may perform"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the grant exists on the cloud and matches the spec"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why the grant is or is not ready"
+    ),
+    printcolumn(
+        name = "Grant-ID",
+        type_ = "string",
+        json_path = ".status.grantId",
+        description = "ID of the grant on the cloud"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct KmsGrantSpec {
+    /// The KmsProviderConfig (cluster-scoped) that says which KMS endpoint to use and with which
+    /// credentials. Defaults to the one named `default`.
+    #[serde(default)]
+    pub provider_config_ref: ProviderConfigRef,
+
+    /// ID of the customer master key to grant on, for example
+    /// `bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e` (36 characters: lower-case letters and digits in
+    /// groups of 8-4-4-4-12). Default Master Keys (alias ending in `/default`) cannot be granted.
+    #[schemars(pattern(KEY_ID_PATTERN), length(min = 36, max = 36))]
+    pub key_id: String,
+
+    /// ID of the user (or, with `granteePrincipalType: domain`, the account) that receives the
+    /// permissions: 1 to 64 letters and digits.
+    #[schemars(pattern(PRINCIPAL_PATTERN), length(min = 1, max = 64))]
+    pub grantee_principal: String,
+
+    /// Whether `granteePrincipal` is a user ID (`user`) or an account (domain) ID (`domain`).
+    #[serde(default)]
+    pub grantee_principal_type: GranteePrincipalType,
+
+    /// Operations the grantee may perform on the key, each at most once. `create-grant` cannot be
+    /// the only value. `encrypt-data` and `decrypt-data` are accepted by Huawei Cloud only.
+    #[schemars(length(min = 1, max = 9))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "set",
+        "x-kubernetes-validations" = [{
+            "rule": "!(self.size() == 1 && self[0] == 'create-grant')",
+            "message": "create-grant cannot be the only value; add the operations the grantee needs"
+        }]
+    ))]
+    pub operations: Vec<Operation>,
+
+    /// Name of the grant on the cloud: 1 to 255 characters of letters, digits, `:`, `/`, `_` and
+    /// `-`. When empty, the operator derives a unique name from this object's UID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(GRANT_NAME_PATTERN), length(min = 1, max = 255))]
+    pub name: Option<String>,
+
+    /// ID of the user who may retire the grant: 1 to 64 letters and digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(PRINCIPAL_PATTERN), length(min = 1, max = 64))]
+    pub retiring_principal: Option<String>,
+
+    /// What happens to the grant on the cloud when this object is deleted: `Revoke` it (as the
+    /// key's owner), `Retire` it (as the retiring principal or grantor), or `Orphan` it (leave it
+    /// in place).
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+impl KmsGrantSpec {
+    /// The operations as a set: KMS may return them in any order, so they compare as sets.
+    pub fn operation_set(&self) -> BTreeSet<Operation> {
+        self.operations.iter().copied().collect()
+    }
+}
+
+/// A reference to a cluster-scoped KmsProviderConfig.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ProviderConfigRef {
+    /// Name of the KmsProviderConfig.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+impl Default for ProviderConfigRef {
+    fn default() -> Self {
+        Self {
+            name: "default".to_owned(),
+        }
+    }
+}
+
+/// Whether the grantee principal is a user or an account (domain).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GranteePrincipalType {
+    /// A user ID.
+    #[default]
+    User,
+    /// An account (domain) ID.
+    Domain,
+}
+
+impl GranteePrincipalType {
+    /// The value KMS uses on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Domain => "domain",
+        }
+    }
+}
+
+// An operation a grant may allow (undocumented in the schema: the field that holds it says it).
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Operation {
+    CreateDatakey,
+    CreateDatakeyWithoutPlaintext,
+    EncryptDatakey,
+    DecryptDatakey,
+    DescribeKey,
+    CreateGrant,
+    RetireGrant,
+    EncryptData,
+    DecryptData,
+}
+
+impl Operation {
+    /// Every operation, in the order of the API page.
+    pub const ALL: [Operation; 9] = [
+        Self::CreateDatakey,
+        Self::CreateDatakeyWithoutPlaintext,
+        Self::EncryptDatakey,
+        Self::DecryptDatakey,
+        Self::DescribeKey,
+        Self::CreateGrant,
+        Self::RetireGrant,
+        Self::EncryptData,
+        Self::DecryptData,
+    ];
+
+    /// The value KMS uses on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CreateDatakey => "create-datakey",
+            Self::CreateDatakeyWithoutPlaintext => "create-datakey-without-plaintext",
+            Self::EncryptDatakey => "encrypt-datakey",
+            Self::DecryptDatakey => "decrypt-datakey",
+            Self::DescribeKey => "describe-key",
+            Self::CreateGrant => "create-grant",
+            Self::RetireGrant => "retire-grant",
+            Self::EncryptData => "encrypt-data",
+            Self::DecryptData => "decrypt-data",
+        }
+    }
+
+    /// Parses the wire value; `None` for an operation this version does not know.
+    pub fn from_wire(value: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|op| op.as_str() == value)
+    }
+}
+
+/// What happens to the cloud grant when the KmsGrant is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Revoke the grant as the key's owner.
+    #[default]
+    Revoke,
+    /// Retire the grant (as the retiring principal or the grantor).
+    Retire,
+    /// Leave the grant on the cloud.
+    Orphan,
+}
+
+/// What the operator observed and did, written by the operator only.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KmsGrantStatus {
+    /// ID of the grant this object owns on the cloud (64 hexadecimal characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_id: Option<String>,
+
+    /// The key the owned grant lives on (it differs from `spec.keyId` while a key change is
+    /// being carried out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+
+    /// Name of the owned grant on the cloud.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant_name: Option<String>,
+
+    /// The principal that issued (created) the grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuing_principal: Option<String>,
+
+    /// When the grant was created on the cloud (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+
+    /// A grant this object owned before a spec change, kept until it has been revoked so that a
+    /// crash in the middle of a replacement still cleans it up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_grant: Option<GrantRef>,
+
+    /// The `metadata.generation` the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// When the grant was last compared with the cloud (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_time: Option<String>,
+
+    /// Ready, Reconciling and Stalled, in the kstatus convention.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// A grant on a key, by ID.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GrantRef {
+    /// ID of the key the grant is on.
+    pub key_id: String,
+    /// ID of the grant.
+    pub grant_id: String,
+}

@@ -1,0 +1,220 @@
+//! `KmsProviderConfig`: where and as whom the operator talks to KMS. Owned by platform teams.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Condition, KEY_ID_PATTERN, Operation};
+
+/// The KMS endpoint, region, project and credentials that KmsGrants naming this config use, and
+/// the guardrails on what those grants may do.
+// Each `printcolumn(...)` repeats `type_ = ...`, which clippy mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "kmsgrant.io",
+    version = "v1alpha1",
+    kind = "KmsProviderConfig",
+    status = "KmsProviderConfigStatus",
+    shortname = "kmspc",
+    category = "kmsgrant",
+    doc = "KmsProviderConfig says which KMS endpoint, region and project the operator uses and which credentials it signs with, and limits which namespaces, keys and operations KmsGrants may use.",
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".spec.endpoint",
+        description = "KMS endpoint"
+    ),
+    printcolumn(
+        name = "Region",
+        type_ = "string",
+        json_path = ".spec.region",
+        description = "Cloud region"
+    ),
+    printcolumn(
+        name = "Auth",
+        type_ = "string",
+        json_path = ".spec.auth.type",
+        description = "Authentication method"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the credentials work against the endpoint"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.projectId) != has(self.projectName)",
+        "message": "set exactly one of projectId or projectName",
+        "fieldPath": ".projectId",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "self.auth.type != 'Password' || has(self.iamEndpoint)",
+        "message": "iamEndpoint is required when auth.type is Password (tokens come from IAM)",
+        "fieldPath": ".iamEndpoint",
+        "reason": "FieldValueRequired"
+    },
+    {
+        "rule": "!has(self.projectName) || has(self.iamEndpoint)",
+        "message": "iamEndpoint is required when projectName is set (the project ID is looked up in IAM)",
+        "fieldPath": ".iamEndpoint",
+        "reason": "FieldValueRequired"
+    }
+]))]
+pub struct KmsProviderConfigSpec {
+    /// Base URL of the KMS endpoint, for example `https://kms.eu-de.otc.t-systems.com`. Plain
+    /// `http://` is for local emulators only.
+    #[schemars(length(min = 1, max = 2048), pattern(URL_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "isURL(self)",
+        "message": "must be an http(s) URL such as https://kms.eu-de.otc.t-systems.com"
+    }]))]
+    pub endpoint: String,
+
+    /// Base URL of the IAM endpoint, for example `https://iam.eu-de.otc.t-systems.com`. Needed for
+    /// Password auth and to resolve `projectName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048), pattern(URL_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "isURL(self)",
+        "message": "must be an http(s) URL such as https://iam.eu-de.otc.t-systems.com"
+    }]))]
+    pub iam_endpoint: Option<String>,
+
+    /// Cloud region, for example `eu-de`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[a-z0-9][a-z0-9-]{0,63}$"))]
+    pub region: Option<String>,
+
+    /// ID of the project the keys live in. Set this or `projectName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[a-zA-Z0-9-]{1,64}$"))]
+    pub project_id: Option<String>,
+
+    /// Name of the project the keys live in (on Open Telekom Cloud the default project is named
+    /// after the region, e.g. `eu-de`); its ID is looked up through IAM. Set this or `projectId`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[a-zA-Z0-9_.-]{1,64}$"))]
+    pub project_name: Option<String>,
+
+    /// How the operator authenticates to KMS.
+    pub auth: AuthConfig,
+
+    /// Only KmsGrants in namespaces whose labels match may use this config. Absent: every
+    /// namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+
+    /// If set, KmsGrants using this config may only grant on these key IDs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"), length(max = 1000), inner(pattern(KEY_ID_PATTERN)))]
+    pub allowed_key_ids: Option<Vec<String>>,
+
+    /// If set, KmsGrants using this config may only grant these operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"), length(max = 9))]
+    pub allowed_operations: Option<Vec<Operation>>,
+
+    /// Client-side rate limit for KMS calls made with this config, shared by all its KmsGrants.
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+
+    /// PEM bundle of extra certificate authorities to trust for the endpoints (private
+    /// endpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+}
+
+const URL_PATTERN: &str = r"^https?://[^\s/?#]+[^\s]*$";
+
+/// How the operator authenticates to KMS.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthConfig {
+    /// `AccessKey`: sign each request with an access key / secret key pair (Secret keys
+    /// `accessKey`, `secretKey`, optional `securityToken`). `Password`: get IAM tokens with a
+    /// user's password (Secret keys `username`, `password`, `domainName`).
+    #[serde(rename = "type")]
+    pub type_: AuthType,
+    /// The Secret holding the credentials.
+    pub secret_ref: SecretReference,
+}
+
+/// An authentication method.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum AuthType {
+    /// AK/SK request signing (`SDK-HMAC-SHA256`).
+    AccessKey,
+    /// IAM password authentication with project-scoped tokens.
+    Password,
+}
+
+/// A Secret by namespace and name.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretReference {
+    /// Namespace of the Secret (normally the operator's own namespace).
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// A token bucket: a sustained rate with a burst allowance.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    #[serde(default = "RateLimit::default_requests_per_second")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub requests_per_second: u32,
+    /// Requests that may be sent at once after a quiet period.
+    #[serde(default = "RateLimit::default_burst")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub burst: u32,
+}
+
+impl RateLimit {
+    fn default_requests_per_second() -> u32 {
+        10
+    }
+    fn default_burst() -> u32 {
+        20
+    }
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            requests_per_second: Self::default_requests_per_second(),
+            burst: Self::default_burst(),
+        }
+    }
+}
+
+/// What the operator observed about this config.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KmsProviderConfigStatus {
+    /// The project ID in use (resolved from `projectName` when that is given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    /// The `metadata.generation` the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready (the credentials work against the endpoint), Reconciling and Stalled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
