@@ -1,0 +1,614 @@
+//! The CRDs as a real kube-apiserver enforces them: what `kubectl apply` accepts, what it rejects
+//! and how the message names the field.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::{install_crds, kubectl, kubectl_ok, namespace};
+
+const SEED_KEY: &str = "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e";
+const SEED_PRINCIPAL: &str = "13gg44z4g2sglzk0egw0u726zoyzvrs8";
+
+/// The example request of the seed page "Creating a Grant", written as a KmsGrant.
+fn seed_grant(namespace: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "kmsgrant.io/v1alpha1",
+        "kind": "KmsGrant",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "keyId": SEED_KEY,
+            "operations": ["describe-key", "create-datakey", "encrypt-datakey"],
+            "granteePrincipal": SEED_PRINCIPAL,
+            "name": "my_grant",
+            "retiringPrincipal": SEED_PRINCIPAL
+        }
+    })
+}
+
+fn provider_config(name: &str) -> Value {
+    json!({
+        "apiVersion": "kmsgrant.io/v1alpha1",
+        "kind": "KmsProviderConfig",
+        "metadata": {"name": name},
+        "spec": {
+            "endpoint": "https://kms.eu-de.otc.t-systems.com",
+            "iamEndpoint": "https://iam.eu-de.otc.t-systems.com",
+            "region": "eu-de",
+            "projectId": "0123456789abcdef0123456789abcdef",
+            "auth": {"type": "AccessKey", "secretRef": {"namespace": "kmsgrant-system", "name": "kms-credentials"}}
+        }
+    })
+}
+
+fn create(manifest: &Value) -> std::process::Output {
+    kubectl(&["create", "-f", "-"], Some(&manifest.to_string()))
+}
+
+fn get_json(args: &[&str]) -> Value {
+    serde_json::from_str(&kubectl_ok(&[args, &["-o", "json"]].concat(), None)).unwrap()
+}
+
+/// Sets (or, with `None`, removes) the value at a JSON pointer, creating objects on the way.
+fn set(mut doc: Value, pointer: &str, value: Option<Value>) -> Value {
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    let mut node = &mut doc;
+    for part in parent.split('/').skip(1) {
+        node = node
+            .as_object_mut()
+            .unwrap()
+            .entry(part)
+            .or_insert_with(|| json!({}));
+    }
+    let object = node.as_object_mut().unwrap();
+    match value {
+        Some(value) => {
+            object.insert(key.to_owned(), value);
+        }
+        None => {
+            object.remove(key);
+        }
+    }
+    doc
+}
+
+#[test]
+fn crds_install_and_become_established() {
+    install_crds();
+    for crd in ["kmsgrants.kmsgrant.io", "kmsproviderconfigs.kmsgrant.io"] {
+        let crd = get_json(&["get", "crd", crd]);
+        let established = crd["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Established" && c["status"] == "True");
+        assert!(
+            established,
+            "{} is not Established: {}",
+            crd["metadata"]["name"], crd["status"]
+        );
+    }
+    // Short names and the category resolve.
+    kubectl_ok(&["get", "kmsg", "-A"], None);
+    kubectl_ok(&["get", "kmspc"], None);
+    kubectl_ok(&["get", "kmsgrants", "-A"], None);
+    // The category lists every kind of ours at once.
+    let ns = namespace("category");
+    kubectl_ok(
+        &["create", "-f", "-"],
+        Some(&seed_grant(&ns, "in-category").to_string()),
+    );
+    let listed = kubectl_ok(&["get", "kmsgrant", "-A", "-o", "name"], None);
+    assert!(
+        listed.contains("kmsgrant.kmsgrant.io/in-category"),
+        "{listed}"
+    );
+}
+
+#[test]
+fn seed_example_grant_is_accepted_with_schema_defaults() {
+    install_crds();
+    let ns = namespace("seed");
+    let out = create(&seed_grant(&ns, "app-encrypt"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let stored = get_json(&["-n", &ns, "get", "kmsgrants", "app-encrypt"]);
+    let spec = &stored["spec"];
+    assert_eq!(spec["keyId"], SEED_KEY);
+    assert_eq!(
+        spec["operations"],
+        json!(["describe-key", "create-datakey", "encrypt-datakey"])
+    );
+    assert_eq!(spec["name"], "my_grant");
+    assert_eq!(spec["retiringPrincipal"], SEED_PRINCIPAL);
+    // Defaults come from the schema, applied by the API server.
+    assert_eq!(spec["granteePrincipalType"], "user");
+    assert_eq!(spec["deletionPolicy"], "Revoke");
+    assert_eq!(spec["providerConfigRef"], json!({"name": "default"}));
+}
+
+#[test]
+fn minimal_grant_and_grant_with_every_operation_are_accepted() {
+    install_crds();
+    let ns = namespace("accept");
+    let minimal = json!({
+        "apiVersion": "kmsgrant.io/v1alpha1",
+        "kind": "KmsGrant",
+        "metadata": {"name": "minimal", "namespace": ns},
+        "spec": {"keyId": SEED_KEY, "granteePrincipal": "abc", "operations": ["describe-key"]}
+    });
+    let out = create(&minimal);
+    assert!(
+        out.status.success(),
+        "minimal: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let every: Vec<&str> = kmsgrant::api::Operation::ALL
+        .iter()
+        .map(|op| op.as_str())
+        .collect();
+    let all = set(
+        seed_grant(&ns, "every-operation"),
+        "/spec/operations",
+        Some(json!(every)),
+    );
+    let all = set(all, "/spec/granteePrincipalType", Some(json!("domain")));
+    let all = set(all, "/spec/deletionPolicy", Some(json!("Orphan")));
+    let out = create(&all);
+    assert!(
+        out.status.success(),
+        "every operation: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = get_json(&["-n", &ns, "get", "kmsgrants", "every-operation"]);
+    assert_eq!(stored["spec"]["operations"].as_array().unwrap().len(), 9);
+}
+
+#[test]
+fn valid_provider_configs_are_accepted() {
+    install_crds();
+    let suffix = std::process::id();
+    let by_id = provider_config(&format!("by-id-{suffix}"));
+    let out = create(&by_id);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let by_name = set(
+        provider_config(&format!("by-name-{suffix}")),
+        "/spec/projectId",
+        None,
+    );
+    let by_name = set(by_name, "/spec/projectName", Some(json!("eu-de")));
+    let by_name = set(by_name, "/spec/auth/type", Some(json!("Password")));
+    let by_name = set(
+        by_name,
+        "/spec/namespaceSelector",
+        Some(json!({"matchLabels": {"kms-grants": "allowed"}})),
+    );
+    let by_name = set(by_name, "/spec/allowedKeyIds", Some(json!([SEED_KEY])));
+    let by_name = set(
+        by_name,
+        "/spec/allowedOperations",
+        Some(json!(["describe-key", "encrypt-datakey"])),
+    );
+    let out = create(&by_name);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let stored = get_json(&["get", "kmspc", &format!("by-id-{suffix}")]);
+    assert_eq!(
+        stored["spec"]["rateLimit"],
+        json!({"requestsPerSecond": 10, "burst": 20})
+    );
+    kubectl_ok(
+        &[
+            "delete",
+            "kmspc",
+            &format!("by-id-{suffix}"),
+            &format!("by-name-{suffix}"),
+        ],
+        None,
+    );
+}
+
+#[test]
+fn kubectl_explain_describes_operations() {
+    install_crds();
+    let explained = kubectl_ok(&["explain", "kmsgrant.spec.operations"], None);
+    // kubectl wraps descriptions to the terminal width.
+    let explained = explained.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        explained.contains("`create-grant` cannot be the only value"),
+        "no description in:\n{explained}"
+    );
+    let spec = kubectl_ok(&["explain", "kmsgrant.spec"], None);
+    for field in [
+        "keyId",
+        "granteePrincipal",
+        "granteePrincipalType",
+        "deletionPolicy",
+        "providerConfigRef",
+    ] {
+        assert!(
+            spec.contains(field),
+            "kubectl explain kmsgrant.spec does not list {field}:\n{spec}"
+        );
+    }
+}
+
+struct BadManifest {
+    case: &'static str,
+    manifest: Value,
+    /// What the API server's message must contain: the field path, and what is expected.
+    expect: &'static [&'static str],
+}
+
+fn bad_grants(ns: &str) -> Vec<BadManifest> {
+    let g = |name: &str| seed_grant(ns, name);
+    let with = |name: &str, pointer: &str, value: Value| set(g(name), pointer, Some(value));
+    let without = |name: &str, pointer: &str| set(g(name), pointer, None);
+    vec![
+        BadManifest {
+            case: "keyId too short",
+            manifest: with(
+                "b1",
+                "/spec/keyId",
+                json!("bb6a3d22-dc93-47ac-b5bd-88df7ad35f1"),
+            ),
+            expect: &["spec.keyId", "should be at least 36 chars long"],
+        },
+        BadManifest {
+            case: "keyId in upper case",
+            manifest: with(
+                "b2",
+                "/spec/keyId",
+                json!("BB6A3D22-DC93-47AC-B5BD-88DF7AD35F1E"),
+            ),
+            expect: &["spec.keyId", "should match"],
+        },
+        BadManifest {
+            case: "keyId without dashes",
+            manifest: with(
+                "b3",
+                "/spec/keyId",
+                json!("bb6a3d22xdc93x47acxb5bdx88df7ad35f1e"),
+            ),
+            expect: &["spec.keyId", "should match"],
+        },
+        BadManifest {
+            case: "keyId of 37 characters",
+            manifest: with(
+                "b4",
+                "/spec/keyId",
+                json!("bb6a3d22-dc93-47ac-b5bd-88df7ad35f1ee"),
+            ),
+            expect: &["spec.keyId", "may not be more than 36"],
+        },
+        BadManifest {
+            case: "keyId missing",
+            manifest: without("b5", "/spec/keyId"),
+            expect: &["spec.keyId", "Required value"],
+        },
+        BadManifest {
+            case: "granteePrincipal missing",
+            manifest: without("b6", "/spec/granteePrincipal"),
+            expect: &["spec.granteePrincipal", "Required value"],
+        },
+        BadManifest {
+            case: "operations empty",
+            manifest: with("b7", "/spec/operations", json!([])),
+            expect: &["spec.operations", "at least 1 items"],
+        },
+        BadManifest {
+            case: "operations with an unknown value",
+            manifest: with(
+                "b8",
+                "/spec/operations",
+                json!(["describe-key", "delete-key"]),
+            ),
+            expect: &["spec.operations[1]", "Unsupported value: \"delete-key\""],
+        },
+        BadManifest {
+            case: "operations duplicated",
+            manifest: with(
+                "b9",
+                "/spec/operations",
+                json!(["describe-key", "describe-key"]),
+            ),
+            expect: &["spec.operations[1]", "Duplicate value"],
+        },
+        BadManifest {
+            case: "operations only create-grant",
+            manifest: with("b10", "/spec/operations", json!(["create-grant"])),
+            expect: &["spec.operations", "create-grant cannot be the only value"],
+        },
+        BadManifest {
+            case: "granteePrincipal of 65 characters",
+            manifest: with("b11", "/spec/granteePrincipal", json!("a".repeat(65))),
+            expect: &["spec.granteePrincipal", "may not be more than 64"],
+        },
+        BadManifest {
+            case: "granteePrincipal with a dash",
+            manifest: with("b12", "/spec/granteePrincipal", json!("user-1")),
+            expect: &["spec.granteePrincipal", "should match"],
+        },
+        BadManifest {
+            case: "granteePrincipal with a dot",
+            manifest: with("b13", "/spec/granteePrincipal", json!("user.1")),
+            expect: &["spec.granteePrincipal", "should match"],
+        },
+        BadManifest {
+            case: "retiringPrincipal with a dash",
+            manifest: with("b14", "/spec/retiringPrincipal", json!("user-1")),
+            expect: &["spec.retiringPrincipal", "should match"],
+        },
+        BadManifest {
+            case: "name with a dot",
+            manifest: with("b15", "/spec/name", json!("my.grant")),
+            expect: &["spec.name", "should match"],
+        },
+        BadManifest {
+            case: "name with a space",
+            manifest: with("b16", "/spec/name", json!("my grant")),
+            expect: &["spec.name", "should match"],
+        },
+        BadManifest {
+            case: "name longer than 255 characters",
+            manifest: with("b17", "/spec/name", json!("n".repeat(256))),
+            expect: &["spec.name", "may not be more than 255"],
+        },
+        BadManifest {
+            case: "granteePrincipalType neither user nor domain",
+            manifest: with("b18", "/spec/granteePrincipalType", json!("group")),
+            expect: &["spec.granteePrincipalType", "Unsupported value: \"group\""],
+        },
+        BadManifest {
+            case: "deletionPolicy not Revoke, Retire or Orphan",
+            manifest: with("b19", "/spec/deletionPolicy", json!("Delete")),
+            expect: &["spec.deletionPolicy", "Unsupported value: \"Delete\""],
+        },
+        BadManifest {
+            case: "operations not a list",
+            manifest: with("b20", "/spec/operations", json!("describe-key")),
+            expect: &["spec.operations", "must be of type array"],
+        },
+        BadManifest {
+            case: "providerConfigRef with an empty name",
+            manifest: with("b21", "/spec/providerConfigRef", json!({"name": ""})),
+            expect: &["spec.providerConfigRef.name", "at least 1 chars long"],
+        },
+        BadManifest {
+            case: "spec missing",
+            manifest: without("b22", "/spec"),
+            expect: &["spec", "Required value"],
+        },
+    ]
+}
+
+fn bad_provider_configs() -> Vec<BadManifest> {
+    let suffix = std::process::id();
+    let p = |n: &str| provider_config(&format!("{n}-{suffix}"));
+    vec![
+        BadManifest {
+            case: "provider config without endpoint",
+            manifest: set(p("p1"), "/spec/endpoint", None),
+            expect: &["spec.endpoint", "Required value"],
+        },
+        BadManifest {
+            case: "provider config endpoint not a URL",
+            manifest: set(
+                p("p2"),
+                "/spec/endpoint",
+                Some(json!("kms.eu-de.otc.t-systems.com")),
+            ),
+            expect: &["spec.endpoint", "should match"],
+        },
+        BadManifest {
+            case: "provider config endpoint with a space",
+            manifest: set(p("p3"), "/spec/endpoint", Some(json!("https://kms eu-de"))),
+            expect: &["spec.endpoint"],
+        },
+        BadManifest {
+            case: "provider config with an unknown auth type",
+            manifest: set(p("p4"), "/spec/auth/type", Some(json!("Certificate"))),
+            expect: &["spec.auth.type", "Unsupported value: \"Certificate\""],
+        },
+        BadManifest {
+            case: "provider config with both projectId and projectName",
+            manifest: set(p("p5"), "/spec/projectName", Some(json!("eu-de"))),
+            expect: &[
+                "spec.projectId",
+                "set exactly one of projectId or projectName",
+            ],
+        },
+        BadManifest {
+            case: "provider config with neither projectId nor projectName",
+            manifest: set(p("p6"), "/spec/projectId", None),
+            expect: &[
+                "spec.projectId",
+                "set exactly one of projectId or projectName",
+            ],
+        },
+        BadManifest {
+            case: "provider config with Password auth and no iamEndpoint",
+            manifest: set(
+                set(p("p7"), "/spec/auth/type", Some(json!("Password"))),
+                "/spec/iamEndpoint",
+                None,
+            ),
+            expect: &["spec.iamEndpoint", "required when auth.type is Password"],
+        },
+        BadManifest {
+            case: "provider config without a secretRef",
+            manifest: set(p("p8"), "/spec/auth/secretRef", None),
+            expect: &["spec.auth.secretRef", "Required value"],
+        },
+        BadManifest {
+            case: "provider config with a zero rate limit",
+            manifest: set(
+                p("p9"),
+                "/spec/rateLimit",
+                Some(json!({"requestsPerSecond": 0})),
+            ),
+            expect: &[
+                "spec.rateLimit.requestsPerSecond",
+                "should be greater than or equal to 1",
+            ],
+        },
+        BadManifest {
+            case: "provider config allowing a malformed key ID",
+            manifest: set(p("p10"), "/spec/allowedKeyIds", Some(json!(["not-a-key"]))),
+            expect: &["spec.allowedKeyIds[0]", "should match"],
+        },
+    ]
+}
+
+#[test]
+fn bad_manifests_are_rejected_by_the_api_server_naming_the_field() {
+    install_crds();
+    let ns = namespace("reject");
+    let cases: Vec<BadManifest> = bad_grants(&ns)
+        .into_iter()
+        .chain(bad_provider_configs())
+        .collect();
+    assert!(cases.len() >= 30);
+    let mut failures = Vec::new();
+    for case in &cases {
+        let out = create(&case.manifest);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            failures.push(format!("{}: accepted, expected a rejection", case.case));
+            continue;
+        }
+        let missing: Vec<&&str> = case
+            .expect
+            .iter()
+            .filter(|needle| !stderr.contains(**needle))
+            .collect();
+        if !missing.is_empty() {
+            failures.push(format!(
+                "{}: message lacks {missing:?}:\n  {stderr}",
+                case.case
+            ));
+        }
+        // A rejected object is not stored.
+        let kind = case.manifest["kind"].as_str().unwrap();
+        let name = case.manifest["metadata"]["name"].as_str().unwrap();
+        let exists = kubectl(&["-n", &ns, "get", kind, name], None);
+        if exists.status.success() {
+            failures.push(format!("{}: rejected, yet {kind}/{name} exists", case.case));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+/// Unknown fields: rejected under strict field validation (kubectl's default), pruned when the
+/// client asks for no validation, so a typo never reaches the controller silently as data.
+#[test]
+fn unknown_field_is_rejected_under_strict_validation_and_pruned_otherwise() {
+    install_crds();
+    let ns = namespace("unknown");
+    let manifest = set(
+        seed_grant(&ns, "typo"),
+        "/spec/granteePrincipalTyp",
+        Some(json!("domain")),
+    );
+
+    let strict = kubectl(
+        &["create", "--validate=strict", "-f", "-"],
+        Some(&manifest.to_string()),
+    );
+    assert!(
+        !strict.status.success(),
+        "accepted an unknown field under strict validation"
+    );
+    let stderr = String::from_utf8_lossy(&strict.stderr);
+    assert!(
+        stderr.contains("unknown field \"spec.granteePrincipalTyp\""),
+        "{stderr}"
+    );
+
+    let lax = kubectl(
+        &["create", "--validate=false", "-f", "-"],
+        Some(&manifest.to_string()),
+    );
+    assert!(
+        lax.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lax.stderr)
+    );
+    let stored = get_json(&["-n", &ns, "get", "kmsgrants", "typo"]);
+    assert!(
+        stored["spec"].get("granteePrincipalTyp").is_none(),
+        "unknown field was stored: {stored}"
+    );
+    assert_eq!(stored["spec"]["granteePrincipalType"], "user");
+}
+
+#[test]
+fn kubectl_get_shows_the_printer_columns() {
+    install_crds();
+    let ns = namespace("columns");
+    kubectl_ok(
+        &["create", "-f", "-"],
+        Some(&seed_grant(&ns, "columns").to_string()),
+    );
+    let table = kubectl_ok(&["get", "kmsg", "-A"], None);
+    let header = table.lines().next().unwrap();
+    for column in [
+        "NAMESPACE",
+        "NAME",
+        "KEY",
+        "GRANTEE",
+        "OPERATIONS",
+        "READY",
+        "REASON",
+        "GRANT-ID",
+        "AGE",
+    ] {
+        assert!(
+            header.split_whitespace().any(|c| c == column),
+            "no {column} column in: {header}"
+        );
+    }
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&ns))
+        .expect("our object is listed");
+    assert!(
+        row.contains(SEED_KEY) && row.contains(SEED_PRINCIPAL),
+        "{row}"
+    );
+    assert!(row.contains("describe-key"), "{row}");
+
+    let name = format!("columns-{}", std::process::id());
+    kubectl_ok(
+        &["create", "-f", "-"],
+        Some(&provider_config(&name).to_string()),
+    );
+    let table = kubectl_ok(&["get", "kmspc", &name], None);
+    let header = table.lines().next().unwrap();
+    for column in ["NAME", "ENDPOINT", "REGION", "AUTH", "READY", "AGE"] {
+        assert!(
+            header.split_whitespace().any(|c| c == column),
+            "no {column} column in: {header}"
+        );
+    }
+    kubectl_ok(&["delete", "kmspc", &name], None);
+}
