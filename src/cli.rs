@@ -66,3 +66,38 @@ impl CrdArgs {
         ExitCode::SUCCESS
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_also_reads_a_kmsgrant_environment_variable() {
+        fn check(command: &clap::Command, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                let named = arg.get_long().is_some() || arg.get_short().is_some();
+                let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+                if named && !builtin && !env.starts_with("KMSGRANT_") {
+                    missing.push(format!("{} --{}", command.get_name(), arg.get_id()));
+                }
+            }
+            command
+                .get_subcommands()
+                .for_each(|sub| check(sub, missing));
+        }
+        let mut missing = Vec::new();
+        check(&Cli::command(), &mut missing);
+        assert!(
+            missing.is_empty(),
+            "flags without a KMSGRANT_* variable: {missing:?}"
+        );
+    }
+}

@@ -612,3 +612,24 @@ fn kubectl_get_shows_the_printer_columns() {
     }
     kubectl_ok(&["delete", "kmspc", &name], None);
 }
+
+#[test]
+fn shipped_examples_are_accepted_by_the_api_server() {
+    install_crds();
+    let examples = std::path::Path::new(support::REPO).join("deploy/examples");
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = kubectl(
+                &["apply", "--dry-run=server", "-f", path.to_str().unwrap()],
+                None,
+            );
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}

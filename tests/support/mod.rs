@@ -79,7 +79,7 @@ pub fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Installs the CRDs as `kmsgrant-operator crd | kubectl apply -f -` and waits until they are
+/// Installs the CRDs exactly as a person would, `kmsgrant-operator crd | kubectl apply -f -`, and waits until they are
 /// Established. Once per test process.
 pub fn install_crds() {
     static INSTALLED: OnceLock<()> = OnceLock::new();
