@@ -4,7 +4,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "kmsgrant-operator", version, about = "Grants on KMS keys, declared as Kubernetes objects")]
+#[command(
+    name = "kmsgrant-operator",
+    version,
+    about = "Grants on KMS keys, declared as Kubernetes objects"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
