@@ -21,7 +21,7 @@ pub enum Command {
     /// Run the operator against a cluster.
     Run,
     /// Run the local KMS and IAM emulator.
-    Emulator,
+    Emulator(Box<crate::emulator::EmulatorArgs>),
     /// Start the local sandbox: control plane, emulator, CRDs, operator and an example grant.
     Dev,
 }
@@ -30,7 +30,8 @@ impl Cli {
     pub fn run(self) -> ExitCode {
         match self.command {
             Command::Crd(args) => args.run(),
-            Command::Run | Command::Emulator | Command::Dev => not_implemented(),
+            Command::Emulator(args) => crate::emulator::run(*args),
+            Command::Run | Command::Dev => not_implemented(),
         }
     }
 }
