@@ -238,6 +238,8 @@ pub(crate) fn classify(call: Call, status: u16, code: &str) -> ErrorReason {
             500..=599 => ServiceUnavailable,
             401 => InvalidCredentials,
             403 if call == Call::IamToken => InvalidCredentials,
+            // Our token request is fixed; what IAM can refuse in it is the project scope.
+            400 | 404 if call == Call::IamToken => WrongProject,
             403 => PermissionDenied,
             404 if matches!(
                 call,
