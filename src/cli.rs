@@ -19,7 +19,7 @@ pub enum Command {
     /// Print every CustomResourceDefinition as YAML (or write them into a directory).
     Crd(CrdArgs),
     /// Run the operator against a cluster.
-    Run,
+    Run(Box<crate::run::RunArgs>),
     /// Run the local KMS and IAM emulator.
     Emulator(Box<crate::emulator::EmulatorArgs>),
     /// Start the local sandbox: control plane, emulator, CRDs, operator and an example grant.
@@ -31,7 +31,8 @@ impl Cli {
         match self.command {
             Command::Crd(args) => args.run(),
             Command::Emulator(args) => crate::emulator::run(*args),
-            Command::Run | Command::Dev => not_implemented(),
+            Command::Run(args) => args.run(),
+            Command::Dev => not_implemented(),
         }
     }
 }

@@ -3,5 +3,8 @@
 
 pub mod api;
 pub mod cli;
+pub mod controller;
 pub mod emulator;
 pub mod kms;
+pub mod run;
+pub mod telemetry;

@@ -1,0 +1,182 @@
+//! What we know of each key: its description and a snapshot of its grants, shared by every
+//! object on the key.
+//!
+//! One paged `list-grants` walk per key per freshness window, single-flighted (concurrent
+//! reconciles wait for the walk in progress instead of starting their own), and updated in place
+//! by our own creates and revokes instead of being thrown away.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::kms::{Grant, KeyInfo, KeyState, KmsClient, KmsError};
+
+/// A key as seen through one provider config.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyRef {
+    pub provider: String,
+    pub key_id: String,
+}
+
+#[derive(Default)]
+pub struct KeyCache {
+    entries: Mutex<HashMap<KeyRef, Arc<KeyEntry>>>,
+    /// Grant ID → UID of the object that owns it, for writes not yet visible in the object store.
+    claims: Mutex<HashMap<String, String>>,
+}
+
+#[derive(Default)]
+struct KeyEntry {
+    grants: tokio::sync::Mutex<Option<Snapshot>>,
+    info: Mutex<Option<(KeyInfo, Instant)>>,
+    /// Held while deciding and creating on this key, so two objects never take the same grant.
+    writes: Arc<tokio::sync::Mutex<()>>,
+}
+
+struct Snapshot {
+    grants: Vec<Grant>,
+    fetched: Instant,
+    stale: bool,
+}
+
+impl KeyCache {
+    fn entry(&self, key: &KeyRef) -> Arc<KeyEntry> {
+        self.entries
+            .lock()
+            .expect("cache lock")
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// The key's grants, listed at most once per `max_age` whoever asks.
+    pub async fn grants(
+        &self,
+        client: &KmsClient,
+        key: &KeyRef,
+        max_age: Duration,
+        page_size: u32,
+    ) -> Result<Vec<Grant>, KmsError> {
+        let entry = self.entry(key);
+        let mut snapshot = entry.grants.lock().await;
+        if let Some(current) = snapshot
+            .as_ref()
+            .filter(|s| !s.stale && s.fetched.elapsed() < max_age)
+        {
+            return Ok(current.grants.clone());
+        }
+        let grants = client.list_all_grants(&key.key_id, page_size).await?;
+        *snapshot = Some(Snapshot {
+            grants: grants.clone(),
+            fetched: Instant::now(),
+            stale: false,
+        });
+        Ok(grants)
+    }
+
+    /// Lists the key now; true when anything differs from the previous snapshot.
+    pub async fn refresh(
+        &self,
+        client: &KmsClient,
+        key: &KeyRef,
+        page_size: u32,
+    ) -> Result<bool, KmsError> {
+        let entry = self.entry(key);
+        let mut snapshot = entry.grants.lock().await;
+        let mut grants = client.list_all_grants(&key.key_id, page_size).await?;
+        grants.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
+        let changed = snapshot.as_ref().is_none_or(|previous| {
+            let mut before = previous.grants.clone();
+            before.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
+            before != grants
+        });
+        *snapshot = Some(Snapshot {
+            grants,
+            fetched: Instant::now(),
+            stale: false,
+        });
+        Ok(changed)
+    }
+
+    /// Records a grant we created, so the next reader sees it without listing.
+    pub async fn insert(&self, key: &KeyRef, grant: Grant) {
+        let entry = self.entry(key);
+        if let Some(snapshot) = entry.grants.lock().await.as_mut() {
+            snapshot.grants.retain(|g| g.grant_id != grant.grant_id);
+            snapshot.grants.push(grant);
+        }
+    }
+
+    /// Records a grant we revoked or retired.
+    pub async fn remove(&self, key: &KeyRef, grant_id: &str) {
+        let entry = self.entry(key);
+        if let Some(snapshot) = entry.grants.lock().await.as_mut() {
+            snapshot.grants.retain(|g| g.grant_id != grant_id);
+        }
+    }
+
+    /// After a write with an unknown outcome: the next reader lists again.
+    pub async fn invalidate(&self, key: &KeyRef) {
+        let entry = self.entry(key);
+        if let Some(snapshot) = entry.grants.lock().await.as_mut() {
+            snapshot.stale = true;
+        }
+    }
+
+    /// Forgets every key of a provider (its endpoint or credentials changed).
+    pub fn forget_provider(&self, provider: &str) {
+        self.entries
+            .lock()
+            .expect("cache lock")
+            .retain(|key, _| key.provider != provider);
+    }
+
+    /// The key's description, from `describe-key` at most once per `max_age`. Only an enabled key
+    /// is remembered: a disabled one may be re-enabled at any moment.
+    pub async fn key_info(
+        &self,
+        client: &KmsClient,
+        key: &KeyRef,
+        max_age: Duration,
+    ) -> Result<KeyInfo, KmsError> {
+        let entry = self.entry(key);
+        if let Some((info, at)) = entry.info.lock().expect("key info lock").clone()
+            && at.elapsed() < max_age
+        {
+            return Ok(info);
+        }
+        let info = client.describe_key(&key.key_id).await?;
+        if info.state == KeyState::Enabled {
+            *entry.info.lock().expect("key info lock") = Some((info.clone(), Instant::now()));
+        }
+        Ok(info)
+    }
+
+    /// Serialises deciding-and-creating on one key.
+    pub async fn write_lock(&self, key: &KeyRef) -> tokio::sync::OwnedMutexGuard<()> {
+        let writes = Arc::clone(&self.entry(key).writes);
+        writes.lock_owned().await
+    }
+
+    pub fn claim(&self, grant_id: &str, uid: &str) {
+        self.claims
+            .lock()
+            .expect("claims lock")
+            .insert(grant_id.to_owned(), uid.to_owned());
+    }
+
+    pub fn release(&self, grant_id: &str) {
+        self.claims.lock().expect("claims lock").remove(grant_id);
+    }
+
+    /// The UID that claimed a grant in this process, if any.
+    pub fn claimant(&self, grant_id: &str) -> Option<String> {
+        self.claims
+            .lock()
+            .expect("claims lock")
+            .get(grant_id)
+            .cloned()
+    }
+}

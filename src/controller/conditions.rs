@@ -1,0 +1,207 @@
+//! kstatus conditions (`Ready`, `Reconciling`, `Stalled`) from the outcome of one reconcile.
+
+use crate::api::{Condition, ConditionStatus};
+
+pub const READY: &str = "Ready";
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
+
+/// Where an object stands after a reconcile. Every reason is a CamelCase word from
+/// [`reasons`]; every message says what is wrong and what to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The goal is reached.
+    Ready {
+        reason: &'static str,
+        message: String,
+    },
+    /// Work is under way or being retried; no human needed (yet).
+    Progressing {
+        reason: &'static str,
+        message: String,
+    },
+    /// Progress needs a human; not hot-retried.
+    Stalled {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+impl Outcome {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Ready { reason, .. }
+            | Self::Progressing { reason, .. }
+            | Self::Stalled { reason, .. } => reason,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Ready { message, .. }
+            | Self::Progressing { message, .. }
+            | Self::Stalled { message, .. } => message,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Self::Ready { .. })
+    }
+}
+
+/// The documented condition reasons.
+pub mod reasons {
+    /// Ready: the grant exists on the cloud and matches the spec.
+    pub const GRANT_READY: &str = "GrantReady";
+    /// Ready (KmsProviderConfig): the credentials work against the endpoint.
+    pub const PROVIDER_READY: &str = "CredentialsVerified";
+    pub const CREATING: &str = "Creating";
+    pub const REPLACING: &str = "Replacing";
+    pub const DELETING: &str = "Deleting";
+    pub const OUTCOME_UNKNOWN: &str = "OutcomeUnknown";
+    pub const KMS_UNAVAILABLE: &str = "KmsUnavailable";
+    pub const PROVIDER_CONFIG_NOT_FOUND: &str = "ProviderConfigNotFound";
+    pub const PROVIDER_CONFIG_NOT_READY: &str = "ProviderConfigNotReady";
+    pub const NAMESPACE_NOT_ALLOWED: &str = "NamespaceNotAllowed";
+    pub const KEY_NOT_ALLOWED: &str = "KeyNotAllowed";
+    pub const OPERATION_NOT_ALLOWED: &str = "OperationNotAllowed";
+    pub const KEY_NOT_FOUND: &str = "KeyNotFound";
+    pub const DEFAULT_KEY_NOT_GRANTABLE: &str = "DefaultKeyNotGrantable";
+    pub const KEY_DISABLED: &str = "KeyDisabled";
+    pub const KEY_PENDING_DELETION: &str = "KeyPendingDeletion";
+    pub const KEY_NOT_ENABLED: &str = "KeyNotEnabled";
+    pub const GRANT_QUOTA_EXCEEDED: &str = "GrantQuotaExceeded";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const SECRET_INCOMPLETE: &str = "SecretIncomplete";
+}
+
+/// The three conditions for `outcome`, keeping `lastTransitionTime` of any whose status did not
+/// change.
+pub fn conditions(
+    outcome: &Outcome,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: &str,
+) -> Vec<Condition> {
+    let (ready, reconciling, stalled) = match outcome {
+        Outcome::Ready { .. } => (
+            ConditionStatus::True,
+            ConditionStatus::False,
+            ConditionStatus::False,
+        ),
+        Outcome::Progressing { .. } => (
+            ConditionStatus::False,
+            ConditionStatus::True,
+            ConditionStatus::False,
+        ),
+        Outcome::Stalled { .. } => (
+            ConditionStatus::False,
+            ConditionStatus::False,
+            ConditionStatus::True,
+        ),
+    };
+    [
+        (READY, ready),
+        (RECONCILING, reconciling),
+        (STALLED, stalled),
+    ]
+    .into_iter()
+    .map(|(type_, status)| {
+        let last_transition_time = previous
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| now.to_owned());
+        Condition {
+            type_: type_.to_owned(),
+            status,
+            reason: outcome.reason().to_owned(),
+            message: outcome.message().to_owned(),
+            observed_generation: generation,
+            last_transition_time,
+        }
+    })
+    .collect()
+}
+
+/// Now, as RFC 3339 with second precision (what the schema's date-time format expects).
+pub fn now_rfc3339() -> String {
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
+}
+
+/// Milliseconds since the epoch as RFC 3339.
+pub fn millis_rfc3339(millis: i64) -> Option<String> {
+    jiff::Timestamp::from_millisecond(millis)
+        .ok()
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_outcome_sets_ready_true_and_the_others_false() {
+        let outcome = Outcome::Ready {
+            reason: reasons::GRANT_READY,
+            message: "in sync".into(),
+        };
+        let conditions = conditions(&outcome, Some(3), &[], "2026-01-01T00:00:00Z");
+        let status: Vec<_> = conditions
+            .iter()
+            .map(|c| (c.type_.as_str(), c.status))
+            .collect();
+        assert_eq!(
+            status,
+            [
+                (READY, ConditionStatus::True),
+                (RECONCILING, ConditionStatus::False),
+                (STALLED, ConditionStatus::False)
+            ]
+        );
+        assert!(
+            conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(3) && c.reason == "GrantReady")
+        );
+    }
+
+    #[test]
+    fn transition_time_changes_only_when_the_status_changes() {
+        let stalled = Outcome::Stalled {
+            reason: reasons::KEY_NOT_FOUND,
+            message: "no key".into(),
+        };
+        let first = conditions(&stalled, Some(1), &[], "t1");
+        let again = conditions(&stalled, Some(1), &first, "t2");
+        assert!(again.iter().all(|c| c.last_transition_time == "t1"));
+        let ready = Outcome::Ready {
+            reason: reasons::GRANT_READY,
+            message: String::new(),
+        };
+        let after = conditions(&ready, Some(2), &again, "t3");
+        let time = |type_: &str| {
+            after
+                .iter()
+                .find(|c| c.type_ == type_)
+                .unwrap()
+                .last_transition_time
+                .clone()
+        };
+        assert_eq!(
+            (time(READY), time(RECONCILING), time(STALLED)),
+            ("t3".into(), "t1".into(), "t3".into())
+        );
+    }
+
+    #[test]
+    fn creation_dates_render_as_rfc3339() {
+        assert_eq!(
+            millis_rfc3339(1_497_341_531_000).as_deref(),
+            Some("2017-06-13T08:12:11Z")
+        );
+    }
+}

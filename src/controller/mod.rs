@@ -1,0 +1,342 @@
+//! The controllers: KmsGrant (grants on the cloud) and KmsProviderConfig (clients and their
+//! credentials), the per-key grant cache they share, and the drift detector.
+
+mod cache;
+mod conditions;
+mod grant;
+mod plan;
+mod provider;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use tokio::sync::mpsc;
+
+pub use cache::KeyRef;
+pub use conditions::{Outcome, reasons};
+pub use grant::FINALIZER;
+pub use plan::{DesiredGrant, OwnedGrant, Plan, derived_name, plan};
+
+use crate::api::{KmsGrant, KmsProviderConfig};
+use crate::kms::ClientMetrics;
+
+/// How the controllers pace themselves.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How often every key is listed to detect drift, and every object re-checked.
+    pub resync: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How long a Stalled object waits before it is looked at again (changes wake it earlier).
+    pub stalled_retry: Duration,
+    /// Reconciles running at once.
+    pub concurrency: u16,
+    /// `limit` of each list-grants page.
+    pub page_size: u32,
+    /// Namespace whose Secrets are watched (the operator's own).
+    pub secret_namespace: Option<String>,
+    /// Allow `http://` endpoints (local emulators only).
+    pub allow_http: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            resync: Duration::from_secs(300),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            stalled_retry: Duration::from_secs(300),
+            concurrency: 8,
+            page_size: crate::kms::MAX_PAGE_SIZE,
+            secret_namespace: None,
+            allow_http: false,
+        }
+    }
+}
+
+impl Settings {
+    /// The resync interval ±10 %, so objects created together do not stay in lockstep.
+    pub fn jittered_resync(&self) -> Duration {
+        self.resync.mul_f64(0.9 + 0.2 * fastrand::f64())
+    }
+
+    /// A grant snapshot is reused for this long. The drift detector refreshes every key once per
+    /// resync, so object reconciles in between never list.
+    fn snapshot_max_age(&self) -> Duration {
+        self.resync * 2
+    }
+
+    fn key_info_max_age(&self) -> Duration {
+        self.resync * 4
+    }
+
+    /// `status.lastSyncTime` is rewritten at least this often even when nothing changed.
+    fn sync_time_refresh(&self) -> Duration {
+        (self.resync * 10).max(Duration::from_secs(3600))
+    }
+}
+
+/// Errors that stop a reconcile (KMS failures become conditions instead).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("Kubernetes API call failed: {0}")]
+    Kube(#[source] kube::Error),
+}
+
+impl ReconcileError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "KubernetesApiError",
+        }
+    }
+}
+
+/// Hooks the admin server's metrics plug into; the default does nothing.
+pub trait ControllerMetrics: Send + Sync {
+    fn drift_repaired(&self) {}
+    fn object_outcome(&self, _outcome: &Outcome) {}
+}
+
+struct NoMetrics;
+impl ControllerMetrics for NoMetrics {}
+impl ClientMetrics for NoMetrics {}
+
+/// Shared by every reconcile.
+pub struct Context {
+    client: Client,
+    settings: Settings,
+    recorder: Recorder,
+    keys: cache::KeyCache,
+    providers: provider::ProviderRegistry,
+    provider_configs: Store<KmsProviderConfig>,
+    grants: Store<KmsGrant>,
+    interest: Interest,
+    backoff: Backoff,
+    metrics: Arc<dyn ControllerMetrics>,
+    kms_metrics: Arc<dyn ClientMetrics>,
+}
+
+impl Context {
+    /// Grant ID → UID of the object whose status names it.
+    fn owners(&self) -> BTreeMap<String, String> {
+        grant::owners_from(&self.grants.state())
+    }
+}
+
+/// Which objects use which key, so drift on a key wakes only them.
+#[derive(Default)]
+struct Interest {
+    by_object: Mutex<HashMap<ObjectRef<KmsGrant>, KeyRef>>,
+}
+
+impl Interest {
+    fn register(&self, object: &ObjectRef<KmsGrant>, key: &KeyRef) {
+        self.by_object
+            .lock()
+            .expect("interest lock")
+            .insert(object.clone(), key.clone());
+    }
+
+    fn forget(&self, object: &ObjectRef<KmsGrant>) {
+        self.by_object.lock().expect("interest lock").remove(object);
+    }
+
+    fn keys(&self) -> BTreeMap<KeyRef, Vec<ObjectRef<KmsGrant>>> {
+        let mut keys: BTreeMap<KeyRef, Vec<ObjectRef<KmsGrant>>> = BTreeMap::new();
+        for (object, key) in self.by_object.lock().expect("interest lock").iter() {
+            keys.entry(key.clone()).or_default().push(object.clone());
+        }
+        keys
+    }
+}
+
+/// Per-object exponential backoff: `min` doubling to `max`, reset on success.
+#[derive(Default)]
+struct Backoff {
+    failures: Mutex<HashMap<ObjectRef<KmsGrant>, u32>>,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn next(&self, object: &ObjectRef<KmsGrant>) -> Duration {
+        let mut failures = self.failures.lock().expect("backoff lock");
+        let count = failures.entry(object.clone()).or_default();
+        let delay = self
+            .min
+            .saturating_mul(1u32 << (*count).min(20))
+            .min(self.max);
+        *count = count.saturating_add(1);
+        // ±20 % so objects failing together spread out.
+        delay.mul_f64(0.8 + 0.4 * fastrand::f64())
+    }
+
+    fn reset(&self, object: &ObjectRef<KmsGrant>) {
+        self.failures.lock().expect("backoff lock").remove(object);
+    }
+}
+
+/// Runs both controllers and the drift detector until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let reporter = Reporter {
+        controller: "kmsgrant-operator".into(),
+        instance: std::env::var("HOSTNAME").ok(),
+    };
+    let configs: Api<KmsProviderConfig> = Api::all(client.clone());
+    let grants: Api<KmsGrant> = Api::all(client.clone());
+
+    let provider_controller = Controller::new(configs.clone(), watcher::Config::default());
+    let provider_store = provider_controller.store();
+    let grant_controller = Controller::new(grants, watcher::Config::default());
+    let grant_store = grant_controller.store();
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        keys: cache::KeyCache::default(),
+        providers: provider::ProviderRegistry::default(),
+        provider_configs: provider_store.clone(),
+        grants: grant_store.clone(),
+        interest: Interest::default(),
+        backoff: Backoff {
+            min: settings.backoff_min,
+            max: settings.backoff_max,
+            ..Backoff::default()
+        },
+        metrics: Arc::new(NoMetrics),
+        kms_metrics: Arc::new(NoMetrics),
+        client: client.clone(),
+        settings: settings.clone(),
+    });
+
+    // Secrets changing (credentials rotated or fixed) wake the configs that use them.
+    let secrets: Api<Secret> = match &settings.secret_namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    let store_for_secrets = provider_store.clone();
+    let provider_controller = provider_controller
+        .watches(
+            secrets,
+            watcher::Config::default(),
+            move |secret: Secret| {
+                let (name, namespace) = (secret.name_any(), secret.namespace().unwrap_or_default());
+                store_for_secrets
+                    .state()
+                    .into_iter()
+                    .filter(move |c| {
+                        c.spec.auth.secret_ref.name == name
+                            && c.spec.auth.secret_ref.namespace == namespace
+                    })
+                    .map(|c| ObjectRef::from_obj(c.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .with_config(ControllerConfig::default().concurrency(2))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(provider::reconcile, provider_error_policy, ctx.clone())
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "provider config reconcile failed");
+            }
+        });
+
+    let (drift_tx, drift_rx) = mpsc::unbounded_channel::<ObjectRef<KmsGrant>>();
+    let grant_controller = grant_controller
+        // A provider config changing (becoming Ready, say) wakes the grants that use it.
+        .watches(
+            configs,
+            watcher::Config::default(),
+            move |config: KmsProviderConfig| {
+                let name = config.name_any();
+                grant_store
+                    .state()
+                    .into_iter()
+                    .filter(move |g| g.spec.provider_config_ref.name == name)
+                    .map(|g| ObjectRef::from_obj(g.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            drift_rx,
+        ))
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(grant::reconcile, grant_error_policy, ctx.clone())
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => tracing::trace!(object = %object, "reconciled"),
+                Err(err) => tracing::debug!(error = %err, "grant reconcile failed"),
+            }
+        });
+
+    let detector = drift_detector(ctx.clone(), drift_tx, shutdown.clone());
+    tracing::info!(resync = ?settings.resync, concurrency = settings.concurrency, "controllers started");
+    tokio::join!(provider_controller, grant_controller, detector);
+    tracing::info!("controllers stopped");
+    Ok(())
+}
+
+fn grant_error_policy(object: Arc<KmsGrant>, err: &ReconcileError, ctx: Arc<Context>) -> Action {
+    tracing::warn!(object = %ObjectRef::from_obj(object.as_ref()), reason = err.reason(), error = %err, "reconcile failed");
+    Action::requeue(ctx.backoff.next(&ObjectRef::from_obj(object.as_ref())))
+}
+
+fn provider_error_policy(
+    config: Arc<KmsProviderConfig>,
+    err: &ReconcileError,
+    ctx: Arc<Context>,
+) -> Action {
+    tracing::warn!(provider = %config.name_any(), reason = err.reason(), error = %err, "provider config reconcile failed");
+    Action::requeue(ctx.settings.backoff_min.max(Duration::from_secs(5)))
+}
+
+/// Lists every key in use once per resync; wakes the objects on keys whose grants changed.
+async fn drift_detector(
+    ctx: Arc<Context>,
+    wake: mpsc::UnboundedSender<ObjectRef<KmsGrant>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let tick = async {
+        loop {
+            tokio::time::sleep(ctx.settings.jittered_resync()).await;
+            for (key, objects) in ctx.interest.keys() {
+                let Some(provider) = ctx.providers.get(&key.provider) else {
+                    continue;
+                };
+                match ctx
+                    .keys
+                    .refresh(&provider.client, &key, ctx.settings.page_size)
+                    .await
+                {
+                    Ok(true) => {
+                        tracing::debug!(key = %key.key_id, objects = objects.len(), "grants changed on key");
+                        for object in objects {
+                            let _ = wake.send(object);
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(err) => {
+                        tracing::debug!(key = %key.key_id, error = %err, "drift check failed")
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = tick => {}
+        () = shutdown => {}
+    }
+}

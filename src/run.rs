@@ -1,0 +1,187 @@
+//! `kmsgrant-operator run`: the operator against a cluster.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::controller::{self, Settings};
+
+/// Options of `kmsgrant-operator run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Kubeconfig to use; in a pod the in-cluster config is used when neither this nor KUBECONFIG
+    /// is set.
+    #[arg(long, env = "KMSGRANT_KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use (default: the current one).
+    #[arg(long, env = "KMSGRANT_CONTEXT")]
+    pub context: Option<String>,
+    /// How often every key is listed to detect drift and every object re-checked (e.g. 30s, 5m).
+    #[arg(long, env = "KMSGRANT_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+    /// Reconciles running at once.
+    #[arg(long, env = "KMSGRANT_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: u16,
+    /// First retry delay of a failing object; doubles up to --backoff-max.
+    #[arg(long, env = "KMSGRANT_BACKOFF_MIN", default_value = "1s", value_parser = parse_duration)]
+    pub backoff_min: Duration,
+    /// Longest retry delay of a failing object.
+    #[arg(long, env = "KMSGRANT_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub backoff_max: Duration,
+    /// How long a Stalled object waits before it is looked at again (changes wake it earlier).
+    #[arg(long, env = "KMSGRANT_STALLED_RETRY", default_value = "5m", value_parser = parse_duration)]
+    pub stalled_retry: Duration,
+    /// Namespace whose Secrets hold provider credentials (the operator's own namespace).
+    #[arg(
+        long,
+        env = "KMSGRANT_SECRET_NAMESPACE",
+        default_value = "kmsgrant-system"
+    )]
+    pub secret_namespace: String,
+    /// Accept plain http:// KMS and IAM endpoints (local emulators only; never in production).
+    #[arg(long, env = "KMSGRANT_ALLOW_HTTP_ENDPOINTS")]
+    pub allow_http_endpoints: bool,
+    /// Log filter, e.g. `info` or `kmsgrant=debug,info`.
+    #[arg(long, env = "KMSGRANT_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format: `text` or `json` (one JSON object per line).
+    #[arg(long, env = "KMSGRANT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl RunArgs {
+    pub fn run(self) -> ExitCode {
+        let RunArgs {
+            kubeconfig,
+            context,
+            resync_interval,
+            concurrency,
+            backoff_min,
+            backoff_max,
+            stalled_retry,
+            secret_namespace,
+            allow_http_endpoints,
+            log_level,
+            log_format,
+        } = self;
+        if let Err(err) = crate::telemetry::init(&log_level, &log_format) {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+        let settings = Settings {
+            resync: resync_interval,
+            backoff_min,
+            backoff_max,
+            stalled_retry,
+            concurrency: concurrency.max(1),
+            secret_namespace: Some(secret_namespace),
+            allow_http: allow_http_endpoints,
+            ..Settings::default()
+        };
+        let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+        match runtime.block_on(async move {
+            let client = kube_client(kubeconfig, context).await?;
+            controller::run(client, settings, shutdown_signal()).await
+        }) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "operator failed");
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// A client from `--kubeconfig`/`--context`, else KUBECONFIG or the in-cluster config.
+pub async fn kube_client(
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+) -> anyhow::Result<kube::Client> {
+    use anyhow::Context as _;
+    let options = kube::config::KubeConfigOptions {
+        context,
+        ..Default::default()
+    };
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &options).await?
+        }
+        None if options.context.is_some() => kube::Config::from_kubeconfig(&options).await?,
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig and not in a cluster")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut signal) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            signal.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}
+
+/// `500ms`, `30s`, `5m`, `1h`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s, 5m or 500ms"))?;
+    let seconds = match unit {
+        "" | "s" => number,
+        "ms" => number / 1000.0,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?}; use ms, s, m or h"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_name_the_problem_otherwise() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(
+            parse_duration("5 days")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+    }
+}
