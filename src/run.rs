@@ -38,6 +38,12 @@ pub struct RunArgs {
         default_value = "kmsgrant-system"
     )]
     pub secret_namespace: String,
+    /// Reconcile KmsGrants in this namespace only (default: every namespace).
+    #[arg(long, env = "KMSGRANT_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Reconcile only KmsGrants and KmsProviderConfigs matching this label selector (sharding).
+    #[arg(long, env = "KMSGRANT_LABEL_SELECTOR")]
+    pub label_selector: Option<String>,
     /// Accept plain http:// KMS and IAM endpoints (local emulators only; never in production).
     #[arg(long, env = "KMSGRANT_ALLOW_HTTP_ENDPOINTS")]
     pub allow_http_endpoints: bool,
@@ -60,6 +66,8 @@ impl RunArgs {
             backoff_max,
             stalled_retry,
             secret_namespace,
+            namespace,
+            label_selector,
             allow_http_endpoints,
             log_level,
             log_format,
@@ -76,6 +84,8 @@ impl RunArgs {
             concurrency: concurrency.max(1),
             secret_namespace: Some(secret_namespace),
             allow_http: allow_http_endpoints,
+            namespace,
+            label_selector,
             ..Settings::default()
         };
         let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");

@@ -46,6 +46,10 @@ pub struct Settings {
     pub secret_namespace: Option<String>,
     /// Allow `http://` endpoints (local emulators only).
     pub allow_http: bool,
+    /// Watch KmsGrants in this namespace only (default: all).
+    pub namespace: Option<String>,
+    /// Reconcile only KmsGrants and KmsProviderConfigs with these labels (sharding).
+    pub label_selector: Option<String>,
 }
 
 impl Default for Settings {
@@ -59,6 +63,8 @@ impl Default for Settings {
             page_size: crate::kms::MAX_PAGE_SIZE,
             secret_namespace: None,
             allow_http: false,
+            namespace: None,
+            label_selector: None,
         }
     }
 }
@@ -197,11 +203,18 @@ pub async fn run(
         instance: std::env::var("HOSTNAME").ok(),
     };
     let configs: Api<KmsProviderConfig> = Api::all(client.clone());
-    let grants: Api<KmsGrant> = Api::all(client.clone());
+    let grants: Api<KmsGrant> = match &settings.namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    let selected = match &settings.label_selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
 
-    let provider_controller = Controller::new(configs.clone(), watcher::Config::default());
+    let provider_controller = Controller::new(configs.clone(), selected.clone());
     let provider_store = provider_controller.store();
-    let grant_controller = Controller::new(grants, watcher::Config::default());
+    let grant_controller = Controller::new(grants, selected.clone());
     let grant_store = grant_controller.store();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),

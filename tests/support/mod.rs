@@ -126,3 +126,260 @@ pub fn namespace(prefix: &str) -> String {
     kubectl_ok(&["create", "namespace", &name], None);
     name
 }
+
+/// One end-to-end world per test: a namespace, an emulator, a provider config named after the
+/// namespace, and an operator process that sees only these (by namespace and label), so tests run
+/// in parallel against one API server without seeing each other.
+pub struct Env {
+    pub namespace: String,
+    pub provider: String,
+    pub emulator: kmsgrant::emulator::RunningEmulator,
+    pub operator: Option<Operator>,
+    resync: &'static str,
+}
+
+pub const TEST_LABEL: &str = "kmsgrant.io/test";
+
+impl Env {
+    /// A world with a `default`-like provider config named after the namespace.
+    pub async fn new(
+        prefix: &str,
+        emulator: kmsgrant::emulator::EmulatorConfig,
+        resync: &'static str,
+    ) -> Self {
+        install_crds();
+        let namespace = namespace(prefix);
+        kubectl_ok(
+            &[
+                "label",
+                "namespace",
+                &namespace,
+                &format!("{TEST_LABEL}={namespace}"),
+            ],
+            None,
+        );
+        let emulator = kmsgrant::emulator::Emulator::start(emulator).await.unwrap();
+        let env = Self {
+            provider: namespace.clone(),
+            namespace,
+            emulator,
+            operator: None,
+            resync,
+        };
+        env.write_secret(&env.emulator.config().secret_key.expose().to_owned());
+        env.apply(&env.provider_config(serde_json::json!({})));
+        env
+    }
+
+    /// The credentials Secret, with the given secret key.
+    pub fn write_secret(&self, secret_key: &str) {
+        let secret = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "kms-credentials", "namespace": self.namespace},
+            "stringData": {"accessKey": self.emulator.config().access_key, "secretKey": secret_key}
+        });
+        self.apply(&secret);
+    }
+
+    /// The provider config, with `extra` merged into its spec.
+    pub fn provider_config(&self, extra: serde_json::Value) -> serde_json::Value {
+        let mut spec = serde_json::json!({
+            "endpoint": self.emulator.base_url(),
+            "iamEndpoint": self.emulator.base_url(),
+            "region": self.emulator.config().region,
+            "projectId": self.emulator.config().project_id,
+            "auth": {"type": "AccessKey", "secretRef": {"namespace": self.namespace, "name": "kms-credentials"}},
+            "rateLimit": {"requestsPerSecond": 1000, "burst": 1000}
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        serde_json::json!({
+            "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+            "metadata": {"name": self.provider, "labels": {TEST_LABEL: self.namespace}},
+            "spec": spec
+        })
+    }
+
+    pub fn start_operator(&mut self) {
+        self.operator = Some(Operator::start(&self.namespace, self.resync));
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill_operator(&mut self) {
+        if let Some(mut operator) = self.operator.take() {
+            operator.kill();
+        }
+    }
+
+    pub fn apply(&self, manifest: &serde_json::Value) {
+        kubectl_ok(&["apply", "-f", "-"], Some(&manifest.to_string()));
+    }
+
+    pub fn new_key(&self, alias: &str) -> String {
+        let key = kmsgrant::emulator::NewKey {
+            key_alias: alias.into(),
+            ..Default::default()
+        };
+        self.emulator.admin().create_key(key).unwrap().key_id
+    }
+
+    /// A KmsGrant in this namespace using this provider.
+    pub fn grant(&self, name: &str, key_id: &str, extra: serde_json::Value) -> serde_json::Value {
+        let mut spec = serde_json::json!({
+            "providerConfigRef": {"name": self.provider},
+            "keyId": key_id,
+            "granteePrincipal": "13gg44z4g2sglzk0egw0u726zoyzvrs8",
+            "operations": ["describe-key", "create-datakey", "encrypt-datakey"],
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        serde_json::json!({
+            "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+            "metadata": {"name": name, "namespace": self.namespace, "labels": {TEST_LABEL: self.namespace}},
+            "spec": spec
+        })
+    }
+
+    pub fn get(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&kubectl_ok(
+            &[
+                "-n",
+                &self.namespace,
+                "get",
+                "kmsgrants",
+                name,
+                "-o",
+                "json",
+            ],
+            None,
+        ))
+        .unwrap()
+    }
+
+    /// Waits for a condition, e.g. `condition=Ready` or `jsonpath={.status.conditions[?(@.type=="Stalled")].reason}=KeyNotFound`.
+    pub fn wait_for(&self, name: &str, condition: &str, timeout_seconds: u32) {
+        let out = kubectl(
+            &[
+                "-n",
+                &self.namespace,
+                "wait",
+                &format!("--for={condition}"),
+                &format!("--timeout={timeout_seconds}s"),
+                &format!("kmsgrant/{name}"),
+            ],
+            None,
+        );
+        if !out.status.success() {
+            let object = kubectl(
+                &[
+                    "-n",
+                    &self.namespace,
+                    "get",
+                    "kmsgrants",
+                    name,
+                    "-o",
+                    "yaml",
+                ],
+                None,
+            );
+            panic!(
+                "{name} never reached {condition}: {}\n{}\noperator log: {}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&object.stdout),
+                self.operator
+                    .as_ref()
+                    .map(|o| o.log.display().to_string())
+                    .unwrap_or_default()
+            );
+        }
+    }
+
+    /// The Ready condition's reason (or "" when absent).
+    pub fn ready_reason(&self, name: &str) -> String {
+        let object = self.get(name);
+        object["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            .and_then(|c| c["reason"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let list: serde_json::Value = serde_json::from_str(&kubectl_ok(
+            &["-n", &self.namespace, "get", "events", "-o", "json"],
+            None,
+        ))
+        .unwrap();
+        list["items"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.kill_operator();
+    }
+}
+
+/// `kmsgrant-operator run` as a child process, logging to a file.
+pub struct Operator {
+    child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Operator {
+    pub fn start(namespace: &str, resync: &str) -> Self {
+        static STARTS: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join("kmsgrant-e2e");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(format!(
+            "{namespace}-operator-{}.log",
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(OPERATOR_BIN)
+            .args([
+                "run",
+                "--allow-http-endpoints",
+                "--backoff-min",
+                "200ms",
+                "--backoff-max",
+                "5s",
+                "--stalled-retry",
+                "5s",
+            ])
+            .args([
+                "--kubeconfig",
+                kubeconfig().to_str().unwrap(),
+                "--namespace",
+                namespace,
+                "--secret-namespace",
+                namespace,
+            ])
+            .args([
+                "--label-selector",
+                &format!("{TEST_LABEL}={namespace}"),
+                "--resync-interval",
+                resync,
+            ])
+            .args(["--log-level", "kmsgrant=debug,info"])
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("the operator starts");
+        Self { child, log }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
