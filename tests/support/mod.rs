@@ -166,7 +166,7 @@ impl Env {
             operator: None,
             resync,
         };
-        env.write_secret(&env.emulator.config().secret_key.expose().to_owned());
+        env.write_secret(env.emulator.config().secret_key.expose());
         env.apply(&env.provider_config(serde_json::json!({})));
         env
     }
