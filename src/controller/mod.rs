@@ -323,8 +323,12 @@ async fn drift_detector(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let tick = async {
+        // A fixed cadence: exactly one list per key per period (objects' own requeues are jittered).
+        let mut interval = tokio::time::interval(ctx.settings.resync);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval.tick().await;
         loop {
-            tokio::time::sleep(ctx.settings.jittered_resync()).await;
+            interval.tick().await;
             for (key, objects) in ctx.interest.keys() {
                 let Some(provider) = ctx.providers.get(&key.provider) else {
                     continue;
