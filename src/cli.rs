@@ -23,7 +23,7 @@ pub enum Command {
     /// Run the local KMS and IAM emulator.
     Emulator(Box<crate::emulator::EmulatorArgs>),
     /// Start the local sandbox: control plane, emulator, CRDs, operator and an example grant.
-    Dev,
+    Dev(Box<crate::dev::DevArgs>),
 }
 
 impl Cli {
@@ -32,14 +32,9 @@ impl Cli {
             Command::Crd(args) => args.run(),
             Command::Emulator(args) => crate::emulator::run(*args),
             Command::Run(args) => args.run(),
-            Command::Dev => not_implemented(),
+            Command::Dev(args) => args.run(),
         }
     }
-}
-
-fn not_implemented() -> ExitCode {
-    eprintln!("error: this subcommand is not implemented yet");
-    ExitCode::from(2)
 }
 
 /// Options of `kmsgrant-operator crd`.

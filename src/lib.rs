@@ -4,6 +4,7 @@
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod dev;
 pub mod emulator;
 pub mod kms;
 pub mod run;

@@ -1,5 +1,7 @@
 //! Logging: text for people, JSON (one object per line) for collectors.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber; `level` is an EnvFilter directive (`info`, `kmsgrant=debug`).
@@ -8,6 +10,7 @@ pub fn init(level: &str, format: &str) -> Result<(), String> {
         EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level {level:?}: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match format {
         "json" => builder

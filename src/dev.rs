@@ -1,0 +1,321 @@
+//! `kmsgrant-operator dev`: the whole product on one machine, in one command.
+//!
+//! A local control plane (or your cluster), the emulator as KMS with the example's key, the CRDs,
+//! a `default` KmsProviderConfig and its Secret, the operator, and the example grant, whose status
+//! is printed together with the `export KUBECONFIG=...` line to keep going with kubectl.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::wait::{await_condition, conditions};
+use serde_json::json;
+
+use crate::api::{KmsGrant, KmsProviderConfig};
+use crate::controller::{self, Settings};
+use crate::emulator::{Emulator, EmulatorConfig, NewKey};
+
+/// The example grant applied by `dev` (also shipped in deploy/examples/).
+pub const EXAMPLE_GRANT: &str = include_str!("../deploy/examples/kmsgrant-seed.yaml");
+const FIELD_MANAGER: &str = "kmsgrant-dev";
+const OPERATOR_NAMESPACE: &str = "kmsgrant-system";
+
+/// Options of `kmsgrant-operator dev`.
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Where the local control plane keeps its state, certificates and kubeconfig.
+    #[arg(long, env = "KMSGRANT_DEV_DIR", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Use this cluster instead of starting a local control plane.
+    #[arg(long, env = "KMSGRANT_DEV_KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use with --kubeconfig.
+    #[arg(long, env = "KMSGRANT_DEV_CONTEXT")]
+    pub context: Option<String>,
+    /// Address of the KMS emulator (port 0 picks a free one).
+    #[arg(
+        long,
+        env = "KMSGRANT_DEV_EMULATOR_LISTEN",
+        default_value = "127.0.0.1:8480"
+    )]
+    pub emulator_listen: std::net::SocketAddr,
+    /// Resync interval of the operator.
+    #[arg(long, env = "KMSGRANT_DEV_RESYNC_INTERVAL", default_value = "30s", value_parser = crate::run::parse_duration)]
+    pub resync_interval: Duration,
+    /// Stop (and stop the local control plane) once the example grant is Ready, instead of
+    /// running until Ctrl-C. For CI and scripts.
+    #[arg(long, env = "KMSGRANT_DEV_EXIT_WHEN_READY")]
+    pub exit_when_ready: bool,
+}
+
+impl DevArgs {
+    pub fn run(self) -> ExitCode {
+        if let Err(err) = crate::telemetry::init("info,kube_runtime=warn", "text") {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+        let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+        match runtime.block_on(self.sandbox()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    async fn sandbox(self) -> anyhow::Result<()> {
+        let local_dir = match &self.kubeconfig {
+            Some(_) => None,
+            None => Some(self.dir.clone().unwrap_or_else(default_dir)),
+        };
+        let kubeconfig = match (&self.kubeconfig, &local_dir) {
+            (Some(path), _) => path.clone(),
+            (None, Some(dir)) => {
+                say(
+                    "starting the local control plane (the first run builds kube-apiserver and etcd: ~10 min)",
+                );
+                control_plane(&["up", &dir.to_string_lossy()])?;
+                dir.join("kubeconfig")
+            }
+            (None, None) => unreachable!("one of the two is set"),
+        };
+        let result = self.with_cluster(&kubeconfig).await;
+        if let (Some(dir), true) = (&local_dir, self.exit_when_ready || result.is_err()) {
+            let _ = control_plane(&["down", &dir.to_string_lossy()]);
+        }
+        result
+    }
+
+    async fn with_cluster(&self, kubeconfig: &Path) -> anyhow::Result<()> {
+        let client =
+            crate::run::kube_client(Some(kubeconfig.to_owned()), self.context.clone()).await?;
+
+        let emulator = Emulator::start(EmulatorConfig {
+            listen: self.emulator_listen,
+            ..EmulatorConfig::default()
+        })
+        .await
+        .with_context(|| format!("cannot start the KMS emulator on {}", self.emulator_listen))?;
+        let example: KmsGrant =
+            serde_yaml::from_str(EXAMPLE_GRANT).expect("the shipped example parses");
+        let key = NewKey {
+            key_alias: "dev-demo".into(),
+            key_id: Some(example.spec.key_id.clone()),
+            ..NewKey::default()
+        };
+        emulator
+            .admin()
+            .create_key(key)
+            .map_err(|e| anyhow::anyhow!("cannot create the demo key: {e}"))?;
+        say(&format!(
+            "KMS emulator on {} with key {}",
+            emulator.base_url(),
+            example.spec.key_id
+        ));
+
+        install_crds(&client).await?;
+        say("CRDs installed and Established");
+        install_provider(&client, &emulator).await?;
+        say(
+            "KmsProviderConfig 'default' and Secret kmsgrant-system/kms-credentials point at the emulator",
+        );
+
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let settings = Settings {
+            resync: self.resync_interval,
+            secret_namespace: Some(OPERATOR_NAMESPACE.into()),
+            allow_http: true,
+            ..Settings::default()
+        };
+        let operator = tokio::spawn(controller::run(client.clone(), settings, async {
+            let _ = stopped.await;
+        }));
+        say("operator running");
+
+        let namespace = example
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = example.metadata.name.clone().unwrap_or_default();
+        let grants: Api<KmsGrant> = Api::namespaced(client.clone(), &namespace);
+        grants
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&example),
+            )
+            .await
+            .context("cannot apply the example grant")?;
+        say(&format!(
+            "applied deploy/examples/kmsgrant-seed.yaml ({namespace}/{name}); waiting for Ready"
+        ));
+        let ready = tokio::time::timeout(
+            Duration::from_secs(120),
+            await_condition(grants.clone(), &name, |object: Option<&KmsGrant>| {
+                object.and_then(|o| o.status.as_ref()).is_some_and(|s| {
+                    s.conditions.iter().any(|c| {
+                        c.type_ == "Ready" && c.status == crate::api::ConditionStatus::True
+                    })
+                })
+            }),
+        )
+        .await;
+        let object = grants.get(&name).await?;
+        print_status(&object);
+        if ready.is_err() {
+            bail!(
+                "the example grant did not become Ready within 2 minutes; see its conditions above"
+            );
+        }
+        println!();
+        println!("The sandbox is ready. In another shell:");
+        println!("export KUBECONFIG={}", kubeconfig.display());
+        println!("kubectl get kmsgrants -A");
+        println!(
+            "KMS emulator: {} (admin API under {}/_emulator/)",
+            emulator.base_url(),
+            emulator.base_url()
+        );
+
+        if self.exit_when_ready {
+            say("--exit-when-ready: stopping the sandbox");
+        } else {
+            say("running; press Ctrl-C to stop");
+            crate::run::shutdown_signal().await;
+        }
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+        emulator.shutdown().await;
+        Ok(())
+    }
+}
+
+fn say(message: &str) {
+    eprintln!("dev: {message}");
+}
+
+fn default_dir() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    cache.join("kmsgrant-operator").join("dev")
+}
+
+/// Runs `scripts/control-plane` of this checkout.
+fn control_plane(args: &[&str]) -> anyhow::Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/control-plane");
+    if !script.exists() {
+        bail!(
+            "{} is missing: run `dev` from a checkout, or pass --kubeconfig",
+            script.display()
+        );
+    }
+    let status = std::process::Command::new(&script)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    if !status.success() {
+        bail!(
+            "scripts/control-plane {} failed (its messages are above)",
+            args.join(" ")
+        );
+    }
+    Ok(())
+}
+
+async fn install_crds(client: &kube::Client) -> anyhow::Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in crate::api::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("cannot install CRD {name}"))?;
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            await_condition(api.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .with_context(|| format!("CRD {name} not Established after 60 s"))??;
+    }
+    Ok(())
+}
+
+async fn install_provider(
+    client: &kube::Client,
+    emulator: &crate::emulator::RunningEmulator,
+) -> anyhow::Result<()> {
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let namespace =
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}});
+    Api::<Namespace>::all(client.clone())
+        .patch(OPERATOR_NAMESPACE, &apply, &Patch::Apply(&namespace))
+        .await?;
+    let config = emulator.config();
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "kms-credentials", "namespace": OPERATOR_NAMESPACE},
+        "stringData": {"accessKey": config.access_key, "secretKey": config.secret_key.expose()}
+    });
+    Api::<Secret>::namespaced(client.clone(), OPERATOR_NAMESPACE)
+        .patch("kms-credentials", &apply, &Patch::Apply(&secret))
+        .await?;
+    let provider = json!({
+        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+        "metadata": {"name": "default"},
+        "spec": {
+            "endpoint": emulator.base_url(),
+            "iamEndpoint": emulator.base_url(),
+            "region": config.region,
+            "projectId": config.project_id,
+            "auth": {"type": "AccessKey", "secretRef": {"namespace": OPERATOR_NAMESPACE, "name": "kms-credentials"}}
+        }
+    });
+    Api::<KmsProviderConfig>::all(client.clone())
+        .patch("default", &apply, &Patch::Apply(&provider))
+        .await?;
+    Ok(())
+}
+
+fn print_status(object: &KmsGrant) {
+    let status = object.status.clone().unwrap_or_default();
+    println!();
+    println!(
+        "KmsGrant {}/{}",
+        object.metadata.namespace.as_deref().unwrap_or_default(),
+        object.metadata.name.as_deref().unwrap_or_default()
+    );
+    println!("  key        {}", object.spec.key_id);
+    println!("  grantee    {}", object.spec.grantee_principal);
+    println!(
+        "  operations {}",
+        object
+            .spec
+            .operations
+            .iter()
+            .map(|o| o.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("  grant id   {}", status.grant_id.as_deref().unwrap_or("-"));
+    for condition in &status.conditions {
+        println!(
+            "  {:<11} {:<7} {} — {}",
+            condition.type_,
+            format!("{:?}", condition.status),
+            condition.reason,
+            condition.message
+        );
+    }
+}
