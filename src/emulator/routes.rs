@@ -184,10 +184,11 @@ async fn kms_call(
                 // The connection task drops this future with the connection.
                 return std::future::pending().await;
             }
-            with_request_id(
-                (StatusCode::OK, axum::Json(answer)).into_response(),
-                &request_id,
-            )
+            let json = [(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )];
+            with_request_id((StatusCode::OK, json, answer).into_response(), &request_id)
         }
         Err(error) => {
             record.status = error.code().status().as_u16();
@@ -209,7 +210,7 @@ fn run_kms_call(
     parts: &axum::http::request::Parts,
     body: &Bytes,
     record: &mut CallRecord,
-) -> Result<Value, KmsError> {
+) -> Result<Vec<u8>, KmsError> {
     let operation = operation.ok_or(KmsError(ErrorCode::InvalidUrl))?;
     if method != operation.method() {
         return Err(ErrorCode::MethodNotSupported.into());
@@ -287,7 +288,7 @@ fn run_kms_call(
         }
         Operation::ListGrants => {
             let request = validation::list_grants(&fields)?;
-            shared.world().list_grants(&request)
+            return shared.world().list_grants(&request);
         }
         Operation::RevokeGrant => {
             let request = validation::grant_on_key(&fields)?;
@@ -299,7 +300,7 @@ fn run_kms_call(
         }
         Operation::ListRetirableGrants => {
             let page = validation::list_retirable_grants(&fields)?;
-            Ok(shared.world().list_retirable_grants(&caller, page))
+            return Ok(shared.world().list_retirable_grants(&caller, page));
         }
         Operation::UserQuotas => Ok(shared.world().user_quotas()),
     }?;
@@ -309,7 +310,7 @@ fn run_kms_call(
             .and_then(Value::as_str)
             .map(str::to_owned);
     }
-    Ok(answer)
+    Ok(serde_json::to_vec(&answer).expect("an answer serialises"))
 }
 
 // ---- IAM ----
