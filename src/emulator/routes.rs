@@ -157,16 +157,13 @@ async fn kms_call(
         caller: None,
         at_ms: unix_ms(SystemTime::now()),
     };
-    let outcome = run_kms_call(
-        &shared,
-        &faults,
+    let request = KmsRequest {
         operation,
-        &project_id,
-        &parts.method,
-        &parts,
-        &body,
-        &mut record,
-    );
+        project_id: &project_id,
+        parts: &parts,
+        body: &body,
+    };
+    let outcome = run_kms_call(&shared, &faults, &request, &mut record);
     let response = match outcome {
         Ok(answer) => {
             let operation = operation.expect("only known operations succeed");
@@ -200,17 +197,28 @@ async fn kms_call(
     response
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A received KMS call, before anything is checked.
+struct KmsRequest<'a> {
+    operation: Option<Operation>,
+    project_id: &'a str,
+    parts: &'a axum::http::request::Parts,
+    body: &'a [u8],
+}
+
+/// Authentication, throttle, injected errors and the operation; the answer as JSON bytes.
 fn run_kms_call(
     shared: &Shared,
     faults: &super::faults::FaultSettings,
-    operation: Option<Operation>,
-    project_id: &str,
-    method: &Method,
-    parts: &axum::http::request::Parts,
-    body: &Bytes,
+    request: &KmsRequest<'_>,
     record: &mut CallRecord,
 ) -> Result<Vec<u8>, KmsError> {
+    let KmsRequest {
+        operation,
+        project_id,
+        parts,
+        body,
+    } = *request;
+    let method = &parts.method;
     let operation = operation.ok_or(KmsError(ErrorCode::InvalidUrl))?;
     if method != operation.method() {
         return Err(ErrorCode::MethodNotSupported.into());
