@@ -19,8 +19,8 @@ use super::stats::CallRecord;
 use super::validation;
 use crate::kms::signer::RequestParts;
 
-/// Request bodies larger than this are refused.
-const BODY_LIMIT: usize = 1 << 20;
+/// Request bodies larger than this are refused with KMS.0203.
+pub const BODY_LIMIT: usize = 1 << 20;
 
 /// The KMS operations the emulator serves, by their action name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -142,7 +142,7 @@ async fn kms_call(
     }
     let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
         Ok(body) => body,
-        Err(_) => return KmsError(ErrorCode::InvalidParameter).into_response_with_id(&request_id),
+        Err(_) => return KmsError(ErrorCode::RequestTooLong).into_response_with_id(&request_id),
     };
     let operation = Operation::from_action(&action);
     let label = operation.map(Operation::action).unwrap_or("unknown");
