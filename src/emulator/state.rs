@@ -299,12 +299,16 @@ impl World {
 
     /// Back to the start: only the Default Master Keys, no grants. Users and tokens stay.
     pub fn reset(&mut self, now_ms: u64) {
+        self.clear_keys_and_grants();
+        self.add_default_keys(now_ms);
+    }
+
+    fn clear_keys_and_grants(&mut self) {
         self.keys.clear();
         self.key_index.clear();
         self.grants.clear();
         self.grant_index.clear();
         self.listed.clear();
-        self.add_default_keys(now_ms);
     }
 
     pub fn keys_and_grants(&self) -> KeysAndGrants {
@@ -320,10 +324,7 @@ impl World {
 
     /// Replaces keys and grants (loading a state file); Default Master Keys are added if missing.
     pub fn restore(&mut self, saved: KeysAndGrants, now_ms: u64) {
-        self.reset(now_ms);
-        self.keys.clear();
-        self.key_index.clear();
-        self.grants.clear();
+        self.clear_keys_and_grants();
         for key in saved.keys {
             self.insert_key(key);
         }
