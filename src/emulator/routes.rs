@@ -140,10 +140,6 @@ async fn kms_call(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
-        Ok(body) => body,
-        Err(_) => return KmsError(ErrorCode::RequestTooLong).into_response_with_id(&request_id),
-    };
     let operation = Operation::from_action(&action);
     let label = operation.map(Operation::action).unwrap_or("unknown");
     let mut record = CallRecord {
@@ -156,6 +152,13 @@ async fn kms_call(
         grant_id: None,
         caller: None,
         at_ms: unix_ms(SystemTime::now()),
+    };
+    let Ok(body) = axum::body::to_bytes(body, BODY_LIMIT).await else {
+        let error = KmsError(ErrorCode::RequestTooLong);
+        record.status = error.code().status().as_u16();
+        record.error_code = Some(error.code().code());
+        shared.stats.lock().expect("stats lock").record(record);
+        return error.into_response_with_id(&request_id);
     };
     let request = KmsRequest {
         operation,
