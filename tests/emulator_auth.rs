@@ -1,6 +1,7 @@
 //! IAM (tokens, catalog, domains, projects) and AK/SK signatures in the header styles real SDKs
 //! send. Signatures are computed by an independent implementation in tests/support.
-mod support;
+mod emulator_support;
+use emulator_support as support;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};

@@ -1,6 +1,7 @@
 //! The conformance table: each case a request and the HTTP status and `error_code` the
 //! documented service answers (shared/design/kms-api.md, the reference error table).
-mod support;
+mod emulator_support;
+use emulator_support as support;
 
 use kmsgrant::emulator::{KeyState, NewKey, NewUser, TokenScope};
 use reqwest::StatusCode;

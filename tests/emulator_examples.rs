@@ -1,7 +1,8 @@
 //! The example requests of the seed pages (shared/seeds/) and the reference pages
 //! (shared/reference/otc-kms-api, otc-iam-api) sent as written; the answers have the same fields,
 //! JSON types and shapes as the example responses (copied verbatim, trailing commas and all).
-mod support;
+mod emulator_support;
+use emulator_support as support;
 
 use kmsgrant::emulator::{NewKey, NewUser, TokenScope};
 use reqwest::StatusCode;

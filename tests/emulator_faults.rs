@@ -1,7 +1,8 @@
 //! Misbehaviour on purpose and observation: injected errors and the throttle at their configured
 //! rates (measured over hundreds of calls, with generous bounds), latency, commit-then-drop,
 //! counters, the call log, the admin HTTP API, reset and the state file.
-mod support;
+mod emulator_support;
+use emulator_support as support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

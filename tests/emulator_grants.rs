@@ -1,6 +1,7 @@
 //! Grant behaviour as clients see it: pagination, quotas, key states, revoke and retire rules,
 //! the shape of listed grants, and correctness under concurrent calls.
-mod support;
+mod emulator_support;
+use emulator_support as support;
 
 use std::collections::BTreeSet;
 
