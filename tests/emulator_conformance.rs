@@ -35,7 +35,7 @@ struct Case {
     action: &'static str,
     /// `{K}` enabled key, `{K2}` another enabled key, `{D}` disabled, `{PD}` pending deletion,
     /// `{DK}` Default Master Key, `{FULL}` key at its grant quota, `{G}` a grant on K,
-    /// `{G2}` a grant on K2, `{NOKEY}` / `{NOGRANT}` well-formed but unknown.
+    /// `{G2}` a grant on K2, `{NOKEY}` / `{NOGRANT}` well-formed but unknown, `{HUGE}` 1 MiB + 1.
     body: &'static str,
     auth: Auth,
     status: u16,
@@ -535,6 +535,13 @@ fn cases() -> Vec<Case> {
             Some("KMS.0215"),
         ),
         case("unknown action", "make-coffee", "{}", 400, Some("KMS.0201")),
+        case(
+            "a body over 1 MiB",
+            "create-key",
+            r#"{"key_alias":"{HUGE}"}"#,
+            400,
+            Some("KMS.0203"),
+        ),
         // authentication
         authed(
             "no token and no signature",
@@ -645,6 +652,7 @@ async fn build_world(h: &Harness) -> World {
                 "7c9a3286af4fcca5f0a385ad13e1d21a50e27b6dbcab50f37f30f93b8939827d".into(),
             ),
             ("OPS", OPS.into()),
+            ("{HUGE}", "a".repeat((1 << 20) + 1)),
         ],
         stranger_token,
         expired_token,

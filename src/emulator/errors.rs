@@ -11,6 +11,8 @@ pub enum ErrorCode {
     InvalidUrl,
     /// 400 KMS.0202
     InvalidJson,
+    /// 400 KMS.0203
+    RequestTooLong,
     /// 400 KMS.0204
     ParametersMissing,
     /// 400 KMS.0205
@@ -110,6 +112,7 @@ impl ErrorCode {
         match self {
             InvalidUrl => "KMS.0201",
             InvalidJson => "KMS.0202",
+            RequestTooLong => "KMS.0203",
             ParametersMissing => "KMS.0204",
             InvalidKeyId => "KMS.0205",
             InvalidSequence => "KMS.0206",
@@ -155,6 +158,7 @@ impl ErrorCode {
         match self {
             InvalidUrl => "Invalid request URL.",
             InvalidJson => "Invalid JSON format of the request message.",
+            RequestTooLong => "Request message too long.",
             ParametersMissing => "Parameters missing in the request message.",
             InvalidKeyId => "Invalid key ID.",
             InvalidSequence => "Invalid sequence number.",

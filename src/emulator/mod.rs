@@ -13,12 +13,12 @@
 //! # Ok(()) }
 //! ```
 pub mod admin;
-pub mod auth;
+mod auth;
 pub mod config;
 pub mod errors;
 pub mod faults;
-pub mod routes;
-pub mod server;
+mod routes;
+mod server;
 pub mod state;
 pub mod stats;
 pub mod validation;

@@ -19,8 +19,8 @@ use super::stats::CallRecord;
 use super::validation;
 use crate::kms::signer::RequestParts;
 
-/// Request bodies larger than this are refused.
-const BODY_LIMIT: usize = 1 << 20;
+/// Request bodies larger than this are refused with KMS.0203.
+pub const BODY_LIMIT: usize = 1 << 20;
 
 /// The KMS operations the emulator serves, by their action name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -140,10 +140,6 @@ async fn kms_call(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let body = match axum::body::to_bytes(body, BODY_LIMIT).await {
-        Ok(body) => body,
-        Err(_) => return KmsError(ErrorCode::InvalidParameter).into_response_with_id(&request_id),
-    };
     let operation = Operation::from_action(&action);
     let label = operation.map(Operation::action).unwrap_or("unknown");
     let mut record = CallRecord {
@@ -157,16 +153,20 @@ async fn kms_call(
         caller: None,
         at_ms: unix_ms(SystemTime::now()),
     };
-    let outcome = run_kms_call(
-        &shared,
-        &faults,
+    let Ok(body) = axum::body::to_bytes(body, BODY_LIMIT).await else {
+        let error = KmsError(ErrorCode::RequestTooLong);
+        record.status = error.code().status().as_u16();
+        record.error_code = Some(error.code().code());
+        shared.stats.lock().expect("stats lock").record(record);
+        return error.into_response_with_id(&request_id);
+    };
+    let request = KmsRequest {
         operation,
-        &project_id,
-        &parts.method,
-        &parts,
-        &body,
-        &mut record,
-    );
+        project_id: &project_id,
+        parts: &parts,
+        body: &body,
+    };
+    let outcome = run_kms_call(&shared, &faults, &request, &mut record);
     let response = match outcome {
         Ok(answer) => {
             let operation = operation.expect("only known operations succeed");
@@ -184,10 +184,11 @@ async fn kms_call(
                 // The connection task drops this future with the connection.
                 return std::future::pending().await;
             }
-            with_request_id(
-                (StatusCode::OK, axum::Json(answer)).into_response(),
-                &request_id,
-            )
+            let json = [(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )];
+            with_request_id((StatusCode::OK, json, answer).into_response(), &request_id)
         }
         Err(error) => {
             record.status = error.code().status().as_u16();
@@ -199,17 +200,28 @@ async fn kms_call(
     response
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A received KMS call, before anything is checked.
+struct KmsRequest<'a> {
+    operation: Option<Operation>,
+    project_id: &'a str,
+    parts: &'a axum::http::request::Parts,
+    body: &'a [u8],
+}
+
+/// Authentication, throttle, injected errors and the operation; the answer as JSON bytes.
 fn run_kms_call(
     shared: &Shared,
     faults: &super::faults::FaultSettings,
-    operation: Option<Operation>,
-    project_id: &str,
-    method: &Method,
-    parts: &axum::http::request::Parts,
-    body: &Bytes,
+    request: &KmsRequest<'_>,
     record: &mut CallRecord,
-) -> Result<Value, KmsError> {
+) -> Result<Vec<u8>, KmsError> {
+    let KmsRequest {
+        operation,
+        project_id,
+        parts,
+        body,
+    } = *request;
+    let method = &parts.method;
     let operation = operation.ok_or(KmsError(ErrorCode::InvalidUrl))?;
     if method != operation.method() {
         return Err(ErrorCode::MethodNotSupported.into());
@@ -287,7 +299,7 @@ fn run_kms_call(
         }
         Operation::ListGrants => {
             let request = validation::list_grants(&fields)?;
-            shared.world().list_grants(&request)
+            return shared.world().list_grants(&request);
         }
         Operation::RevokeGrant => {
             let request = validation::grant_on_key(&fields)?;
@@ -299,7 +311,7 @@ fn run_kms_call(
         }
         Operation::ListRetirableGrants => {
             let page = validation::list_retirable_grants(&fields)?;
-            Ok(shared.world().list_retirable_grants(&caller, page))
+            return Ok(shared.world().list_retirable_grants(&caller, page));
         }
         Operation::UserQuotas => Ok(shared.world().user_quotas()),
     }?;
@@ -309,7 +321,7 @@ fn run_kms_call(
             .and_then(Value::as_str)
             .map(str::to_owned);
     }
-    Ok(answer)
+    Ok(serde_json::to_vec(&answer).expect("an answer serialises"))
 }
 
 // ---- IAM ----

@@ -106,26 +106,45 @@ pub struct Grant {
     pub creation_date_ms: u64,
 }
 
-impl Grant {
-    /// A grant as list-grants shows it. Operations come back reversed, so clients that compare
-    /// them as lists instead of sets fail here as they may against the service.
-    pub fn listed(&self) -> Value {
-        let mut grant = json!({
-            "key_id": self.key_id,
-            "grant_id": self.grant_id,
-            "grantee_principal": self.grantee_principal,
-            "grantee_principal_type": self.grantee_principal_type,
-            "operations": self.operations.iter().rev().collect::<Vec<_>>(),
-            "issuing_principal": self.issuing_principal,
-            "creation_date": self.creation_date_ms.to_string(),
-        });
-        if let Some(name) = &self.name {
-            grant["name"] = json!(name);
+/// A grant as list-grants shows it, serialised straight from the stored grant.
+/// Operations come back reversed, so clients that compare them as lists instead of sets fail
+/// here as they may against the service.
+#[derive(Serialize)]
+struct ListedGrant<'a> {
+    key_id: &'a str,
+    grant_id: &'a str,
+    grantee_principal: &'a str,
+    grantee_principal_type: &'a str,
+    #[serde(serialize_with = "reversed")]
+    operations: &'a [String],
+    issuing_principal: &'a str,
+    creation_date: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retiring_principal: Option<&'a str>,
+}
+
+fn reversed<S: serde::Serializer>(
+    operations: &&[String],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(operations.iter().rev())
+}
+
+impl<'a> From<&'a Grant> for ListedGrant<'a> {
+    fn from(grant: &'a Grant) -> Self {
+        Self {
+            key_id: &grant.key_id,
+            grant_id: &grant.grant_id,
+            grantee_principal: &grant.grantee_principal,
+            grantee_principal_type: &grant.grantee_principal_type,
+            operations: &grant.operations,
+            issuing_principal: &grant.issuing_principal,
+            creation_date: grant.creation_date_ms.to_string(),
+            name: grant.name.as_deref(),
+            retiring_principal: grant.retiring_principal.as_deref(),
         }
-        if let Some(retiring) = &self.retiring_principal {
-            grant["retiring_principal"] = json!(retiring);
-        }
-        grant
     }
 }
 
@@ -183,6 +202,9 @@ pub struct World {
     grants: HashMap<String, Vec<Grant>>,
     /// grant_id -> key_id
     grant_index: HashMap<String, String>,
+    /// grant_id -> the grant as list-grants shows it, serialised once at creation: a page is
+    /// then a concatenation, so list-grants stays cheap while the lock is held.
+    listed: HashMap<String, Box<str>>,
     users: Vec<User>,
     tokens: HashMap<String, IssuedToken>,
 }
@@ -193,10 +215,12 @@ pub struct Caller {
     pub user_id: String,
 }
 
+/// `bytes` random bytes as lowercase hex (`bytes` a multiple of 8).
 pub fn random_hex(bytes: usize) -> String {
+    use std::fmt::Write;
     let mut out = String::with_capacity(bytes * 2);
-    for _ in 0..bytes {
-        out.push_str(&format!("{:02x}", fastrand::u8(..)));
+    for _ in 0..bytes.div_ceil(8) {
+        let _ = write!(out, "{:016x}", fastrand::u64(..));
     }
     out
 }
@@ -221,6 +245,7 @@ impl World {
             key_index: HashMap::new(),
             grants: HashMap::new(),
             grant_index: HashMap::new(),
+            listed: HashMap::new(),
             users,
             tokens: HashMap::new(),
         };
@@ -274,11 +299,16 @@ impl World {
 
     /// Back to the start: only the Default Master Keys, no grants. Users and tokens stay.
     pub fn reset(&mut self, now_ms: u64) {
+        self.clear_keys_and_grants();
+        self.add_default_keys(now_ms);
+    }
+
+    fn clear_keys_and_grants(&mut self) {
         self.keys.clear();
         self.key_index.clear();
         self.grants.clear();
         self.grant_index.clear();
-        self.add_default_keys(now_ms);
+        self.listed.clear();
     }
 
     pub fn keys_and_grants(&self) -> KeysAndGrants {
@@ -294,18 +324,13 @@ impl World {
 
     /// Replaces keys and grants (loading a state file); Default Master Keys are added if missing.
     pub fn restore(&mut self, saved: KeysAndGrants, now_ms: u64) {
-        self.reset(now_ms);
-        self.keys.clear();
-        self.key_index.clear();
-        self.grants.clear();
+        self.clear_keys_and_grants();
         for key in saved.keys {
             self.insert_key(key);
         }
         for grant in saved.grants {
-            if let Some(grants) = self.grants.get_mut(&grant.key_id) {
-                self.grant_index
-                    .insert(grant.grant_id.clone(), grant.key_id.clone());
-                grants.push(grant);
+            if self.grants.contains_key(&grant.key_id) {
+                self.insert_grant(grant);
             }
         }
         self.add_default_keys(now_ms);
@@ -414,6 +439,7 @@ impl World {
     /// Removes a grant without any permission check, as another actor would.
     pub fn admin_remove_grant(&mut self, grant_id: &str) -> Option<Grant> {
         let key_id = self.grant_index.remove(grant_id)?;
+        self.listed.remove(grant_id);
         let grants = self.grants.get_mut(&key_id)?;
         let position = grants.iter().position(|grant| grant.grant_id == grant_id)?;
         Some(grants.remove(position))
@@ -579,8 +605,7 @@ impl World {
                 return Err(ErrorCode::KeyNotEnabled.into());
             }
         }
-        let grants = self.grants.entry(request.key_id.clone()).or_default();
-        if grants.len() >= self.account.grants_per_key {
+        if self.grants.get(&request.key_id).map_or(0, Vec::len) >= self.account.grants_per_key {
             return Err(ErrorCode::TooManyKeyGrants.into());
         }
         let grant = Grant {
@@ -595,20 +620,32 @@ impl World {
             creation_date_ms: now_ms,
         };
         let answer = json!({"grant_id": grant.grant_id});
-        self.grant_index
-            .insert(grant.grant_id.clone(), grant.key_id.clone());
-        grants.push(grant);
+        self.insert_grant(grant);
         Ok(answer)
     }
 
-    pub fn list_grants(&self, request: &validation::ListGrants) -> Result<Value, KmsError> {
+    fn insert_grant(&mut self, grant: Grant) {
+        let listed = serde_json::to_string(&ListedGrant::from(&grant)).expect("a grant serialises");
+        self.listed
+            .insert(grant.grant_id.clone(), listed.into_boxed_str());
+        self.grant_index
+            .insert(grant.grant_id.clone(), grant.key_id.clone());
+        self.grants
+            .entry(grant.key_id.clone())
+            .or_default()
+            .push(grant);
+    }
+
+    /// The page as JSON bytes: serialised while the state is borrowed, without an
+    /// intermediate JSON tree, because list-grants is the hot call of every reconcile.
+    pub fn list_grants(&self, request: &validation::ListGrants) -> Result<Vec<u8>, KmsError> {
         self.existing_key(&request.key_id)?;
         let grants: Vec<&Grant> = self.grants[&request.key_id].iter().collect();
-        Ok(grant_page(&grants, request.page))
+        Ok(self.grant_page(&grants, request.page))
     }
 
     /// Grants the caller may retire: it is the retiring principal, or a grantee holding retire-grant.
-    pub fn list_retirable_grants(&self, caller: &Caller, page: Page) -> Value {
+    pub fn list_retirable_grants(&self, caller: &Caller, page: Page) -> Vec<u8> {
         let grants: Vec<&Grant> = self
             .keys
             .iter()
@@ -619,7 +656,7 @@ impl World {
                         && grant.operations.iter().any(|op| op == "retire-grant"))
             })
             .collect();
-        grant_page(&grants, page)
+        self.grant_page(&grants, page)
     }
 
     /// The grant `request` names, checked against its key: unknown or already removed grants are
@@ -675,6 +712,31 @@ impl World {
         Ok(json!({}))
     }
 
+    /// `{"grants": [...], "next_marker", "truncated", "total"}` from the pre-serialised grants.
+    fn grant_page(&self, grants: &[&Grant], page: Page) -> Vec<u8> {
+        use std::io::Write;
+        let (slice, next_marker, truncated) = paginate(grants, page);
+        let mut out = Vec::with_capacity(80 + slice.len() * 480);
+        out.extend_from_slice(b"{\"grants\":[");
+        for (i, grant) in slice.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            match self.listed.get(&grant.grant_id) {
+                Some(listed) => out.extend_from_slice(listed.as_bytes()),
+                None => serde_json::to_writer(&mut out, &ListedGrant::from(*grant))
+                    .expect("a grant serialises"),
+            }
+        }
+        // next_marker is a decimal offset or empty: nothing to escape.
+        let _ = write!(
+            out,
+            "],\"next_marker\":\"{next_marker}\",\"truncated\":\"{truncated}\",\"total\":{}}}",
+            grants.len()
+        );
+        out
+    }
+
     /// `grant_per_CMK.used` is the largest number of grants on any one key.
     pub fn user_quotas(&self) -> Value {
         let customer_keys = self.keys.iter().filter(|key| !key.default_key).count();
@@ -695,14 +757,4 @@ fn paginate<T>(items: &[T], page: Page) -> (&[T], String, &'static str) {
     } else {
         (&items[start..end], String::new(), "false")
     }
-}
-
-fn grant_page(grants: &[&Grant], page: Page) -> Value {
-    let (slice, next_marker, truncated) = paginate(grants, page);
-    json!({
-        "grants": slice.iter().map(|grant| grant.listed()).collect::<Vec<_>>(),
-        "next_marker": next_marker,
-        "truncated": truncated,
-        "total": grants.len(),
-    })
 }
