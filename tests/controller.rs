@@ -548,3 +548,22 @@ async fn each_failure_ends_with_its_own_reason_and_recoverable_ones_recover() {
         None,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_telekom_cloud_signing_variant_works_end_to_end() {
+    let mut env = Env::new("otc-sign", EmulatorConfig::for_tests(), "5s").await;
+    let key = env.new_key("otc");
+    let auth = json!({"type": "AccessKey", "signingVariant": "OpenTelekomCloud",
+        "secretRef": {"namespace": env.namespace, "name": "kms-credentials"}});
+    env.apply(&env.provider_config(json!({"auth": auth})));
+    env.start_operator();
+    env.apply(&env.grant("otc-signed", &key, json!({})));
+    env.wait_for("otc-signed", "condition=Ready", 60);
+    let calls = env.emulator.admin().calls(0);
+    let signed: Vec<_> = calls
+        .iter()
+        .filter(|c| c.operation == "create-grant" && c.status == 200)
+        .collect();
+    assert_eq!(signed.len(), 1);
+    assert_eq!(env.emulator.admin().grant_count(&key), Some(1));
+}

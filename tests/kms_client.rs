@@ -539,3 +539,64 @@ fn no_secret_appears_in_logs_at_trace_level() {
         "a token header appears in the logs"
     );
 }
+
+#[tokio::test]
+async fn both_signing_variants_are_accepted_by_the_emulator() {
+    let emu = emulator(100).await;
+    let key = new_key(&emu, "variants");
+    let schemes = [
+        kmsgrant::kms::signer::SigningScheme::Access,
+        kmsgrant::kms::signer::SigningScheme::Credential {
+            region: emu.config().region.clone(),
+            service: "kms".into(),
+        },
+        kmsgrant::kms::signer::SigningScheme::Credential {
+            region: String::new(),
+            service: String::new(),
+        },
+    ];
+    for scheme in schemes {
+        let mut config = config(&emu, AuthMethod::AccessKey);
+        config.signing = scheme.clone();
+        let kms = KmsClient::new(config).unwrap();
+        let id = kms
+            .create_grant(&new_grant(&key, None))
+            .await
+            .unwrap_or_else(|e| panic!("{scheme:?}: {e}"));
+        assert!(
+            kms.list_all_grants(&key, 7)
+                .await
+                .unwrap()
+                .iter()
+                .any(|g| g.grant_id == id),
+            "{scheme:?}"
+        );
+        kms.revoke_grant(&key, &id).await.unwrap();
+        // The project lookup through IAM is signed the same way.
+        let mut by_name = self::config(&emu, AuthMethod::AccessKey);
+        by_name.signing = scheme.clone();
+        by_name.project = Project::Name(emu.config().project_name.clone());
+        assert_eq!(
+            KmsClient::new(by_name).unwrap().project_id().await.unwrap(),
+            emu.config().project_id,
+            "{scheme:?}"
+        );
+    }
+    // A wrong secret key fails in either variant.
+    let mut wrong = config(&emu, AuthMethod::AccessKey);
+    wrong.signing = kmsgrant::kms::signer::SigningScheme::Credential {
+        region: "eu-de".into(),
+        service: "kms".into(),
+    };
+    wrong.credentials = Credentials::AccessKey {
+        keys: AccessKeyPair::new(&emu.config().access_key, "wrong"),
+        security_token: None,
+    };
+    let err = KmsClient::new(wrong)
+        .unwrap()
+        .describe_key(&key)
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason, ErrorReason::InvalidCredentials);
+    emu.shutdown().await;
+}

@@ -15,7 +15,7 @@ pub use grant::{
 };
 pub use provider::{
     AuthConfig, AuthType, KmsProviderConfig, KmsProviderConfigSpec, KmsProviderConfigStatus,
-    RateLimit, SecretReference,
+    RateLimit, SecretReference, SigningVariant,
 };
 
 /// The API group of every resource here.

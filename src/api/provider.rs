@@ -148,6 +148,22 @@ pub struct AuthConfig {
     pub type_: AuthType,
     /// The Secret holding the credentials.
     pub secret_ref: SecretReference,
+    /// AK/SK signature format (AccessKey auth only): `Huawei` signs
+    /// `SDK-HMAC-SHA256 Access=<AK>, ...` as Huawei Cloud's SDKs do; `OpenTelekomCloud` signs
+    /// `SDK-HMAC-SHA256 Credential=<AK>/<date>/<region>/kms/sdk_request, ...` with a derived key, as
+    /// Open Telekom Cloud's gophertelekomcloud does.
+    #[serde(default)]
+    pub signing_variant: SigningVariant,
+}
+
+/// The AK/SK signature format.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum SigningVariant {
+    /// `Access=<AK>`, key = SK.
+    #[default]
+    Huawei,
+    /// `Credential=<AK>/<date>/<region>/kms/sdk_request`, derived key.
+    OpenTelekomCloud,
 }
 
 /// An authentication method.

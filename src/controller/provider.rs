@@ -14,8 +14,10 @@ use serde_json::json;
 
 use super::conditions::{Outcome, conditions, now_rfc3339, reasons};
 use super::{Context, ReconcileError};
-use crate::api::{AuthType, KmsProviderConfig, KmsProviderConfigSpec, KmsProviderConfigStatus};
-use crate::kms::signer::AccessKeyPair;
+use crate::api::{
+    AuthType, KmsProviderConfig, KmsProviderConfigSpec, KmsProviderConfigStatus, SigningVariant,
+};
+use crate::kms::signer::{AccessKeyPair, SigningScheme};
 use crate::kms::{
     ClientConfig, Credentials, ErrorClass, KmsClient, KmsError, Project, RateLimitConfig,
     Secret as SecretValue,
@@ -151,6 +153,13 @@ async fn build_and_check(
     let mut client_config = ClientConfig::new(spec.endpoint.clone(), project, credentials);
     client_config.iam_endpoint = spec.iam_endpoint.clone();
     client_config.region = spec.region.clone().unwrap_or_default();
+    client_config.signing = match spec.auth.signing_variant {
+        SigningVariant::Huawei => SigningScheme::Access,
+        SigningVariant::OpenTelekomCloud => SigningScheme::Credential {
+            region: client_config.region.clone(),
+            service: "kms".into(),
+        },
+    };
     client_config.rate_limit = RateLimitConfig {
         requests_per_second: f64::from(spec.rate_limit.requests_per_second),
         burst: spec.rate_limit.burst,
