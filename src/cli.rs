@@ -4,9 +4,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
+// A flag given twice takes the last value, as people expect when overriding a default.
 #[command(
     name = "kmsgrant-operator",
     version,
+    args_override_self = true,
     about = "Grants on KMS keys, declared as Kubernetes objects"
 )]
 pub struct Cli {

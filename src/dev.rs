@@ -132,9 +132,17 @@ impl DevArgs {
             allow_http: true,
             ..Settings::default()
         };
-        let operator = tokio::spawn(controller::run(client.clone(), settings, async {
-            let _ = stopped.await;
-        }));
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let operator = tokio::spawn(controller::run(
+            client.clone(),
+            settings,
+            metrics,
+            ready,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         say("operator running");
 
         let namespace = example

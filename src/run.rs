@@ -47,6 +47,21 @@ pub struct RunArgs {
     /// Accept plain http:// KMS and IAM endpoints (local emulators only; never in production).
     #[arg(long, env = "KMSGRANT_ALLOW_HTTP_ENDPOINTS")]
     pub allow_http_endpoints: bool,
+    /// Address of the admin server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "KMSGRANT_ADMIN_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub admin_address: std::net::SocketAddr,
+    /// Elect a leader through a Lease, so that of several replicas exactly one reconciles.
+    #[arg(long, env = "KMSGRANT_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// Name of the leader election Lease.
+    #[arg(long, env = "KMSGRANT_LEASE_NAME", default_value = "kmsgrant-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: $POD_NAMESPACE, else kmsgrant-system).
+    #[arg(long, env = "KMSGRANT_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// How long a leader's lease lasts without renewal; a standby takes over after it.
+    #[arg(long, env = "KMSGRANT_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
     /// Log filter, e.g. `info` or `kmsgrant=debug,info`.
     #[arg(long, env = "KMSGRANT_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -69,6 +84,11 @@ impl RunArgs {
             namespace,
             label_selector,
             allow_http_endpoints,
+            admin_address,
+            leader_election,
+            lease_name,
+            lease_namespace,
+            lease_duration,
             log_level,
             log_format,
         } = self;
@@ -88,11 +108,18 @@ impl RunArgs {
             label_selector,
             ..Settings::default()
         };
+        let election = leader_election.then(|| {
+            let namespace = lease_namespace
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "kmsgrant-system".into());
+            (namespace, lease_name, lease_duration)
+        });
         let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
-        match runtime.block_on(async move {
+        let result = runtime.block_on(async move {
             let client = kube_client(kubeconfig, context).await?;
-            controller::run(client, settings, shutdown_signal()).await
-        }) {
+            operate(client, settings, admin_address, election).await
+        });
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 tracing::error!(error = %format!("{err:#}"), "operator failed");
@@ -101,6 +128,82 @@ impl RunArgs {
             }
         }
     }
+}
+
+/// Serves the admin endpoints, waits for leadership when asked to, and runs the controllers until
+/// SIGTERM/Ctrl-C (in-flight reconciles, and so their KMS calls, finish first) or until leadership
+/// is lost (then the process exits with an error and is restarted as a standby).
+async fn operate(
+    client: kube::Client,
+    settings: Settings,
+    admin_address: std::net::SocketAddr,
+    election: Option<(String, String, Duration)>,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    crate::admin::serve(admin_address, metrics.clone(), ready.clone(), async {
+        let _ = admin_stopped.await;
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot serve the admin endpoints on {admin_address}: {e}"))?;
+
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
+    let elector = election.map(|(namespace, name, duration)| {
+        let identity = std::env::var("POD_NAME")
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .map(|host| format!("{host}-{}", std::process::id()))
+            .unwrap_or_else(|_| format!("kmsgrant-operator-{}", std::process::id()));
+        crate::leader::LeaderElection::new(client.clone(), &namespace, &name, &identity, duration)
+    });
+    if let Some(elector) = &elector {
+        // A standby is ready: it serves metrics and waits to take over.
+        ready.store(true, Ordering::Relaxed);
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = shutdown.clone() => {
+                let _ = stop_admin.send(());
+                return Ok(());
+            }
+        }
+        ready.store(false, Ordering::Relaxed);
+    }
+    metrics.set_leader(true);
+
+    let lost = Arc::new(AtomicBool::new(false));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let watcher = {
+        let (lost, shutdown) = (lost.clone(), shutdown.clone());
+        let holding = async {
+            match &elector {
+                Some(elector) => elector.hold().await,
+                None => std::future::pending().await,
+            }
+        };
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = holding => lost.store(true, Ordering::Relaxed),
+            }
+            let _ = stop.send(());
+        }
+    };
+    let controllers = controller::run(client, settings, metrics.clone(), ready.clone(), async {
+        let _ = stopped.await;
+    });
+    let (result, ()) = tokio::join!(controllers, watcher);
+    metrics.set_leader(false);
+    if lost.load(Ordering::Relaxed) {
+        anyhow::bail!("lost the leader lease; exiting so that only one replica reconciles");
+    }
+    if let Some(elector) = &elector {
+        elector.release().await;
+    }
+    let _ = stop_admin.send(());
+    result
 }
 
 /// A client from `--kubeconfig`/`--context`, else KUBECONFIG or the in-cluster config.

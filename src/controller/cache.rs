@@ -58,6 +58,7 @@ impl KeyCache {
         key: &KeyRef,
         max_age: Duration,
         page_size: u32,
+        metrics: &crate::metrics::Metrics,
     ) -> Result<Vec<Grant>, KmsError> {
         let entry = self.entry(key);
         let mut snapshot = entry.grants.lock().await;
@@ -65,8 +66,10 @@ impl KeyCache {
             .as_ref()
             .filter(|s| !s.stale && s.fetched.elapsed() < max_age)
         {
+            metrics.cache_lookup(true);
             return Ok(current.grants.clone());
         }
+        metrics.cache_lookup(false);
         let grants = client.list_all_grants(&key.key_id, page_size).await?;
         *snapshot = Some(Snapshot {
             grants: grants.clone(),

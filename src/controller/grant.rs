@@ -24,13 +24,32 @@ use crate::kms::{ErrorClass, ErrorReason, Grant, KeyState, KmsError};
 pub const FINALIZER: &str = "kmsgrant.io/grant";
 
 pub async fn reconcile(object: Arc<KmsGrant>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
-    let Some(uid) = object.uid() else {
-        return Ok(Action::await_change());
+    let started = std::time::Instant::now();
+    let result = reconcile_object(&object, &ctx).await;
+    let (outcome, reason) = match &result {
+        Ok((_, reason)) => ("ok", *reason),
+        Err(err) => ("error", err.reason()),
     };
-    let object_ref = ObjectRef::from_obj(object.as_ref());
+    ctx.metrics
+        .reconciled("KmsGrant", outcome, reason, started.elapsed());
+    result.map(|(action, _)| action)
+}
+
+/// One reconcile; returns what to do next and the reason it ended with (for metrics).
+async fn reconcile_object(
+    object: &KmsGrant,
+    ctx: &Context,
+) -> Result<(Action, &'static str), ReconcileError> {
+    let Some(uid) = object.uid() else {
+        return Ok((Action::await_change(), "NoUid"));
+    };
+    let object_ref = ObjectRef::from_obj(object);
     if object.meta().deletion_timestamp.is_some() {
         ctx.interest.forget(&object_ref);
-        return cleanup(&object, &uid, &ctx).await;
+        ctx.metrics.object_condition(&object_key(object), None);
+        return cleanup(object, &uid, ctx)
+            .await
+            .map(|action| (action, reasons::DELETING));
     }
     let has_finalizer = object.finalizers().iter().any(|f| f == FINALIZER);
     let wants_finalizer = object.spec.deletion_policy != DeletionPolicy::Orphan
@@ -71,9 +90,24 @@ pub async fn reconcile(object: Arc<KmsGrant>, ctx: Arc<Context>) -> Result<Actio
         Outcome::Progressing { .. } => ctx.backoff.next(&object_ref),
     };
     let Work { mut status, .. } = work;
-    status_transition_event(&object, &ctx, &outcome).await;
-    write_status(&object, &ctx, &mut status, &outcome).await?;
-    Ok(Action::requeue(requeue))
+    status_transition_event(object, ctx, &outcome).await;
+    write_status(object, ctx, &mut status, &outcome).await?;
+    let condition = match &outcome {
+        Outcome::Ready { .. } => super::conditions::READY,
+        Outcome::Progressing { .. } => super::conditions::RECONCILING,
+        Outcome::Stalled { .. } => super::conditions::STALLED,
+    };
+    ctx.metrics
+        .object_condition(&object_key(object), Some(condition));
+    Ok((Action::requeue(requeue), outcome.reason()))
+}
+
+fn object_key(object: &KmsGrant) -> String {
+    format!(
+        "{}/{}",
+        object.namespace().unwrap_or_default(),
+        object.name_any()
+    )
 }
 
 enum Failure {
@@ -128,7 +162,13 @@ impl Work<'_> {
         let candidates = self
             .ctx
             .keys
-            .grants(&provider.client, &key, max_age, page_size)
+            .grants(
+                &provider.client,
+                &key,
+                max_age,
+                page_size,
+                &self.ctx.metrics,
+            )
             .await?;
         let owned_ref = self.status.grant_id.clone().map(|grant_id| GrantRef {
             key_id: self
@@ -147,7 +187,13 @@ impl Work<'_> {
                 match self
                     .ctx
                     .keys
-                    .grants(&provider.client, &owned_key, max_age, page_size)
+                    .grants(
+                        &provider.client,
+                        &owned_key,
+                        max_age,
+                        page_size,
+                        &self.ctx.metrics,
+                    )
                     .await
                 {
                     Ok(grants) => grants,
@@ -607,6 +653,7 @@ async fn cleanup(object: &KmsGrant, uid: &str, ctx: &Context) -> Result<Action, 
                     &key,
                     Duration::ZERO,
                     ctx.settings.page_size,
+                    &ctx.metrics,
                 )
                 .await
             {
@@ -790,7 +837,6 @@ async fn write_status(
         )
         .await
         .map_err(ReconcileError::Kube)?;
-    ctx.metrics.object_outcome(outcome);
     Ok(())
 }
 

@@ -27,7 +27,7 @@ pub use grant::FINALIZER;
 pub use plan::{DesiredGrant, OwnedGrant, Plan, derived_name, plan};
 
 use crate::api::{KmsGrant, KmsProviderConfig};
-use crate::kms::ClientMetrics;
+use crate::metrics::Metrics;
 
 /// How the controllers pace themselves.
 #[derive(Clone, Debug)]
@@ -106,16 +106,6 @@ impl ReconcileError {
     }
 }
 
-/// Hooks the admin server's metrics plug into; the default does nothing.
-pub trait ControllerMetrics: Send + Sync {
-    fn drift_repaired(&self) {}
-    fn object_outcome(&self, _outcome: &Outcome) {}
-}
-
-struct NoMetrics;
-impl ControllerMetrics for NoMetrics {}
-impl ClientMetrics for NoMetrics {}
-
 /// Shared by every reconcile.
 pub struct Context {
     client: Client,
@@ -127,8 +117,7 @@ pub struct Context {
     grants: Store<KmsGrant>,
     interest: Interest,
     backoff: Backoff,
-    metrics: Arc<dyn ControllerMetrics>,
-    kms_metrics: Arc<dyn ClientMetrics>,
+    metrics: Arc<Metrics>,
 }
 
 impl Context {
@@ -195,6 +184,8 @@ impl Backoff {
 pub async fn run(
     client: Client,
     settings: Settings,
+    metrics: Arc<Metrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
@@ -228,8 +219,7 @@ pub async fn run(
             max: settings.backoff_max,
             ..Backoff::default()
         },
-        metrics: Arc::new(NoMetrics),
-        kms_metrics: Arc::new(NoMetrics),
+        metrics,
         client: client.clone(),
         settings: settings.clone(),
     });
@@ -259,7 +249,21 @@ pub async fn run(
         )
         .with_config(ControllerConfig::default().concurrency(2))
         .graceful_shutdown_on(shutdown.clone())
-        .run(provider::reconcile, provider_error_policy, ctx.clone())
+        .run(
+            |config, ctx: Arc<Context>| async move {
+                let started = std::time::Instant::now();
+                let result = provider::reconcile(config, ctx.clone()).await;
+                let (outcome, reason) = match &result {
+                    Ok(_) => ("ok", "Reconciled"),
+                    Err(err) => ("error", err.reason()),
+                };
+                ctx.metrics
+                    .reconciled("KmsProviderConfig", outcome, reason, started.elapsed());
+                result
+            },
+            provider_error_policy,
+            ctx.clone(),
+        )
         .for_each(|result| async move {
             if let Err(err) = result {
                 tracing::debug!(error = %err, "provider config reconcile failed");
@@ -296,8 +300,17 @@ pub async fn run(
         });
 
     let detector = drift_detector(ctx.clone(), drift_tx, shutdown.clone());
+    // Ready once both caches hold the cluster's objects.
+    let readiness = {
+        let (grants, configs) = (ctx.grants.clone(), ctx.provider_configs.clone());
+        async move {
+            let _ = tokio::join!(grants.wait_until_ready(), configs.wait_until_ready());
+            ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("caches synced");
+        }
+    };
     tracing::info!(resync = ?settings.resync, concurrency = settings.concurrency, "controllers started");
-    tokio::join!(provider_controller, grant_controller, detector);
+    tokio::join!(provider_controller, grant_controller, detector, readiness);
     tracing::info!("controllers stopped");
     Ok(())
 }

@@ -167,7 +167,7 @@ async fn build_and_check(
     client_config.ca_bundle = spec.ca_bundle.clone();
     client_config.allow_http = ctx.settings.allow_http;
     let client = KmsClient::new(client_config).map_err(|e| NotUsable(kms_outcome(&e)))?;
-    let client = client.with_metrics(ctx.kms_metrics.clone());
+    let client = client.with_metrics(ctx.metrics.clone());
     // One cheap authenticated call proves endpoint, project and credentials.
     let project_id = client
         .project_id()

@@ -331,6 +331,11 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(namespace: &str, resync: &str) -> Self {
+        Self::start_with(namespace, resync, &[])
+    }
+
+    /// Starts an operator with extra flags (which may override the defaults above).
+    pub fn start_with(namespace: &str, resync: &str, extra: &[&str]) -> Self {
         static STARTS: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join("kmsgrant-e2e");
         std::fs::create_dir_all(&dir).unwrap();
@@ -364,7 +369,13 @@ impl Operator {
                 "--resync-interval",
                 resync,
             ])
-            .args(["--log-level", "kmsgrant=debug,info"])
+            .args([
+                "--log-level",
+                "kmsgrant=debug,info",
+                "--admin-address",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
