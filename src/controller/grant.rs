@@ -58,15 +58,15 @@ async fn reconcile_object(
             .as_ref()
             .is_some_and(|s| s.superseded_grant.is_some());
     if wants_finalizer && !has_finalizer {
-        set_finalizer(&object, &ctx, true).await?;
+        set_finalizer(object, ctx, true).await?;
     } else if !wants_finalizer && has_finalizer {
-        set_finalizer(&object, &ctx, false).await?;
+        set_finalizer(object, ctx, false).await?;
     }
 
     let mut work = Work {
-        object: &object,
+        object,
         uid: &uid,
-        ctx: &ctx,
+        ctx,
         status: object.status.clone().unwrap_or_default(),
     };
     let outcome = work.converge(&object_ref).await;
