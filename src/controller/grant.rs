@@ -158,7 +158,7 @@ impl Work<'_> {
         let max_age = self.ctx.settings.snapshot_max_age();
         let page_size = self.ctx.settings.page_size;
         // Decide and create under the key's write lock, so two objects never take one grant.
-        let _write = self.ctx.keys.write_lock(&key).await;
+        let write_lock = self.ctx.keys.write_lock(&key).await;
         let candidates = self
             .ctx
             .keys
@@ -233,13 +233,7 @@ impl Work<'_> {
             Plan::InSync { grant_id } => {
                 let grant = candidates.iter().find(|g| g.grant_id == grant_id).cloned();
                 self.record_owned(&desired, &grant_id, grant.as_ref());
-                Ok(Outcome::Ready {
-                    reason: reasons::GRANT_READY,
-                    message: format!(
-                        "grant {grant_id} on key {} matches the spec",
-                        desired.key_id
-                    ),
-                })
+                Ok(in_sync(&grant_id, &desired.key_id))
             }
             Plan::RevokeSuperseded(old) => {
                 self.revoke_superseded(&provider, provider_name, &old)
@@ -271,17 +265,11 @@ impl Work<'_> {
                 )
                 .await;
                 if let Some(old) = supersede {
-                    drop(_write);
+                    drop(write_lock);
                     self.revoke_superseded(&provider, provider_name, &old)
                         .await?;
                 }
-                Ok(Outcome::Ready {
-                    reason: reasons::GRANT_READY,
-                    message: format!(
-                        "grant {grant_id} on key {} matches the spec",
-                        desired.key_id
-                    ),
-                })
+                Ok(in_sync(&grant_id, &desired.key_id))
             }
             Plan::Create {
                 supersede,
@@ -303,7 +291,7 @@ impl Work<'_> {
                     .keys
                     .insert(&key, created_grant(&desired, &grant_id))
                     .await;
-                drop(_write);
+                drop(write_lock);
                 self.record_owned(&desired, &grant_id, None);
                 self.status.superseded_grant = supersede.clone();
                 self.persist().await?;
@@ -335,13 +323,7 @@ impl Work<'_> {
                     self.revoke_superseded(&provider, provider_name, &old)
                         .await?;
                 }
-                Ok(Outcome::Ready {
-                    reason: reasons::GRANT_READY,
-                    message: format!(
-                        "grant {grant_id} on key {} matches the spec",
-                        desired.key_id
-                    ),
-                })
+                Ok(in_sync(&grant_id, &desired.key_id))
             }
         }
     }
@@ -550,6 +532,13 @@ impl Work<'_> {
 
     async fn event(&self, type_: EventType, reason: &str, note: String) {
         publish(self.object, self.ctx, type_, reason, note).await;
+    }
+}
+
+fn in_sync(grant_id: &str, key_id: &str) -> Outcome {
+    Outcome::Ready {
+        reason: reasons::GRANT_READY,
+        message: format!("grant {grant_id} on key {key_id} matches the spec"),
     }
 }
 
