@@ -304,3 +304,66 @@ fn kubectl_delete(env: &Env, name: &str) {
         None,
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_lets_the_reconcile_in_flight_finish_its_kms_calls_before_exit() {
+    let env = Env::new("sigterm", EmulatorConfig::for_tests(), "5s").await;
+    let key = env.new_key("slow");
+    let mut operator = Operator::start(&env.namespace, "5s");
+    // Wait for the provider config to be verified before slowing KMS down.
+    let config_ready = "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}=True";
+    let out = support::kubectl(
+        &[
+            "wait",
+            &format!("--for={config_ready}"),
+            "--timeout=60s",
+            &format!("kmspc/{}", env.provider),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every KMS answer now takes 2 s: describe-key, list-grants and create-grant take 6 s together.
+    let slow = kmsgrant::emulator::FaultSettings {
+        latency_ms: 2000,
+        ..Default::default()
+    };
+    env.emulator.admin().set_faults(slow).unwrap();
+
+    env.apply(&env.grant("slow", &key, json!({})));
+    // The finalizer is the reconcile's first write, before any KMS call.
+    env.wait_for(
+        "slow",
+        "jsonpath={.metadata.finalizers[0]}=kmsgrant.io/grant",
+        30,
+    );
+    let status = operator.terminate();
+    assert!(
+        status.success(),
+        "the operator did not exit cleanly: {status:?} (log {})",
+        operator.log.display()
+    );
+    // The reconcile that was under way finished: the grant exists and its ID is in status.
+    assert_eq!(
+        env.emulator.admin().grant_count(&key),
+        Some(1),
+        "the in-flight create was cut off"
+    );
+    let id = env.get("slow")["status"]["grantId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        id.len(),
+        64,
+        "the status write after the create was cut off"
+    );
+    let log = std::fs::read_to_string(&operator.log).unwrap();
+    assert!(
+        log.contains("shutting down") && log.contains("controllers stopped"),
+        "{log}"
+    );
+}

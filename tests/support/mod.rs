@@ -387,6 +387,17 @@ impl Operator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// SIGTERM, as Kubernetes stops a pod; waits for the exit and returns its status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "cannot signal the operator");
+        self.child.wait().expect("the operator exits")
+    }
 }
 
 impl Drop for Operator {
