@@ -68,6 +68,7 @@ async fn reconcile_object(
         uid: &uid,
         ctx,
         status: object.status.clone().unwrap_or_default(),
+        events: Vec::new(),
     };
     let outcome = work.converge(&object_ref).await;
     let outcome = match outcome {
@@ -89,9 +90,15 @@ async fn reconcile_object(
         }
         Outcome::Progressing { .. } => ctx.backoff.next(&object_ref),
     };
-    let Work { mut status, .. } = work;
-    status_transition_event(object, ctx, &outcome).await;
+    let Work {
+        mut status, events, ..
+    } = work;
+    // Status first (it records what was done on KMS), then what happened, for people.
     write_status(object, ctx, &mut status, &outcome).await?;
+    for (type_, reason, note) in events {
+        publish(object, ctx, type_, reason, note).await;
+    }
+    status_transition_event(object, ctx, &outcome).await;
     let condition = match &outcome {
         Outcome::Ready { .. } => super::conditions::READY,
         Outcome::Progressing { .. } => super::conditions::RECONCILING,
@@ -132,6 +139,8 @@ struct Work<'a> {
     uid: &'a str,
     ctx: &'a Context,
     status: KmsGrantStatus,
+    /// Events to publish once status is written.
+    events: Vec<(EventType, &'static str, String)>,
 }
 
 impl Work<'_> {
@@ -254,7 +263,10 @@ impl Work<'_> {
                 let grant = candidates.iter().find(|g| g.grant_id == grant_id).cloned();
                 self.record_owned(&desired, &grant_id, grant.as_ref());
                 self.status.superseded_grant = supersede.clone();
-                self.persist().await?;
+                if supersede.is_some() {
+                    // A revoke follows: record the new grant first, in case we die during it.
+                    self.persist().await?;
+                }
                 self.event(
                     EventType::Normal,
                     "GrantAdopted",
@@ -262,8 +274,7 @@ impl Work<'_> {
                         "adopted existing grant {grant_id} on key {}",
                         desired.key_id
                     ),
-                )
-                .await;
+                );
                 if let Some(old) = supersede {
                     drop(write_lock);
                     self.revoke_superseded(&provider, provider_name, &old)
@@ -294,7 +305,11 @@ impl Work<'_> {
                 drop(write_lock);
                 self.record_owned(&desired, &grant_id, None);
                 self.status.superseded_grant = supersede.clone();
-                self.persist().await?;
+                // Without a revoke to follow, the status write right after this reconcile
+                // records the grant (one patch instead of two); with one, record it first.
+                if supersede.is_some() {
+                    self.persist().await?;
+                }
                 let (kind, reason, note) = match (&supersede, recreate) {
                     (_, true) => {
                         self.ctx.metrics.drift_repaired();
@@ -318,7 +333,7 @@ impl Work<'_> {
                         format!("created grant {grant_id} on key {}", desired.key_id),
                     ),
                 };
-                self.event(kind, reason, note).await;
+                self.event(kind, reason, note);
                 if let Some(old) = supersede {
                     self.revoke_superseded(&provider, provider_name, &old)
                         .await?;
@@ -484,8 +499,7 @@ impl Work<'_> {
             EventType::Normal,
             "GrantRevoked",
             format!("revoked grant {} (replaced)", old.grant_id),
-        )
-        .await;
+        );
         Ok(())
     }
 
@@ -530,8 +544,8 @@ impl Work<'_> {
         Ok(())
     }
 
-    async fn event(&self, type_: EventType, reason: &str, note: String) {
-        publish(self.object, self.ctx, type_, reason, note).await;
+    fn event(&mut self, type_: EventType, reason: &'static str, note: String) {
+        self.events.push((type_, reason, note));
     }
 }
 
