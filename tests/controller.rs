@@ -536,6 +536,21 @@ async fn each_failure_ends_with_its_own_reason_and_recoverable_ones_recover() {
     env.apply(&fixed);
     env.wait_for("disabled-key", "condition=Ready", 60);
     env.wait_for("bad-creds", "condition=Ready", 60);
+    // Objects that never reached KMS are deleted without hanging on their finalizer, even
+    // when their provider config does not exist.
+    for name in ["no-provider", "key-not-found", "default-key", "key-allowed"] {
+        kubectl_ok(
+            &[
+                "-n",
+                &env.namespace,
+                "delete",
+                "kmsgrant.kmsgrant.io",
+                name,
+                "--timeout=30s",
+            ],
+            None,
+        );
+    }
     let _ = kubectl(
         &[
             "delete",

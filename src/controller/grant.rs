@@ -625,8 +625,13 @@ async fn cleanup(object: &KmsGrant, uid: &str, ctx: &Context) -> Result<Action, 
     if let Some(owned) = owned.clone().filter(|_| policy != DeletionPolicy::Orphan) {
         targets.push((owned, policy));
     }
-    if !targets.is_empty() || (owned.is_none() && policy != DeletionPolicy::Orphan) {
-        let Some(provider) = ctx.providers.get(provider_name) else {
+    let provider = ctx.providers.get(provider_name);
+    if targets.is_empty() && provider.is_none() {
+        // Status names no grant and there is no provider to look with: nothing of ours can be
+        // found on KMS, and deletion must not hang on a config that never worked.
+        tracing::info!(provider = %provider_name, "no grant recorded and no usable provider; nothing to clean up");
+    } else if !targets.is_empty() || (owned.is_none() && policy != DeletionPolicy::Orphan) {
+        let Some(provider) = provider else {
             let outcome = Outcome::Progressing {
                 reason: reasons::PROVIDER_CONFIG_NOT_READY,
                 message: format!(
@@ -675,6 +680,21 @@ async fn cleanup(object: &KmsGrant, uid: &str, ctx: &Context) -> Result<Action, 
                         }),
                 ),
                 Err(err) if err.reason == ErrorReason::KeyNotFound => {}
+                Err(err) if err.class() == ErrorClass::Terminal => {
+                    // Only a lost status write could have left a grant; a lookup that cannot
+                    // work (credentials, permissions) must not block deletion forever.
+                    publish(
+                        object,
+                        ctx,
+                        EventType::Warning,
+                        "CleanupLookupFailed",
+                        format!(
+                            "could not check key {} for a grant of this object: {err}",
+                            key.key_id
+                        ),
+                    )
+                    .await;
+                }
                 Err(err) => return cleanup_failed(object, ctx, &err).await,
             }
         }
