@@ -156,6 +156,17 @@ fn assert_hardened(deployment: &Value) {
     assert!(args(deployment).contains(&"--secret-namespace=$(POD_NAMESPACE)".to_owned()));
 }
 
+/// Deleting a CRD deletes every KmsGrant (and a running operator revokes their grants): Argo CD
+/// and Flux must not prune or delete the CRDs by themselves.
+fn assert_gitops_tools_keep(crd: &Value) {
+    let annotations = &crd["metadata"]["annotations"];
+    assert_eq!(
+        annotations["argocd.argoproj.io/sync-options"],
+        "Delete=false,Prune=false"
+    );
+    assert_eq!(annotations["kustomize.toolkit.fluxcd.io/prune"], "disabled");
+}
+
 #[test]
 fn kustomize_tree_applies_cleanly_with_server_side_dry_run() {
     // A server dry run persists nothing, so the Namespace that `kubectl apply -k deploy/` creates
@@ -198,6 +209,9 @@ fn kustomize_tree_applies_cleanly_with_server_side_dry_run() {
             "ServiceAccount"
         ]
     );
+    for crd in find(&rendered, "CustomResourceDefinition") {
+        assert_gitops_tools_keep(crd);
+    }
     let deployment = one(&rendered, "Deployment");
     assert_hardened(deployment);
     assert_eq!(deployment["spec"]["replicas"], 2);
@@ -297,6 +311,7 @@ fn helm_chart_with_default_values_applies_cleanly_with_server_side_dry_run() {
             crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
             "helm uninstall must not delete the CRDs (and with them every KmsGrant)"
         );
+        assert_gitops_tools_keep(crd);
     }
     let deployment = one(&rendered, "Deployment");
     assert_hardened(deployment);

@@ -53,3 +53,12 @@ app.kubernetes.io/part-of: kmsgrant-operator
     resources: [events]
     verbs: [create, patch]
 {{- end }}
+
+{{- /* Kept on helm uninstall, and by Argo CD and Flux when they render the chart themselves. */}}
+{{- define "kmsgrant-operator.crdKeepAnnotations" -}}
+{{ "\n" }}metadata:
+  annotations:
+    helm.sh/resource-policy: keep
+    argocd.argoproj.io/sync-options: Delete=false,Prune=false
+    kustomize.toolkit.fluxcd.io/prune: disabled
+{{ end }}
