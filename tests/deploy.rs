@@ -590,8 +590,12 @@ impl OperatorAsServiceAccount {
                 &format!("{TEST_LABEL}={}", env.namespace),
             ])
             .args(["--log-level", "kmsgrant=debug,info"])
-            // Operators that have an admin server must not all bind its default port; older ones
-            // ignore the variable.
+            // As in the Deployment: leader election on the Lease the Role lets it renew, so the
+            // Lease rules are exercised too, and an admin server off the shared default port.
+            // (Set as variables: a build without these flags ignores them.)
+            .env("KMSGRANT_LEADER_ELECTION", "true")
+            .env("KMSGRANT_LEASE_NAME", "kmsgrant-operator")
+            .env("KMSGRANT_LEASE_NAMESPACE", OPERATOR_NAMESPACE)
             .env("KMSGRANT_ADMIN_ADDRESS", "127.0.0.1:0")
             .stdout(file.try_clone().unwrap())
             .stderr(file)
