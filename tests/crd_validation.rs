@@ -616,7 +616,20 @@ fn kubectl_get_shows_the_printer_columns() {
 #[test]
 fn shipped_examples_are_accepted_by_the_api_server() {
     install_crds();
-    let examples = std::path::Path::new(support::REPO).join("deploy/examples");
+    // The credentials Secret template lives in the operator's namespace, which `kubectl apply -k
+    // deploy/` creates; a server dry run cannot create it, so create it as the install would.
+    let repo = std::path::Path::new(support::REPO);
+    let operator_namespace = repo.join("deploy/operator/namespace.yaml");
+    kubectl_ok(
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            operator_namespace.to_str().unwrap(),
+        ],
+        None,
+    );
+    let examples = repo.join("deploy/examples");
     for entry in std::fs::read_dir(&examples).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {

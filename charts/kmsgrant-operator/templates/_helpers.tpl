@@ -1,0 +1,64 @@
+{{- define "kmsgrant-operator.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kmsgrant-operator.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "kmsgrant-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kmsgrant-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kmsgrant-operator.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "kmsgrant-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kmsgrant-operator
+{{- end }}
+
+{{- define "kmsgrant-operator.leaseName" -}}
+{{- default (include "kmsgrant-operator.fullname" .) .Values.leaderElection.leaseName }}
+{{- end }}
+
+{{- define "kmsgrant-operator.checks" -}}
+{{- if and (gt (int .Values.replicas) 1) (not .Values.leaderElection.enabled) }}
+{{- fail "replicas > 1 needs leaderElection.enabled: without it every replica writes to KMS" }}
+{{- end }}
+{{- if and .Values.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
+{{- fail "serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor scrapes that Service" }}
+{{- end }}
+{{- if not (has .Values.logFormat (list "text" "json")) }}
+{{- fail "logFormat must be text or json" }}
+{{- end }}
+{{- end }}
+
+{{- /* The rules on KmsGrants: cluster-wide, or in watchNamespace only. */}}
+{{- define "kmsgrant-operator.grantRules" }}
+  # Watch grants; patch them to add and remove the kmsgrant.io/grant finalizer.
+  - apiGroups: [kmsgrant.io]
+    resources: [kmsgrants]
+    verbs: [get, list, watch, patch]
+  - apiGroups: [kmsgrant.io]
+    resources: [kmsgrants/status]
+    verbs: [patch]
+  # GrantCreated, GrantRevoked, Warnings...: events.k8s.io/v1 Events next to the grants.
+  - apiGroups: [events.k8s.io]
+    resources: [events]
+    verbs: [create, patch]
+{{- end }}
+
+{{- /* Kept on helm uninstall, and by Argo CD and Flux when they render the chart themselves. */}}
+{{- define "kmsgrant-operator.crdKeepAnnotations" -}}
+{{ "\n" }}metadata:
+  annotations:
+    helm.sh/resource-policy: keep
+    argocd.argoproj.io/sync-options: Delete=false,Prune=false
+    kustomize.toolkit.fluxcd.io/prune: disabled
+{{ end }}

@@ -1,0 +1,832 @@
+//! What platform teams install: the kustomize tree `deploy/`, the Helm chart
+//! `charts/kmsgrant-operator/` (rendered by the helm that `scripts/helm` builds) and the RBAC they
+//! carry, checked against the real local API server; and the operator running with nothing but
+//! that RBAC.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use kmsgrant::emulator::EmulatorConfig;
+use serde_json::{Value, json};
+use support::{Env, OPERATOR_BIN, REPO, TEST_LABEL, install_crds, kubectl, kubectl_ok, namespace};
+
+const OPERATOR_NAMESPACE: &str = "kmsgrant-system";
+const SERVICE_ACCOUNT: &str = "system:serviceaccount:kmsgrant-system:kmsgrant-operator";
+const CHART: &str = "charts/kmsgrant-operator";
+
+fn repo(path: &str) -> String {
+    Path::new(REPO).join(path).to_str().unwrap().to_owned()
+}
+
+/// Runs the project's helm (built from source on first use by `scripts/helm`).
+fn helm(args: &[&str]) -> Output {
+    Command::new(repo("scripts/helm"))
+        .args(args)
+        .current_dir(REPO)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run scripts/helm")
+}
+
+fn helm_ok(args: &[&str]) -> String {
+    let out = helm(args);
+    assert!(
+        out.status.success(),
+        "helm {} failed:\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The objects of a multi-document YAML stream (empty documents dropped).
+fn objects(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("rendered YAML parses"))
+        .filter(|object: &Value| !object.is_null())
+        .collect()
+}
+
+fn kinds(objects: &[Value]) -> Vec<String> {
+    objects
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+fn one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    let found = find(objects, kind);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} in {:?}",
+        kinds(objects)
+    );
+    found[0]
+}
+
+/// `kubectl apply --dry-run=server` of these objects; fails the test with kubectl's message, and
+/// also when the API server warns that the pod template breaks the namespace's Pod Security level.
+fn apply_dry_run(objects: &[Value]) -> String {
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+    let out = kubectl(
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&list.to_string()),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "server dry run failed: {stderr}");
+    assert!(
+        !stderr.contains("PodSecurity"),
+        "the pod template breaks the restricted Pod Security Standard: {stderr}"
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The operator's namespace, created for real from `deploy/operator/namespace.yaml` (with its
+/// restricted Pod Security labels) — see `kustomize_tree_applies_cleanly_with_server_side_dry_run`.
+fn operator_namespace() {
+    static CREATED: OnceLock<()> = OnceLock::new();
+    CREATED.get_or_init(|| {
+        // Server-side apply creates or updates in one call, so concurrent tests cannot race.
+        kubectl_ok(
+            &[
+                "apply",
+                "--server-side",
+                "-f",
+                &repo("deploy/operator/namespace.yaml"),
+            ],
+            None,
+        );
+    });
+}
+
+fn container(deployment: &Value) -> &Value {
+    &deployment["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn args(deployment: &Value) -> Vec<String> {
+    container(deployment)["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The hardening the issue asks for, stated once for every way of installing.
+fn assert_hardened(deployment: &Value) {
+    let pod = &deployment["spec"]["template"]["spec"];
+    let c = container(deployment);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+    for kind in ["requests", "limits"] {
+        for resource in ["cpu", "memory"] {
+            assert!(
+                c["resources"][kind][resource].is_string(),
+                "no {kind}.{resource}"
+            );
+        }
+    }
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], "admin");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
+    assert_eq!(c["ports"][0]["name"], "admin");
+    // The credentials Secret and the Lease are looked for in the pod's own namespace.
+    assert_eq!(
+        c["env"][0],
+        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}})
+    );
+    assert!(args(deployment).contains(&"--secret-namespace=$(POD_NAMESPACE)".to_owned()));
+}
+
+/// Deleting a CRD deletes every KmsGrant (and a running operator revokes their grants): Argo CD
+/// and Flux must not prune or delete the CRDs by themselves.
+fn assert_gitops_tools_keep(crd: &Value) {
+    let annotations = &crd["metadata"]["annotations"];
+    assert_eq!(
+        annotations["argocd.argoproj.io/sync-options"],
+        "Delete=false,Prune=false"
+    );
+    assert_eq!(annotations["kustomize.toolkit.fluxcd.io/prune"], "disabled");
+}
+
+#[test]
+fn kustomize_tree_applies_cleanly_with_server_side_dry_run() {
+    // A server dry run persists nothing, so the Namespace that `kubectl apply -k deploy/` creates
+    // first does not exist for the namespaced objects after it, and they would fail with
+    // NotFound. Creating that one object for real (from the tree's own namespace.yaml, as the real
+    // apply would) lets the dry run check everything else; the Namespace itself is still part of
+    // the dry run. Its restricted Pod Security labels make the API server warn about any pod
+    // template that breaks them, which apply_dry_run turns into a failure.
+    operator_namespace();
+    let rendered = objects(&kubectl_ok(&["kustomize", &repo("deploy")], None));
+    let out = kubectl(&["apply", "-k", &repo("deploy"), "--dry-run=server"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "apply -k deploy/ failed: {stderr}");
+    assert!(!stderr.contains("PodSecurity"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for object in &rendered {
+        let name = object["metadata"]["name"].as_str().unwrap();
+        assert!(
+            stdout.contains(&format!("/{name} ")) && stdout.contains("(server dry run)"),
+            "{} {name} missing from the dry run:\n{stdout}",
+            object["kind"]
+        );
+    }
+
+    let mut found = kinds(&rendered);
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "Deployment",
+            "Namespace",
+            "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount"
+        ]
+    );
+    for crd in find(&rendered, "CustomResourceDefinition") {
+        assert_gitops_tools_keep(crd);
+    }
+    let deployment = one(&rendered, "Deployment");
+    assert_hardened(deployment);
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let args = args(deployment);
+    for flag in ["--leader-election", "--log-format=json"] {
+        assert!(args.contains(&flag.to_owned()), "{flag} not in {args:?}");
+    }
+    assert_eq!(
+        one(&rendered, "Service")["spec"]["ports"][0]["name"],
+        "metrics"
+    );
+}
+
+/// The chart's copies of the CRDs are the generated ones (`crds/`), byte for byte.
+#[test]
+fn chart_carries_the_generated_crds() {
+    for name in [
+        "kmsgrants.kmsgrant.io.yaml",
+        "kmsproviderconfigs.kmsgrant.io.yaml",
+    ] {
+        let generated = std::fs::read_to_string(repo(&format!("crds/{name}"))).unwrap();
+        let copy = std::fs::read_to_string(repo(&format!("{CHART}/files/crds/{name}"))).unwrap();
+        assert!(
+            generated == copy,
+            "{CHART}/files/crds/{name} differs from crds/{name}: cp crds/*.kmsgrant.io.yaml {CHART}/files/crds/"
+        );
+    }
+}
+
+const NON_DEFAULT_VALUES: &str = "\
+replicas: 3
+logLevel: kmsgrant=debug,info
+logFormat: text
+labelSelector: shard=a
+resyncInterval: 1m
+concurrency: 4
+image: {repository: registry.example.com/kmsgrant-operator, tag: 9.9.9, pullPolicy: Always}
+resources:
+  requests: {cpu: 100m, memory: 128Mi}
+  limits: {cpu: '1', memory: 512Mi}
+metrics: {port: 9090}
+serviceMonitor: {enabled: true, interval: 15s, labels: {release: prometheus}}
+crds: {install: false}
+leaderElection: {leaseName: shard-a, leaseDuration: 20s}
+";
+
+#[test]
+fn helm_lint_passes_with_default_and_non_default_values() {
+    helm_ok(&["lint", "--strict", CHART]);
+    let values = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        values.path(),
+        format!("{NON_DEFAULT_VALUES}watchNamespace: team-a\n"),
+    )
+    .unwrap();
+    helm_ok(&[
+        "lint",
+        "--strict",
+        CHART,
+        "-f",
+        values.path().to_str().unwrap(),
+    ]);
+}
+
+#[test]
+fn helm_chart_with_default_values_applies_cleanly_with_server_side_dry_run() {
+    operator_namespace();
+    let rendered = objects(&helm_ok(&[
+        "template",
+        "kmsgrant-operator",
+        CHART,
+        "--namespace",
+        OPERATOR_NAMESPACE,
+    ]));
+    apply_dry_run(&rendered);
+
+    let mut found = kinds(&rendered);
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "CustomResourceDefinition",
+            "CustomResourceDefinition",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount"
+        ],
+        "no ServiceMonitor unless asked for"
+    );
+    for crd in find(&rendered, "CustomResourceDefinition") {
+        assert_eq!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+            "helm uninstall must not delete the CRDs (and with them every KmsGrant)"
+        );
+        assert_gitops_tools_keep(crd);
+    }
+    let deployment = one(&rendered, "Deployment");
+    assert_hardened(deployment);
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    assert_eq!(
+        container(deployment)["image"],
+        format!(
+            "ghcr.io/kmsgrant/kmsgrant-operator:{}",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    let args = args(deployment);
+    for flag in [
+        "--leader-election",
+        "--lease-name=kmsgrant-operator",
+        "--log-format=json",
+        "--admin-address=0.0.0.0:8080",
+    ] {
+        assert!(args.contains(&flag.to_owned()), "{flag} not in {args:?}");
+    }
+    assert!(!args.iter().any(|a| a.starts_with("--namespace")));
+    // The chart's RBAC is the kustomize tree's RBAC.
+    let kustomized = objects(&kubectl_ok(&["kustomize", &repo("deploy")], None));
+    for kind in ["ClusterRole", "Role"] {
+        let chart_rules = rules_by_resource(one(&rendered, kind));
+        let tree_rules = rules_by_resource(one(&kustomized, kind));
+        assert_eq!(
+            chart_rules, tree_rules,
+            "{kind} differs between chart and deploy/"
+        );
+    }
+}
+
+/// (resource, resourceNames) -> sorted verbs, to compare rules however they are grouped.
+fn rules_by_resource(role: &Value) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut rules = std::collections::BTreeMap::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for group in rule["apiGroups"].as_array().unwrap() {
+            for resource in rule["resources"].as_array().unwrap() {
+                let key = format!(
+                    "{}/{} {}",
+                    group.as_str().unwrap(),
+                    resource.as_str().unwrap(),
+                    rule["resourceNames"]
+                );
+                let verbs: &mut Vec<String> = rules.entry(key).or_default();
+                verbs.extend(
+                    rule["verbs"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_str().unwrap().to_owned()),
+                );
+                verbs.sort();
+            }
+        }
+    }
+    rules
+}
+
+#[test]
+fn helm_chart_with_non_default_values_applies_cleanly_with_server_side_dry_run() {
+    install_crds(); // crds.install is off here: the CRDs come first, as the docs say.
+    let release_namespace = namespace("helm-release");
+    kubectl_ok(
+        &[
+            "label",
+            "namespace",
+            &release_namespace,
+            "pod-security.kubernetes.io/warn=restricted",
+        ],
+        None,
+    );
+    let watched = namespace("helm-watched");
+    let values = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        values.path(),
+        format!("{NON_DEFAULT_VALUES}watchNamespace: {watched}\n"),
+    )
+    .unwrap();
+    let rendered = objects(&helm_ok(&[
+        "template",
+        "shard-a",
+        CHART,
+        "--namespace",
+        &release_namespace,
+        "-f",
+        values.path().to_str().unwrap(),
+    ]));
+
+    // The ServiceMonitor is rendered; its CRD (Prometheus Operator) is not installed here, so it
+    // is checked by shape and everything else by the API server.
+    let monitor = one(&rendered, "ServiceMonitor");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(
+        monitor["spec"]["endpoints"],
+        json!([{"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}])
+    );
+    let service = one(&rendered, "Service");
+    for (label, value) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(
+            &service["metadata"]["labels"][label], value,
+            "the ServiceMonitor does not select the metrics Service"
+        );
+    }
+    assert_eq!(service["spec"]["ports"][0]["port"], 9090);
+    let rest: Vec<Value> = rendered
+        .iter()
+        .filter(|o| o["kind"] != "ServiceMonitor")
+        .cloned()
+        .collect();
+    apply_dry_run(&rest);
+
+    assert!(
+        find(&rendered, "CustomResourceDefinition").is_empty(),
+        "crds.install: false"
+    );
+    let deployment = one(&rendered, "Deployment");
+    assert_hardened(deployment);
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    assert_eq!(
+        container(deployment)["image"],
+        "registry.example.com/kmsgrant-operator:9.9.9"
+    );
+    assert_eq!(container(deployment)["imagePullPolicy"], "Always");
+    assert_eq!(
+        container(deployment)["resources"]["limits"]["memory"],
+        "512Mi"
+    );
+    assert_eq!(container(deployment)["ports"][0]["containerPort"], 9090);
+    let args = args(deployment);
+    for flag in [
+        "--log-level=kmsgrant=debug,info".to_owned(),
+        "--log-format=text".to_owned(),
+        format!("--namespace={watched}"),
+        "--label-selector=shard=a".to_owned(),
+        "--resync-interval=1m".to_owned(),
+        "--concurrency=4".to_owned(),
+        "--admin-address=0.0.0.0:9090".to_owned(),
+        "--leader-election".to_owned(),
+        "--lease-name=shard-a".to_owned(),
+        "--lease-duration=20s".to_owned(),
+    ] {
+        assert!(args.contains(&flag), "{flag} not in {args:?}");
+    }
+
+    // Watching one namespace, the rights on KmsGrants and Events are confined to it.
+    let cluster_rules = rules_by_resource(one(&rendered, "ClusterRole"));
+    assert!(
+        !cluster_rules
+            .keys()
+            .any(|k| k.contains("kmsgrants") || k.contains("events")),
+        "{cluster_rules:?}"
+    );
+    let roles = find(&rendered, "Role");
+    let grant_role = roles
+        .iter()
+        .find(|r| r["metadata"]["namespace"] == watched.as_str())
+        .expect("a Role in the watched namespace");
+    let grant_rules = rules_by_resource(grant_role);
+    assert!(grant_rules.contains_key("kmsgrant.io/kmsgrants null"));
+    assert!(grant_rules.contains_key("events.k8s.io/events null"));
+    let own_role = roles
+        .iter()
+        .find(|r| r["metadata"]["namespace"] == release_namespace.as_str())
+        .expect("a Role in the release namespace");
+    assert!(rules_by_resource(own_role).contains_key(r#"coordination.k8s.io/leases ["shard-a"]"#));
+    assert!(
+        find(&rendered, "PodDisruptionBudget").len() == 1,
+        "several replicas get a PodDisruptionBudget"
+    );
+}
+
+#[test]
+fn helm_chart_refuses_several_replicas_without_leader_election() {
+    let out = helm(&[
+        "template",
+        "x",
+        CHART,
+        "--set",
+        "replicas=2,leaderElection.enabled=false",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs leaderElection.enabled"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The RBAC objects of `deploy/`, applied for real, and a kubeconfig that authenticates with a
+/// token of the operator's ServiceAccount (as in a pod).
+fn service_account_kubeconfig(dir: &Path) -> std::path::PathBuf {
+    static RBAC: OnceLock<()> = OnceLock::new();
+    RBAC.get_or_init(|| {
+        install_crds();
+        operator_namespace();
+        let rbac: Vec<Value> = objects(&kubectl_ok(&["kustomize", &repo("deploy")], None))
+            .into_iter()
+            .filter(|o| {
+                [
+                    "ServiceAccount",
+                    "ClusterRole",
+                    "ClusterRoleBinding",
+                    "Role",
+                    "RoleBinding",
+                ]
+                .contains(&o["kind"].as_str().unwrap())
+            })
+            .collect();
+        assert_eq!(rbac.len(), 5);
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
+        kubectl_ok(
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            Some(&list.to_string()),
+        );
+    });
+    let token = kubectl_ok(
+        &[
+            "create",
+            "token",
+            "kmsgrant-operator",
+            "-n",
+            OPERATOR_NAMESPACE,
+            "--duration=1h",
+        ],
+        None,
+    );
+    let admin: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(support::kubeconfig()).unwrap()).unwrap();
+    let cluster = &admin["clusters"][0]["cluster"];
+    let kubeconfig = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "local", "cluster": cluster}],
+        "users": [{"name": "kmsgrant-operator", "user": {"token": token.trim()}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "local", "user": "kmsgrant-operator"}}],
+        "current-context": "operator"
+    });
+    let path = dir.join("operator-kubeconfig");
+    std::fs::write(&path, kubeconfig.to_string()).unwrap();
+    path
+}
+
+/// kubectl as the operator's ServiceAccount.
+fn kubectl_as_operator(kubeconfig: &Path, args: &[&str]) -> Output {
+    Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("kubectl must be installed")
+}
+
+/// `kmsgrant-operator run` with the ServiceAccount's kubeconfig; killed on drop.
+struct OperatorAsServiceAccount {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl OperatorAsServiceAccount {
+    fn start(kubeconfig: &Path, env: &Env, log: std::path::PathBuf) -> Self {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(OPERATOR_BIN)
+            .args(["run", "--kubeconfig", kubeconfig.to_str().unwrap()])
+            .args(["--allow-http-endpoints", "--resync-interval", "5s"])
+            .args(["--backoff-min", "200ms", "--backoff-max", "5s"])
+            .args(["--namespace", &env.namespace])
+            .args(["--secret-namespace", OPERATOR_NAMESPACE])
+            .args([
+                "--label-selector",
+                &format!("{TEST_LABEL}={}", env.namespace),
+            ])
+            .args(["--log-level", "kmsgrant=debug,info"])
+            // As in the Deployment: leader election on the Lease the Role lets it renew, so the
+            // Lease rules are exercised too, and an admin server off the shared default port.
+            // (Set as variables: a build without these flags ignores them.)
+            .env("KMSGRANT_LEADER_ELECTION", "true")
+            .env("KMSGRANT_LEASE_NAME", "kmsgrant-operator")
+            .env("KMSGRANT_LEASE_NAMESPACE", OPERATOR_NAMESPACE)
+            .env("KMSGRANT_ADMIN_ADDRESS", "127.0.0.1:0")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("the operator starts");
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for OperatorAsServiceAccount {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(operator: &OperatorAsServiceAccount, namespace: &str, object: &str, condition: &str) {
+    let mut args = vec!["wait", "--timeout=60s"];
+    let condition = format!("--for={condition}");
+    args.push(&condition);
+    if !namespace.is_empty() {
+        args.extend(["-n", namespace]);
+    }
+    args.push(object);
+    let out = kubectl(&args, None);
+    assert!(
+        out.status.success(),
+        "{object} never reached {condition}: {}\noperator log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        operator.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_with_only_the_shipped_rbac_converges_and_revokes_a_grant() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = service_account_kubeconfig(dir.path());
+    let env = Env::new("rbac", EmulatorConfig::for_tests(), "5s").await;
+
+    // The ServiceAccount reads Secrets only in its own namespace, so the credentials live there,
+    // and the provider config's namespaceSelector makes it read the grant's Namespace too.
+    let secret_name = format!("kms-credentials-{}", env.namespace);
+    env.apply(&json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": secret_name, "namespace": OPERATOR_NAMESPACE},
+        "stringData": {
+            "accessKey": env.emulator.config().access_key,
+            "secretKey": env.emulator.config().secret_key.expose(),
+        }
+    }));
+    env.apply(&env.provider_config(json!({
+        "auth": {"type": "AccessKey", "secretRef": {"namespace": OPERATOR_NAMESPACE, "name": secret_name}},
+        "namespaceSelector": {"matchLabels": {TEST_LABEL: env.namespace}},
+    })));
+    let key = env.new_key("rbac");
+
+    let operator =
+        OperatorAsServiceAccount::start(&kubeconfig, &env, dir.path().join("operator.log"));
+    wait_for(
+        &operator,
+        "",
+        &format!("kmsproviderconfig/{}", env.provider),
+        "condition=Ready",
+    );
+    env.apply(&env.grant("app", &key, json!({})));
+    wait_for(&operator, &env.namespace, "kmsgrant/app", "condition=Ready");
+
+    let object = env.get("app");
+    let grant_id = object["status"]["grantId"].as_str().unwrap().to_owned();
+    assert_eq!(
+        object["metadata"]["finalizers"],
+        json!(["kmsgrant.io/grant"])
+    );
+    assert!(
+        env.emulator
+            .admin()
+            .dump()
+            .grants
+            .iter()
+            .any(|g| g.grant_id == grant_id)
+    );
+    // Events are the only thing a missing rule would not turn into a condition: look for them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !env.events().iter().any(|e| e["reason"] == "GrantCreated") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no GrantCreated event; operator log:\n{}",
+            operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Deleting revokes the grant on KMS and removes the finalizer: the object goes away.
+    kubectl_ok(
+        &[
+            "delete",
+            "-n",
+            &env.namespace,
+            "kmsgrant/app",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert!(
+        !env.emulator
+            .admin()
+            .dump()
+            .grants
+            .iter()
+            .any(|g| g.grant_id == grant_id),
+        "the grant was not revoked; operator log:\n{}",
+        operator.log()
+    );
+    assert!(
+        !operator.log().to_lowercase().contains("forbidden"),
+        "the operator was refused something:\n{}",
+        operator.log()
+    );
+
+    // The same token cannot read a Secret in another namespace (Env wrote one in its namespace).
+    let out = kubectl_as_operator(
+        &kubeconfig,
+        &["get", "secret", "kms-credentials", "-n", &env.namespace],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("forbidden"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn operator_service_account_has_exactly_the_rights_it_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = service_account_kubeconfig(dir.path());
+    // Asked with the ServiceAccount's own token (a SelfSubjectAccessReview), not by impersonation.
+    let can = |args: &[&str]| -> bool {
+        let mut all = vec!["auth", "can-i"];
+        all.extend(args);
+        let out = kubectl_as_operator(&kubeconfig, &all);
+        match String::from_utf8_lossy(&out.stdout).trim() {
+            "yes" => true,
+            "no" => false,
+            other => panic!(
+                "kubectl auth can-i {}: {other} {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    };
+    let allowed: &[&[&str]] = &[
+        &["watch", "kmsgrants.kmsgrant.io", "-A"],
+        &["patch", "kmsgrants.kmsgrant.io", "-n", "team-a"],
+        &[
+            "patch",
+            "kmsgrants.kmsgrant.io",
+            "--subresource=status",
+            "-n",
+            "team-a",
+        ],
+        &["list", "kmsproviderconfigs.kmsgrant.io"],
+        &[
+            "patch",
+            "kmsproviderconfigs.kmsgrant.io",
+            "--subresource=status",
+        ],
+        &["get", "namespaces/team-a"],
+        &["create", "events.events.k8s.io", "-n", "team-a"],
+        &["patch", "events.events.k8s.io", "-n", "team-a"],
+        &["watch", "secrets", "-n", OPERATOR_NAMESPACE],
+        &[
+            "create",
+            "leases.coordination.k8s.io",
+            "-n",
+            OPERATOR_NAMESPACE,
+        ],
+        &[
+            "update",
+            "leases.coordination.k8s.io/kmsgrant-operator",
+            "-n",
+            OPERATOR_NAMESPACE,
+        ],
+    ];
+    let denied: &[&[&str]] = &[
+        // Secrets only in its own namespace, and never written.
+        &["get", "secrets", "-n", "team-a"],
+        &["list", "secrets", "-A"],
+        &["update", "secrets", "-n", OPERATOR_NAMESPACE],
+        // KmsGrants and KmsProviderConfigs belong to people: never created, changed or deleted.
+        &["create", "kmsgrants.kmsgrant.io", "-n", "team-a"],
+        &["update", "kmsgrants.kmsgrant.io", "-n", "team-a"],
+        &["delete", "kmsgrants.kmsgrant.io", "-n", "team-a"],
+        &["patch", "kmsproviderconfigs.kmsgrant.io"],
+        &["delete", "kmsproviderconfigs.kmsgrant.io"],
+        &["update", "customresourcedefinitions.apiextensions.k8s.io"],
+        &["list", "namespaces"],
+        &["update", "namespaces/team-a"],
+        &["delete", "events.events.k8s.io", "-n", "team-a"],
+        &["create", "events", "-n", "team-a"],
+        // Only its own Lease, only in its own namespace.
+        &[
+            "update",
+            "leases.coordination.k8s.io/someone-else",
+            "-n",
+            OPERATOR_NAMESPACE,
+        ],
+        &[
+            "delete",
+            "leases.coordination.k8s.io",
+            "-n",
+            OPERATOR_NAMESPACE,
+        ],
+        &["create", "leases.coordination.k8s.io", "-n", "team-a"],
+        &["get", "configmaps", "-n", OPERATOR_NAMESPACE],
+        &["create", "pods", "-n", OPERATOR_NAMESPACE],
+    ];
+    let mut wrong = Vec::new();
+    for args in allowed {
+        if !can(args) {
+            wrong.push(format!("cannot {}", args.join(" ")));
+        }
+    }
+    for args in denied {
+        if can(args) {
+            wrong.push(format!("can {}", args.join(" ")));
+        }
+    }
+    assert!(wrong.is_empty(), "{SERVICE_ACCOUNT}: {wrong:#?}");
+}
