@@ -130,6 +130,30 @@ async fn build_and_check(
                 ),
             })
         })?;
+    let fingerprint = format!(
+        "{}/{}",
+        config.meta().generation.unwrap_or_default(),
+        secret.resource_version().unwrap_or_default()
+    );
+    // Nothing changed since the last check: check again with the same client (its pool, token
+    // and resolved project), instead of building a new one and logging in again.
+    if let Some(current) = ctx
+        .providers
+        .get(&config.name_any())
+        .filter(|p| p.fingerprint == fingerprint)
+    {
+        let project_id = current
+            .client
+            .project_id()
+            .await
+            .map_err(|e| NotUsable(kms_outcome(&e)))?;
+        current
+            .client
+            .user_quotas()
+            .await
+            .map_err(|e| NotUsable(kms_outcome(&e)))?;
+        return Ok((current, project_id));
+    }
     let data = secret_data(&secret);
     let credentials = credentials(spec.auth.type_, &data).map_err(|missing| {
         NotUsable(Outcome::Stalled {
@@ -177,11 +201,6 @@ async fn build_and_check(
         .user_quotas()
         .await
         .map_err(|e| NotUsable(kms_outcome(&e)))?;
-    let fingerprint = format!(
-        "{}/{}",
-        config.meta().generation.unwrap_or_default(),
-        secret.resource_version().unwrap_or_default()
-    );
     Ok((
         Provider {
             client,
