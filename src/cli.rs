@@ -24,6 +24,8 @@ pub enum Command {
     Run(Box<crate::run::RunArgs>),
     /// Run the local KMS and IAM emulator.
     Emulator(Box<crate::emulator::EmulatorArgs>),
+    /// Print KmsGrant manifests that import a key's existing grants by ID.
+    Import(Box<crate::import::ImportArgs>),
     /// Start the local sandbox: control plane, emulator, CRDs, operator and an example grant.
     Dev(Box<crate::dev::DevArgs>),
 }
@@ -35,6 +37,7 @@ impl Cli {
             Command::Emulator(args) => crate::emulator::run(*args),
             Command::Run(args) => args.run(),
             Command::Dev(args) => args.run(),
+            Command::Import(args) => args.run(),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod controller;
 pub mod dev;
 pub mod emulator;
+pub mod import;
 pub mod kms;
 pub mod leader;
 pub mod metrics;

@@ -62,6 +62,11 @@ pub struct RunArgs {
     /// How long a leader's lease lasts without renewal; a standby takes over after it.
     #[arg(long, env = "KMSGRANT_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
     pub lease_duration: Duration,
+    /// The cluster part of every grant's name on the cloud (`k8s/<cluster>/<namespace>/<name>`):
+    /// 1-63 letters, digits, `-` or `_`. Default: the UID of the kube-system namespace, unique
+    /// per cluster. Set it explicitly so that a rebuilt cluster finds its grants again.
+    #[arg(long, env = "KMSGRANT_CLUSTER_NAME", default_value = "")]
+    pub cluster_name: String,
     /// Log filter, e.g. `info` or `kmsgrant=debug,info`.
     #[arg(long, env = "KMSGRANT_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -89,6 +94,7 @@ impl RunArgs {
             lease_name,
             lease_namespace,
             lease_duration,
+            cluster_name,
             log_level,
             log_format,
         } = self;
@@ -106,6 +112,7 @@ impl RunArgs {
             allow_http: allow_http_endpoints,
             namespace,
             label_selector,
+            cluster_name,
             ..Settings::default()
         };
         let election = leader_election.then(|| {
@@ -135,7 +142,7 @@ impl RunArgs {
 /// is lost (then the process exits with an error and is restarted as a standby).
 async fn operate(
     client: kube::Client,
-    settings: Settings,
+    mut settings: Settings,
     admin_address: std::net::SocketAddr,
     election: Option<(String, String, Duration)>,
 ) -> anyhow::Result<()> {
@@ -172,6 +179,9 @@ async fn operate(
         ready.store(false, Ordering::Relaxed);
     }
     metrics.set_leader(true);
+    if let Some(elector) = &elector {
+        settings.fence = elector.fence();
+    }
 
     let lost = Arc::new(AtomicBool::new(false));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

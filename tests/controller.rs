@@ -42,7 +42,7 @@ async fn seed_grant_becomes_ready_with_a_matching_grant_on_kms() {
     env.apply(&env.grant(
         "app-encrypt",
         SEED_KEY,
-        json!({"name": "my_grant", "retiringPrincipal": SEED_PRINCIPAL}),
+        json!({"retiringPrincipal": SEED_PRINCIPAL}),
     ));
     env.wait_for("app-encrypt", "condition=Ready", 60);
 
@@ -53,7 +53,8 @@ async fn seed_grant_becomes_ready_with_a_matching_grant_on_kms() {
         "grantId {id:?}"
     );
     assert_eq!(object["status"]["keyId"], SEED_KEY);
-    assert_eq!(object["status"]["grantName"], "my_grant");
+    let identity = format!("k8s/{}/{}/app-encrypt", support::CLUSTER, env.namespace);
+    assert_eq!(object["status"]["grantName"], identity.as_str());
     assert!(
         object["metadata"]["finalizers"]
             .as_array()
@@ -71,7 +72,7 @@ async fn seed_grant_becomes_ready_with_a_matching_grant_on_kms() {
     assert_eq!(grant.key_id, SEED_KEY);
     assert_eq!(grant.grantee_principal, SEED_PRINCIPAL);
     assert_eq!(grant.grantee_principal_type, "user");
-    assert_eq!(grant.name.as_deref(), Some("my_grant"));
+    assert_eq!(grant.name.as_deref(), Some(identity.as_str()));
     assert_eq!(grant.retiring_principal.as_deref(), Some(SEED_PRINCIPAL));
     let operations: BTreeSet<&str> = grant.operations.iter().map(String::as_str).collect();
     assert_eq!(
@@ -267,12 +268,12 @@ async fn changed_operations_create_the_new_grant_before_revoking_the_old() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn identical_specs_with_the_same_name_get_two_distinct_grants() {
+async fn identical_specs_get_two_distinct_grants() {
     let mut env = Env::new("twins", EmulatorConfig::for_tests(), "5s").await;
     let key = env.new_key("twins");
     env.start_operator();
     for name in ["twin-a", "twin-b"] {
-        env.apply(&env.grant(name, &key, json!({"name": "shared_name"})));
+        env.apply(&env.grant(name, &key, json!({})));
     }
     env.wait_for("twin-a", "condition=Ready", 60);
     env.wait_for("twin-b", "condition=Ready", 60);

@@ -19,7 +19,6 @@ fn seed_grant(namespace: &str, name: &str) -> Value {
             "keyId": SEED_KEY,
             "operations": ["describe-key", "create-datakey", "encrypt-datakey"],
             "granteePrincipal": SEED_PRINCIPAL,
-            "name": "my_grant",
             "retiringPrincipal": SEED_PRINCIPAL
         }
     })
@@ -122,7 +121,7 @@ fn seed_example_grant_is_accepted_with_schema_defaults() {
         spec["operations"],
         json!(["describe-key", "create-datakey", "encrypt-datakey"])
     );
-    assert_eq!(spec["name"], "my_grant");
+    assert!(spec.get("name").is_none());
     assert_eq!(spec["retiringPrincipal"], SEED_PRINCIPAL);
     // Defaults come from the schema, applied by the API server.
     assert_eq!(spec["granteePrincipalType"], "user");
@@ -353,19 +352,19 @@ fn bad_grants(ns: &str) -> Vec<BadManifest> {
             expect: &["spec.retiringPrincipal", "should match"],
         },
         BadManifest {
-            case: "name with a dot",
-            manifest: with("b15", "/spec/name", json!("my.grant")),
-            expect: &["spec.name", "should match"],
+            case: "name (removed: the grant name is the object's identity)",
+            manifest: with("b15", "/spec/name", json!("my_grant")),
+            expect: &["spec.name", "spec.name was removed"],
         },
         BadManifest {
-            case: "name with a space",
-            manifest: with("b16", "/spec/name", json!("my grant")),
-            expect: &["spec.name", "should match"],
+            case: "importGrantId that is not hexadecimal",
+            manifest: with("b16", "/spec/importGrantId", json!("g".repeat(64))),
+            expect: &["spec.importGrantId", "should match"],
         },
         BadManifest {
-            case: "name longer than 255 characters",
-            manifest: with("b17", "/spec/name", json!("n".repeat(256))),
-            expect: &["spec.name", "may not be more than 255"],
+            case: "importGrantId shorter than 64 characters",
+            manifest: with("b17", "/spec/importGrantId", json!("a".repeat(63))),
+            expect: &["spec.importGrantId", "at least 64"],
         },
         BadManifest {
             case: "granteePrincipalType neither user nor domain",

@@ -6,7 +6,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Condition, GRANT_NAME_PATTERN, KEY_ID_PATTERN, PRINCIPAL_PATTERN};
+use super::{Condition, GRANT_ID_PATTERN, KEY_ID_PATTERN, PRINCIPAL_PATTERN};
 
 /// A grant on a KMS customer master key (CMK), kept in place by the operator.
 ///
@@ -101,11 +101,24 @@ pub struct KmsGrantSpec {
     ))]
     pub operations: Vec<Operation>,
 
-    /// Name of the grant on the cloud: 1 to 255 characters of letters, digits, `:`, `/`, `_` and
-    /// `-`. When empty, the operator derives a unique name from this object's UID.
+    /// Removed: the grant's name on the cloud is now this object's identity,
+    /// `k8s/<cluster>/<namespace>/<name>`, so that no manifest can claim another object's grant.
+    /// Setting it is rejected; an object stored with it keeps it until the field is deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(GRANT_NAME_PATTERN), length(min = 1, max = 255))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "false",
+        "message": "spec.name was removed: the grant name is now the object's identity k8s/<cluster>/<namespace>/<name>; delete the field (to take over an existing grant, set spec.importGrantId)"
+    }]))]
     pub name: Option<String>,
+
+    /// Takes over an existing grant made outside the operator: the ID of the grant on `keyId`
+    /// (64 hexadecimal characters). Only where the KmsProviderConfig allows import for this
+    /// namespace (`importNamespaceSelector`), and never a grant whose name carries another
+    /// object's identity. The grant is kept while it matches this spec; when the spec differs,
+    /// an identity-named grant is created first and the imported one is then revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(GRANT_ID_PATTERN), length(min = 64, max = 64))]
+    pub import_grant_id: Option<String>,
 
     /// ID of the user who may retire the grant: 1 to 64 letters and digits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,9 +253,15 @@ pub struct KmsGrantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
 
-    /// Name of the owned grant on the cloud.
+    /// Name of the owned grant on the cloud: this object's identity
+    /// `k8s/<cluster>/<namespace>/<name>` (or the name of an imported grant).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_name: Option<String>,
+
+    /// The cloud account the owned grant lives on: `<endpoint> <projectId>`. Deletion revokes
+    /// there, even after the provider config was pointed elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
 
     /// The principal that issued (created) the grant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -279,4 +298,8 @@ pub struct GrantRef {
     pub key_id: String,
     /// ID of the grant.
     pub grant_id: String,
+    /// The cloud account (`<endpoint> <projectId>`) the grant lives on, when it is not the one
+    /// `status.account` names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
 }

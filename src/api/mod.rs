@@ -25,8 +25,8 @@ pub const GROUP: &str = "kmsgrant.io";
 pub const KEY_ID_PATTERN: &str = r"^[0-9a-z]{8}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{12}$";
 /// Grantee, retiring and issuing principals (user or account IDs), from the API pages.
 pub const PRINCIPAL_PATTERN: &str = r"^[a-zA-Z0-9]{1,64}$";
-/// Grant names (`name` of create-grant), from the API pages.
-pub const GRANT_NAME_PATTERN: &str = r"^[a-zA-Z0-9:/_-]{1,255}$";
+/// Grant IDs (`grant_id`): 64 hexadecimal characters.
+pub const GRANT_ID_PATTERN: &str = r"^[0-9a-fA-F]{64}$";
 
 /// Every CustomResourceDefinition this operator serves, in install order.
 pub fn crds() -> Vec<CustomResourceDefinition> {

@@ -115,6 +115,11 @@ pub struct KmsProviderConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
 
+    /// KmsGrants in namespaces whose labels match may take over existing grants by ID
+    /// (`spec.importGrantId`). Absent: import is off. `{}` allows every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_namespace_selector: Option<LabelSelector>,
+
     /// If set, KmsGrants using this config may only grant on these key IDs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-list-type" = "set"), length(max = 1000), inner(pattern(KEY_ID_PATTERN)))]

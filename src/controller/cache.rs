@@ -13,26 +13,51 @@ use tokio::time::Instant;
 
 use crate::kms::{Grant, KeyInfo, KeyState, KmsClient, KmsError};
 
-/// A key as seen through one provider config.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A key on one cloud account (endpoint + project), and the provider config that reaches it.
+/// Two configs that reach the same account share the entry: equality, hashing and order look at
+/// the account and the key only, never at a config's name.
+#[derive(Clone, Debug)]
 pub struct KeyRef {
     pub provider: String,
+    pub account: String,
     pub key_id: String,
+}
+
+impl PartialEq for KeyRef {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.account, &self.key_id) == (&other.account, &other.key_id)
+    }
+}
+
+impl Eq for KeyRef {}
+
+impl std::hash::Hash for KeyRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (&self.account, &self.key_id).hash(state);
+    }
+}
+
+impl PartialOrd for KeyRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for KeyRef {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (&self.account, &self.key_id).cmp(&(&other.account, &other.key_id))
+    }
 }
 
 #[derive(Default)]
 pub struct KeyCache {
     entries: Mutex<HashMap<KeyRef, Arc<KeyEntry>>>,
-    /// Grant ID → UID of the object that owns it, for writes not yet visible in the object store.
-    claims: Mutex<HashMap<String, String>>,
 }
 
 #[derive(Default)]
 struct KeyEntry {
     grants: tokio::sync::Mutex<Option<Snapshot>>,
     info: Mutex<Option<(KeyInfo, Instant)>>,
-    /// Held while deciding and creating on this key, so two objects never take the same grant.
-    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 struct Snapshot {
@@ -51,7 +76,8 @@ impl KeyCache {
             .clone()
     }
 
-    /// The key's grants, listed at most once per `max_age` whoever asks.
+    /// The key's grants, listed at most once per `max_age` whoever asks (`Duration::ZERO`: list
+    /// now). The flag says whether they were listed by this call.
     pub async fn grants(
         &self,
         client: &KmsClient,
@@ -59,7 +85,7 @@ impl KeyCache {
         max_age: Duration,
         page_size: u32,
         metrics: &crate::metrics::Metrics,
-    ) -> Result<Vec<Grant>, KmsError> {
+    ) -> Result<(Vec<Grant>, bool), KmsError> {
         let entry = self.entry(key);
         let mut snapshot = entry.grants.lock().await;
         if let Some(current) = snapshot
@@ -67,16 +93,25 @@ impl KeyCache {
             .filter(|s| !s.stale && s.fetched.elapsed() < max_age)
         {
             metrics.cache_lookup(true);
-            return Ok(current.grants.clone());
+            return Ok((current.grants.clone(), false));
         }
         metrics.cache_lookup(false);
-        let grants = client.list_all_grants(&key.key_id, page_size).await?;
+        let grants = match client.list_all_grants(&key.key_id, page_size).await {
+            Ok(grants) => grants,
+            Err(err) => {
+                // Whatever we held may be wrong now (a key gone, an account changed).
+                if let Some(current) = snapshot.as_mut() {
+                    current.stale = true;
+                }
+                return Err(err);
+            }
+        };
         *snapshot = Some(Snapshot {
             grants: grants.clone(),
             fetched: Instant::now(),
             stale: false,
         });
-        Ok(grants)
+        Ok((grants, true))
     }
 
     /// Lists the key now; true when anything differs from the previous snapshot.
@@ -120,7 +155,8 @@ impl KeyCache {
         }
     }
 
-    /// After a write with an unknown outcome: the next reader lists again.
+    /// After a write with an unknown outcome: the next reader, whoever it is, lists again before
+    /// anything else is written on the key.
     pub async fn invalidate(&self, key: &KeyRef) {
         let entry = self.entry(key);
         if let Some(snapshot) = entry.grants.lock().await.as_mut() {
@@ -155,31 +191,5 @@ impl KeyCache {
             *entry.info.lock().expect("key info lock") = Some((info.clone(), Instant::now()));
         }
         Ok(info)
-    }
-
-    /// Serialises deciding-and-creating on one key.
-    pub async fn write_lock(&self, key: &KeyRef) -> tokio::sync::OwnedMutexGuard<()> {
-        let writes = Arc::clone(&self.entry(key).writes);
-        writes.lock_owned().await
-    }
-
-    pub fn claim(&self, grant_id: &str, uid: &str) {
-        self.claims
-            .lock()
-            .expect("claims lock")
-            .insert(grant_id.to_owned(), uid.to_owned());
-    }
-
-    pub fn release(&self, grant_id: &str) {
-        self.claims.lock().expect("claims lock").remove(grant_id);
-    }
-
-    /// The UID that claimed a grant in this process, if any.
-    pub fn claimant(&self, grant_id: &str) -> Option<String> {
-        self.claims
-            .lock()
-            .expect("claims lock")
-            .get(grant_id)
-            .cloned()
     }
 }

@@ -74,6 +74,28 @@ pub mod reasons {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const SECRET_INCOMPLETE: &str = "SecretIncomplete";
+    /// Stalled: `spec.importGrantId` is set but the provider config does not allow import here.
+    pub const IMPORT_NOT_ALLOWED: &str = "ImportNotAllowed";
+    /// Stalled: the grant to import carries another object's identity.
+    pub const IMPORT_REFUSED: &str = "ImportRefused";
+    /// Stalled: the grant to import is not on the key.
+    pub const IMPORTED_GRANT_NOT_FOUND: &str = "ImportedGrantNotFound";
+    /// Reconciling (deletion): the grant lives on an account no Ready provider config reaches.
+    pub const GRANT_ACCOUNT_UNREACHABLE: &str = "GrantAccountUnreachable";
+}
+
+/// The longest condition message written (characters); longer ones (a KMS `error_msg` can be
+/// any size) are cut and end in `…`.
+pub const MAX_MESSAGE_CHARS: usize = 1024;
+
+/// `message` cut to [`MAX_MESSAGE_CHARS`] characters.
+pub fn truncate_message(message: &str) -> String {
+    if message.chars().count() <= MAX_MESSAGE_CHARS {
+        return message.to_owned();
+    }
+    let mut cut: String = message.chars().take(MAX_MESSAGE_CHARS - 1).collect();
+    cut.push('…');
+    cut
 }
 
 /// The three conditions for `outcome`, keeping `lastTransitionTime` of any whose status did not
@@ -117,7 +139,7 @@ pub fn conditions(
             type_: type_.to_owned(),
             status,
             reason: outcome.reason().to_owned(),
-            message: outcome.message().to_owned(),
+            message: truncate_message(outcome.message()),
             observed_generation: generation,
             last_transition_time,
         }
@@ -195,6 +217,20 @@ mod tests {
             (time(READY), time(RECONCILING), time(STALLED)),
             ("t3".into(), "t1".into(), "t3".into())
         );
+    }
+
+    #[test]
+    fn condition_messages_are_cut_to_the_documented_length() {
+        let huge = "é".repeat(40 * 1024);
+        let outcome = Outcome::Stalled {
+            reason: reasons::KEY_NOT_FOUND,
+            message: huge,
+        };
+        for condition in conditions(&outcome, None, &[], "t") {
+            assert_eq!(condition.message.chars().count(), MAX_MESSAGE_CHARS);
+            assert!(condition.message.ends_with('…'));
+        }
+        assert_eq!(truncate_message("short"), "short");
     }
 
     #[test]

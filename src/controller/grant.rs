@@ -1,4 +1,5 @@
-//! KmsGrant: fetch what is needed, ask [`plan`](super::plan::plan), carry the answer out.
+//! KmsGrant: fetch what is needed, ask [`plan`](super::plan) what to do, carry it out, and write
+//! status once.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,14 +15,20 @@ use serde_json::json;
 
 use super::cache::KeyRef;
 use super::conditions::{Outcome, conditions, millis_rfc3339, now_rfc3339, reasons};
-use super::plan::{DesiredGrant, OwnedGrant, Plan, derived_name, plan};
-use super::provider::{Provider, namespace_allowed};
+use super::identity::Identity;
+use super::plan::{
+    self, Claim, DesiredGrant, Observed, Plan, Recorded, Requeue, answered_by_kms, failure_outcome,
+};
+use super::provider::Provider;
 use super::{Context, ReconcileError};
 use crate::api::{DeletionPolicy, GrantRef, KmsGrant, KmsGrantStatus, KmsProviderConfig};
-use crate::kms::{ErrorClass, ErrorReason, Grant, KeyState, KmsError};
+use crate::kms::{ErrorClass, ErrorReason, Grant, KmsError};
 
 /// The finalizer that makes deletion wait for the grant to be revoked or retired.
 pub const FINALIZER: &str = "kmsgrant.io/grant";
+
+/// The field manager of every status this operator writes (server-side apply).
+pub const FIELD_MANAGER: &str = "kmsgrant-operator";
 
 pub async fn reconcile(object: Arc<KmsGrant>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let started = std::time::Instant::now();
@@ -43,11 +50,17 @@ async fn reconcile_object(
     let Some(uid) = object.uid() else {
         return Ok((Action::await_change(), "NoUid"));
     };
+    let identity = Identity::new(
+        &ctx.cluster,
+        &object.namespace().unwrap_or_default(),
+        &object.name_any(),
+        &uid,
+    );
     let object_ref = ObjectRef::from_obj(object);
     if object.meta().deletion_timestamp.is_some() {
         ctx.interest.forget(&object_ref);
         ctx.metrics.object_condition(&object_key(object), None);
-        return cleanup(object, &uid, ctx)
+        return cleanup(object, &identity, ctx)
             .await
             .map(|action| (action, reasons::DELETING));
     }
@@ -57,44 +70,26 @@ async fn reconcile_object(
             .status
             .as_ref()
             .is_some_and(|s| s.superseded_grant.is_some());
-    if wants_finalizer && !has_finalizer {
-        set_finalizer(object, ctx, true).await?;
-    } else if !wants_finalizer && has_finalizer {
-        set_finalizer(object, ctx, false).await?;
+    if wants_finalizer != has_finalizer {
+        set_finalizer(object, ctx, wants_finalizer).await?;
     }
 
     let mut work = Work {
         object,
-        uid: &uid,
         ctx,
+        identity: &identity,
         status: object.status.clone().unwrap_or_default(),
         events: Vec::new(),
     };
-    let outcome = work.converge(&object_ref).await;
-    let outcome = match outcome {
+    let outcome = match work.converge(&object_ref).await {
         Ok(outcome) => outcome,
-        Err(Failure::Kms(err)) => kms_failure_outcome(&err),
+        Err(Failure::Kms(err)) => failure_outcome(&err),
         Err(Failure::Kube(err)) => return Err(ReconcileError::Kube(err)),
+        Err(Failure::NotLeader(err)) => return Err(ReconcileError::NotLeader(err)),
     };
-    let requeue = match &outcome {
-        Outcome::Ready { .. } => {
-            ctx.backoff.reset(&object_ref);
-            ctx.settings.jittered_resync()
-        }
-        Outcome::Stalled { .. } => {
-            ctx.backoff.reset(&object_ref);
-            ctx.settings.stalled_retry
-        }
-        Outcome::Progressing { reason, .. } if *reason == reasons::OUTCOME_UNKNOWN => {
-            Duration::from_secs(1)
-        }
-        Outcome::Progressing { .. } => ctx.backoff.next(&object_ref),
-    };
-    let Work {
-        mut status, events, ..
-    } = work;
+    let Work { status, events, .. } = work;
     // Status first (it records what was done on KMS), then what happened, for people.
-    write_status(object, ctx, &mut status, &outcome).await?;
+    write_status(object, ctx, status, &outcome).await?;
     for (type_, reason, note) in events {
         publish(object, ctx, type_, reason, note).await;
     }
@@ -106,7 +101,25 @@ async fn reconcile_object(
     };
     ctx.metrics
         .object_condition(&object_key(object), Some(condition));
-    Ok((Action::requeue(requeue), outcome.reason()))
+    Ok((
+        Action::requeue(delay(ctx, &object_ref, plan::requeue(&outcome))),
+        outcome.reason(),
+    ))
+}
+
+fn delay(ctx: &Context, object: &ObjectRef<KmsGrant>, requeue: Requeue) -> Duration {
+    match requeue {
+        Requeue::Resync => {
+            ctx.backoff.reset(object);
+            ctx.settings.jittered_resync()
+        }
+        Requeue::StalledRetry => {
+            ctx.backoff.reset(object);
+            ctx.settings.stalled_retry
+        }
+        Requeue::Soon => Duration::from_secs(1),
+        Requeue::Backoff => ctx.backoff.next(object),
+    }
 }
 
 fn object_key(object: &KmsGrant) -> String {
@@ -120,6 +133,7 @@ fn object_key(object: &KmsGrant) -> String {
 enum Failure {
     Kms(KmsError),
     Kube(kube::Error),
+    NotLeader(crate::leader::NotLeader),
 }
 
 impl From<KmsError> for Failure {
@@ -134,185 +148,153 @@ impl From<kube::Error> for Failure {
     }
 }
 
+impl From<crate::leader::NotLeader> for Failure {
+    fn from(err: crate::leader::NotLeader) -> Self {
+        Self::NotLeader(err)
+    }
+}
+
+impl From<ReconcileError> for Failure {
+    fn from(err: ReconcileError) -> Self {
+        match err {
+            ReconcileError::Kube(err) => Self::Kube(err),
+            ReconcileError::NotLeader(err) => Self::NotLeader(err),
+        }
+    }
+}
+
 struct Work<'a> {
     object: &'a KmsGrant,
-    uid: &'a str,
     ctx: &'a Context,
+    identity: &'a Identity,
     status: KmsGrantStatus,
     /// Events to publish once status is written.
     events: Vec<(EventType, &'static str, String)>,
 }
 
 impl Work<'_> {
+    /// fetch → decide → execute; returns where the object stands.
     async fn converge(&mut self, object_ref: &ObjectRef<KmsGrant>) -> Result<Outcome, Failure> {
+        let ctx = self.ctx;
         let spec = &self.object.spec;
-        let provider_name = &spec.provider_config_ref.name;
-        let provider = match self.provider(provider_name).await? {
+        let config_name = &spec.provider_config_ref.name;
+        let provider = match provider_for(ctx, config_name).await? {
             Ok(provider) => provider,
             Err(outcome) => return Ok(outcome),
         };
-        if let Some(outcome) = self.guardrails(&provider).await? {
+        let namespace = self.object.namespace().unwrap_or_default();
+        let labels = namespace_labels(ctx, &namespace, &provider, spec).await?;
+        if let Some(outcome) = plan::admit(spec, config_name, &provider.spec, &namespace, &labels) {
             return Ok(outcome);
         }
+        let import = match plan::admit_import(
+            spec,
+            config_name,
+            provider.spec.import_namespace_selector.as_ref(),
+            &namespace,
+            &labels,
+        ) {
+            Ok(import) => import,
+            Err(outcome) => return Ok(outcome),
+        };
+        let account = account_of(&provider).await?;
         let key = KeyRef {
-            provider: provider_name.clone(),
+            provider: config_name.clone(),
+            account: account.clone(),
             key_id: spec.key_id.clone(),
         };
-        self.ctx.interest.register(object_ref, &key);
-        if let Some(outcome) = self.check_key(&provider, &key).await? {
-            return Ok(outcome);
+        ctx.interest.register(object_ref, &key);
+        match ctx
+            .keys
+            .key_info(&provider.client, &key, ctx.settings.key_info_max_age())
+            .await
+        {
+            Ok(info) => {
+                if let Some(outcome) = plan::key_usable(&key.key_id, &info) {
+                    return Ok(outcome);
+                }
+            }
+            Err(err) if err.reason == ErrorReason::KeyNotFound => {
+                return Ok(plan::key_not_found(&key.key_id));
+            }
+            Err(err) => return Err(err.into()),
         }
 
-        let desired = DesiredGrant::of(self.object, self.uid);
-        let max_age = self.ctx.settings.snapshot_max_age();
-        let page_size = self.ctx.settings.page_size;
-        // Decide and create under the key's write lock, so two objects never take one grant.
-        let write_lock = self.ctx.keys.write_lock(&key).await;
-        let candidates = self
-            .ctx
-            .keys
-            .grants(
-                &provider.client,
-                &key,
-                max_age,
-                page_size,
-                &self.ctx.metrics,
-            )
-            .await?;
-        let owned_ref = self.status.grant_id.clone().map(|grant_id| GrantRef {
-            key_id: self
-                .status
-                .key_id
-                .clone()
-                .unwrap_or_else(|| spec.key_id.clone()),
-            grant_id,
-        });
-        let owned_key_grants = match &owned_ref {
-            Some(owned) if owned.key_id != key.key_id => {
-                let owned_key = KeyRef {
-                    provider: provider_name.clone(),
-                    key_id: owned.key_id.clone(),
-                };
-                match self
-                    .ctx
-                    .keys
-                    .grants(
-                        &provider.client,
-                        &owned_key,
-                        max_age,
-                        page_size,
-                        &self.ctx.metrics,
-                    )
-                    .await
-                {
-                    Ok(grants) => grants,
-                    Err(err) if err.reason == ErrorReason::KeyNotFound => Vec::new(),
-                    Err(err) => return Err(err.into()),
-                }
+        // A grant recorded on another account (the config was pointed elsewhere) is replaced:
+        // it is revoked there once the new one is in place.
+        if self.status.grant_id.is_some()
+            && self.status.account.as_deref().is_some_and(|a| a != account)
+            && self.status.superseded_grant.is_none()
+        {
+            self.status.superseded_grant = self.recorded().map(|g| GrantRef {
+                account: self.status.account.clone(),
+                ..g
+            });
+            self.status.grant_id = None;
+        }
+        let recorded = self.recorded();
+        let desired = DesiredGrant::of(spec, self.identity);
+        let claim = Claim {
+            identity: self.identity,
+            import,
+        };
+        let max_age = ctx.settings.snapshot_max_age();
+        let (mut grants, mut fresh) = self.list(&provider, &key, max_age).await?;
+        let elsewhere = self.grants_elsewhere(&provider, &account, &key).await?;
+        let next = loop {
+            let next = plan::plan(
+                &desired,
+                claim,
+                Observed {
+                    grants: &grants,
+                    fresh,
+                    elsewhere: &elsewhere,
+                },
+                Recorded {
+                    grant: recorded.as_ref(),
+                },
+            );
+            if next != Plan::ListAgain {
+                break next;
             }
-            _ => Vec::new(),
+            (grants, fresh) = self.list(&provider, &key, Duration::ZERO).await?;
         };
-        let owned = match &owned_ref {
-            None => OwnedGrant::None,
-            Some(owned) => candidates
-                .iter()
-                .chain(owned_key_grants.iter())
-                .find(|g| g.grant_id == owned.grant_id && g.key_id == owned.key_id)
-                .map(OwnedGrant::Present)
-                .unwrap_or_else(|| OwnedGrant::Vanished(owned.clone())),
-        };
-        let owners = self.ctx.owners();
-        let uid = self.uid;
-        let next = plan(
-            &desired,
-            owned.clone(),
-            self.status.superseded_grant.as_ref(),
-            &candidates,
-            |grant_id| {
-                owners.get(grant_id).is_some_and(|owner| owner != uid)
-                    || self
-                        .ctx
-                        .keys
-                        .claimant(grant_id)
-                        .is_some_and(|owner| owner != uid)
-            },
-        );
         tracing::debug!(?next, "planned");
-        match next {
-            Plan::InSync { grant_id } => {
-                let grant = candidates.iter().find(|g| g.grant_id == grant_id).cloned();
-                self.record_owned(&desired, &grant_id, grant.as_ref());
-                Ok(in_sync(&grant_id, &desired.key_id))
+        let keep = match next {
+            Plan::ListAgain => unreachable!("a fresh list always decides"),
+            Plan::Refuse(outcome) => return Ok(outcome),
+            Plan::InSync { keep, adopted } => {
+                self.adopted(adopted, &keep);
+                keep
             }
-            Plan::RevokeSuperseded(old) => {
-                self.revoke_superseded(&provider, provider_name, &old)
-                    .await?;
-                Ok(Outcome::Progressing {
-                    reason: reasons::REPLACING,
-                    message: format!(
-                        "revoked grant {} that the current grant replaced",
-                        old.grant_id
-                    ),
-                })
-            }
-            Plan::Adopt {
-                grant_id,
-                supersede,
+            Plan::RevokeExtras {
+                keep,
+                adopted,
+                revoke,
             } => {
-                self.ctx.keys.claim(&grant_id, self.uid);
-                let grant = candidates.iter().find(|g| g.grant_id == grant_id).cloned();
-                self.record_owned(&desired, &grant_id, grant.as_ref());
-                self.status.superseded_grant = supersede.clone();
-                if supersede.is_some() {
-                    // A revoke follows: record the new grant first, in case we die during it.
-                    self.persist().await?;
+                self.adopted(adopted, &keep);
+                for extra in &revoke {
+                    self.revoke(&provider, &account, extra).await?;
                 }
-                self.event(
-                    EventType::Normal,
-                    "GrantAdopted",
-                    format!(
-                        "adopted existing grant {grant_id} on key {}",
-                        desired.key_id
-                    ),
-                );
-                if let Some(old) = supersede {
-                    drop(write_lock);
-                    self.revoke_superseded(&provider, provider_name, &old)
-                        .await?;
-                }
-                Ok(in_sync(&grant_id, &desired.key_id))
+                keep
             }
-            Plan::Create {
-                supersede,
-                recreate,
-            } => {
-                let result = provider.client.create_grant(&desired.to_new_grant()).await;
-                let grant_id = match result {
+            Plan::Create { replaces, recreate } => {
+                ctx.fence.check()?;
+                let grant_id = match provider.client.create_grant(&desired.to_new_grant()).await {
                     Ok(grant_id) => grant_id,
                     Err(err) => {
                         if err.class() == ErrorClass::OutcomeUnknown {
-                            // The grant may exist: look before creating again (it will be adopted).
-                            self.ctx.keys.invalidate(&key).await;
+                            // It may exist: list before writing again (it will be adopted).
+                            ctx.keys.invalidate(&key).await;
                         }
                         return Err(err.into());
                     }
                 };
-                self.ctx.keys.claim(&grant_id, self.uid);
-                self.ctx
-                    .keys
-                    .insert(&key, created_grant(&desired, &grant_id))
-                    .await;
-                drop(write_lock);
-                self.record_owned(&desired, &grant_id, None);
-                self.status.superseded_grant = supersede.clone();
-                // Without a revoke to follow, the status write right after this reconcile
-                // records the grant (one patch instead of two); with one, record it first.
-                if supersede.is_some() {
-                    self.persist().await?;
-                }
-                let (kind, reason, note) = match (&supersede, recreate) {
+                let created = desired.created(&grant_id);
+                ctx.keys.insert(&key, created.clone()).await;
+                let (kind, reason, note) = match (replaces.first(), recreate) {
                     (_, true) => {
-                        self.ctx.metrics.drift_repaired();
+                        ctx.metrics.drift_repaired();
                         (
                             EventType::Warning,
                             "GrantRecreated",
@@ -334,218 +316,228 @@ impl Work<'_> {
                     ),
                 };
                 self.event(kind, reason, note);
-                if let Some(old) = supersede {
-                    self.revoke_superseded(&provider, provider_name, &old)
-                        .await?;
+                if replaces.iter().any(|old| old.key_id != key.key_id) {
+                    // The grant on the old key is found again only through status: record the
+                    // new grant and the old one before revoking.
+                    self.record(&created, &account);
+                    self.status.superseded_grant = replaces
+                        .iter()
+                        .find(|old| old.key_id != key.key_id)
+                        .cloned();
+                    let progress = Outcome::Progressing {
+                        reason: reasons::REPLACING,
+                        message: format!(
+                            "created grant {grant_id}; revoking the grant it replaces"
+                        ),
+                    };
+                    write_status(self.object, ctx, self.status.clone(), &progress).await?;
                 }
-                Ok(in_sync(&grant_id, &desired.key_id))
+                for old in &replaces {
+                    self.revoke(&provider, &account, old).await?;
+                }
+                created
             }
-        }
-    }
-
-    /// The verified provider, or the condition explaining why there is none.
-    async fn provider(&self, name: &str) -> Result<Result<Provider, Outcome>, Failure> {
-        let exists = self
-            .ctx
-            .provider_configs
-            .get(&ObjectRef::<KmsProviderConfig>::new(name))
-            .is_some()
-            || Api::<KmsProviderConfig>::all(self.ctx.client.clone())
-                .get_opt(name)
-                .await?
-                .is_some();
-        if !exists {
-            return Ok(Err(Outcome::Stalled {
-                reason: reasons::PROVIDER_CONFIG_NOT_FOUND,
-                message: format!(
-                    "KmsProviderConfig {name:?} does not exist; create it or set spec.providerConfigRef.name"
-                ),
-            }));
-        }
-        Ok(self.ctx.providers.get(name).ok_or_else(|| Outcome::Progressing {
-            reason: reasons::PROVIDER_CONFIG_NOT_READY,
-            message: format!("KmsProviderConfig {name:?} is not Ready; see its conditions (kubectl describe kmspc {name})"),
-        }))
-    }
-
-    async fn guardrails(&self, provider: &Provider) -> Result<Option<Outcome>, Failure> {
-        let spec = &self.object.spec;
-        let config = &spec.provider_config_ref.name;
-        if provider.spec.namespace_selector.is_some() {
-            let namespace = self.object.namespace().unwrap_or_default();
-            let labels = Api::<Namespace>::all(self.ctx.client.clone())
-                .get_opt(&namespace)
-                .await?
-                .map(|ns| ns.labels().clone())
-                .unwrap_or_default();
-            if !namespace_allowed(provider.spec.namespace_selector.as_ref(), &labels) {
-                return Ok(Some(Outcome::Stalled {
-                    reason: reasons::NAMESPACE_NOT_ALLOWED,
-                    message: format!(
-                        "namespace {namespace:?} does not match the namespaceSelector of KmsProviderConfig {config:?}; ask the platform team to allow it"
-                    ),
-                }));
-            }
-        }
-        if let Some(allowed) = &provider.spec.allowed_key_ids
-            && !allowed.contains(&spec.key_id)
-        {
-            {
-                return Ok(Some(Outcome::Stalled {
-                    reason: reasons::KEY_NOT_ALLOWED,
-                    message: format!(
-                        "key {} is not in allowedKeyIds of KmsProviderConfig {config:?}",
-                        spec.key_id
-                    ),
-                }));
-            }
-        }
-        if let Some(allowed) = &provider.spec.allowed_operations {
-            let refused: Vec<&str> = spec
-                .operations
-                .iter()
-                .filter(|op| !allowed.contains(op))
-                .map(|op| op.as_str())
-                .collect();
-            if !refused.is_empty() {
-                return Ok(Some(Outcome::Stalled {
-                    reason: reasons::OPERATION_NOT_ALLOWED,
-                    message: format!(
-                        "operations {refused:?} are not in allowedOperations of KmsProviderConfig {config:?}"
-                    ),
-                }));
-            }
-        }
-        Ok(None)
-    }
-
-    async fn check_key(
-        &self,
-        provider: &Provider,
-        key: &KeyRef,
-    ) -> Result<Option<Outcome>, Failure> {
-        let info = match self
-            .ctx
-            .keys
-            .key_info(&provider.client, key, self.ctx.settings.key_info_max_age())
-            .await
-        {
-            Ok(info) => info,
-            Err(err) if err.reason == ErrorReason::KeyNotFound => {
-                return Ok(Some(Outcome::Stalled {
-                    reason: reasons::KEY_NOT_FOUND,
-                    message: format!(
-                        "key {} does not exist in this project; fix spec.keyId",
-                        key.key_id
-                    ),
-                }));
-            }
-            Err(err) => return Err(err.into()),
         };
-        if info.is_default_master_key() {
-            return Ok(Some(Outcome::Stalled {
-                reason: reasons::DEFAULT_KEY_NOT_GRANTABLE,
-                message: format!(
-                    "key {} is a Default Master Key ({}), which KMS never grants; use a customer master key",
-                    key.key_id, info.key_alias
-                ),
-            }));
-        }
-        let waiting = |reason, what: &str| {
-            Some(Outcome::Progressing {
-                reason,
-                message: format!("key {} is {what}; retrying until it is enabled", key.key_id),
-            })
-        };
-        Ok(match info.state {
-            KeyState::Enabled => None,
-            KeyState::Disabled => waiting(reasons::KEY_DISABLED, "disabled"),
-            KeyState::PendingDeletion => {
-                waiting(reasons::KEY_PENDING_DELETION, "scheduled for deletion")
+        self.record(&keep, &account);
+        // A replaced grant on another account is revoked there.
+        if let Some(old) = self.status.superseded_grant.clone() {
+            let on_this_account = old.account.as_deref().is_none_or(|a| a == account);
+            if on_this_account {
+                // Listed with the object's other grants and revoked above, or gone.
+                self.status.superseded_grant = None;
+            } else if let Some(outcome) = self.revoke_on_other_account(&old).await? {
+                return Ok(outcome);
             }
-            _ => waiting(reasons::KEY_NOT_ENABLED, "not enabled"),
+        }
+        Ok(in_sync(&keep.grant_id, &keep.key_id))
+    }
+
+    fn recorded(&self) -> Option<GrantRef> {
+        self.status.grant_id.clone().map(|grant_id| GrantRef {
+            key_id: self
+                .status
+                .key_id
+                .clone()
+                .unwrap_or_else(|| self.object.spec.key_id.clone()),
+            grant_id,
+            account: None,
         })
     }
 
-    async fn revoke_superseded(
+    async fn list(
+        &self,
+        provider: &Provider,
+        key: &KeyRef,
+        max_age: Duration,
+    ) -> Result<(Vec<Grant>, bool), Failure> {
+        let ctx = self.ctx;
+        Ok(ctx
+            .keys
+            .grants(
+                &provider.client,
+                key,
+                max_age,
+                ctx.settings.page_size,
+                &ctx.metrics,
+            )
+            .await?)
+    }
+
+    /// The grants on keys the object used before on this account (a key change in progress).
+    async fn grants_elsewhere(
+        &self,
+        provider: &Provider,
+        account: &str,
+        key: &KeyRef,
+    ) -> Result<Vec<Grant>, Failure> {
+        let mut keys: Vec<String> = self.status.key_id.iter().cloned().collect();
+        if let Some(old) = &self.status.superseded_grant
+            && old.account.as_deref().is_none_or(|a| a == account)
+        {
+            keys.push(old.key_id.clone());
+        }
+        keys.retain(|k| *k != key.key_id);
+        keys.dedup();
+        let mut grants = Vec::new();
+        for key_id in keys {
+            let other = KeyRef {
+                key_id,
+                ..key.clone()
+            };
+            match self
+                .list(provider, &other, self.ctx.settings.snapshot_max_age())
+                .await
+            {
+                Ok((listed, _)) => grants.extend(listed),
+                Err(Failure::Kms(err))
+                    if err.reason == ErrorReason::KeyNotFound && answered_by_kms(&err) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(grants)
+    }
+
+    /// Revokes one of the object's grants on this account.
+    async fn revoke(
         &mut self,
         provider: &Provider,
-        provider_name: &str,
-        old: &GrantRef,
+        account: &str,
+        target: &GrantRef,
     ) -> Result<(), Failure> {
         let key = KeyRef {
-            provider: provider_name.to_owned(),
-            key_id: old.key_id.clone(),
+            provider: self.object.spec.provider_config_ref.name.clone(),
+            account: account.to_owned(),
+            key_id: target.key_id.clone(),
         };
+        self.ctx.fence.check()?;
         match provider
             .client
-            .revoke_grant(&old.key_id, &old.grant_id)
+            .revoke_grant(&target.key_id, &target.grant_id)
             .await
         {
-            Ok(()) => {}
-            Err(err) if err.is_already_gone() => {}
+            Ok(()) => self.event(
+                EventType::Normal,
+                "GrantRevoked",
+                format!("revoked grant {} (replaced or duplicate)", target.grant_id),
+            ),
+            // It was listed a moment ago on this very account: gone means someone else revoked it.
+            Err(err) if err.is_already_gone() && answered_by_kms(&err) => {}
             Err(err) => {
-                if err.class() == ErrorClass::OutcomeUnknown {
+                if err.class() == ErrorClass::OutcomeUnknown || err.is_already_gone() {
                     self.ctx.keys.invalidate(&key).await;
                 }
                 return Err(err.into());
             }
         }
-        self.ctx.keys.remove(&key, &old.grant_id).await;
-        self.ctx.keys.release(&old.grant_id);
+        self.ctx.keys.remove(&key, &target.grant_id).await;
+        Ok(())
+    }
+
+    /// Revokes a replaced grant on the account it lives on; the outcome says why it cannot.
+    async fn revoke_on_other_account(
+        &mut self,
+        old: &GrantRef,
+    ) -> Result<Option<Outcome>, Failure> {
+        let account = old.account.clone().unwrap_or_default();
+        let Some((name, provider)) = provider_for_account(self.ctx, &account).await else {
+            return Ok(Some(unreachable_account(&old.grant_id, &account)));
+        };
+        let key = KeyRef {
+            provider: name,
+            account: account.clone(),
+            key_id: old.key_id.clone(),
+        };
+        let claim = Claim {
+            identity: self.identity,
+            import: None,
+        };
+        let listed = match self.list(&provider, &key, Duration::ZERO).await {
+            Ok((listed, _)) => listed,
+            Err(Failure::Kms(err))
+                if err.reason == ErrorReason::KeyNotFound && answered_by_kms(&err) =>
+            {
+                Vec::new()
+            }
+            Err(err) => return Err(err),
+        };
+        if let Some(grant) = listed
+            .iter()
+            .find(|g| g.grant_id == old.grant_id && claim.owns(g))
+        {
+            let target = GrantRef {
+                account: None,
+                ..plan_ref(grant)
+            };
+            self.revoke(&provider, &account, &target).await?;
+        }
         self.status.superseded_grant = None;
-        self.persist().await?;
-        self.event(
-            EventType::Normal,
-            "GrantRevoked",
-            format!("revoked grant {} (replaced)", old.grant_id),
-        );
-        Ok(())
+        Ok(None)
     }
 
-    fn record_owned(&mut self, desired: &DesiredGrant, grant_id: &str, grant: Option<&Grant>) {
+    fn adopted(&mut self, adopted: bool, grant: &Grant) {
+        if adopted {
+            self.event(
+                EventType::Normal,
+                "GrantAdopted",
+                format!(
+                    "adopted grant {} ({}) on key {}",
+                    grant.grant_id,
+                    grant.name.as_deref().unwrap_or_default(),
+                    grant.key_id
+                ),
+            );
+        }
+    }
+
+    /// Records the grant the object keeps. Fields the cloud did not report are cleared rather
+    /// than carried over from another grant.
+    fn record(&mut self, grant: &Grant, account: &str) {
         let status = &mut self.status;
-        if status.grant_id.as_deref() != Some(grant_id) {
-            status.issuing_principal = None;
-            status.created_at = None;
-        }
-        status.grant_id = Some(grant_id.to_owned());
-        status.key_id = Some(desired.key_id.clone());
-        status.grant_name = Some(desired.name.clone());
-        if let Some(grant) = grant {
-            status.issuing_principal = grant
-                .issuing_principal
-                .clone()
-                .or(status.issuing_principal.take());
-            status.created_at = grant
-                .created_at_millis
-                .and_then(millis_rfc3339)
-                .or(status.created_at.take());
-        }
-    }
-
-    /// Writes the grant fields of status at once (before any other step can crash).
-    async fn persist(&self) -> Result<(), Failure> {
-        let patch = json!({"status": {
-            "grantId": self.status.grant_id,
-            "keyId": self.status.key_id,
-            "grantName": self.status.grant_name,
-            "issuingPrincipal": self.status.issuing_principal,
-            "createdAt": self.status.created_at,
-            "supersededGrant": self.status.superseded_grant,
-        }});
-        api(self.object, &self.ctx.client)
-            .patch_status(
-                &self.object.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
-            .await?;
-        Ok(())
+        let same = status.grant_id.as_deref() == Some(grant.grant_id.as_str());
+        status.issuing_principal = grant
+            .issuing_principal
+            .clone()
+            .or_else(|| same.then(|| status.issuing_principal.take()).flatten());
+        status.created_at = grant
+            .created_at_millis
+            .and_then(millis_rfc3339)
+            .or_else(|| same.then(|| status.created_at.take()).flatten());
+        status.grant_id = Some(grant.grant_id.clone());
+        status.key_id = Some(grant.key_id.clone());
+        status.grant_name = grant.name.clone();
+        status.account = Some(account.to_owned());
     }
 
     fn event(&mut self, type_: EventType, reason: &'static str, note: String) {
         self.events.push((type_, reason, note));
+    }
+}
+
+fn plan_ref(grant: &Grant) -> GrantRef {
+    GrantRef {
+        key_id: grant.key_id.clone(),
+        grant_id: grant.grant_id.clone(),
+        account: None,
     }
 }
 
@@ -556,153 +548,212 @@ fn in_sync(grant_id: &str, key_id: &str) -> Outcome {
     }
 }
 
-/// A grant we just created, as list-grants would show it (minus what only the server knows).
-fn created_grant(desired: &DesiredGrant, grant_id: &str) -> Grant {
-    Grant {
-        key_id: desired.key_id.clone(),
-        grant_id: grant_id.to_owned(),
-        grantee_principal: desired.grantee_principal.clone(),
-        grantee_principal_type: Some(desired.grantee_principal_type.as_str().to_owned()),
-        operations: desired
-            .operations
-            .iter()
-            .map(|op| op.as_str().to_owned())
-            .collect(),
-        issuing_principal: None,
-        created_at_millis: None,
-        name: Some(desired.name.clone()),
-        retiring_principal: desired.retiring_principal.clone(),
+fn unreachable_account(grant_id: &str, account: &str) -> Outcome {
+    Outcome::Progressing {
+        reason: reasons::GRANT_ACCOUNT_UNREACHABLE,
+        message: format!(
+            "grant {grant_id} lives on account {account:?}, which no Ready KmsProviderConfig reaches any more; point one at it so the grant can be revoked there, or remove the finalizer {FINALIZER} to leave the grant in place"
+        ),
     }
 }
 
-fn kms_failure_outcome(err: &KmsError) -> Outcome {
-    let message = format!("{err}");
-    match (err.class(), err.reason) {
-        (ErrorClass::OutcomeUnknown, _) => Outcome::Progressing {
-            reason: reasons::OUTCOME_UNKNOWN,
-            message: format!("{message}; checking the key's grants before trying again"),
-        },
-        (ErrorClass::Retryable, _) => Outcome::Progressing {
-            reason: reasons::KMS_UNAVAILABLE,
-            message,
-        },
-        (_, ErrorReason::GrantQuotaExceeded) => Outcome::Stalled {
-            reason: reasons::GRANT_QUOTA_EXCEEDED,
+/// The account a provider reaches: its endpoint and its (resolved) project.
+async fn account_of(provider: &Provider) -> Result<String, KmsError> {
+    let project_id = provider.client.project_id().await?;
+    Ok(plan::account(&provider.spec.endpoint, &project_id))
+}
+
+/// A Ready provider config reaching `account`, if any.
+async fn provider_for_account(ctx: &Context, account: &str) -> Option<(String, Provider)> {
+    for (name, provider) in ctx.providers.all() {
+        if account_of(&provider).await.is_ok_and(|a| a == account) {
+            return Some((name, provider));
+        }
+    }
+    None
+}
+
+/// The verified provider, or the condition explaining why there is none.
+async fn provider_for(ctx: &Context, name: &str) -> Result<Result<Provider, Outcome>, Failure> {
+    let exists = ctx
+        .provider_configs
+        .get(&ObjectRef::<KmsProviderConfig>::new(name))
+        .is_some()
+        || Api::<KmsProviderConfig>::all(ctx.client.clone())
+            .get_opt(name)
+            .await?
+            .is_some();
+    if !exists {
+        return Ok(Err(Outcome::Stalled {
+            reason: reasons::PROVIDER_CONFIG_NOT_FOUND,
             message: format!(
-                "{message}; the key holds as many grants as allowed (100): revoke unused grants or use another key"
+                "KmsProviderConfig {name:?} does not exist; create it or set spec.providerConfigRef.name"
             ),
-        },
-        (ErrorClass::RetryLater, reason) => Outcome::Progressing {
-            reason: reason.as_str(),
-            message,
-        },
-        (_, reason) => Outcome::Stalled {
-            reason: reason.as_str(),
-            message,
-        },
+        }));
     }
+    Ok(ctx.providers.get(name).ok_or_else(|| Outcome::Progressing {
+        reason: reasons::PROVIDER_CONFIG_NOT_READY,
+        message: format!(
+            "KmsProviderConfig {name:?} is not Ready; see its conditions (kubectl describe kmspc {name})"
+        ),
+    }))
 }
 
-/// Deletion: revoke, retire or leave the grant, then let the object go.
-async fn cleanup(object: &KmsGrant, uid: &str, ctx: &Context) -> Result<Action, ReconcileError> {
+/// The namespace's labels, read only when a selector needs them.
+async fn namespace_labels(
+    ctx: &Context,
+    namespace: &str,
+    provider: &Provider,
+    spec: &crate::api::KmsGrantSpec,
+) -> Result<BTreeMap<String, String>, kube::Error> {
+    let needed = provider.spec.namespace_selector.is_some()
+        || (spec.import_grant_id.is_some() && provider.spec.import_namespace_selector.is_some());
+    if !needed {
+        return Ok(BTreeMap::new());
+    }
+    Ok(Api::<Namespace>::all(ctx.client.clone())
+        .get_opt(namespace)
+        .await?
+        .map(|ns| ns.labels().clone())
+        .unwrap_or_default())
+}
+
+/// Deletion: revoke, retire or leave the object's grants, found by a fresh list on the account
+/// they live on; then let the object go.
+async fn cleanup(
+    object: &KmsGrant,
+    identity: &Identity,
+    ctx: &Context,
+) -> Result<Action, ReconcileError> {
     if !object.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
+    match remove_grants(object, identity, ctx).await {
+        Ok(None) => {}
+        Ok(Some(outcome)) => return cleanup_blocked(object, ctx, outcome).await,
+        Err(Failure::Kms(err)) => {
+            let outcome = match failure_outcome(&err) {
+                Outcome::Stalled { reason, message } => Outcome::Stalled {
+                    reason,
+                    message: format!("cannot clean up: {message}"),
+                },
+                other => other,
+            };
+            return cleanup_blocked(object, ctx, outcome).await;
+        }
+        Err(Failure::Kube(err)) => return Err(ReconcileError::Kube(err)),
+        Err(Failure::NotLeader(err)) => return Err(ReconcileError::NotLeader(err)),
+    }
+    set_finalizer(object, ctx, false).await?;
+    ctx.backoff.reset(&ObjectRef::from_obj(object));
+    Ok(Action::await_change())
+}
+
+/// Removes what deletion removes; `Some` says why it cannot be done now.
+async fn remove_grants(
+    object: &KmsGrant,
+    identity: &Identity,
+    ctx: &Context,
+) -> Result<Option<Outcome>, Failure> {
     let status = object.status.clone().unwrap_or_default();
     let policy = object.spec.deletion_policy;
-    let provider_name = &object.spec.provider_config_ref.name;
-    let mut targets: Vec<(GrantRef, DeletionPolicy)> = Vec::new();
-    if let Some(old) = &status.superseded_grant {
-        targets.push((old.clone(), DeletionPolicy::Revoke));
+    let config_name = &object.spec.provider_config_ref.name;
+    let current = ctx.providers.get(config_name);
+    let current_account = match &current {
+        Some(provider) => Some(account_of(provider).await?),
+        None => None,
+    };
+    let recorded_account = status.account.clone().or(current_account.clone());
+    // An import counts only once it was adopted (it passed the guardrails then).
+    let import = object
+        .spec
+        .import_grant_id
+        .as_deref()
+        .filter(|id| status.grant_id.as_deref() == Some(*id));
+    let claim = Claim { identity, import };
+
+    if recorded_account.is_none()
+        && (status.grant_id.is_some() || status.superseded_grant.is_some())
+    {
+        // Recorded by a version that did not note the account: only this config can reach it.
+        return Ok(Some(Outcome::Progressing {
+            reason: reasons::PROVIDER_CONFIG_NOT_READY,
+            message: format!(
+                "cannot clean up: KmsProviderConfig {config_name:?} is missing or not Ready"
+            ),
+        }));
     }
-    let owned = status.grant_id.clone().map(|grant_id| GrantRef {
-        key_id: status
-            .key_id
-            .clone()
-            .unwrap_or_else(|| object.spec.key_id.clone()),
-        grant_id,
-    });
-    if let Some(owned) = owned.clone().filter(|_| policy != DeletionPolicy::Orphan) {
-        targets.push((owned, policy));
-    }
-    let provider = ctx.providers.get(provider_name);
-    if targets.is_empty() && provider.is_none() {
-        // Status names no grant and there is no provider to look with: nothing of ours can be
-        // found on KMS, and deletion must not hang on a config that never worked.
-        tracing::info!(provider = %provider_name, "no grant recorded and no usable provider; nothing to clean up");
-    } else if !targets.is_empty() || (owned.is_none() && policy != DeletionPolicy::Orphan) {
-        let Some(provider) = provider else {
-            let outcome = Outcome::Progressing {
-                reason: reasons::PROVIDER_CONFIG_NOT_READY,
-                message: format!(
-                    "cannot clean up: KmsProviderConfig {provider_name:?} is missing or not Ready"
-                ),
-            };
-            let mut status = status.clone();
-            write_status(object, ctx, &mut status, &outcome).await?;
-            return Ok(Action::requeue(
-                ctx.backoff.next(&ObjectRef::from_obj(object)),
-            ));
-        };
-        if owned.is_none()
-            && object.spec.name.as_deref().is_none_or(str::is_empty)
-            && policy != DeletionPolicy::Orphan
-        {
-            // A create whose status write was lost: our derived name finds the grant.
-            let key = KeyRef {
-                provider: provider_name.clone(),
-                key_id: object.spec.key_id.clone(),
-            };
-            let name = derived_name(uid);
-            match ctx
-                .keys
-                .grants(
-                    &provider.client,
-                    &key,
-                    Duration::ZERO,
-                    ctx.settings.page_size,
-                    &ctx.metrics,
-                )
-                .await
-            {
-                Ok(grants) => targets.extend(
-                    grants
-                        .iter()
-                        .filter(|g| g.name.as_deref() == Some(name.as_str()))
-                        .map(|g| {
-                            (
-                                GrantRef {
-                                    key_id: g.key_id.clone(),
-                                    grant_id: g.grant_id.clone(),
-                                },
-                                policy,
-                            )
-                        }),
-                ),
-                Err(err) if err.reason == ErrorReason::KeyNotFound => {}
-                Err(err) if err.class() == ErrorClass::Terminal => {
-                    // Only a lost status write could have left a grant; a lookup that cannot
-                    // work (credentials, permissions) must not block deletion forever.
-                    publish(
-                        object,
-                        ctx,
-                        EventType::Warning,
-                        "CleanupLookupFailed",
-                        format!(
-                            "could not check key {} for a grant of this object: {err}",
-                            key.key_id
-                        ),
-                    )
-                    .await;
-                }
-                Err(err) => return cleanup_failed(object, ctx, &err).await,
-            }
+    // Where to look: (account, key, the grant status records there).
+    let mut places: Vec<(String, String, Option<String>)> = Vec::new();
+    if policy != DeletionPolicy::Orphan {
+        if let (Some(account), Some(key_id)) = (&recorded_account, &status.key_id) {
+            places.push((account.clone(), key_id.clone(), status.grant_id.clone()));
         }
+        // A create whose answer or status write was lost left a grant findable only by name.
+        if let Some(account) = &current_account {
+            places.push((account.clone(), object.spec.key_id.clone(), None));
+        }
+    }
+    if let Some(old) = &status.superseded_grant
+        && let Some(account) = old.account.clone().or(recorded_account.clone())
+    {
+        places.push((account, old.key_id.clone(), Some(old.grant_id.clone())));
+    }
+    places.sort();
+    // One entry per place, keeping a recorded grant if any entry has one.
+    places.dedup_by(|later, earlier| {
+        let same = later.0 == earlier.0 && later.1 == earlier.1;
+        if same && earlier.2.is_none() {
+            earlier.2 = later.2.take();
+        }
+        same
+    });
+
+    for (account, key_id, recorded_grant) in places {
+        let recorded = recorded_grant.is_some();
+        let provider = match (&current, &current_account) {
+            (Some(provider), Some(a)) if *a == account => {
+                Some((config_name.clone(), provider.clone()))
+            }
+            _ => provider_for_account(ctx, &account).await,
+        };
+        let Some((name, provider)) = provider else {
+            if let Some(grant_id) = recorded_grant {
+                return Ok(Some(unreachable_account(&grant_id, &account)));
+            }
+            continue;
+        };
+        let key = KeyRef {
+            provider: name,
+            account: account.clone(),
+            key_id,
+        };
+        let listed = match list_fresh(ctx, &provider, &key).await {
+            Ok(Some(listed)) => listed,
+            Ok(None) => continue,
+            // Only a lost answer could have left a grant here; a lookup that cannot work
+            // (credentials, permissions) must not block deletion forever.
+            Err(Failure::Kms(err)) if !recorded && err.class() == ErrorClass::Terminal => {
+                publish(
+                    object,
+                    ctx,
+                    EventType::Warning,
+                    "CleanupLookupFailed",
+                    format!(
+                        "could not check key {} for a grant of this object: {err}",
+                        key.key_id
+                    ),
+                )
+                .await;
+                continue;
+            }
+            Err(err) => return Err(err),
+        };
+        let targets =
+            plan::cleanup_targets(policy, claim, &listed, status.superseded_grant.as_ref());
+        let mut unconfirmed = Vec::new();
         for (target, how) in &targets {
-            let key = KeyRef {
-                provider: provider_name.clone(),
-                key_id: target.key_id.clone(),
-            };
+            ctx.fence.check()?;
             let result = match how {
                 DeletionPolicy::Retire => {
                     provider
@@ -717,64 +768,90 @@ async fn cleanup(object: &KmsGrant, uid: &str, ctx: &Context) -> Result<Action, 
                         .await
                 }
             };
-            let done_now = match result {
-                Ok(()) => true,
-                Err(err) if err.is_already_gone() => false,
+            match result {
+                Ok(()) => {
+                    let (reason, verb) = if *how == DeletionPolicy::Retire {
+                        ("GrantRetired", "retired")
+                    } else {
+                        ("GrantRevoked", "revoked")
+                    };
+                    publish(
+                        object,
+                        ctx,
+                        EventType::Normal,
+                        reason,
+                        format!("{verb} grant {}", target.grant_id),
+                    )
+                    .await;
+                }
+                // "Not found" is believed only from a fresh list (below).
+                Err(err) if err.is_already_gone() => unconfirmed.push(target.grant_id.clone()),
                 Err(err) => {
                     if err.class() == ErrorClass::OutcomeUnknown {
                         ctx.keys.invalidate(&key).await;
                     }
-                    return cleanup_failed(object, ctx, &err).await;
+                    return Err(err.into());
                 }
-            };
-            ctx.keys.remove(&key, &target.grant_id).await;
-            ctx.keys.release(&target.grant_id);
-            if done_now {
-                let (reason, verb) = if *how == DeletionPolicy::Retire {
-                    ("GrantRetired", "retired")
-                } else {
-                    ("GrantRevoked", "revoked")
-                };
-                publish(
-                    object,
-                    ctx,
-                    EventType::Normal,
-                    reason,
-                    format!("{verb} grant {}", target.grant_id),
-                )
-                .await;
             }
+            ctx.keys.remove(&key, &target.grant_id).await;
         }
-    } else if policy == DeletionPolicy::Orphan
-        && let Some(owned) = &owned
+        if !unconfirmed.is_empty()
+            && let Some(listed) = list_fresh(ctx, &provider, &key).await?
+            && let Some(still) = listed.iter().find(|g| unconfirmed.contains(&g.grant_id))
+        {
+            return Ok(Some(Outcome::Progressing {
+                reason: reasons::KMS_UNAVAILABLE,
+                message: format!(
+                    "KMS answered that grant {} is gone, but key {} still lists it; retrying",
+                    still.grant_id, key.key_id
+                ),
+            }));
+        }
+    }
+    if policy == DeletionPolicy::Orphan
+        && let Some(grant_id) = &status.grant_id
     {
         publish(
             object,
             ctx,
             EventType::Normal,
             "GrantOrphaned",
-            format!("left grant {} on the cloud", owned.grant_id),
+            format!("left grant {grant_id} on the cloud"),
         )
         .await;
     }
-    set_finalizer(object, ctx, false).await?;
-    ctx.backoff.reset(&ObjectRef::from_obj(object));
-    Ok(Action::await_change())
+    Ok(None)
 }
 
-async fn cleanup_failed(
+/// A fresh list of the key; `None` when KMS itself says the key does not exist (its grants are
+/// gone with it).
+async fn list_fresh(
+    ctx: &Context,
+    provider: &Provider,
+    key: &KeyRef,
+) -> Result<Option<Vec<Grant>>, Failure> {
+    match ctx
+        .keys
+        .grants(
+            &provider.client,
+            key,
+            Duration::ZERO,
+            ctx.settings.page_size,
+            &ctx.metrics,
+        )
+        .await
+    {
+        Ok((grants, _)) => Ok(Some(grants)),
+        Err(err) if err.reason == ErrorReason::KeyNotFound && answered_by_kms(&err) => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
+async fn cleanup_blocked(
     object: &KmsGrant,
     ctx: &Context,
-    err: &KmsError,
+    outcome: Outcome,
 ) -> Result<Action, ReconcileError> {
-    let outcome = match kms_failure_outcome(err) {
-        Outcome::Stalled { reason, message } => Outcome::Stalled {
-            reason,
-            message: format!("cannot clean up: {message}"),
-        },
-        other => other,
-    };
-    let mut status = object.status.clone().unwrap_or_default();
     publish(
         object,
         ctx,
@@ -783,14 +860,20 @@ async fn cleanup_failed(
         outcome.message().to_owned(),
     )
     .await;
-    write_status(object, ctx, &mut status, &outcome).await?;
-    Ok(Action::requeue(
-        if err.class() == ErrorClass::OutcomeUnknown {
-            Duration::from_secs(1)
-        } else {
-            ctx.backoff.next(&ObjectRef::from_obj(object))
-        },
-    ))
+    write_status(
+        object,
+        ctx,
+        object.status.clone().unwrap_or_default(),
+        &outcome,
+    )
+    .await?;
+    let object_ref = ObjectRef::from_obj(object);
+    let requeue = match plan::requeue(&outcome) {
+        Requeue::Soon => Requeue::Soon,
+        // Deletion is never parked for the stalled interval: a fix should release it soon.
+        _ => Requeue::Backoff,
+    };
+    Ok(Action::requeue(delay(ctx, &object_ref, requeue)))
 }
 
 fn api(object: &KmsGrant, client: &kube::Client) -> Api<KmsGrant> {
@@ -825,11 +908,13 @@ async fn set_finalizer(
     Ok(())
 }
 
-/// Writes conditions and the rest of status, unless nothing changed.
+/// The one status writer: the whole status by server-side apply under [`FIELD_MANAGER`], so a
+/// field left out (a stale `createdAt`, a finished `supersededGrant`) is removed. Skipped when
+/// nothing changed and `lastSyncTime` is recent.
 async fn write_status(
     object: &KmsGrant,
     ctx: &Context,
-    status: &mut KmsGrantStatus,
+    mut status: KmsGrantStatus,
     outcome: &Outcome,
 ) -> Result<(), ReconcileError> {
     let previous = object.status.clone().unwrap_or_default();
@@ -838,8 +923,6 @@ async fn write_status(
     status.observed_generation = generation;
     status.conditions = conditions(outcome, generation, &previous.conditions, &now);
     status.last_sync_time = previous.last_sync_time.clone();
-    let mut unchanged = status.clone();
-    unchanged.last_sync_time = previous.last_sync_time.clone();
     let sync_is_recent = previous
         .last_sync_time
         .as_deref()
@@ -848,15 +931,20 @@ async fn write_status(
             jiff::Timestamp::now().duration_since(t).as_secs()
                 < ctx.settings.sync_time_refresh().as_secs() as i64
         });
-    if unchanged == previous && sync_is_recent {
+    if status == previous && sync_is_recent {
         return Ok(());
     }
     status.last_sync_time = Some(now);
+    let patch = json!({
+        "apiVersion": "kmsgrant.io/v1alpha1",
+        "kind": "KmsGrant",
+        "status": status,
+    });
     api(object, &ctx.client)
         .patch_status(
             &object.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": status})),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
         )
         .await
         .map_err(ReconcileError::Kube)?;
@@ -895,29 +983,11 @@ async fn publish(object: &KmsGrant, ctx: &Context, type_: EventType, reason: &st
     let event = Event {
         type_,
         reason: reason.to_owned(),
-        note: Some(note),
+        note: Some(super::conditions::truncate_message(&note)),
         action: "Reconcile".into(),
         secondary: None,
     };
     if let Err(err) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
         tracing::warn!(error = %err, "cannot publish event");
     }
-}
-
-/// The owner of every grant named in the status of a stored KmsGrant, by grant ID.
-pub(super) fn owners_from(objects: &[Arc<KmsGrant>]) -> BTreeMap<String, String> {
-    let mut owners = BTreeMap::new();
-    for object in objects {
-        let (Some(uid), Some(status)) = (object.uid(), object.status.as_ref()) else {
-            continue;
-        };
-        for grant_id in status
-            .grant_id
-            .iter()
-            .chain(status.superseded_grant.iter().map(|g| &g.grant_id))
-        {
-            owners.insert(grant_id.clone(), uid.clone());
-        }
-    }
-    owners
 }

@@ -4,6 +4,7 @@
 mod cache;
 mod conditions;
 mod grant;
+pub mod identity;
 mod plan;
 mod provider;
 
@@ -23,14 +24,15 @@ use tokio::sync::mpsc;
 
 pub use cache::KeyRef;
 pub use conditions::{Outcome, reasons};
-pub use grant::FINALIZER;
-pub use plan::{DesiredGrant, OwnedGrant, Plan, derived_name, plan};
+pub use grant::{FIELD_MANAGER, FINALIZER};
+pub use plan::{DesiredGrant, Plan, plan};
+pub use provider::client_config;
 
 use crate::api::{KmsGrant, KmsProviderConfig};
 use crate::metrics::Metrics;
 
 /// How the controllers pace themselves.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Settings {
     /// How often every key is listed to detect drift, and every object re-checked.
     pub resync: Duration,
@@ -50,6 +52,11 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// Reconcile only KmsGrants and KmsProviderConfigs with these labels (sharding).
     pub label_selector: Option<String>,
+    /// The cluster part of every grant's identity name; empty: the UID of the `kube-system`
+    /// namespace (unique per cluster, but new when a cluster is rebuilt).
+    pub cluster_name: String,
+    /// Closed when this replica may not write to KMS (leader election).
+    pub fence: crate::leader::Fence,
 }
 
 impl Default for Settings {
@@ -65,6 +72,8 @@ impl Default for Settings {
             allow_http: false,
             namespace: None,
             label_selector: None,
+            cluster_name: String::new(),
+            fence: crate::leader::Fence::open(),
         }
     }
 }
@@ -96,12 +105,15 @@ impl Settings {
 pub enum ReconcileError {
     #[error("Kubernetes API call failed: {0}")]
     Kube(#[source] kube::Error),
+    #[error(transparent)]
+    NotLeader(#[from] crate::leader::NotLeader),
 }
 
 impl ReconcileError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Kube(_) => "KubernetesApiError",
+            Self::NotLeader(_) => "NotLeader",
         }
     }
 }
@@ -118,13 +130,10 @@ pub struct Context {
     interest: Interest,
     backoff: Backoff,
     metrics: Arc<Metrics>,
-}
-
-impl Context {
-    /// Grant ID → UID of the object whose status names it.
-    fn owners(&self) -> BTreeMap<String, String> {
-        grant::owners_from(&self.grants.state())
-    }
+    /// The cluster part of grant identities.
+    cluster: String,
+    /// Checked before every KMS write.
+    fence: crate::leader::Fence,
 }
 
 /// Which objects use which key, so drift on a key wakes only them.
@@ -203,6 +212,8 @@ pub async fn run(
         None => watcher::Config::default(),
     };
 
+    let cluster = cluster_name(&client, &settings.cluster_name).await?;
+    tracing::info!(cluster = %cluster, "grant identities are k8s/{cluster}/<namespace>/<name>");
     let provider_controller = Controller::new(configs.clone(), selected.clone());
     let provider_store = provider_controller.store();
     let grant_controller = Controller::new(grants, selected.clone());
@@ -221,6 +232,8 @@ pub async fn run(
         },
         metrics,
         client: client.clone(),
+        cluster,
+        fence: settings.fence.clone(),
         settings: settings.clone(),
     });
 
@@ -313,6 +326,33 @@ pub async fn run(
     tokio::join!(provider_controller, grant_controller, detector, readiness);
     tracing::info!("controllers stopped");
     Ok(())
+}
+
+/// The configured cluster name, else the UID of `kube-system`: two clusters installed with
+/// defaults never share identities. A rebuilt cluster gets a new UID, so disaster recovery sets
+/// the name explicitly.
+async fn cluster_name(client: &Client, configured: &str) -> anyhow::Result<String> {
+    let name = if configured.is_empty() {
+        use k8s_openapi::api::core::v1::Namespace;
+        let namespace = Api::<Namespace>::all(client.clone())
+            .get("kube-system")
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "no --cluster-name given and cannot read namespace kube-system for its UID: {e}"
+                )
+            })?;
+        namespace
+            .uid()
+            .ok_or_else(|| anyhow::anyhow!("namespace kube-system has no UID"))?
+    } else {
+        configured.to_owned()
+    };
+    anyhow::ensure!(
+        identity::valid_cluster_name(&name),
+        "cluster name {name:?} must be 1-63 letters, digits, '-' or '_'"
+    );
+    Ok(name)
 }
 
 fn grant_error_policy(object: Arc<KmsGrant>, err: &ReconcileError, ctx: Arc<Context>) -> Action {

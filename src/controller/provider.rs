@@ -19,8 +19,7 @@ use crate::api::{
 };
 use crate::kms::signer::{AccessKeyPair, SigningScheme};
 use crate::kms::{
-    ClientConfig, Credentials, ErrorClass, KmsClient, KmsError, Project, RateLimitConfig,
-    Secret as SecretValue,
+    ClientConfig, Credentials, KmsClient, KmsError, Project, RateLimitConfig, Secret as SecretValue,
 };
 
 /// A provider config whose credentials were verified, with its client.
@@ -45,6 +44,16 @@ impl ProviderRegistry {
             .expect("registry lock")
             .get(name)
             .cloned()
+    }
+
+    /// Every verified provider, with its config's name.
+    pub fn all(&self) -> Vec<(String, Provider)> {
+        self.providers
+            .read()
+            .expect("registry lock")
+            .iter()
+            .map(|(name, provider)| (name.clone(), provider.clone()))
+            .collect()
     }
 
     fn set(&self, name: &str, provider: Provider) {
@@ -154,42 +163,7 @@ async fn build_and_check(
             .map_err(|e| NotUsable(kms_outcome(&e)))?;
         return Ok((current, project_id));
     }
-    let data = secret_data(&secret);
-    let credentials = credentials(spec.auth.type_, &data).map_err(|missing| {
-        NotUsable(Outcome::Stalled {
-            reason: reasons::SECRET_INCOMPLETE,
-            message: format!(
-                "Secret {}/{} has no key {missing:?}; add it",
-                secret_ref.namespace, secret_ref.name
-            ),
-        })
-    })?;
-    let project = match (&spec.project_id, &spec.project_name) {
-        (Some(id), _) => Project::Id(id.clone()),
-        (None, Some(name)) => Project::Name(name.clone()),
-        (None, None) => {
-            return Err(NotUsable(Outcome::Stalled {
-                reason: reasons::INVALID_SPEC,
-                message: "set spec.projectId or spec.projectName".into(),
-            }));
-        }
-    };
-    let mut client_config = ClientConfig::new(spec.endpoint.clone(), project, credentials);
-    client_config.iam_endpoint = spec.iam_endpoint.clone();
-    client_config.region = spec.region.clone().unwrap_or_default();
-    client_config.signing = match spec.auth.signing_variant {
-        SigningVariant::Huawei => SigningScheme::Access,
-        SigningVariant::OpenTelekomCloud => SigningScheme::Credential {
-            region: client_config.region.clone(),
-            service: "kms".into(),
-        },
-    };
-    client_config.rate_limit = RateLimitConfig {
-        requests_per_second: f64::from(spec.rate_limit.requests_per_second),
-        burst: spec.rate_limit.burst,
-    };
-    client_config.ca_bundle = spec.ca_bundle.clone();
-    client_config.allow_http = ctx.settings.allow_http;
+    let client_config = client_config(spec, &secret, ctx.settings.allow_http).map_err(NotUsable)?;
     let client = KmsClient::new(client_config).map_err(|e| NotUsable(kms_outcome(&e)))?;
     let client = client.with_metrics(ctx.metrics.clone());
     // One cheap authenticated call proves endpoint, project and credentials.
@@ -209,6 +183,50 @@ async fn build_and_check(
         },
         project_id,
     ))
+}
+
+/// The KMS client settings of a provider config and its Secret (also used by `import`).
+pub fn client_config(
+    spec: &KmsProviderConfigSpec,
+    secret: &Secret,
+    allow_http: bool,
+) -> Result<ClientConfig, Outcome> {
+    let secret_ref = &spec.auth.secret_ref;
+    let data = secret_data(secret);
+    let credentials = credentials(spec.auth.type_, &data).map_err(|missing| Outcome::Stalled {
+        reason: reasons::SECRET_INCOMPLETE,
+        message: format!(
+            "Secret {}/{} has no key {missing:?}; add it",
+            secret_ref.namespace, secret_ref.name
+        ),
+    })?;
+    let project = match (&spec.project_id, &spec.project_name) {
+        (Some(id), _) => Project::Id(id.clone()),
+        (None, Some(name)) => Project::Name(name.clone()),
+        (None, None) => {
+            return Err(Outcome::Stalled {
+                reason: reasons::INVALID_SPEC,
+                message: "set spec.projectId or spec.projectName".into(),
+            });
+        }
+    };
+    let mut client_config = ClientConfig::new(spec.endpoint.clone(), project, credentials);
+    client_config.iam_endpoint = spec.iam_endpoint.clone();
+    client_config.region = spec.region.clone().unwrap_or_default();
+    client_config.signing = match spec.auth.signing_variant {
+        SigningVariant::Huawei => SigningScheme::Access,
+        SigningVariant::OpenTelekomCloud => SigningScheme::Credential {
+            region: client_config.region.clone(),
+            service: "kms".into(),
+        },
+    };
+    client_config.rate_limit = RateLimitConfig {
+        requests_per_second: f64::from(spec.rate_limit.requests_per_second),
+        burst: spec.rate_limit.burst,
+    };
+    client_config.ca_bundle = spec.ca_bundle.clone();
+    client_config.allow_http = allow_http;
+    Ok(client_config)
 }
 
 fn secret_data(secret: &Secret) -> BTreeMap<String, String> {
@@ -244,18 +262,19 @@ fn credentials(
     })
 }
 
-/// The condition for a KMS failure while checking a provider.
+/// The condition for a KMS failure while checking a provider: the shared mapping, with a hint.
 fn kms_outcome(err: &KmsError) -> Outcome {
-    let message = format!("{err}; check the endpoint, project and the credentials in the Secret");
-    match err.class() {
-        ErrorClass::Retryable | ErrorClass::OutcomeUnknown => Outcome::Progressing {
-            reason: reasons::KMS_UNAVAILABLE,
-            message,
+    const HINT: &str = "; check the endpoint, project and the credentials in the Secret";
+    match super::plan::failure_outcome(err) {
+        Outcome::Progressing { reason, message } => Outcome::Progressing {
+            reason,
+            message: message + HINT,
         },
-        _ => Outcome::Stalled {
-            reason: err.reason.as_str(),
-            message,
+        Outcome::Stalled { reason, message } => Outcome::Stalled {
+            reason,
+            message: message + HINT,
         },
+        ready => ready,
     }
 }
 

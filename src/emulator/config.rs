@@ -197,6 +197,7 @@ impl EmulatorArgs {
             errors: inject_errors.into_iter().collect(),
             throttle_per_second,
             drop_after_commit: drop_after_commit.into_iter().collect(),
+            error_after_commit: Default::default(),
         };
         faults.validate()?;
         Ok(EmulatorConfig {

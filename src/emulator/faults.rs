@@ -66,6 +66,10 @@ pub struct FaultSettings {
     /// For `create-grant` and `revoke-grant`: with this probability the write takes effect and
     /// the connection is then closed without an answer.
     pub drop_after_commit: BTreeMap<String, f64>,
+    /// For `create-grant`, `revoke-grant` and `retire-grant`: with this probability the write
+    /// takes effect and is then answered `500 KMS.0100` (as a gateway that times out after the
+    /// backend committed).
+    pub error_after_commit: BTreeMap<String, f64>,
 }
 
 impl FaultSettings {
@@ -77,6 +81,17 @@ impl FaultSettings {
             if !matches!(operation.as_str(), "create-grant" | "revoke-grant") {
                 return Err(format!(
                     "drop_after_commit applies to create-grant and revoke-grant, not {operation:?}"
+                ));
+            }
+            check_rate(operation, *rate)?;
+        }
+        for (operation, rate) in &self.error_after_commit {
+            if !matches!(
+                operation.as_str(),
+                "create-grant" | "revoke-grant" | "retire-grant"
+            ) {
+                return Err(format!(
+                    "error_after_commit applies to create-grant, revoke-grant and retire-grant, not {operation:?}"
                 ));
             }
             check_rate(operation, *rate)?;
@@ -110,6 +125,15 @@ impl FaultSettings {
     /// Whether to drop the connection after committing `operation` this time.
     pub fn drops_after_commit(&self, operation: &str) -> bool {
         self.drop_after_commit
+            .get(operation)
+            .is_some_and(|&rate| fastrand::f64() < rate)
+    }
+}
+
+impl FaultSettings {
+    /// Whether to answer 500 after committing `operation` this time.
+    pub fn errs_after_commit(&self, operation: &str) -> bool {
+        self.error_after_commit
             .get(operation)
             .is_some_and(|&rate| fastrand::f64() < rate)
     }

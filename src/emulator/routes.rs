@@ -184,6 +184,13 @@ async fn kms_call(
                 // The connection task drops this future with the connection.
                 return std::future::pending().await;
             }
+            if operation.writes() && faults.errs_after_commit(operation.action()) {
+                let error = KmsError(ErrorCode::Internal);
+                record.status = error.code().status().as_u16();
+                record.error_code = Some(error.code().code());
+                shared.stats.lock().expect("stats lock").record(record);
+                return error.into_response_with_id(&request_id);
+            }
             let json = [(
                 axum::http::header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),

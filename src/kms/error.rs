@@ -214,6 +214,10 @@ impl KmsError {
 /// Maps an error answer of KMS, IAM or the API gateway to a reason.
 pub(crate) fn classify(call: Call, status: u16, code: &str) -> ErrorReason {
     use ErrorReason::*;
+    // A write answered 5xx may have committed before the failure: never repeat it blindly.
+    if call.is_write() && status >= 500 {
+        return OutcomeUnknown;
+    }
     match code {
         "KMS.0207" => KeyNotFound,
         "KMS.0211" => DefaultKeyNotGrantable,
@@ -388,8 +392,22 @@ mod tests {
             ),
         ];
         for (status, code, reason, class) in cases {
-            let got = classify(Call::CreateGrant, status, code);
+            // A read: a write answered 5xx is another matter (below).
+            let got = classify(Call::DescribeKey, status, code);
             assert_eq!((got, got.class()), (reason, class), "{status} {code}");
+        }
+    }
+
+    #[test]
+    fn a_write_answered_5xx_has_an_unknown_outcome_and_is_not_retried() {
+        for call in [Call::CreateGrant, Call::RevokeGrant, Call::RetireGrant] {
+            for (status, code) in [(500, "KMS.0100"), (503, "KMS.0104"), (502, "")] {
+                let reason = classify(call, status, code);
+                assert_eq!(reason, ErrorReason::OutcomeUnknown, "{call} {status}");
+                assert!(!KmsError::new(call, reason, "").is_retryable_now());
+            }
+            // Throttling is refused before anything happens: safe to retry.
+            assert_eq!(classify(call, 429, "APIG.0308"), ErrorReason::Throttled);
         }
     }
 

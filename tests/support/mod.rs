@@ -139,6 +139,8 @@ pub struct Env {
 }
 
 pub const TEST_LABEL: &str = "kmsgrant.io/test";
+/// The cluster name test operators run with (`--cluster-name`).
+pub const CLUSTER: &str = "e2e";
 
 impl Env {
     /// A world with a `default`-like provider config named after the namespace.
@@ -354,6 +356,8 @@ impl Operator {
                 "5s",
                 "--stalled-retry",
                 "5s",
+                "--cluster-name",
+                CLUSTER,
             ])
             .args([
                 "--kubeconfig",

@@ -1,0 +1,565 @@
+//! Grant identity on the cloud, end to end: ownership read from grant names survives rebuilt
+//! clusters, shards, other namespaces, lost answers, repointed provider configs and imports.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use kmsgrant::emulator::{EmulatorConfig, FaultSettings};
+use serde_json::{Value, json};
+use support::{CLUSTER, Env, Operator, TEST_LABEL, kubectl, kubectl_ok};
+
+fn grant_id(object: &Value) -> String {
+    object["status"]["grantId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn calls(env: &Env, operation: &str) -> usize {
+    env.emulator
+        .admin()
+        .calls(0)
+        .iter()
+        .filter(|c| c.operation == operation)
+        .count()
+}
+
+/// Another namespace served by its own operator (a shard), on the same emulator as `env`.
+struct Shard {
+    namespace: String,
+    operator: Option<Operator>,
+}
+
+impl Shard {
+    fn new(env: &Env, prefix: &str, provider_extra: Value) -> Self {
+        let namespace = support::namespace(prefix);
+        kubectl_ok(
+            &[
+                "label",
+                "namespace",
+                &namespace,
+                &format!("{TEST_LABEL}={namespace}"),
+            ],
+            None,
+        );
+        let secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "kms-credentials", "namespace": namespace},
+            "stringData": {
+                "accessKey": env.emulator.config().access_key,
+                "secretKey": env.emulator.config().secret_key.expose()
+            }
+        });
+        env.apply(&secret);
+        let mut config = env.provider_config(provider_extra);
+        config["metadata"]["name"] = json!(namespace);
+        config["metadata"]["labels"][TEST_LABEL] = json!(namespace);
+        config["spec"]["auth"]["secretRef"]["namespace"] = json!(namespace);
+        env.apply(&config);
+        Self {
+            namespace,
+            operator: None,
+        }
+    }
+
+    fn start_operator(&mut self) {
+        self.operator = Some(Operator::start(&self.namespace, "5s"));
+    }
+
+    fn grant(&self, env: &Env, name: &str, key: &str, extra: Value) -> Value {
+        let mut grant = env.grant(name, key, extra);
+        grant["metadata"]["namespace"] = json!(self.namespace);
+        grant["metadata"]["labels"][TEST_LABEL] = json!(self.namespace);
+        grant["spec"]["providerConfigRef"]["name"] = json!(self.namespace);
+        grant
+    }
+
+    fn get(&self, name: &str) -> Value {
+        serde_json::from_str(&kubectl_ok(
+            &[
+                "-n",
+                &self.namespace,
+                "get",
+                "kmsgrants",
+                name,
+                "-o",
+                "json",
+            ],
+            None,
+        ))
+        .unwrap()
+    }
+
+    fn reason(&self, name: &str) -> String {
+        let object = self.get(name);
+        object["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
+            .and_then(|c| c["reason"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+fn delete(namespace: &str, name: &str) {
+    kubectl_ok(
+        &[
+            "-n",
+            namespace,
+            "delete",
+            "kmsgrant.kmsgrant.io",
+            name,
+            "--timeout=60s",
+        ],
+        None,
+    );
+}
+
+fn grants_on(env: &Env, key: &str) -> Vec<kmsgrant::emulator::Grant> {
+    env.emulator
+        .admin()
+        .dump()
+        .grants
+        .into_iter()
+        .filter(|g| g.key_id == key)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn committed_then_5xx_create_leaves_exactly_one_grant() {
+    let mut env = Env::new("commit5xx", EmulatorConfig::for_tests(), "5s").await;
+    let key = env.new_key("commit5xx");
+    let mut faults = FaultSettings::default();
+    faults
+        .error_after_commit
+        .insert("create-grant".into(), 1.0 / 3.0);
+    env.emulator.admin().set_faults(faults).unwrap();
+    env.start_operator();
+    let names: Vec<String> = (0..30).map(|i| format!("g{i}")).collect();
+    for name in &names {
+        env.apply(&env.grant(name, &key, json!({})));
+    }
+    for name in &names {
+        env.wait_for(name, "condition=Ready", 120);
+    }
+    let answered_500 = env
+        .emulator
+        .admin()
+        .calls(0)
+        .iter()
+        .filter(|c| c.operation == "create-grant" && c.status == 500)
+        .count();
+    assert!(
+        answered_500 > 3,
+        "only {answered_500} creates were answered 500 after committing"
+    );
+    let on_kms = grants_on(&env, &key);
+    assert_eq!(on_kms.len(), 30, "one grant per object, no duplicate left");
+    let owned: BTreeSet<String> = names.iter().map(|n| grant_id(&env.get(n))).collect();
+    let present: BTreeSet<String> = on_kms.into_iter().map(|g| g.grant_id).collect();
+    assert_eq!(owned, present);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_shards_never_touch_each_others_grants() {
+    let mut env = Env::new("shard-a", EmulatorConfig::for_tests(), "5s").await;
+    let key = env.new_key("shards");
+    let mut b = Shard::new(&env, "shard-b", json!({}));
+    env.start_operator();
+    b.start_operator();
+    env.apply(&env.grant("same", &key, json!({})));
+    env.apply(&b.grant(&env, "same", &key, json!({})));
+    env.wait_for("same", "condition=Ready", 60);
+    eventually("b's grant Ready", Duration::from_secs(60), || {
+        b.reason("same") == "GrantReady"
+    })
+    .await;
+    let (a_id, b_id) = (grant_id(&env.get("same")), grant_id(&b.get("same")));
+    assert_ne!(a_id, b_id, "the shards share a grant");
+    let names: BTreeSet<String> = grants_on(&env, &key)
+        .into_iter()
+        .filter_map(|g| g.name)
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from([
+            format!("k8s/{CLUSTER}/{}/same", env.namespace),
+            format!("k8s/{CLUSTER}/{}/same", b.namespace)
+        ])
+    );
+    delete(&env.namespace, "same");
+    let left: Vec<String> = grants_on(&env, &key)
+        .into_iter()
+        .map(|g| g.grant_id)
+        .collect();
+    assert_eq!(
+        left,
+        vec![b_id.clone()],
+        "deleting a's object must leave b's grant"
+    );
+    // b's operator, resyncing, still owns its grant and adopted nothing.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(grant_id(&b.get("same")), b_id);
+    assert_eq!(b.reason("same"), "GrantReady");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_spec_in_another_namespace_cannot_adopt_or_revoke() {
+    let mut env = Env::new("victim", EmulatorConfig::for_tests(), "5s").await;
+    let key = env.new_key("tenants");
+    // The attacker's namespace may even import: it still cannot take another object's grant.
+    let mut b = Shard::new(&env, "attacker", json!({"importNamespaceSelector": {}}));
+    env.start_operator();
+    b.start_operator();
+    env.apply(&env.grant("app", &key, json!({})));
+    env.wait_for("app", "condition=Ready", 60);
+    let victim = grant_id(&env.get("app"));
+
+    // Spoofing the identity by name is refused by the API server.
+    let mut spoof = b.grant(&env, "spoof-name", &key, json!({}));
+    spoof["spec"]["name"] = json!(format!("k8s/{CLUSTER}/{}/app", env.namespace));
+    let out = kubectl(&["apply", "-f", "-"], Some(&spoof.to_string()));
+    assert!(
+        !out.status.success(),
+        "a manifest with spec.name was accepted"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("spec.name was removed"), "{stderr}");
+
+    // Importing the victim's grant by ID is Stalled, never adopted.
+    env.apply(&b.grant(&env, "spoof-import", &key, json!({"importGrantId": victim})));
+    // The identical spec under the same object name gets a grant of its own.
+    env.apply(&b.grant(&env, "app", &key, json!({})));
+    eventually("the import refused", Duration::from_secs(60), || {
+        b.reason("spoof-import") == "ImportRefused"
+    })
+    .await;
+    eventually("b's own grant", Duration::from_secs(60), || {
+        b.reason("app") == "GrantReady"
+    })
+    .await;
+    assert!(grant_id(&b.get("spoof-import")).is_empty());
+    assert_ne!(grant_id(&b.get("app")), victim);
+
+    delete(&b.namespace, "spoof-import");
+    delete(&b.namespace, "app");
+    let left: Vec<String> = grants_on(&env, &key)
+        .into_iter()
+        .map(|g| g.grant_id)
+        .collect();
+    assert_eq!(
+        left,
+        vec![victim.clone()],
+        "the victim's grant must survive"
+    );
+    assert!(
+        !env.emulator
+            .admin()
+            .calls(0)
+            .iter()
+            .any(|c| c.operation.ends_with("-grant")
+                && c.operation != "create-grant"
+                && c.operation != "list-grants"
+                && c.grant_id.as_deref() == Some(victim.as_str())),
+        "something revoked or retired the victim's grant"
+    );
+    env.wait_for("app", "condition=Ready", 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuilt_cluster_adopts_its_grants() {
+    let mut env = Env::new("rebuilt", EmulatorConfig::for_tests(), "5s").await;
+    let key = env.new_key("rebuilt");
+    env.start_operator();
+    let names: Vec<String> = (0..50).map(|i| format!("app-{i}")).collect();
+    for name in &names {
+        env.apply(&env.grant(name, &key, json!({})));
+    }
+    let mut before = Vec::new();
+    for name in &names {
+        env.wait_for(name, "condition=Ready", 120);
+        before.push(grant_id(&env.get(name)));
+    }
+    // The cluster is lost: the operator stops, and every object disappears without cleanup (as an
+    // etcd loss would). The grants stay on KMS.
+    env.kill_operator();
+    for name in &names {
+        kubectl_ok(
+            &[
+                "-n",
+                &env.namespace,
+                "patch",
+                "kmsgrant",
+                name,
+                "--type=merge",
+                "-p",
+                r#"{"metadata":{"finalizers":null}}"#,
+            ],
+            None,
+        );
+    }
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "delete",
+            "kmsgrants",
+            "--all",
+            "--wait",
+        ],
+        None,
+    );
+    assert_eq!(env.emulator.admin().grant_count(&key), Some(50));
+    // A new cluster with the same cluster name: the same manifests are applied again (new UIDs,
+    // no status), and a new operator starts.
+    let creates_before = calls(&env, "create-grant");
+    for name in &names {
+        env.apply(&env.grant(name, &key, json!({})));
+    }
+    env.start_operator();
+    let mut after = Vec::new();
+    for name in &names {
+        env.wait_for(name, "condition=Ready", 120);
+        after.push(grant_id(&env.get(name)));
+    }
+    assert_eq!(
+        calls(&env, "create-grant"),
+        creates_before,
+        "a grant was created again"
+    );
+    assert_eq!(after, before, "every object holds its old grant");
+    assert_eq!(env.emulator.admin().grant_count(&key), Some(50));
+    assert!(env.events().iter().any(|e| e["reason"] == "GrantAdopted"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn import_writes_manifests_that_adopt_without_creating() {
+    let mut env = Env::new("import", EmulatorConfig::for_tests(), "5s").await;
+    env.apply(&env.provider_config(json!({"importNamespaceSelector": {}})));
+    let key = env.new_key("import");
+    let kms = kms_client(&env);
+    let mut hand_made = BTreeSet::new();
+    for i in 0..3 {
+        let grant = kmsgrant::kms::NewGrant {
+            key_id: key.clone(),
+            grantee_principal: format!("user{i}"),
+            grantee_principal_type: kmsgrant::api::GranteePrincipalType::User,
+            operations: vec![
+                kmsgrant::api::Operation::DescribeKey,
+                kmsgrant::api::Operation::EncryptDatakey,
+            ],
+            name: Some(format!("terraform-{i}")),
+            retiring_principal: (i == 0).then(|| "retirer".to_owned()),
+        };
+        hand_made.insert(kms.create_grant(&grant).await.unwrap());
+    }
+    let out = std::process::Command::new(support::OPERATOR_BIN)
+        .args(["import", "--key", &key, "--provider-config", &env.provider])
+        .args(["--namespace", &env.namespace, "--allow-http-endpoints"])
+        .args(["--kubeconfig", support::kubeconfig().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "import failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(yaml.matches("kind: KmsGrant").count(), 3, "{yaml}");
+    let creates_before = calls(&env, "create-grant");
+    env.start_operator();
+    kubectl_ok(&["apply", "-f", "-"], Some(&yaml));
+    // The test operator watches labelled objects only.
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "label",
+            "kmsgrants",
+            "--all",
+            &format!("{TEST_LABEL}={}", env.namespace),
+        ],
+        None,
+    );
+    let list: Value = serde_json::from_str(&kubectl_ok(
+        &["-n", &env.namespace, "get", "kmsgrants", "-o", "json"],
+        None,
+    ))
+    .unwrap();
+    let names: Vec<String> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    let mut adopted = BTreeSet::new();
+    for name in &names {
+        env.wait_for(name, "condition=Ready", 60);
+        adopted.insert(grant_id(&env.get(name)));
+    }
+    assert_eq!(adopted, hand_made);
+    assert_eq!(
+        calls(&env, "create-grant"),
+        creates_before,
+        "applying the import created a grant"
+    );
+    assert_eq!(env.emulator.admin().grant_count(&key), Some(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn import_of_another_objects_grant_is_refused() {
+    let mut env = Env::new("import-refused", EmulatorConfig::for_tests(), "5s").await;
+    env.apply(&env.provider_config(json!({"importNamespaceSelector": {}})));
+    let key = env.new_key("refused");
+    // A namespace the provider config does not allow to import.
+    let mut closed = Shard::new(
+        &env,
+        "import-closed",
+        json!({"importNamespaceSelector": {"matchLabels": {"import": "yes"}}}),
+    );
+    env.start_operator();
+    closed.start_operator();
+    env.apply(&env.grant("owner", &key, json!({})));
+    env.wait_for("owner", "condition=Ready", 60);
+    let owned = grant_id(&env.get("owner"));
+    env.apply(&env.grant("thief", &key, json!({"importGrantId": owned})));
+    env.wait_for(
+        "thief",
+        "jsonpath={.status.conditions[?(@.type==\"Stalled\")].reason}=ImportRefused",
+        60,
+    );
+    let kms = kms_client(&env);
+    let hand = kms
+        .create_grant(&kmsgrant::kms::NewGrant {
+            key_id: key.clone(),
+            grantee_principal: "someone".into(),
+            grantee_principal_type: kmsgrant::api::GranteePrincipalType::User,
+            operations: vec![kmsgrant::api::Operation::DescribeKey],
+            name: Some("by-hand".into()),
+            retiring_principal: None,
+        })
+        .await
+        .unwrap();
+    closed.grant(&env, "importer", &key, json!({"importGrantId": hand}));
+    env.apply(&closed.grant(&env, "importer", &key, json!({"importGrantId": hand})));
+    eventually("ImportNotAllowed", Duration::from_secs(60), || {
+        closed.reason("importer") == "ImportNotAllowed"
+    })
+    .await;
+    delete(&env.namespace, "thief");
+    delete(&closed.namespace, "importer");
+    let left: BTreeSet<String> = grants_on(&env, &key)
+        .into_iter()
+        .map(|g| g.grant_id)
+        .collect();
+    assert_eq!(left, BTreeSet::from([owned, hand]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delete_after_provider_repoint_revokes_on_the_old_account_or_says_why() {
+    let mut env = Env::new("repoint", EmulatorConfig::for_tests(), "5s").await;
+    let key = env.new_key("repoint");
+    let other = kmsgrant::emulator::Emulator::start(EmulatorConfig::for_tests())
+        .await
+        .unwrap();
+    // The same key ID exists on the other account, so the repointed config keeps working.
+    other
+        .admin()
+        .create_key(kmsgrant::emulator::NewKey {
+            key_alias: "repoint".into(),
+            key_id: Some(key.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+    env.start_operator();
+    env.apply(&env.grant("moved", &key, json!({})));
+    env.wait_for("moved", "condition=Ready", 60);
+    let first = grant_id(&env.get("moved"));
+
+    // The provider config is pointed at another account (same credentials work there).
+    env.apply(&env.provider_config(json!({
+        "endpoint": other.base_url(), "iamEndpoint": other.base_url()
+    })));
+    env.wait_for(
+        "moved",
+        "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}=GrantAccountUnreachable",
+        60,
+    );
+    assert_eq!(
+        env.emulator.admin().grant_count(&key),
+        Some(1),
+        "the first grant stays until it can be revoked"
+    );
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "delete",
+            "kmsgrant",
+            "moved",
+            "--wait=false",
+        ],
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let object = env.get("moved");
+    let message = object["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains(&first) && message.contains("no Ready KmsProviderConfig"),
+        "{message}"
+    );
+
+    // Another config reaching the first account lets deletion revoke there.
+    let mut old_account = env.provider_config(json!({}));
+    old_account["metadata"]["name"] = json!(format!("{}-old", env.provider));
+    env.apply(&old_account);
+    eventually("the object deleted", Duration::from_secs(60), || {
+        !kubectl(&["-n", &env.namespace, "get", "kmsgrant", "moved"], None)
+            .status
+            .success()
+    })
+    .await;
+    assert_eq!(
+        env.emulator.admin().grant_count(&key),
+        Some(0),
+        "the grant on the old account was not revoked"
+    );
+    assert_eq!(
+        other.admin().grant_count(&key),
+        Some(0),
+        "the grant on the new account was not revoked"
+    );
+    other.shutdown().await;
+}
+
+fn kms_client(env: &Env) -> kmsgrant::kms::KmsClient {
+    let settings = env.emulator.config();
+    let mut config = kmsgrant::kms::ClientConfig::new(
+        env.emulator.base_url(),
+        kmsgrant::kms::Project::Id(settings.project_id.clone()),
+        kmsgrant::kms::Credentials::AccessKey {
+            keys: kmsgrant::kms::signer::AccessKeyPair::new(
+                &settings.access_key,
+                settings.secret_key.expose(),
+            ),
+            security_token: None,
+        },
+    );
+    config.iam_endpoint = Some(env.emulator.base_url());
+    config.region = settings.region.clone();
+    config.allow_http = true;
+    kmsgrant::kms::KmsClient::new(config).unwrap()
+}
