@@ -299,7 +299,7 @@ async fn rebuilt_cluster_adopts_its_grants() {
                 "-n",
                 &env.namespace,
                 "patch",
-                "kmsgrant",
+                "kmsgrants",
                 name,
                 "--type=merge",
                 "-p",
@@ -505,7 +505,7 @@ async fn delete_after_provider_repoint_revokes_on_the_old_account_or_says_why() 
             "-n",
             &env.namespace,
             "delete",
-            "kmsgrant",
+            "kmsgrants",
             "moved",
             "--wait=false",
         ],
@@ -527,7 +527,7 @@ async fn delete_after_provider_repoint_revokes_on_the_old_account_or_says_why() 
     old_account["metadata"]["name"] = json!(format!("{}-old", env.provider));
     env.apply(&old_account);
     eventually("the object deleted", Duration::from_secs(60), || {
-        !kubectl(&["-n", &env.namespace, "get", "kmsgrant", "moved"], None)
+        !kubectl(&["-n", &env.namespace, "get", "kmsgrants", "moved"], None)
             .status
             .success()
     })
