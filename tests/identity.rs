@@ -563,3 +563,224 @@ fn kms_client(env: &Env) -> kmsgrant::kms::KmsClient {
     config.allow_http = true;
     kmsgrant::kms::KmsClient::new(config).unwrap()
 }
+
+/// Status is written whole by server-side apply: a field written during a replacement
+/// (`supersededGrant`, on a key change) is gone once the replacement is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_change_revokes_on_the_old_key_and_clears_the_superseded_grant_from_status() {
+    let mut env = Env::new("rekey", EmulatorConfig::for_tests(), "5s").await;
+    let (old_key, new_key) = (env.new_key("old"), env.new_key("new"));
+    env.start_operator();
+    env.apply(&env.grant("rekeyed", &old_key, json!({})));
+    env.wait_for("rekeyed", "condition=Ready", 60);
+    let old = grant_id(&env.get("rekeyed"));
+    env.apply(&env.grant("rekeyed", &new_key, json!({})));
+    eventually("the grant on the new key", Duration::from_secs(30), || {
+        let object = env.get("rekeyed");
+        object["status"]["keyId"] == new_key.as_str()
+            && object["status"]["observedGeneration"] == 2
+            && object["status"].get("supersededGrant").is_none()
+    })
+    .await;
+    env.wait_for("rekeyed", "condition=Ready", 30);
+    assert_eq!(env.emulator.admin().grant_count(&old_key), Some(0));
+    assert_eq!(env.emulator.admin().grant_count(&new_key), Some(1));
+    // The superseded grant was recorded on the way (so a crash could not leak it) and then
+    // removed by omission, which only server-side apply does.
+    let revoked_old = env
+        .emulator
+        .admin()
+        .calls(0)
+        .iter()
+        .any(|c| c.operation == "revoke-grant" && c.grant_id.as_deref() == Some(old.as_str()));
+    assert!(revoked_old, "the grant on the old key was not revoked");
+    let object: Value = serde_json::from_str(&kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "get",
+            "kmsgrants",
+            "rekeyed",
+            "-o",
+            "json",
+            "--show-managed-fields",
+        ],
+        None,
+    ))
+    .unwrap();
+    let managers: Vec<&str> = object["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["subresource"] == "status")
+        .map(|m| m["manager"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(managers, vec!["kmsgrant-operator"], "one status writer");
+    assert_eq!(
+        object["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["subresource"] == "status")
+            .unwrap()["operation"],
+        "Apply"
+    );
+}
+
+/// Two clusters, each with the operator's default cluster name (its kube-system UID), the same
+/// namespace and object names, on one key: two grants, and deleting one leaves the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_clusters_on_one_key_with_defaults_stay_apart() {
+    let mut env = Env::new("clusters", EmulatorConfig::for_tests(), "5s").await;
+    let key = env.new_key("clusters");
+    env.start_operator_with(&["--cluster-name="]);
+    env.apply(&env.grant("app", &key, json!({})));
+
+    // A second cluster: its own control plane, the same namespace, provider and manifest.
+    let dir = std::env::temp_dir().join(format!("kmsgrant-second-cluster-{}", std::process::id()));
+    let up = std::process::Command::new(
+        std::path::Path::new(support::REPO).join("scripts/control-plane"),
+    )
+    .arg("up")
+    .arg(&dir)
+    .args(["--owner-pid", &std::process::id().to_string()])
+    .output()
+    .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let kubeconfig = dir.join("kubeconfig");
+    let at = |args: &[&str], stdin: Option<&str>| {
+        let mut full = vec!["--kubeconfig", kubeconfig.to_str().unwrap()];
+        full.extend_from_slice(args);
+        kubectl_ok(&full, stdin)
+    };
+    let crds = std::process::Command::new(support::OPERATOR_BIN)
+        .arg("crd")
+        .output()
+        .unwrap();
+    at(
+        &["apply", "--server-side", "-f", "-"],
+        Some(&String::from_utf8(crds.stdout).unwrap()),
+    );
+    at(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/kmsgrants.kmsgrant.io",
+            "crd/kmsproviderconfigs.kmsgrant.io",
+        ],
+        None,
+    );
+    at(&["create", "namespace", &env.namespace], None);
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "kms-credentials", "namespace": env.namespace},
+        "stringData": {
+            "accessKey": env.emulator.config().access_key,
+            "secretKey": env.emulator.config().secret_key.expose()
+        }
+    });
+    at(&["apply", "-f", "-"], Some(&secret.to_string()));
+    at(
+        &["apply", "-f", "-"],
+        Some(&env.provider_config(json!({})).to_string()),
+    );
+    at(
+        &["apply", "-f", "-"],
+        Some(&env.grant("app", &key, json!({})).to_string()),
+    );
+    let mut second = Operator::start_with(
+        &env.namespace,
+        "5s",
+        &[
+            "--cluster-name=",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ],
+    );
+    env.wait_for("app", "condition=Ready", 60);
+    at(
+        &[
+            "-n",
+            &env.namespace,
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=60s",
+            "kmsgrants/app",
+        ],
+        None,
+    );
+    let here = grant_id(&env.get("app"));
+    let there: Value = serde_json::from_str(&at(
+        &[
+            "-n",
+            &env.namespace,
+            "get",
+            "kmsgrants",
+            "app",
+            "-o",
+            "json",
+        ],
+        None,
+    ))
+    .unwrap();
+    let there = grant_id(&there);
+    assert_ne!(here, there, "two clusters share one grant");
+    let names: BTreeSet<String> = grants_on(&env, &key)
+        .into_iter()
+        .filter_map(|g| g.name)
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let uid = |config: &std::path::Path| {
+        kubectl_ok(
+            &[
+                "--kubeconfig",
+                config.to_str().unwrap(),
+                "get",
+                "namespace",
+                "kube-system",
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ],
+            None,
+        )
+    };
+    assert!(names.contains(&format!(
+        "k8s/{}/{}/app",
+        uid(support::kubeconfig()),
+        env.namespace
+    )));
+    assert!(names.contains(&format!("k8s/{}/{}/app", uid(&kubeconfig), env.namespace)));
+
+    at(
+        &[
+            "-n",
+            &env.namespace,
+            "delete",
+            "kmsgrants",
+            "app",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    let left: Vec<String> = grants_on(&env, &key)
+        .into_iter()
+        .map(|g| g.grant_id)
+        .collect();
+    assert_eq!(
+        left,
+        vec![here],
+        "deleting in one cluster must leave the other's grant"
+    );
+    second.kill();
+    let _ = std::process::Command::new(
+        std::path::Path::new(support::REPO).join("scripts/control-plane"),
+    )
+    .arg("down")
+    .arg(&dir)
+    .output();
+}

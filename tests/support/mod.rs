@@ -207,6 +207,11 @@ impl Env {
         self.operator = Some(Operator::start(&self.namespace, self.resync));
     }
 
+    /// Starts the operator with extra flags (which override the defaults).
+    pub fn start_operator_with(&mut self, extra: &[&str]) {
+        self.operator = Some(Operator::start_with(&self.namespace, self.resync, extra));
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill_operator(&mut self) {
         if let Some(mut operator) = self.operator.take() {
