@@ -204,7 +204,23 @@ async fn operate(
     let controllers = controller::run(client, settings, metrics.clone(), ready.clone(), async {
         let _ = stopped.await;
     });
-    let (result, ()) = tokio::join!(controllers, watcher);
+    let (result, ()) = tokio::join!(
+        async {
+            tokio::select! {
+                result = controllers => result,
+                // Leadership lost: reconciles stuck on an unreachable API server would hold a
+                // graceful shutdown forever. The fence already stops their KMS writes; give the
+                // others a moment, then exit so a restart comes back as a standby.
+                () = async {
+                    while !lost.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                } => Ok(()),
+            }
+        },
+        watcher
+    );
     metrics.set_leader(false);
     if lost.load(Ordering::Relaxed) {
         anyhow::bail!("lost the leader lease; exiting so that only one replica reconciles");

@@ -784,3 +784,212 @@ async fn two_clusters_on_one_key_with_defaults_stay_apart() {
     .arg(&dir)
     .output();
 }
+
+/// A TCP proxy between an operator and the API server that can be stalled: bytes stop flowing,
+/// connections stay open (as a partitioned or frozen API server looks).
+struct StallingProxy {
+    port: u16,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StallingProxy {
+    async fn start(upstream: String) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stalled.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut to) in [
+                    (
+                        Box::new(client_read) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(server_write) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                    ),
+                    (Box::new(server_read), Box::new(client_write)),
+                ] {
+                    let flag = flag.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let Ok(n) = from.read(&mut buf).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            while flag.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self { port, stalled }
+    }
+
+    fn stall(&self) {
+        self.stalled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn unix_ms(timestamp: &str) -> u64 {
+    let at: jiff::Timestamp = timestamp.parse().unwrap();
+    u64::try_from(at.as_millisecond()).unwrap()
+}
+
+fn lease(namespace: &str) -> Value {
+    serde_json::from_str(&kubectl_ok(
+        &[
+            "-n",
+            namespace,
+            "get",
+            "lease",
+            "kmsgrant-test",
+            "-o",
+            "json",
+        ],
+        None,
+    ))
+    .unwrap_or(Value::Null)
+}
+
+/// The leader loses the API server (a proxy stalls) but still reaches KMS, where grants keep
+/// being revoked out of band. Its fence closes a renew deadline after its last renew, before a
+/// standby can take over: in the emulator's call log, no write lands between the old leader's
+/// fence and the new leader's acquireTime, and the new leader then repairs the grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_leader_stops_writing_before_the_new_leader_starts() {
+    let env = Env::new("stalled", EmulatorConfig::for_tests(), "2s").await;
+    let key = env.new_key("stalled");
+    let kubeconfig = std::fs::read_to_string(support::kubeconfig()).unwrap();
+    let server = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://"))
+        .unwrap()
+        .to_owned();
+    let proxy = StallingProxy::start(server.clone()).await;
+    let proxied = std::env::temp_dir().join(format!("{}-proxied.kubeconfig", env.namespace));
+    std::fs::write(
+        &proxied,
+        kubeconfig.replace(&server, &format!("127.0.0.1:{}", proxy.port)),
+    )
+    .unwrap();
+    let election = [
+        "--leader-election",
+        "--lease-name",
+        "kmsgrant-test",
+        "--lease-namespace",
+        &env.namespace,
+        "--lease-duration",
+        "6s",
+    ];
+    let mut flags = election.to_vec();
+    flags.extend(["--kubeconfig", proxied.to_str().unwrap()]);
+    let mut old_leader = Operator::start_with(&env.namespace, "2s", &flags);
+    eventually("the first replica leads", Duration::from_secs(30), || {
+        lease(&env.namespace)["spec"]["holderIdentity"].is_string()
+    })
+    .await;
+    let old_identity = lease(&env.namespace)["spec"]["holderIdentity"].clone();
+    let mut standby = Operator::start_with(&env.namespace, "2s", &election);
+    env.apply(&env.grant("g", &key, json!({})));
+    env.wait_for("g", "condition=Ready", 60);
+
+    proxy.stall();
+    let stalled_at = Instant::now();
+    // The old leader's last renew, read past the proxy.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let last_renew = unix_ms(lease(&env.namespace)["spec"]["renewTime"].as_str().unwrap());
+    // Keep giving both replicas a reason to write: the grant vanishes again and again.
+    let mut taken_over = None;
+    while stalled_at.elapsed() < Duration::from_secs(40) {
+        for grant in grants_on(&env, &key) {
+            env.emulator.admin().revoke_out_of_band(&grant.grant_id);
+        }
+        let current = lease(&env.namespace);
+        if taken_over.is_none() && current["spec"]["holderIdentity"] != old_identity {
+            taken_over = Some(unix_ms(current["spec"]["acquireTime"].as_str().unwrap()));
+        }
+        if let Some(at) = taken_over
+            && env
+                .emulator
+                .admin()
+                .calls(0)
+                .iter()
+                .any(|c| c.operation == "create-grant" && c.status == 200 && c.at_ms > at + 2000)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let taken_over = taken_over.expect("the standby never took over");
+    // Fence: writes start only within 2/3 of the 6 s lease after the last renew began.
+    let fence = last_renew + 4000;
+    let writes: Vec<u64> = env
+        .emulator
+        .admin()
+        .calls(0)
+        .iter()
+        .filter(|c| {
+            matches!(
+                c.operation.as_str(),
+                "create-grant" | "revoke-grant" | "retire-grant"
+            )
+        })
+        .map(|c| c.at_ms)
+        .collect();
+    let in_between: Vec<&u64> = writes
+        .iter()
+        .filter(|&&at| at > fence + 250 && at < taken_over)
+        .collect();
+    eprintln!(
+        "last renew {last_renew}, fence {fence} (+{} ms), takeover {taken_over} (+{} ms), writes after the stall: {:?}",
+        fence - last_renew,
+        taken_over - last_renew,
+        writes
+            .iter()
+            .filter(|&&at| at > last_renew)
+            .map(|at| at - last_renew)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        in_between.is_empty(),
+        "writes landed after the old leader's fence ({fence}) and before the takeover ({taken_over}): {in_between:?}"
+    );
+    assert!(
+        fence < taken_over,
+        "the standby took over before the old leader's fence closed"
+    );
+    assert!(
+        writes.iter().any(|&at| at >= taken_over),
+        "the new leader never repaired the grant"
+    );
+    // The old leader gave up on its own.
+    let status = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = old_leader.try_wait() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the stalled leader kept running");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    assert!(
+        !status.success(),
+        "the stalled leader should exit with an error"
+    );
+    standby.kill();
+}
