@@ -930,6 +930,13 @@ mod tests {
                 (expected, when),
                 "{reason:?}"
             );
+            // A 40 KiB error_msg still makes a condition of the documented length.
+            for condition in super::super::conditions::conditions(&outcome, None, &[], "t") {
+                assert_eq!(
+                    condition.message.chars().count(),
+                    super::super::conditions::MAX_MESSAGE_CHARS
+                );
+            }
         }
         assert_eq!(
             requeue(&Outcome::Ready {
