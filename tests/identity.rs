@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kmsgrant::emulator::{EmulatorConfig, FaultSettings};
 use serde_json::{Value, json};
-use support::{CLUSTER, Env, Operator, TEST_LABEL, kubectl, kubectl_ok};
+use support::{CLUSTER, Env, Operator, StallingProxy, TEST_LABEL, kubectl, kubectl_ok};
 
 fn grant_id(object: &Value) -> String {
     object["status"]["grantId"]
@@ -785,65 +785,6 @@ async fn two_clusters_on_one_key_with_defaults_stay_apart() {
     .output();
 }
 
-/// A TCP proxy between an operator and the API server that can be stalled: bytes stop flowing,
-/// connections stay open (as a partitioned or frozen API server looks).
-struct StallingProxy {
-    port: u16,
-    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl StallingProxy {
-    async fn start(upstream: String) -> Self {
-        use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stalled.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
-                    continue;
-                };
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = server.into_split();
-                for (mut from, mut to) in [
-                    (
-                        Box::new(client_read) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-                        Box::new(server_write) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
-                    ),
-                    (Box::new(server_read), Box::new(client_write)),
-                ] {
-                    let flag = flag.clone();
-                    tokio::spawn(async move {
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                        let mut buf = vec![0u8; 16 * 1024];
-                        loop {
-                            let Ok(n) = from.read(&mut buf).await else {
-                                return;
-                            };
-                            if n == 0 {
-                                return;
-                            }
-                            while flag.load(Ordering::SeqCst) {
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                            if to.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    });
-                }
-            }
-        });
-        Self { port, stalled }
-    }
-
-    fn stall(&self) {
-        self.stalled
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 fn unix_ms(timestamp: &str) -> u64 {
     let at: jiff::Timestamp = timestamp.parse().unwrap();
     u64::try_from(at.as_millisecond()).unwrap()
@@ -873,19 +814,8 @@ fn lease(namespace: &str) -> Value {
 async fn stalled_leader_stops_writing_before_the_new_leader_starts() {
     let env = Env::new("stalled", EmulatorConfig::for_tests(), "2s").await;
     let key = env.new_key("stalled");
-    let kubeconfig = std::fs::read_to_string(support::kubeconfig()).unwrap();
-    let server = kubeconfig
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("server: https://"))
-        .unwrap()
-        .to_owned();
-    let proxy = StallingProxy::start(server.clone()).await;
-    let proxied = std::env::temp_dir().join(format!("{}-proxied.kubeconfig", env.namespace));
-    std::fs::write(
-        &proxied,
-        kubeconfig.replace(&server, &format!("127.0.0.1:{}", proxy.port)),
-    )
-    .unwrap();
+    let proxy = StallingProxy::start().await;
+    let proxied = proxy.kubeconfig(&env.namespace);
     let election = [
         "--leader-election",
         "--lease-name",

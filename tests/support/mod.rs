@@ -343,6 +343,16 @@ impl Operator {
 
     /// Starts an operator with extra flags (which may override the defaults above).
     pub fn start_with(namespace: &str, resync: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(namespace, resync, extra, &[])
+    }
+
+    /// Starts an operator with extra flags and environment variables.
+    pub fn start_with_env(
+        namespace: &str,
+        resync: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         static STARTS: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join("kmsgrant-e2e");
         std::fs::create_dir_all(&dir).unwrap();
@@ -385,11 +395,17 @@ impl Operator {
                 "127.0.0.1:0",
             ])
             .args(extra)
+            .envs(envs.iter().copied())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
             .expect("the operator starts");
         Self { child, log }
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The exit status, once the process has exited.
@@ -417,5 +433,90 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A TCP proxy between an operator and the API server that can be stalled: bytes stop flowing,
+/// connections stay open (as a partitioned or frozen API server looks).
+pub struct StallingProxy {
+    pub port: u16,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StallingProxy {
+    /// A proxy in front of the test control plane's API server.
+    pub async fn start() -> Self {
+        let kubeconfig = std::fs::read_to_string(kubeconfig()).unwrap();
+        let upstream = kubeconfig
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: https://"))
+            .unwrap()
+            .to_owned();
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stalled.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut to) in [
+                    (
+                        Box::new(client_read) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                        Box::new(server_write) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                    ),
+                    (Box::new(server_read), Box::new(client_write)),
+                ] {
+                    let flag = flag.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let Ok(n) = from.read(&mut buf).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            while flag.load(Ordering::SeqCst) {
+                                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self { port, stalled }
+    }
+
+    pub fn stall(&self) {
+        self.stalled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.stalled
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A kubeconfig that reaches the API server through this proxy.
+    pub fn kubeconfig(&self, name: &str) -> PathBuf {
+        let original = std::fs::read_to_string(kubeconfig()).unwrap();
+        let upstream = original
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: https://"))
+            .unwrap()
+            .to_owned();
+        let path = std::env::temp_dir().join(format!("{name}-proxied.kubeconfig"));
+        let proxied = original.replace(&upstream, &format!("127.0.0.1:{}", self.port));
+        std::fs::write(&path, proxied).unwrap();
+        path
     }
 }

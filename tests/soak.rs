@@ -1,0 +1,653 @@
+//! The chaos soak: KmsGrants under churn while replicas are killed, the leader's API traffic
+//! stalls, one replica's clock is skewed, and the KMS misbehaves; the identity invariants are
+//! checked throughout and at the end.
+//!
+//! In the suite it runs short (`KMSGRANT_SOAK_MINUTES`, default 1.5 min of chaos, 150 grants);
+//! `scripts/soak MINUTES` runs the long version (1,000 grants) and writes the table to
+//! `docs/reliability.md` (`KMSGRANT_SOAK_REPORT`).
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use kmsgrant::api::KmsGrant;
+use kmsgrant::emulator::{EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::json;
+use support::{CLUSTER, Env, Operator, StallingProxy};
+
+const RESYNC: &str = "5s";
+const RESYNC_SECONDS: u64 = 5;
+const LEASE: &str = "6s";
+/// Renew deadline of a 6 s lease: writes are fenced this long after the last renew began.
+const FENCE_MS: u64 = 4000;
+const KEYS: usize = 10;
+const SKEW_SECONDS: i64 = 40;
+
+fn setting(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn millis(timestamp: &str) -> Option<u64> {
+    let at: jiff::Timestamp = timestamp.parse().ok()?;
+    u64::try_from(at.as_millisecond()).ok()
+}
+
+/// One operator replica, restarted whenever it dies (as Kubernetes would).
+struct Replica {
+    flags: Vec<String>,
+    skew: i64,
+    process: Option<Operator>,
+    namespace: String,
+}
+
+impl Replica {
+    fn start(&mut self) {
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        let skew = self.skew.to_string();
+        let envs: Vec<(&str, &str)> = if self.skew != 0 {
+            vec![("KMSGRANT_TEST_CLOCK_SKEW_SECONDS", skew.as_str())]
+        } else {
+            vec![]
+        };
+        self.process = Some(Operator::start_with_env(
+            &self.namespace,
+            RESYNC,
+            &flags,
+            &envs,
+        ));
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Operator::pid)
+    }
+
+    /// Restarts it if it exited (a lost lease exits on purpose).
+    fn keep_alive(&mut self) -> bool {
+        let exited = self.process.as_mut().is_none_or(|p| p.try_wait().is_some());
+        if exited {
+            self.start();
+        }
+        exited
+    }
+}
+
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+#[derive(Default)]
+struct Observations {
+    /// (local ms when first seen, holder, renewTime ms in the holder's clock, acquireTime ms).
+    lease: Vec<(u64, String, u64, u64)>,
+    /// (at_ms, operation) of every KMS write answered or dropped.
+    writes: Vec<(u64, String)>,
+    /// Calls of any kind, by arrival time.
+    calls: Vec<u64>,
+    outages: Vec<(u64, u64)>,
+    cross_identity: BTreeSet<String>,
+    rss_max: f64,
+    rss_samples: Vec<(u64, f64)>,
+    kills: usize,
+    stalls: usize,
+    restarts: usize,
+    fault_phases: BTreeMap<&'static str, usize>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_soak_keeps_every_identity_invariant() {
+    let minutes = setting("KMSGRANT_SOAK_MINUTES", 1.5);
+    let long = minutes > 5.0;
+    let initial = setting("KMSGRANT_SOAK_GRANTS", if long { 1000.0 } else { 150.0 }) as usize;
+    let churn_per_second = setting("KMSGRANT_SOAK_CHURN", if long { 5.0 } else { 3.0 });
+    let outage = Duration::from_secs(if long { 60 } else { 10 });
+    let chaos_for = Duration::from_secs_f64(minutes * 60.0);
+    let started = Instant::now();
+
+    // Room above 100 per key: replacements create first, and churn re-creates deleted names.
+    let env = Env::new(
+        "soak",
+        EmulatorConfig {
+            grants_per_key: 1000,
+            ..EmulatorConfig::for_tests()
+        },
+        RESYNC,
+    )
+    .await;
+    let keys: Vec<String> = (0..KEYS)
+        .map(|i| env.new_key(&format!("soak-{i}")))
+        .collect();
+    let proxy = StallingProxy::start().await;
+    let proxied = proxy.kubeconfig(&env.namespace);
+    let election = |extra: &[&str]| {
+        let mut flags: Vec<String> = [
+            "--leader-election",
+            "--lease-name",
+            "soak",
+            "--lease-namespace",
+            &env.namespace,
+            "--lease-duration",
+            LEASE,
+            "--backoff-max",
+            "5s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        flags
+    };
+    let replicas = Arc::new(Mutex::new(vec![
+        Replica {
+            flags: election(&["--kubeconfig", proxied.to_str().unwrap()]),
+            skew: 0,
+            process: None,
+            namespace: env.namespace.clone(),
+        },
+        Replica {
+            flags: election(&[]),
+            skew: SKEW_SECONDS,
+            process: None,
+            namespace: env.namespace.clone(),
+        },
+    ]));
+    for replica in replicas.lock().unwrap().iter_mut() {
+        replica.start();
+    }
+
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(support::kubeconfig()).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let api: Api<KmsGrant> = Api::namespaced(client.clone(), &env.namespace);
+    let manifest = {
+        let (namespace, provider) = (env.namespace.clone(), env.provider.clone());
+        move |name: &str, key: &str, operations: &[&str]| -> KmsGrant {
+            serde_json::from_value(json!({
+                "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+                "metadata": {"name": name, "labels": {support::TEST_LABEL: namespace}},
+                "spec": {
+                    "providerConfigRef": {"name": provider},
+                    "keyId": key,
+                    "granteePrincipal": "13gg44z4g2sglzk0egw0u726zoyzvrs8",
+                    "operations": operations,
+                }
+            }))
+            .unwrap()
+        }
+    };
+    const OPS_A: &[&str] = &["describe-key", "create-datakey", "encrypt-datakey"];
+    const OPS_B: &[&str] = &["describe-key", "decrypt-datakey"];
+    let apply = PatchParams::apply("soak").force();
+    for i in 0..initial {
+        let name = format!("g{i}");
+        let object = manifest(&name, &keys[i % KEYS], OPS_A);
+        api.patch(&name, &apply, &Patch::Apply(&object))
+            .await
+            .unwrap();
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let obs = Arc::new(Mutex::new(Observations::default()));
+
+    // Churn: create, change and delete objects.
+    let churn = {
+        let (api, stop, keys) = (api.clone(), stop.clone(), keys.clone());
+        let manifest = manifest.clone();
+        let apply = apply.clone();
+        let mut next = initial;
+        tokio::spawn(async move {
+            let mut ops = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let name = format!("g{}", fastrand::usize(0..next));
+                match fastrand::u8(0..3) {
+                    0 => {
+                        let name = format!("g{next}");
+                        next += 1;
+                        let object = manifest(&name, &keys[next % KEYS], OPS_A);
+                        let _ = api.patch(&name, &apply, &Patch::Apply(&object)).await;
+                    }
+                    1 => {
+                        let ops_now = if fastrand::bool() { OPS_A } else { OPS_B };
+                        let key = &keys[fastrand::usize(0..KEYS)];
+                        if api.get_opt(&name).await.ok().flatten().is_some() {
+                            let object = manifest(&name, key, ops_now);
+                            let _ = api.patch(&name, &apply, &Patch::Apply(&object)).await;
+                        }
+                    }
+                    _ => {
+                        let _ = api.delete(&name, &DeleteParams::default()).await;
+                    }
+                }
+                ops += 1;
+                tokio::time::sleep(Duration::from_secs_f64(1.0 / churn_per_second)).await;
+            }
+            ops
+        })
+    };
+
+    // Chaos: kills, stalls and KMS fault phases, one at a time at random intervals.
+    let chaos = {
+        let (stop, obs, replicas) = (stop.clone(), obs.clone(), replicas.clone());
+        let admin = env.emulator.admin();
+        let proxy_stalled = Arc::new(AtomicBool::new(false));
+        let proxy = Arc::new(proxy);
+        let proxy_for_chaos = proxy.clone();
+        tokio::spawn(async move {
+            let inject = |operation: &str, rate: f64, error: InjectedError| FaultSettings {
+                errors: BTreeMap::from([(operation.to_owned(), ErrorInjection { rate, error })]),
+                ..FaultSettings::default()
+            };
+            let mut round = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let wait = if long {
+                    fastrand::u64(5..=60)
+                } else {
+                    fastrand::u64(3..=8)
+                };
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                round += 1;
+                match round % 9 {
+                    0 | 4 => {
+                        let which = fastrand::usize(0..2);
+                        if let Some(p) = replicas.lock().unwrap()[which].process.as_mut() {
+                            p.kill();
+                        }
+                        obs.lock().unwrap().kills += 1;
+                    }
+                    1 => {
+                        proxy_for_chaos.stall();
+                        proxy_stalled.store(true, Ordering::Relaxed);
+                        obs.lock().unwrap().stalls += 1;
+                        tokio::time::sleep(Duration::from_secs(9)).await;
+                        proxy_for_chaos.resume();
+                    }
+                    phase => {
+                        let (label, faults, hold) = match phase {
+                            8 => (
+                                "latency spike 300-800 ms",
+                                FaultSettings {
+                                    latency_ms: 300,
+                                    jitter_ms: 500,
+                                    ..FaultSettings::default()
+                                },
+                                Duration::from_secs(8),
+                            ),
+                            2 => (
+                                "30% 5xx on every call",
+                                inject("*", 0.3, InjectedError::Unavailable),
+                                Duration::from_secs(10),
+                            ),
+                            5 => (
+                                "429 storm",
+                                FaultSettings {
+                                    throttle_per_second: Some(5.0),
+                                    ..FaultSettings::default()
+                                },
+                                Duration::from_secs(10),
+                            ),
+                            6 => (
+                                "commit, then drop 10% of writes",
+                                FaultSettings {
+                                    drop_after_commit: BTreeMap::from([
+                                        ("create-grant".to_owned(), 0.1),
+                                        ("revoke-grant".to_owned(), 0.1),
+                                    ]),
+                                    ..FaultSettings::default()
+                                },
+                                Duration::from_secs(10),
+                            ),
+                            7 => (
+                                "commit, then 5xx on creates",
+                                FaultSettings {
+                                    error_after_commit: BTreeMap::from([(
+                                        "create-grant".to_owned(),
+                                        0.3,
+                                    )]),
+                                    ..FaultSettings::default()
+                                },
+                                Duration::from_secs(10),
+                            ),
+                            _ => (
+                                // 3: early, so the short run has one too.
+                                "outage",
+                                inject("*", 1.0, InjectedError::Unavailable),
+                                outage,
+                            ),
+                        };
+                        admin.set_faults(faults).unwrap();
+                        let from = now_ms();
+                        *obs.lock().unwrap().fault_phases.entry(label).or_default() += 1;
+                        tokio::time::sleep(hold).await;
+                        admin.set_faults(FaultSettings::default()).unwrap();
+                        if label == "outage" {
+                            obs.lock().unwrap().outages.push((from, now_ms()));
+                        }
+                    }
+                }
+            }
+            admin.set_faults(FaultSettings::default()).unwrap();
+            proxy_for_chaos.resume();
+        })
+    };
+
+    // Observation: the lease, the call log, memory, and cross-identity ownership.
+    let sampler = {
+        let (stop, obs, replicas, api) = (stop.clone(), obs.clone(), replicas.clone(), api.clone());
+        let admin = env.emulator.admin();
+        let namespace = env.namespace.clone();
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client.clone(), &env.namespace);
+        tokio::spawn(async move {
+            let mut seq = 0u64;
+            let mut tick = 0u64;
+            let mut last_lease = None;
+            while !stop.load(Ordering::Relaxed) {
+                tick += 1;
+                if let Ok(Some(lease)) = leases.get_opt("soak").await {
+                    let spec = lease.spec.unwrap_or_default();
+                    let record = (
+                        spec.holder_identity.unwrap_or_default(),
+                        spec.renew_time
+                            .and_then(|t| millis(&t.0.to_string()))
+                            .unwrap_or(0),
+                        spec.acquire_time
+                            .and_then(|t| millis(&t.0.to_string()))
+                            .unwrap_or(0),
+                    );
+                    if last_lease.as_ref() != Some(&record) {
+                        obs.lock().unwrap().lease.push((
+                            now_ms(),
+                            record.0.clone(),
+                            record.1,
+                            record.2,
+                        ));
+                        last_lease = Some(record);
+                    }
+                }
+                let calls = admin.calls(seq);
+                {
+                    let mut o = obs.lock().unwrap();
+                    for call in &calls {
+                        seq = seq.max(call.seq);
+                        o.calls.push(call.at_ms);
+                        if matches!(
+                            call.operation.as_str(),
+                            "create-grant" | "revoke-grant" | "retire-grant"
+                        ) {
+                            o.writes.push((call.at_ms, call.operation.clone()));
+                        }
+                    }
+                    let mut restarted = 0;
+                    let mut replicas = replicas.lock().unwrap();
+                    for replica in replicas.iter_mut() {
+                        if replica.keep_alive() {
+                            restarted += 1;
+                        }
+                        if let Some(rss) = replica.pid().and_then(rss_mib) {
+                            o.rss_max = o.rss_max.max(rss);
+                            if tick.is_multiple_of(10) {
+                                o.rss_samples.push((now_ms(), rss));
+                            }
+                        }
+                    }
+                    o.restarts += restarted;
+                }
+                if tick.is_multiple_of(5)
+                    && let Ok(list) = api.list(&ListParams::default()).await
+                {
+                    for object in list.items {
+                        let name = object.metadata.name.clone().unwrap_or_default();
+                        let identity = format!("k8s/{CLUSTER}/{namespace}/{name}");
+                        let recorded = object.status.as_ref().and_then(|s| s.grant_name.clone());
+                        if recorded.is_some_and(|r| r != identity) {
+                            obs.lock().unwrap().cross_identity.insert(name);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+
+    tokio::time::sleep(chaos_for).await;
+    stop.store(true, Ordering::Relaxed);
+    let churned = churn.await.unwrap();
+    chaos.await.unwrap();
+    sampler.await.unwrap();
+    env.emulator
+        .admin()
+        .set_faults(FaultSettings::default())
+        .unwrap();
+    for replica in replicas.lock().unwrap().iter_mut() {
+        replica.keep_alive();
+    }
+    let chaos_ended = Instant::now();
+
+    // Settle: every object Ready at its generation, and exactly its grant on KMS.
+    let settle_limit = Duration::from_secs(300);
+    let converged_after = loop {
+        for replica in replicas.lock().unwrap().iter_mut() {
+            replica.keep_alive();
+        }
+        let objects = api.list(&ListParams::default()).await.unwrap().items;
+        let grants = env.emulator.admin().dump().grants;
+        let on_kms: BTreeMap<String, usize> =
+            grants.iter().fold(BTreeMap::new(), |mut counts, g| {
+                *counts
+                    .entry(g.name.clone().unwrap_or_default())
+                    .or_default() += 1;
+                counts
+            });
+        let not_ready: Vec<String> = objects
+            .iter()
+            .filter(|o| o.metadata.deletion_timestamp.is_none())
+            .filter(|o| {
+                let status = o.status.clone().unwrap_or_default();
+                status.observed_generation != o.metadata.generation
+                    || !status.conditions.iter().any(|c| {
+                        c.type_ == "Ready" && c.status == kmsgrant::api::ConditionStatus::True
+                    })
+            })
+            .filter_map(|o| o.metadata.name.clone())
+            .collect();
+        let expected = objects
+            .iter()
+            .filter(|o| o.metadata.deletion_timestamp.is_none())
+            .count();
+        if not_ready.is_empty() && grants.len() == expected && on_kms.values().all(|&n| n == 1) {
+            break chaos_ended.elapsed();
+        }
+        let problem = format!(
+            "{} objects not Ready (e.g. {:?}), {} grants for {expected} objects",
+            not_ready.len(),
+            not_ready.iter().take(3).collect::<Vec<_>>(),
+            grants.len()
+        );
+        assert!(
+            chaos_ended.elapsed() < settle_limit,
+            "did not converge within {settle_limit:?} after chaos: {problem}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+
+    // Final invariants.
+    let objects = api.list(&ListParams::default()).await.unwrap().items;
+    let grants = env.emulator.admin().dump().grants;
+    let identities: BTreeSet<String> = objects
+        .iter()
+        .filter_map(|o| o.metadata.name.clone())
+        .map(|name| format!("k8s/{CLUSTER}/{}/{name}", env.namespace))
+        .collect();
+    let mut per_identity: BTreeMap<String, usize> = BTreeMap::new();
+    for grant in &grants {
+        *per_identity
+            .entry(grant.name.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    let duplicates = per_identity.values().filter(|&&n| n > 1).count();
+    let leaks = grants
+        .iter()
+        .filter(|g| !identities.contains(g.name.as_deref().unwrap_or_default()))
+        .count();
+    let present: BTreeSet<&str> = grants.iter().map(|g| g.grant_id.as_str()).collect();
+    let ready_without_grant = objects
+        .iter()
+        .filter(|o| {
+            o.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == kmsgrant::api::ConditionStatus::True)
+                    && !s.grant_id.as_deref().is_some_and(|id| present.contains(id))
+            })
+        })
+        .count();
+    let o = obs.lock().unwrap();
+    // Writes by a non-leader: any write after a holder's fence closed and before the next
+    // holder acquired (times in each holder's clock corrected by its known skew).
+    let skew_of = |holder: &str, renew_ms: u64, seen_ms: u64| {
+        // The skewed replica writes times 40 s ahead of the local clock.
+        if renew_ms > seen_ms + 20_000 {
+            let _ = holder;
+            (SKEW_SECONDS * 1000) as u64
+        } else {
+            0
+        }
+    };
+    let mut gaps = Vec::new();
+    for pair in o.lease.windows(2) {
+        let (seen_a, holder_a, renew_a, _) = &pair[0];
+        let (seen_b, holder_b, renew_b, acquire_b) = &pair[1];
+        if holder_a != holder_b && !holder_a.is_empty() {
+            let fence = renew_a - skew_of(holder_a, *renew_a, *seen_a) + FENCE_MS + 250;
+            let acquired = acquire_b.saturating_sub(skew_of(holder_b, *renew_b, *seen_b));
+            if acquired > fence {
+                gaps.push((fence, acquired));
+            }
+        }
+    }
+    let non_leader_writes = o
+        .writes
+        .iter()
+        .filter(|(at, _)| gaps.iter().any(|(from, to)| at > from && at < to))
+        .count();
+    let outage_calls = o
+        .calls
+        .iter()
+        .filter(|at| o.outages.iter().any(|(from, to)| *at >= from && *at <= to))
+        .count();
+    let cross = o.cross_identity.len();
+
+    let table = format!(
+        "| invariant | count |\n| --- | --- |\n\
+         | duplicates (grants per identity > 1, after settling) | {duplicates} |\n\
+         | leaks (grants whose object is gone) | {leaks} |\n\
+         | cross-identity adoptions (status names another identity) | {cross} |\n\
+         | objects Ready whose grant is missing | {ready_without_grant} |\n\
+         | writes by a non-leader (between a fence and the next acquire) | {non_leader_writes} |\n\n\
+         | figure | value |\n| --- | --- |\n\
+         | chaos duration | {:.1} min |\n\
+         | objects at the start / at the end | {initial} / {} |\n\
+         | churn operations (create, change, delete) | {churned} |\n\
+         | replica kills / lost-lease exits and restarts | {} / {} |\n\
+         | API stalls longer than the lease | {} |\n\
+         | KMS fault phases | {} |\n\
+         | KMS calls during outages ({} s each) | {outage_calls} |\n\
+         | KMS writes in total | {} |\n\
+         | leader changes seen | {} |\n\
+         | converged after chaos stopped | {:.1} s (two resync periods: {} s) |\n\
+         | peak RSS of a replica | {:.0} MiB |\n",
+        chaos_for.as_secs_f64() / 60.0,
+        objects.len(),
+        o.kills,
+        o.restarts,
+        o.stalls,
+        o.fault_phases
+            .iter()
+            .map(|(k, v)| format!("{k} ×{v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        outage.as_secs(),
+        o.writes.len(),
+        gaps.len(),
+        converged_after.as_secs_f64(),
+        2 * RESYNC_SECONDS,
+        o.rss_max,
+    );
+    eprintln!("{table}");
+    if let Ok(path) = std::env::var("KMSGRANT_SOAK_REPORT") {
+        let commit = std::process::Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .current_dir(support::REPO)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        let rss: Vec<String> = o
+            .rss_samples
+            .iter()
+            .step_by((o.rss_samples.len() / 12).max(1))
+            .map(|(_, mib)| format!("{mib:.0}"))
+            .collect();
+        let report = format!(
+            "# Reliability: the chaos soak\n\n\
+             Written by `scripts/soak {minutes}` at commit `{commit}` in {:.1} min. Parameters: \
+             {initial} KmsGrants on {KEYS} keys, churn {churn_per_second}/s, two replicas with \
+             leader election (lease {LEASE}), one behind a TCP proxy that stalls for 9 s, the \
+             other with its lease clock {SKEW_SECONDS} s ahead; replicas SIGKILLed at random \
+             ({}–60 s apart); KMS phases: latency spikes, 30 % 5xx, 429 storms, commit-then-drop \
+             on 10 % of writes, commit-then-5xx on 30 % of creates, a {} s outage; resync \
+             {RESYNC}. The API server is not restarted (not done yet).\n\n{table}\n\
+             RSS of a replica over time (MiB, sampled): {}\n",
+            started.elapsed().as_secs_f64() / 60.0,
+            if long { 5 } else { 3 },
+            outage.as_secs(),
+            rss.join(", ")
+        );
+        std::fs::write(&path, report).unwrap();
+    }
+    assert_eq!(
+        (
+            duplicates,
+            leaks,
+            cross,
+            ready_without_grant,
+            non_leader_writes
+        ),
+        (0, 0, 0, 0, 0),
+        "invariants violated:\n{table}"
+    );
+    for replica in replicas.lock().unwrap().iter_mut() {
+        if let Some(p) = replica.process.as_mut() {
+            p.kill();
+        }
+    }
+}
