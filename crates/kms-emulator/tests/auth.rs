@@ -1,7 +1,6 @@
 //! IAM (tokens, catalog, domains, projects) and AK/SK signatures in the header styles real SDKs
 //! send. Signatures are computed by an independent implementation in tests/support.
-mod emulator_support;
-use emulator_support as support;
+mod support;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -19,7 +18,7 @@ async fn password_tokens_are_issued_for_a_project_by_id_or_name_and_for_the_doma
     };
     let by_name = h
         .send(h.http.post(&url).json(&request(
-            config.password.expose(),
+            config.password.as_str(),
             json!({"project": {"name": "eu-de"}}),
         )))
         .await;
@@ -45,7 +44,7 @@ async fn password_tokens_are_issued_for_a_project_by_id_or_name_and_for_the_doma
 
     let domain = h
         .send(h.http.post(&url).json(&request(
-            config.password.expose(),
+            config.password.as_str(),
             json!({"domain": {"name": config.domain_name}}),
         )))
         .await;
@@ -58,7 +57,7 @@ async fn password_tokens_are_issued_for_a_project_by_id_or_name_and_for_the_doma
 
     let nocatalog = h
         .send(h.http.post(format!("{url}?nocatalog=true")).json(&request(
-            config.password.expose(),
+            config.password.as_str(),
             json!({"project": {"id": config.project_id}}),
         )))
         .await;
@@ -75,7 +74,7 @@ async fn password_tokens_are_issued_for_a_project_by_id_or_name_and_for_the_doma
     assert_eq!(wrong.body["error"]["code"], 401);
     let unknown_project = h
         .send(h.http.post(&url).json(&request(
-            config.password.expose(),
+            config.password.as_str(),
             json!({"project": {"name": "eu-nl"}}),
         )))
         .await;
@@ -112,7 +111,7 @@ async fn signed_list_keys(
     let authorization = sign(
         &variant,
         &config.access_key,
-        config.secret_key.expose(),
+        config.secret_key.as_str(),
         "POST",
         &path,
         "",
@@ -206,7 +205,7 @@ async fn a_signature_over_a_header_the_request_lacks_is_rejected() {
     let authorization = sign(
         &Variant::Huawei,
         &config.access_key,
-        config.secret_key.expose(),
+        config.secret_key.as_str(),
         "POST",
         &path,
         "",
@@ -257,7 +256,7 @@ async fn the_catalog_lists_kms_for_token_and_signature_callers_with_the_project_
     let authorization = sign(
         &otc,
         &config.access_key,
-        config.secret_key.expose(),
+        config.secret_key.as_str(),
         "GET",
         "/v3/auth/catalog",
         "",
@@ -375,7 +374,7 @@ async fn domains_and_projects_are_listed_with_and_without_a_name_filter() {
     let authorization = sign(
         &Variant::Huawei,
         &config.access_key,
-        config.secret_key.expose(),
+        config.secret_key.as_str(),
         "GET",
         "/v3/projects",
         "name=eu-de",

@@ -1,9 +1,8 @@
 //! The conformance table: each case a request and the HTTP status and `error_code` the
 //! documented service answers (shared/design/kms-api.md, the reference error table).
-mod emulator_support;
-use emulator_support as support;
+mod support;
 
-use kmsgrant::emulator::{KeyState, NewKey, NewUser, TokenScope};
+use kms_emulator::{KeyState, NewKey, NewUser, TokenScope};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{GRANTEE, Harness, Variant, default_key_id, sdk_date, sign};
@@ -709,7 +708,7 @@ async fn run_case(h: &Harness, world: &World, case: &Case) -> (StatusCode, Optio
             body.as_bytes(),
         )
     };
-    let secret = config.secret_key.expose();
+    let secret = config.secret_key.as_str();
     let otc = Variant::Otc {
         region: config.region.clone(),
         service: "kms".into(),

@@ -1,11 +1,11 @@
 //! A local DEW/KMS v1.0 and IAM v3 that behaves like the documented service: same paths, fields,
 //! string-typed pagination, error codes and HTTP statuses (`shared/design/kms-api.md`), both
 //! token and AK/SK (`SDK-HMAC-SHA256`, both variants) authentication, quotas, and faults on
-//! purpose. See `docs/emulator.md`.
+//! purpose. See `README.md` of this crate.
 //!
 //! ```no_run
 //! # async fn example() -> std::io::Result<()> {
-//! use kmsgrant::emulator::{Emulator, EmulatorConfig};
+//! use kms_emulator::{Emulator, EmulatorConfig};
 //! let emulator = Emulator::start(EmulatorConfig::for_tests()).await?;
 //! let kms = emulator.kms_endpoint(); // http://127.0.0.1:PORT/v1.0/{project_id}
 //! emulator.admin().grant_counts();
@@ -24,7 +24,6 @@ pub mod stats;
 pub mod validation;
 
 use std::net::SocketAddr;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -114,60 +113,6 @@ impl RunningEmulator {
     }
 }
 
-/// `kmsgrant-operator emulator`: runs until Ctrl-C or SIGTERM.
-pub fn run(args: EmulatorArgs) -> ExitCode {
-    let config = match args.into_config() {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("error: {error}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        let emulator = match Emulator::start(config).await {
-            Ok(emulator) => emulator,
-            Err(error) => {
-                eprintln!("error: cannot start the emulator: {error}");
-                return ExitCode::FAILURE;
-            }
-        };
-        println!("{}", startup_banner(&emulator));
-        wait_for_stop_signal().await;
-        emulator.shutdown().await;
-        ExitCode::SUCCESS
-    })
-}
-
-async fn wait_for_stop_signal() {
-    #[cfg(unix)]
-    {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(terminate) => terminate,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 /// What a person needs to use the emulator right away (its credentials are not secrets).
 pub fn startup_banner(emulator: &RunningEmulator) -> String {
     let c = emulator.config();
@@ -194,9 +139,9 @@ pub fn startup_banner(emulator: &RunningEmulator) -> String {
         domain_id = c.domain_id,
         username = c.username,
         user_id = c.user_id,
-        password = c.password.expose(),
+        password = c.password,
         ak = c.access_key,
-        sk = c.secret_key.expose(),
+        sk = c.secret_key,
         grants = c.grants_per_key,
         keys = c.keys_per_project,
         state = c

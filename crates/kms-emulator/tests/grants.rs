@@ -1,11 +1,10 @@
 //! Grant behaviour as clients see it: pagination, quotas, key states, revoke and retire rules,
 //! the shape of listed grants, and correctness under concurrent calls.
-mod emulator_support;
-use emulator_support as support;
+mod support;
 
 use std::collections::BTreeSet;
 
-use kmsgrant::emulator::{EmulatorConfig, NewUser, TokenScope};
+use kms_emulator::{EmulatorConfig, NewUser, TokenScope};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{GRANTEE, Harness, default_key_id};

@@ -7,7 +7,6 @@ use serde_json::{Value, json};
 
 use super::errors::{ErrorCode, KmsError};
 use super::validation::{self, KeyReference, Page};
-use crate::kms::signer::SecretKey;
 
 /// Aliases of the Default Master Keys present from the start.
 pub const DEFAULT_KEY_ALIASES: [&str; 2] = ["obs/default", "evs/default"];
@@ -148,14 +147,15 @@ impl<'a> From<&'a Grant> for ListedGrant<'a> {
     }
 }
 
-/// An IAM user who can get tokens (password) and sign requests (access key).
+/// An IAM user who can get tokens (password) and sign requests (access key). The emulator's
+/// users are test fixtures, printed in its banner: their credentials are plain strings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct User {
     pub name: String,
     pub user_id: String,
-    pub password: SecretKey,
+    pub password: String,
     pub access_key: Option<String>,
-    pub secret_key: Option<SecretKey>,
+    pub secret_key: Option<String>,
 }
 
 /// What a token is scoped to.

@@ -6,7 +6,7 @@ use axum::http::HeaderMap;
 
 use super::errors::{ErrorCode, IamError, KmsError};
 use super::state::{Caller, TokenScope, World};
-use crate::kms::signer::{self, RequestParts, SdkDateTime, SignatureError};
+use kmsgrant_kms_signer::{self as signer, RequestParts, SdkDateTime, SignatureError};
 
 /// An authenticated KMS caller and the credential the throttle counts against.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,7 +38,7 @@ fn verify_signature(
     let verified = signer::verify(request, SdkDateTime::from_system_time(now), |access_key| {
         world
             .user_by_access_key(access_key)
-            .and_then(|user| user.secret_key.clone())
+            .and_then(|user| user.secret_key.as_deref().map(signer::SecretKey::from))
     })?;
     world
         .user_by_access_key(&verified.access_key)

@@ -15,11 +15,11 @@
 //! the `SignedHeaders` list it carries (real clients sign different header sets) and rejects more
 //! than [`MAX_CLOCK_SKEW_SECONDS`] of clock difference. Everything here is pure: the caller passes
 //! the time.
-use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use http::HeaderMap;
+pub use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 /// The only algorithm name the gateway knows.
@@ -33,37 +33,11 @@ pub const MAX_CLOCK_SKEW_SECONDS: i64 = 15 * 60;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// A secret access key. `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretKey(String);
-
-impl SecretKey {
-    pub fn new(secret: impl Into<String>) -> Self {
-        Self(secret.into())
-    }
-
-    /// The secret itself, for the few places that must use it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::str::FromStr for SecretKey {
-    type Err = std::convert::Infallible;
-
-    fn from_str(secret: &str) -> Result<Self, Self::Err> {
-        Ok(Self::new(secret))
-    }
-}
-
-impl fmt::Debug for SecretKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SecretKey(<redacted>)")
-    }
-}
+/// A secret access key: `secrecy` keeps it out of `Debug` and zeroes it on drop.
+pub type SecretKey = SecretString;
 
 /// An access key ID and its secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct AccessKeyPair {
     pub access_key: String,
     pub secret_key: SecretKey,
@@ -73,7 +47,7 @@ impl AccessKeyPair {
     pub fn new(access_key: impl Into<String>, secret_key: impl Into<String>) -> Self {
         Self {
             access_key: access_key.into(),
-            secret_key: SecretKey::new(secret_key),
+            secret_key: SecretString::from(secret_key.into()),
         }
     }
 }
@@ -116,104 +90,53 @@ impl SdkDateTime {
         self.unix_seconds
     }
 
-    /// Parses the `X-Sdk-Date` format `yyyymmddThhmmssZ`.
+    /// Parses the `X-Sdk-Date` format `yyyymmddThhmmssZ` (exactly 16 characters, UTC).
     pub fn parse(text: &str) -> Option<Self> {
-        let bytes = text.as_bytes();
-        if bytes.len() != 16 || bytes[8] != b'T' || bytes[15] != b'Z' {
+        // strptime alone would accept signs and wider fields; the header has one exact shape.
+        let exact_shape = text.len() == 16
+            && text.bytes().enumerate().all(|(i, b)| match i {
+                8 => b == b'T',
+                15 => b == b'Z',
+                _ => b.is_ascii_digit(),
+            });
+        if !exact_shape {
             return None;
         }
-        let number = |range: std::ops::Range<usize>| -> Option<i64> {
-            let part = &text[range];
-            if !part.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            part.parse().ok()
-        };
-        let (year, month, day) = (number(0..4)?, number(4..6)?, number(6..8)?);
-        let (hour, minute, second) = (number(9..11)?, number(11..13)?, number(13..15)?);
-        if !(1..=12).contains(&month)
-            || !(1..=days_in_month(year, month)).contains(&day)
-            || hour > 23
-            || minute > 59
-            || second > 59
-        {
-            return None;
-        }
-        let days = days_from_civil(year, month, day);
+        let civil = jiff::civil::DateTime::strptime(SDK_DATE_FORMAT, text).ok()?;
+        let timestamp = civil.to_zoned(jiff::tz::TimeZone::UTC).ok()?.timestamp();
         Some(Self {
-            unix_seconds: days * 86_400 + hour * 3600 + minute * 60 + second,
+            unix_seconds: timestamp.as_second(),
         })
     }
 
-    /// `(year, month, day, hour, minute, second)` in UTC.
-    pub fn civil(self) -> (i64, i64, i64, i64, i64, i64) {
-        let days = self.unix_seconds.div_euclid(86_400);
-        let seconds_of_day = self.unix_seconds.rem_euclid(86_400);
-        let (year, month, day) = civil_from_days(days);
-        (
-            year,
-            month,
-            day,
-            seconds_of_day / 3600,
-            seconds_of_day % 3600 / 60,
-            seconds_of_day % 60,
-        )
+    /// The time in UTC as a civil date and time.
+    pub fn civil(self) -> jiff::civil::DateTime {
+        self.timestamp()
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .datetime()
     }
 
     /// `yyyymmddThhmmssZ`, the `X-Sdk-Date` value.
     pub fn to_basic(self) -> String {
-        let (y, mo, d, h, mi, s) = self.civil();
-        format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
+        self.timestamp().strftime(SDK_DATE_FORMAT).to_string()
     }
 
     /// `yyyymmdd`, the date in an Open Telekom Cloud credential scope.
     pub fn date_stamp(self) -> String {
-        let (y, mo, d, ..) = self.civil();
-        format!("{y:04}{mo:02}{d:02}")
+        self.timestamp().strftime("%Y%m%d").to_string()
+    }
+
+    fn timestamp(self) -> jiff::Timestamp {
+        // Out-of-range seconds (before year -9999 or after 9999) clamp; no signer meets them.
+        jiff::Timestamp::from_second(self.unix_seconds).unwrap_or(if self.unix_seconds < 0 {
+            jiff::Timestamp::MIN
+        } else {
+            jiff::Timestamp::MAX
+        })
     }
 }
 
-fn is_leap_year(year: i64) -> bool {
-    (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if is_leap_year(year) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let month_index = (month + 9) % 12;
-    let day_of_year = (153 * month_index + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
+const SDK_DATE_FORMAT: &str = "%Y%m%dT%H%M%SZ";
 
 /// The parts of an HTTP request that a signature covers.
 #[derive(Clone, Copy, Debug)]
@@ -551,9 +474,9 @@ fn credential_scope(scheme: &SigningScheme, date_stamp: &str) -> Option<String> 
 
 fn signing_key(secret: &SecretKey, scheme: &SigningScheme, date_stamp: &str) -> Vec<u8> {
     match scheme {
-        SigningScheme::Access => secret.expose().as_bytes().to_vec(),
+        SigningScheme::Access => secret.expose_secret().as_bytes().to_vec(),
         SigningScheme::Credential { region, service } => {
-            let k_secret = format!("SDK{}", secret.expose());
+            let k_secret = format!("SDK{}", secret.expose_secret());
             let k_date = hmac_sha256(k_secret.as_bytes(), date_stamp.as_bytes());
             let k_region = hmac_sha256(&k_date, region.as_bytes());
             let k_service = hmac_sha256(&k_region, service.as_bytes());
@@ -790,7 +713,7 @@ mod tests {
                 body,
             };
             let verified = verify(&request, at("20060102T151000Z"), |ak| {
-                (ak == "AccessKey").then(|| SecretKey::new("SecretKey"))
+                (ak == "AccessKey").then(|| SecretKey::from("SecretKey"))
             })
             .expect("published vector verifies");
             assert_eq!(verified.access_key, "AccessKey");
@@ -891,7 +814,7 @@ mod tests {
             headers: &headers,
             body: b"",
         };
-        let verified = verify(&request, at(date_time), |_| Some(SecretKey::new("SK1")))
+        let verified = verify(&request, at(date_time), |_| Some(SecretKey::from("SK1")))
             .expect("reference signature verifies");
         assert_eq!(
             verified.scheme,
@@ -940,7 +863,7 @@ mod tests {
             headers,
             body,
         };
-        verify(&request, at(now), |_| Some(SecretKey::new(secret)))
+        verify(&request, at(now), |_| Some(SecretKey::from(secret)))
     }
 
     #[test]

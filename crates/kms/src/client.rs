@@ -19,12 +19,12 @@ use tokio::time::Instant;
 use super::config::{ClientConfig, Credentials, Project};
 use super::error::{Call, ErrorReason, KmsError, classify};
 use super::rate_limit::TokenBucket;
-use super::secret::Secret;
-use super::signer::{self, RequestParts, SdkDateTime};
 use super::types::{
     CreateGrantResponse, DescribeKeyResponse, Grant, KeyInfo, ListGrantsResponse, NewGrant, Quotas,
     QuotasResponse,
 };
+use kmsgrant_kms_signer::{self as signer, RequestParts, SdkDateTime};
+use secrecy::{ExposeSecret, SecretString};
 
 /// Most grants a key can hold (the documented quota); also the largest page we ask for.
 pub const MAX_PAGE_SIZE: u32 = 100;
@@ -72,18 +72,27 @@ struct Inner {
 
 #[derive(Clone)]
 struct CachedToken {
-    value: Secret,
+    value: SecretString,
     generation: u64,
     refresh_at: Instant,
 }
 
 impl KmsClient {
-    /// Builds a client; fails on an unusable configuration (bad URL, http without permission,
-    /// bad CA bundle, password auth or a project name without an IAM endpoint).
+    /// Builds a client that reports to no metrics; see [`KmsClient::with_metrics`].
     pub fn new(config: ClientConfig) -> Result<Self, KmsError> {
+        Self::with_metrics(config, Arc::new(NoMetrics))
+    }
+
+    /// Builds a client reporting every call to `metrics`; fails on an unusable configuration
+    /// (bad URL, http without permission, bad CA bundle, password auth or a project name
+    /// without an IAM endpoint).
+    pub fn with_metrics(
+        config: ClientConfig,
+        metrics: Arc<dyn ClientMetrics>,
+    ) -> Result<Self, KmsError> {
         let invalid = |message: String| {
             KmsError::new(
-                Call::DescribeKey,
+                Call::ClientSetup,
                 ErrorReason::InvalidConfiguration,
                 message,
             )
@@ -137,19 +146,9 @@ impl KmsClient {
                 project_id,
                 token: Mutex::new(None),
                 token_generation: AtomicU64::new(0),
-                metrics: Arc::new(NoMetrics),
+                metrics,
             }),
         })
-    }
-
-    /// The same client reporting to `metrics`. Call before cloning.
-    pub fn with_metrics(self, metrics: Arc<dyn ClientMetrics>) -> Self {
-        let mut inner =
-            Arc::try_unwrap(self.inner).unwrap_or_else(|_| panic!("with_metrics before cloning"));
-        inner.metrics = metrics;
-        Self {
-            inner: Arc::new(inner),
-        }
     }
 
     /// `describe-key`: by key ID, `alias/<alias>` or alias URN.
@@ -361,7 +360,7 @@ impl KmsClient {
         match auth {
             Auth::None => {}
             Auth::Token(token, _) => {
-                let mut value = header_value(token.expose());
+                let mut value = header_value(token.expose_secret());
                 value.set_sensitive(true);
                 headers.insert(HeaderName::from_static("x-auth-token"), value);
             }
@@ -380,7 +379,7 @@ impl KmsClient {
                     );
                 }
                 if let Some(token) = security_token {
-                    let mut value = header_value(token.expose());
+                    let mut value = header_value(token.expose_secret());
                     value.set_sensitive(true);
                     headers.insert(HeaderName::from_static("x-security-token"), value);
                 }
@@ -492,7 +491,7 @@ impl KmsClient {
     }
 
     /// The cached IAM token, fetched (once, whoever asks) when missing or about to expire.
-    async fn token(&self, call: Call) -> Result<(Secret, u64), KmsError> {
+    async fn token(&self, call: Call) -> Result<(SecretString, u64), KmsError> {
         let mut cached = self.inner.token.lock().await;
         if let Some(token) = cached.as_ref().filter(|t| Instant::now() < t.refresh_at) {
             return Ok((token.value.clone(), token.generation));
@@ -526,7 +525,7 @@ impl KmsClient {
         };
         let body = json!({"auth": {
             "identity": {"methods": ["password"], "password": {"user": {
-                "name": username, "password": password.expose(), "domain": {"name": domain_name}}}},
+                "name": username, "password": password.expose_secret(), "domain": {"name": domain_name}}}},
             "scope": {"project": project}}});
         let url = join(self.iam_base()?, "v3/auth/tokens");
         let body = body.to_string().into_bytes();
@@ -560,7 +559,7 @@ impl KmsClient {
         let margin = (lifetime / 10).min(Duration::from_secs(300));
         tracing::debug!(?lifetime, "got an IAM token");
         Ok(CachedToken {
-            value: Secret::new(token),
+            value: SecretString::from(token),
             generation: self.inner.token_generation.fetch_add(1, Ordering::Relaxed) + 1,
             refresh_at: issued + lifetime.saturating_sub(margin),
         })
@@ -627,7 +626,7 @@ const SUBJECT_TOKEN_FIELD: &str = "\u{0}x-subject-token";
 
 enum Auth {
     None,
-    Token(Secret, u64),
+    Token(SecretString, u64),
     Signed { project_id: Option<String> },
 }
 
@@ -797,11 +796,11 @@ mod tests {
     fn debug_output_of_credentials_and_client_shows_no_secret() {
         let creds = Credentials::AccessKey {
             keys: signer::AccessKeyPair::new("AKID", "very-secret-key"),
-            security_token: Some(Secret::new("session-token-value")),
+            security_token: Some(SecretString::from("session-token-value")),
         };
         let password = Credentials::Password {
             username: "alice".into(),
-            password: Secret::new("hunter2-password"),
+            password: SecretString::from("hunter2-password"),
             domain_name: "acme".into(),
         };
         let mut config = ClientConfig::new("https://kms.example", Project::Id("p".into()), creds);

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::faults::{ErrorInjection, FaultSettings, InjectedError};
-use crate::kms::signer::SecretKey;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8480";
 pub const DEFAULT_REGION: &str = "eu-de";
@@ -31,9 +30,9 @@ pub struct EmulatorConfig {
     pub domain_name: String,
     pub username: String,
     pub user_id: String,
-    pub password: SecretKey,
+    pub password: String,
     pub access_key: String,
-    pub secret_key: SecretKey,
+    pub secret_key: String,
     pub token_ttl: Duration,
     pub grants_per_key: usize,
     pub keys_per_project: usize,
@@ -53,9 +52,9 @@ impl Default for EmulatorConfig {
             domain_name: DEFAULT_DOMAIN_NAME.into(),
             username: DEFAULT_USERNAME.into(),
             user_id: DEFAULT_USER_ID.into(),
-            password: SecretKey::new(DEFAULT_PASSWORD),
+            password: DEFAULT_PASSWORD.to_owned(),
             access_key: DEFAULT_ACCESS_KEY.into(),
-            secret_key: SecretKey::new(DEFAULT_SECRET_KEY),
+            secret_key: DEFAULT_SECRET_KEY.to_owned(),
             token_ttl: Duration::from_secs(24 * 3600),
             grants_per_key: 100,
             keys_per_project: 100,
@@ -75,8 +74,9 @@ impl EmulatorConfig {
     }
 }
 
-/// `kmsgrant-operator emulator`: a local DEW/KMS v1.0 and IAM v3 for tests, benchmarks and `dev`.
-#[derive(Clone, Debug, clap::Args)]
+/// `kms-emulator`: a local DEW/KMS v1.0 and IAM v3 for tests, benchmarks and `kmsgrant-operator dev`.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "kms-emulator", version, args_override_self = true)]
 pub struct EmulatorArgs {
     /// Address to listen on.
     #[arg(long, env = "KMSGRANT_EMULATOR_LISTEN", default_value = DEFAULT_LISTEN)]
@@ -104,13 +104,13 @@ pub struct EmulatorArgs {
     pub user_id: String,
     /// IAM user password.
     #[arg(long, env = "KMSGRANT_EMULATOR_PASSWORD", default_value = DEFAULT_PASSWORD, hide_default_value = true)]
-    pub password: SecretKey,
+    pub password: String,
     /// Access key ID of the user.
     #[arg(long, env = "KMSGRANT_EMULATOR_ACCESS_KEY", default_value = DEFAULT_ACCESS_KEY)]
     pub access_key: String,
     /// Secret access key of the user.
     #[arg(long, env = "KMSGRANT_EMULATOR_SECRET_KEY", default_value = DEFAULT_SECRET_KEY, hide_default_value = true)]
-    pub secret_key: SecretKey,
+    pub secret_key: String,
     /// Token validity in seconds.
     #[arg(long, env = "KMSGRANT_EMULATOR_TOKEN_TTL", default_value_t = 86_400)]
     pub token_ttl: u64,

@@ -14,6 +14,8 @@ pub enum Call {
     UserQuotas,
     IamToken,
     IamProjects,
+    /// Not a call: building the client from its configuration, before anything is sent.
+    ClientSetup,
 }
 
 impl Call {
@@ -27,6 +29,7 @@ impl Call {
             Self::UserQuotas => "user-quotas",
             Self::IamToken => "iam-token",
             Self::IamProjects => "iam-projects",
+            Self::ClientSetup => "client-setup",
         }
     }
 

@@ -1,13 +1,13 @@
 //! Load benchmark of the emulator over loopback (a command, not a test):
 //!
 //! ```text
-//! cargo run --release --example emulator_load -- [SECONDS] [CONCURRENCY]
+//! cargo run --release -p kms-emulator --example load -- [SECONDS] [CONCURRENCY]
 //! ```
 //!
 //! Starts the emulator in-process on a free port, then for SECONDS (default 5) per phase keeps
 //! CONCURRENCY (default 32) keep-alive clients busy with: list-grants on a key with 10 grants,
 //! list-grants on a key with 100 grants (one full page), list-grants with every request signed
-//! (`SDK-HMAC-SHA256`, `Access=` variant, by `kmsgrant::kms::signer`) instead of a token, and
+//! (`SDK-HMAC-SHA256`, `Access=` variant, by `kmsgrant_kms_signer`) instead of a token, and
 //! create-grant. Prints requests per second and the status counts of each phase. Client and
 //! server share the machine, so the figures are a lower bound for the emulator alone.
 use std::collections::BTreeMap;
@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
-use kmsgrant::emulator::{Emulator, EmulatorConfig, TokenScope};
-use kmsgrant::kms::signer::{
-    self, AccessKeyPair, RequestParts, SdkDateTime, SignatureHeaders, SigningScheme,
+use kms_emulator::{Emulator, EmulatorConfig, TokenScope};
+use kmsgrant_kms_signer::{
+    self as signer, self, AccessKeyPair, RequestParts, SdkDateTime, SignatureHeaders, SigningScheme,
 };
 use serde_json::{Value, json};
 
@@ -155,7 +155,7 @@ async fn main() {
     }
     let credentials = AccessKeyPair {
         access_key: emulator.config().access_key.clone(),
-        secret_key: emulator.config().secret_key.clone(),
+        secret_key: emulator.config().secret_key.as_str().into(),
     };
     let list = |key: &str| json!({"key_id": key, "limit": "100"});
     let phases = [

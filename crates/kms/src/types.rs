@@ -6,9 +6,80 @@
 
 use std::collections::BTreeSet;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::api::{GranteePrincipalType, Operation};
+/// Whether the grantee principal is a user or an account (domain).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum GranteePrincipalType {
+    /// A user ID.
+    #[default]
+    User,
+    /// An account (domain) ID.
+    Domain,
+}
+
+impl GranteePrincipalType {
+    /// The value KMS uses on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Domain => "domain",
+        }
+    }
+}
+
+// An operation a grant may allow (undocumented in the schema: the field that holds it says it).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum Operation {
+    CreateDatakey,
+    CreateDatakeyWithoutPlaintext,
+    EncryptDatakey,
+    DecryptDatakey,
+    DescribeKey,
+    CreateGrant,
+    RetireGrant,
+    EncryptData,
+    DecryptData,
+}
+
+impl Operation {
+    /// Every operation, in the order of the API page.
+    pub const ALL: [Operation; 9] = [
+        Self::CreateDatakey,
+        Self::CreateDatakeyWithoutPlaintext,
+        Self::EncryptDatakey,
+        Self::DecryptDatakey,
+        Self::DescribeKey,
+        Self::CreateGrant,
+        Self::RetireGrant,
+        Self::EncryptData,
+        Self::DecryptData,
+    ];
+
+    /// The value KMS uses on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CreateDatakey => "create-datakey",
+            Self::CreateDatakeyWithoutPlaintext => "create-datakey-without-plaintext",
+            Self::EncryptDatakey => "encrypt-datakey",
+            Self::DecryptDatakey => "decrypt-datakey",
+            Self::DescribeKey => "describe-key",
+            Self::CreateGrant => "create-grant",
+            Self::RetireGrant => "retire-grant",
+            Self::EncryptData => "encrypt-data",
+            Self::DecryptData => "decrypt-data",
+        }
+    }
+
+    /// Parses the wire value; `None` for an operation this version does not know.
+    pub fn from_wire(value: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|op| op.as_str() == value)
+    }
+}
 
 /// A customer master key, as `describe-key` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -4,15 +4,15 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kmsgrant::api::{GranteePrincipalType, Operation};
-use kmsgrant::emulator::{
+use kms_emulator::{
     Emulator, EmulatorConfig, ErrorInjection, FaultSettings, InjectedError, NewKey, RunningEmulator,
 };
-use kmsgrant::kms::signer::AccessKeyPair;
-use kmsgrant::kms::{
+use kmsgrant_kms::{
     ClientConfig, Credentials, ErrorClass, ErrorReason, KmsClient, NewGrant, Project,
-    RateLimitConfig, RetryPolicy, Secret,
+    RateLimitConfig, RetryPolicy, SecretString,
 };
+use kmsgrant_kms::{GranteePrincipalType, Operation};
+use kmsgrant_kms_signer::AccessKeyPair;
 
 const GRANTEE: &str = "13gg44z4g2sglzk0egw0u726zoyzvrs8";
 
@@ -35,12 +35,12 @@ fn config(emu: &RunningEmulator, auth: AuthMethod) -> ClientConfig {
     let settings = emu.config();
     let credentials = match auth {
         AuthMethod::AccessKey => Credentials::AccessKey {
-            keys: AccessKeyPair::new(&settings.access_key, settings.secret_key.expose()),
+            keys: AccessKeyPair::new(&settings.access_key, &settings.secret_key),
             security_token: None,
         },
         AuthMethod::Password => Credentials::Password {
             username: settings.username.clone(),
-            password: Secret::new(settings.password.expose()),
+            password: SecretString::from(settings.password.as_str()),
             domain_name: settings.domain_name.clone(),
         },
     };
@@ -369,7 +369,7 @@ async fn terminal_failures_map_to_their_documented_reasons() {
         let kms = client(&emu, auth);
         let key = new_key(&emu, "terminal");
         let other_key = new_key(&emu, "other");
-        let reason = |result: Result<String, kmsgrant::kms::KmsError>| result.unwrap_err().reason;
+        let reason = |result: Result<String, kmsgrant_kms::KmsError>| result.unwrap_err().reason;
 
         let missing = "0d0466b0-e727-4d9c-b35d-f84bb474a37f";
         assert_eq!(
@@ -429,7 +429,7 @@ async fn terminal_failures_map_to_their_documented_reasons() {
         assert!(err.is_already_gone(), "{auth:?}: revoking twice: {err}");
 
         emu.admin()
-            .set_key_state(&other_key, kmsgrant::emulator::KeyState::Disabled);
+            .set_key_state(&other_key, kms_emulator::KeyState::Disabled);
         let err = kms
             .create_grant(&new_grant(&other_key, None))
             .await
@@ -449,7 +449,7 @@ async fn terminal_failures_map_to_their_documented_reasons() {
             },
             AuthMethod::Password => Credentials::Password {
                 username: emu.config().username.clone(),
-                password: Secret::new("wrong-password"),
+                password: SecretString::from("wrong-password"),
                 domain_name: emu.config().domain_name.clone(),
             },
         };
@@ -531,7 +531,7 @@ fn no_secret_appears_in_logs_at_trace_level() {
         "too little was logged to prove anything:\n{logs}"
     );
     let config = EmulatorConfig::for_tests();
-    for secret in [config.secret_key.expose(), config.password.expose()] {
+    for secret in [config.secret_key.as_str(), config.password.as_str()] {
         assert!(!logs.contains(secret), "a secret appears in the logs");
     }
     assert!(
@@ -545,12 +545,12 @@ async fn both_signing_variants_are_accepted_by_the_emulator() {
     let emu = emulator(100).await;
     let key = new_key(&emu, "variants");
     let schemes = [
-        kmsgrant::kms::signer::SigningScheme::Access,
-        kmsgrant::kms::signer::SigningScheme::Credential {
+        kmsgrant_kms_signer::SigningScheme::Access,
+        kmsgrant_kms_signer::SigningScheme::Credential {
             region: emu.config().region.clone(),
             service: "kms".into(),
         },
-        kmsgrant::kms::signer::SigningScheme::Credential {
+        kmsgrant_kms_signer::SigningScheme::Credential {
             region: String::new(),
             service: String::new(),
         },
@@ -584,7 +584,7 @@ async fn both_signing_variants_are_accepted_by_the_emulator() {
     }
     // A wrong secret key fails in either variant.
     let mut wrong = config(&emu, AuthMethod::AccessKey);
-    wrong.signing = kmsgrant::kms::signer::SigningScheme::Credential {
+    wrong.signing = kmsgrant_kms_signer::SigningScheme::Credential {
         region: "eu-de".into(),
         service: "kms".into(),
     };

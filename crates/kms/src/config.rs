@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use super::secret::Secret;
-use super::signer::{AccessKeyPair, SigningScheme};
+use kmsgrant_kms_signer::{AccessKeyPair, SigningScheme};
+use secrecy::SecretString;
 
 /// Everything a client needs, built by the caller (the controller reads it from a
 /// KmsProviderConfig and its Secret).
@@ -64,12 +64,12 @@ pub enum Credentials {
     /// AK/SK request signing, optionally with a security token (temporary credentials).
     AccessKey {
         keys: AccessKeyPair,
-        security_token: Option<Secret>,
+        security_token: Option<SecretString>,
     },
     /// IAM password authentication with project-scoped tokens.
     Password {
         username: String,
-        password: Secret,
+        password: SecretString,
         domain_name: String,
     },
 }

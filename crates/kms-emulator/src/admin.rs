@@ -34,7 +34,6 @@ use super::faults::FaultSettings;
 use super::server::Shared;
 use super::state::{Grant, Key, KeyState, SYSTEM_PRINCIPAL, TokenScope, User, random_hex};
 use super::stats::{CallRecord, StatsSnapshot};
-use crate::kms::signer::SecretKey;
 
 /// A key to create out of band.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -165,9 +164,9 @@ impl EmulatorAdmin {
         let user = User {
             name: new_user.name,
             user_id: new_user.user_id.unwrap_or_else(|| random_hex(16)),
-            password: SecretKey::new(new_user.password),
+            password: new_user.password,
             access_key: new_user.access_key,
-            secret_key: new_user.secret_key.map(SecretKey::new),
+            secret_key: new_user.secret_key,
         };
         let summary = UserSummary::from(&user);
         self.shared.world().add_user(user);

@@ -6,12 +6,17 @@ mod client;
 mod config;
 mod error;
 mod rate_limit;
-mod secret;
-pub mod signer;
+
 mod types;
 
 pub use client::{ClientMetrics, KmsClient, MAX_PAGE_SIZE};
 pub use config::{ClientConfig, Credentials, Project, RateLimitConfig, RetryPolicy};
 pub use error::{Call, ErrorClass, ErrorReason, KmsError};
-pub use secret::Secret;
-pub use types::{Grant, KeyInfo, KeyState, NewGrant, Quota, Quotas, parse_creation_date};
+pub use secrecy::{ExposeSecret, SecretString};
+pub use types::{
+    Grant, GranteePrincipalType, KeyInfo, KeyState, NewGrant, Operation, Quota, Quotas,
+    parse_creation_date,
+};
+
+/// The request signer this client uses, for callers that build credentials.
+pub use kmsgrant_kms_signer as signer;

@@ -1,10 +1,9 @@
 //! The example requests of the seed pages (shared/seeds/) and the reference pages
 //! (shared/reference/otc-kms-api, otc-iam-api) sent as written; the answers have the same fields,
 //! JSON types and shapes as the example responses (copied verbatim, trailing commas and all).
-mod emulator_support;
-use emulator_support as support;
+mod support;
 
-use kmsgrant::emulator::{NewKey, NewUser, TokenScope};
+use kms_emulator::{NewKey, NewUser, TokenScope};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::Harness;
@@ -415,7 +414,7 @@ async fn iam_examples_of_the_reference_pages_reproduce() {
     let iam = h.emulator.iam_endpoint();
     // The page's request, with the emulator's user, password and domain.
     let request = json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
-        "name": config.username, "password": config.password.expose(), "domain": {"name": config.domain_name}}}},
+        "name": config.username, "password": config.password.as_str(), "domain": {"name": config.domain_name}}}},
         "scope": {"domain": {"name": config.domain_name}}}});
     let token = h
         .send(h.http.post(format!("{iam}/auth/tokens")).json(&request))

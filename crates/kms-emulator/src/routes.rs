@@ -17,7 +17,7 @@ use super::server::{ConnectionAbort, Shared};
 use super::state::{TokenScope, random_hex};
 use super::stats::CallRecord;
 use super::validation;
-use crate::kms::signer::RequestParts;
+use kmsgrant_kms_signer::RequestParts;
 
 /// Request bodies larger than this are refused with KMS.0203.
 pub const BODY_LIMIT: usize = 1 << 20;
@@ -334,12 +334,11 @@ fn base_url(shared: &Shared, headers: &HeaderMap) -> String {
 }
 
 fn iso8601(ms: u64) -> String {
-    let (y, mo, d, h, mi, s) =
-        crate::kms::signer::SdkDateTime::from_unix_seconds((ms / 1000) as i64).civil();
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:06}Z",
-        (ms % 1000) * 1000
-    )
+    // IAM writes microseconds: `2026-01-02T03:04:05.678000Z`.
+    jiff::Timestamp::from_millisecond(ms as i64)
+        .unwrap_or(jiff::Timestamp::MAX)
+        .strftime("%Y-%m-%dT%H:%M:%S.%6fZ")
+        .to_string()
 }
 
 fn record_iam(shared: &Shared, operation: &str, status: StatusCode, caller: Option<String>) {
@@ -455,7 +454,7 @@ fn issue_token(
         _ => None,
     };
     let user = found
-        .filter(|user| user.password.expose() == password)
+        .filter(|user| user.password == password)
         .cloned()
         .ok_or_else(IamError::unauthorized)?;
     let (token, issued) = world.issue_token(

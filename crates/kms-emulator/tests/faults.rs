@@ -1,13 +1,12 @@
 //! Misbehaviour on purpose and observation: injected errors and the throttle at their configured
 //! rates (measured over hundreds of calls, with generous bounds), latency, commit-then-drop,
 //! counters, the call log, the admin HTTP API, reset and the state file.
-mod emulator_support;
-use emulator_support as support;
+mod support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use kmsgrant::emulator::{Emulator, EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
+use kms_emulator::{Emulator, EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::{GRANTEE, Harness, Variant, sdk_date, sign};
@@ -125,7 +124,7 @@ async fn the_throttle_answers_429_beyond_the_rate_of_each_credential() {
     let authorization = sign(
         &Variant::Huawei,
         &config.access_key,
-        config.secret_key.expose(),
+        config.secret_key.as_str(),
         "POST",
         &path,
         "",
@@ -373,7 +372,7 @@ async fn the_admin_http_api_sets_faults_dumps_state_and_resets() {
     assert!(
         !state
             .to_string()
-            .contains(h.emulator.config().secret_key.expose()),
+            .contains(h.emulator.config().secret_key.as_str()),
         "no secrets in the dump"
     );
 
@@ -442,14 +441,8 @@ async fn the_state_file_keeps_keys_and_grants_across_restarts() {
 #[test]
 fn the_cli_prints_its_defaults_at_start() {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kmsgrant-operator"))
-        .args([
-            "emulator",
-            "--listen",
-            "127.0.0.1:0",
-            "--grants-per-key",
-            "7",
-        ])
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kms-emulator"))
+        .args(["--listen", "127.0.0.1:0", "--grants-per-key", "7"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -2,10 +2,8 @@
 //! a signature, and read error codes of either body style.
 #![allow(dead_code)]
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use hmac::{Hmac, Mac};
-use kmsgrant::emulator::{Emulator, EmulatorConfig, RunningEmulator};
+use kms_emulator::{Emulator, EmulatorConfig, RunningEmulator};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -76,7 +74,7 @@ impl Harness {
                     .json(&json!({
                         "auth": {
                             "identity": {"methods": ["password"], "password": {"user": {
-                                "name": config.username, "password": config.password.expose(),
+                                "name": config.username, "password": config.password.as_str(),
                                 "domain": {"name": config.domain_name}}}},
                             "scope": scope,
                         }
@@ -182,29 +180,8 @@ fn sha256_hex(data: &[u8]) -> String {
 
 /// `yyyymmddThhmmssZ` for `offset_seconds` from now.
 pub fn sdk_date(offset_seconds: i64) -> String {
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-        + offset_seconds;
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    // civil-from-days
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    let at = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(offset_seconds);
+    at.strftime("%Y%m%dT%H%M%SZ").to_string()
 }
 
 /// Which `Authorization` format to produce.
