@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::api::{KmsProviderConfig, Operation};
 use crate::controller::identity;
-use crate::kms::{Grant, KmsClient};
+use kmsgrant_kms::{Grant, KmsClient};
 
 /// Options of `kmsgrant-operator import`.
 #[derive(Debug, clap::Args)]
@@ -55,7 +55,8 @@ impl ImportArgs {
     }
 
     async fn manifests(&self) -> anyhow::Result<String> {
-        let client = crate::run::kube_client(self.kubeconfig.clone(), self.context.clone()).await?;
+        let client =
+            crate::process::kube_client(self.kubeconfig.clone(), self.context.clone()).await?;
         let config = Api::<KmsProviderConfig>::all(client.clone())
             .get(&self.provider_config)
             .await
@@ -81,7 +82,7 @@ impl ImportArgs {
                 .map_err(|outcome| anyhow::anyhow!("{}", outcome.message()))?;
         let kms = KmsClient::new(client_config)?;
         let grants = kms
-            .list_all_grants(&self.key, crate::kms::MAX_PAGE_SIZE)
+            .list_all_grants(&self.key, kmsgrant_kms::MAX_PAGE_SIZE)
             .await?;
         Ok(render(
             &grants,
@@ -151,7 +152,7 @@ pub fn render(grants: &[Grant], key: &str, provider_config: &str, namespace: &st
             "spec": spec,
         });
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&manifest).expect("a manifest serialises to YAML"));
+        out.push_str(&serde_saphyr::to_string(&manifest).expect("a manifest serialises to YAML"));
     }
     out
 }
@@ -190,7 +191,7 @@ mod tests {
         let docs: Vec<serde_json::Value> = yaml
             .split("\n---\n")
             .skip(1)
-            .map(|d| serde_yaml::from_str(d).unwrap())
+            .map(|d| serde_saphyr::from_str(d).unwrap())
             .collect();
         assert_eq!(docs.len(), 1, "{yaml}");
         let spec = &docs[0]["spec"];

@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use kmsgrant::emulator::{EmulatorConfig, FaultSettings};
+use kms_emulator::{EmulatorConfig, FaultSettings};
 use serde_json::{Value, json};
 use support::{CLUSTER, Env, Operator, StallingProxy, TEST_LABEL, kubectl, kubectl_ok};
 
@@ -57,7 +57,7 @@ impl Shard {
             "metadata": {"name": "kms-credentials", "namespace": namespace},
             "stringData": {
                 "accessKey": env.emulator.config().access_key,
-                "secretKey": env.emulator.config().secret_key.expose()
+                "secretKey": env.emulator.config().secret_key.as_str()
             }
         });
         env.apply(&secret);
@@ -125,7 +125,7 @@ fn delete(namespace: &str, name: &str) {
     );
 }
 
-fn grants_on(env: &Env, key: &str) -> Vec<kmsgrant::emulator::Grant> {
+fn grants_on(env: &Env, key: &str) -> Vec<kms_emulator::Grant> {
     env.emulator
         .admin()
         .dump()
@@ -350,7 +350,7 @@ async fn import_writes_manifests_that_adopt_without_creating() {
     let kms = kms_client(&env);
     let mut hand_made = BTreeSet::new();
     for i in 0..3 {
-        let grant = kmsgrant::kms::NewGrant {
+        let grant = kmsgrant_kms::NewGrant {
             key_id: key.clone(),
             grantee_principal: format!("user{i}"),
             grantee_principal_type: kmsgrant::api::GranteePrincipalType::User,
@@ -440,7 +440,7 @@ async fn import_of_another_objects_grant_is_refused() {
     );
     let kms = kms_client(&env);
     let hand = kms
-        .create_grant(&kmsgrant::kms::NewGrant {
+        .create_grant(&kmsgrant_kms::NewGrant {
             key_id: key.clone(),
             grantee_principal: "someone".into(),
             grantee_principal_type: kmsgrant::api::GranteePrincipalType::User,
@@ -469,13 +469,13 @@ async fn import_of_another_objects_grant_is_refused() {
 async fn delete_after_provider_repoint_revokes_on_the_old_account_or_says_why() {
     let mut env = Env::new("repoint", EmulatorConfig::for_tests(), "5s").await;
     let key = env.new_key("repoint");
-    let other = kmsgrant::emulator::Emulator::start(EmulatorConfig::for_tests())
+    let other = kms_emulator::Emulator::start(EmulatorConfig::for_tests())
         .await
         .unwrap();
     // The same key ID exists on the other account, so the repointed config keeps working.
     other
         .admin()
-        .create_key(kmsgrant::emulator::NewKey {
+        .create_key(kms_emulator::NewKey {
             key_alias: "repoint".into(),
             key_id: Some(key.clone()),
             ..Default::default()
@@ -545,15 +545,15 @@ async fn delete_after_provider_repoint_revokes_on_the_old_account_or_says_why() 
     other.shutdown().await;
 }
 
-fn kms_client(env: &Env) -> kmsgrant::kms::KmsClient {
+fn kms_client(env: &Env) -> kmsgrant_kms::KmsClient {
     let settings = env.emulator.config();
-    let mut config = kmsgrant::kms::ClientConfig::new(
+    let mut config = kmsgrant_kms::ClientConfig::new(
         env.emulator.base_url(),
-        kmsgrant::kms::Project::Id(settings.project_id.clone()),
-        kmsgrant::kms::Credentials::AccessKey {
-            keys: kmsgrant::kms::signer::AccessKeyPair::new(
+        kmsgrant_kms::Project::Id(settings.project_id.clone()),
+        kmsgrant_kms::Credentials::AccessKey {
+            keys: kmsgrant_kms::signer::AccessKeyPair::new(
                 &settings.access_key,
-                settings.secret_key.expose(),
+                settings.secret_key.as_str(),
             ),
             security_token: None,
         },
@@ -561,7 +561,7 @@ fn kms_client(env: &Env) -> kmsgrant::kms::KmsClient {
     config.iam_endpoint = Some(env.emulator.base_url());
     config.region = settings.region.clone();
     config.allow_http = true;
-    kmsgrant::kms::KmsClient::new(config).unwrap()
+    kmsgrant_kms::KmsClient::new(config).unwrap()
 }
 
 /// Status is written whole by server-side apply: a field written during a replacement
@@ -681,7 +681,7 @@ async fn two_clusters_on_one_key_with_defaults_stay_apart() {
         "metadata": {"name": "kms-credentials", "namespace": env.namespace},
         "stringData": {
             "accessKey": env.emulator.config().access_key,
-            "secretKey": env.emulator.config().secret_key.expose()
+            "secretKey": env.emulator.config().secret_key.as_str()
         }
     });
     at(&["apply", "-f", "-"], Some(&secret.to_string()));

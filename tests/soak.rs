@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use kms_emulator::{EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
 use kmsgrant::api::KmsGrant;
-use kmsgrant::emulator::{EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 use support::{CLUSTER, Env, Operator, StallingProxy};

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::kms::{Grant, KeyInfo, KeyState, KmsClient, KmsError};
+use kmsgrant_kms::{Grant, KeyInfo, KeyState, KmsClient, KmsError};
 
 /// A key on one cloud account (endpoint + project), and the provider config that reaches it.
 /// Two configs that reach the same account share the entry: equality, hashing and order look at

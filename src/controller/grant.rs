@@ -22,7 +22,7 @@ use super::plan::{
 use super::provider::Provider;
 use super::{Context, ReconcileError};
 use crate::api::{DeletionPolicy, GrantRef, KmsGrant, KmsGrantStatus, KmsProviderConfig};
-use crate::kms::{ErrorClass, ErrorReason, Grant, KmsError};
+use kmsgrant_kms::{ErrorClass, ErrorReason, Grant, KmsError};
 
 /// The finalizer that makes deletion wait for the grant to be revoked or retired.
 pub const FINALIZER: &str = "kmsgrant.io/grant";

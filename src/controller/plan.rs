@@ -14,7 +14,7 @@ use super::identity::Identity;
 use crate::api::{
     DeletionPolicy, GrantRef, GranteePrincipalType, KmsGrantSpec, KmsProviderConfigSpec, Operation,
 };
-use crate::kms::{ErrorClass, ErrorReason, Grant, KeyInfo, KeyState, KmsError, NewGrant};
+use kmsgrant_kms::{ErrorClass, ErrorReason, Grant, KeyInfo, KeyState, KmsError, NewGrant};
 
 /// The grant an object wants: its spec, under its identity name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -445,7 +445,7 @@ pub fn account(endpoint: &str, project_id: &str) -> String {
 mod tests {
     use super::*;
     use crate::api::GranteePrincipalType;
-    use crate::kms::Call;
+    use kmsgrant_kms::Call;
 
     const KEY: &str = "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e";
     const OTHER_KEY: &str = "0d0466b0-e727-4d9c-b35d-f84bb474a37f";
