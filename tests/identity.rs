@@ -450,7 +450,6 @@ async fn import_of_another_objects_grant_is_refused() {
         })
         .await
         .unwrap();
-    closed.grant(&env, "importer", &key, json!({"importGrantId": hand}));
     env.apply(&closed.grant(&env, "importer", &key, json!({"importGrantId": hand})));
     eventually("ImportNotAllowed", Duration::from_secs(60), || {
         closed.reason("importer") == "ImportNotAllowed"

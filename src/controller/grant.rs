@@ -172,20 +172,60 @@ struct Work<'a> {
     events: Vec<(EventType, &'static str, String)>,
 }
 
+/// What a reconcile may act on, once the provider config admits the object and the key is usable.
+struct Admitted {
+    provider: Provider,
+    account: String,
+    key: KeyRef,
+    import: Option<String>,
+}
+
 impl Work<'_> {
     /// fetch → decide → execute; returns where the object stands.
     async fn converge(&mut self, object_ref: &ObjectRef<KmsGrant>) -> Result<Outcome, Failure> {
+        let admitted = match self.admit(object_ref).await? {
+            Ok(admitted) => admitted,
+            Err(outcome) => return Ok(outcome),
+        };
+        self.note_account_change(&admitted.account);
+        let desired = DesiredGrant::of(&self.object.spec, self.identity);
+        let keep = match self.decide(&admitted, &desired).await? {
+            Plan::Refuse(outcome) => return Ok(outcome),
+            next => self.execute(next, &admitted, &desired).await?,
+        };
+        self.record(&keep, &admitted.account);
+        // A replaced grant on another account is revoked there.
+        if let Some(old) = self.status.superseded_grant.clone() {
+            let on_this_account = old
+                .account
+                .as_deref()
+                .is_none_or(|a| *a == admitted.account);
+            if on_this_account {
+                // Listed with the object's other grants and revoked, or gone.
+                self.status.superseded_grant = None;
+            } else if let Some(outcome) = self.revoke_on_other_account(&old).await? {
+                return Ok(outcome);
+            }
+        }
+        Ok(in_sync(&keep.grant_id, &keep.key_id))
+    }
+
+    /// The provider, its guardrails and the key: `Err` says why the object cannot go on.
+    async fn admit(
+        &self,
+        object_ref: &ObjectRef<KmsGrant>,
+    ) -> Result<Result<Admitted, Outcome>, Failure> {
         let ctx = self.ctx;
         let spec = &self.object.spec;
         let config_name = &spec.provider_config_ref.name;
         let provider = match provider_for(ctx, config_name).await? {
             Ok(provider) => provider,
-            Err(outcome) => return Ok(outcome),
+            Err(outcome) => return Ok(Err(outcome)),
         };
         let namespace = self.object.namespace().unwrap_or_default();
         let labels = namespace_labels(ctx, &namespace, &provider, spec).await?;
         if let Some(outcome) = plan::admit(spec, config_name, &provider.spec, &namespace, &labels) {
-            return Ok(outcome);
+            return Ok(Err(outcome));
         }
         let import = match plan::admit_import(
             spec,
@@ -194,8 +234,8 @@ impl Work<'_> {
             &namespace,
             &labels,
         ) {
-            Ok(import) => import,
-            Err(outcome) => return Ok(outcome),
+            Ok(import) => import.map(str::to_owned),
+            Err(outcome) => return Ok(Err(outcome)),
         };
         let account = account_of(&provider).await?;
         let key = KeyRef {
@@ -204,24 +244,31 @@ impl Work<'_> {
             key_id: spec.key_id.clone(),
         };
         ctx.interest.register(object_ref, &key);
-        match ctx
+        let unusable = match ctx
             .keys
             .key_info(&provider.client, &key, ctx.settings.key_info_max_age())
             .await
         {
-            Ok(info) => {
-                if let Some(outcome) = plan::key_usable(&key.key_id, &info) {
-                    return Ok(outcome);
-                }
-            }
+            Ok(info) => plan::key_usable(&key.key_id, &info),
             Err(err) if err.reason == ErrorReason::KeyNotFound => {
-                return Ok(plan::key_not_found(&key.key_id));
+                Some(plan::key_not_found(&key.key_id))
             }
             Err(err) => return Err(err.into()),
-        }
+        };
+        Ok(match unusable {
+            Some(outcome) => Err(outcome),
+            None => Ok(Admitted {
+                provider,
+                account,
+                key,
+                import,
+            }),
+        })
+    }
 
-        // A grant recorded on another account (the config was pointed elsewhere) is replaced:
-        // it is revoked there once the new one is in place.
+    /// A grant recorded on another account (the config was pointed elsewhere) is replaced: it
+    /// is revoked there once the new one is in place.
+    fn note_account_change(&mut self, account: &str) {
         if self.status.grant_id.is_some()
             && self.status.account.as_deref().is_some_and(|a| a != account)
             && self.status.superseded_grant.is_none()
@@ -232,18 +279,27 @@ impl Work<'_> {
             });
             self.status.grant_id = None;
         }
+    }
+
+    /// Lists what is needed and asks the plan; a snapshot that may be stale is listed afresh.
+    async fn decide(&self, admitted: &Admitted, desired: &DesiredGrant) -> Result<Plan, Failure> {
+        let Admitted {
+            provider,
+            account,
+            key,
+            import,
+        } = admitted;
         let recorded = self.recorded();
-        let desired = DesiredGrant::of(spec, self.identity);
         let claim = Claim {
             identity: self.identity,
-            import,
+            import: import.as_deref(),
         };
-        let max_age = ctx.settings.snapshot_max_age();
-        let (mut grants, mut fresh) = self.list(&provider, &key, max_age).await?;
-        let elsewhere = self.grants_elsewhere(&provider, &account, &key).await?;
-        let next = loop {
+        let max_age = self.ctx.settings.snapshot_max_age();
+        let (mut grants, mut fresh) = self.list(provider, key, max_age).await?;
+        let elsewhere = self.grants_elsewhere(provider, account, key).await?;
+        loop {
             let next = plan::plan(
-                &desired,
+                desired,
                 claim,
                 Observed {
                     grants: &grants,
@@ -254,18 +310,32 @@ impl Work<'_> {
                     grant: recorded.as_ref(),
                 },
             );
+            tracing::debug!(?next, "planned");
             if next != Plan::ListAgain {
-                break next;
+                return Ok(next);
             }
-            (grants, fresh) = self.list(&provider, &key, Duration::ZERO).await?;
-        };
-        tracing::debug!(?next, "planned");
-        let keep = match next {
-            Plan::ListAgain => unreachable!("a fresh list always decides"),
-            Plan::Refuse(outcome) => return Ok(outcome),
+            (grants, fresh) = self.list(provider, key, Duration::ZERO).await?;
+        }
+    }
+
+    /// Carries a plan out; returns the grant the object keeps.
+    async fn execute(
+        &mut self,
+        next: Plan,
+        admitted: &Admitted,
+        desired: &DesiredGrant,
+    ) -> Result<Grant, Failure> {
+        let Admitted {
+            provider,
+            account,
+            key,
+            ..
+        } = admitted;
+        match next {
+            Plan::ListAgain | Plan::Refuse(_) => unreachable!("decided before"),
             Plan::InSync { keep, adopted } => {
                 self.adopted(adopted, &keep);
-                keep
+                Ok(keep)
             }
             Plan::RevokeExtras {
                 keep,
@@ -274,27 +344,16 @@ impl Work<'_> {
             } => {
                 self.adopted(adopted, &keep);
                 for extra in &revoke {
-                    self.revoke(&provider, &account, extra).await?;
+                    self.revoke(provider, account, extra).await?;
                 }
-                keep
+                Ok(keep)
             }
             Plan::Create { replaces, recreate } => {
-                ctx.fence.check()?;
-                let grant_id = match provider.client.create_grant(&desired.to_new_grant()).await {
-                    Ok(grant_id) => grant_id,
-                    Err(err) => {
-                        if err.class() == ErrorClass::OutcomeUnknown {
-                            // It may exist: list before writing again (it will be adopted).
-                            ctx.keys.invalidate(&key).await;
-                        }
-                        return Err(err.into());
-                    }
-                };
-                let created = desired.created(&grant_id);
-                ctx.keys.insert(&key, created.clone()).await;
+                let created = self.create(provider, key, desired).await?;
+                let grant_id = &created.grant_id;
                 let (kind, reason, note) = match (replaces.first(), recreate) {
                     (_, true) => {
-                        ctx.metrics.drift_repaired();
+                        self.ctx.metrics.drift_repaired();
                         (
                             EventType::Warning,
                             "GrantRecreated",
@@ -316,40 +375,49 @@ impl Work<'_> {
                     ),
                 };
                 self.event(kind, reason, note);
-                if replaces.iter().any(|old| old.key_id != key.key_id) {
+                if let Some(old_key) = replaces.iter().find(|old| old.key_id != key.key_id) {
                     // The grant on the old key is found again only through status: record the
                     // new grant and the old one before revoking.
-                    self.record(&created, &account);
-                    self.status.superseded_grant = replaces
-                        .iter()
-                        .find(|old| old.key_id != key.key_id)
-                        .cloned();
+                    self.record(&created, account);
+                    self.status.superseded_grant = Some(old_key.clone());
                     let progress = Outcome::Progressing {
                         reason: reasons::REPLACING,
                         message: format!(
                             "created grant {grant_id}; revoking the grant it replaces"
                         ),
                     };
-                    write_status(self.object, ctx, self.status.clone(), &progress).await?;
+                    write_status(self.object, self.ctx, self.status.clone(), &progress).await?;
                 }
                 for old in &replaces {
-                    self.revoke(&provider, &account, old).await?;
+                    self.revoke(provider, account, old).await?;
                 }
-                created
-            }
-        };
-        self.record(&keep, &account);
-        // A replaced grant on another account is revoked there.
-        if let Some(old) = self.status.superseded_grant.clone() {
-            let on_this_account = old.account.as_deref().is_none_or(|a| a == account);
-            if on_this_account {
-                // Listed with the object's other grants and revoked above, or gone.
-                self.status.superseded_grant = None;
-            } else if let Some(outcome) = self.revoke_on_other_account(&old).await? {
-                return Ok(outcome);
+                Ok(created)
             }
         }
-        Ok(in_sync(&keep.grant_id, &keep.key_id))
+    }
+
+    /// `create-grant`, fenced; an unknown outcome makes the next reader list the key afresh.
+    async fn create(
+        &self,
+        provider: &Provider,
+        key: &KeyRef,
+        desired: &DesiredGrant,
+    ) -> Result<Grant, Failure> {
+        self.ctx.fence.check()?;
+        match provider.client.create_grant(&desired.to_new_grant()).await {
+            Ok(grant_id) => {
+                let created = desired.created(&grant_id);
+                self.ctx.keys.insert(key, created.clone()).await;
+                Ok(created)
+            }
+            Err(err) => {
+                if err.class() == ErrorClass::OutcomeUnknown {
+                    // It may exist: list before writing again (it will be adopted).
+                    self.ctx.keys.invalidate(key).await;
+                }
+                Err(err.into())
+            }
+        }
     }
 
     fn recorded(&self) -> Option<GrantRef> {
