@@ -23,7 +23,7 @@ use super::{Condition, GRANT_NAME_PATTERN, KEY_ID_PATTERN, PRINCIPAL_PATTERN};
     namespaced,
     status = "KmsGrantStatus",
     shortname = "kmsg",
-    category = "kmsgrant",
+    category = "kms",
     doc = "KmsGrant declares a grant on a KMS customer master key: the grantee principal may perform the listed operations on the key. The operator creates, repairs, replaces and revokes the grant on the cloud to match this object.",
     printcolumn(
         name = "Key",
