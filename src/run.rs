@@ -68,6 +68,11 @@ pub struct RunArgs {
     /// Log format: `text` or `json` (one JSON object per line).
     #[arg(long, env = "KMSGRANT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Also export one series per KmsGrant and KmsProviderConfig, labelled with its name
+    /// (kmsgrant_grant_ready, kmsgrant_provider_config_ready), so alerts can name the failing
+    /// object. Off by default: the number of series grows with the number of objects.
+    #[arg(long, env = "KMSGRANT_PER_OBJECT_METRICS")]
+    pub per_object_metrics: bool,
 }
 
 impl RunArgs {
@@ -91,6 +96,7 @@ impl RunArgs {
             lease_duration,
             log_level,
             log_format,
+            per_object_metrics,
         } = self;
         if let Err(err) = crate::telemetry::init(&log_level, &log_format) {
             eprintln!("error: {err}");
@@ -117,7 +123,8 @@ impl RunArgs {
         let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
         let result = runtime.block_on(async move {
             let client = kube_client(kubeconfig, context).await?;
-            operate(client, settings, admin_address, election).await
+            let metrics = crate::metrics::Metrics::with_per_object_series(per_object_metrics);
+            operate(client, settings, metrics, admin_address, election).await
         });
         match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -136,13 +143,14 @@ impl RunArgs {
 async fn operate(
     client: kube::Client,
     settings: Settings,
+    metrics: crate::metrics::Metrics,
     admin_address: std::net::SocketAddr,
     election: Option<(String, String, Duration)>,
 ) -> anyhow::Result<()> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let metrics = Arc::new(metrics);
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     crate::admin::serve(admin_address, metrics.clone(), ready.clone(), async {
