@@ -73,6 +73,11 @@ pub struct RunArgs {
     /// object. Off by default: the number of series grows with the number of objects.
     #[arg(long, env = "KMSGRANT_PER_OBJECT_METRICS")]
     pub per_object_metrics: bool,
+    /// Send traces to this OTLP/HTTP endpoint (e.g. http://otel-collector:4318/v1/traces): a span
+    /// per reconcile with the object and its key, the KMS calls as its children.
+    #[cfg(feature = "otel")]
+    #[arg(long, env = "KMSGRANT_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl RunArgs {
@@ -97,8 +102,22 @@ impl RunArgs {
             log_level,
             log_format,
             per_object_metrics,
+            #[cfg(feature = "otel")]
+            otlp_endpoint,
         } = self;
-        if let Err(err) = crate::telemetry::init(&log_level, &log_format) {
+        #[cfg(feature = "otel")]
+        let traces = otlp_endpoint
+            .map(|endpoint| crate::telemetry::init_with_otlp(&log_level, &log_format, &endpoint))
+            .transpose();
+        #[cfg(feature = "otel")]
+        let (logging, _traces) = match traces {
+            Ok(Some(guard)) => (Ok(()), Some(guard)),
+            Ok(None) => (crate::telemetry::init(&log_level, &log_format), None),
+            Err(err) => (Err(err), None),
+        };
+        #[cfg(not(feature = "otel"))]
+        let logging = crate::telemetry::init(&log_level, &log_format);
+        if let Err(err) = logging {
             eprintln!("error: {err}");
             return ExitCode::from(2);
         }
