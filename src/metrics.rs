@@ -16,10 +16,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use kmsgrant_kms::{Call, ClientMetrics, ErrorReason};
 use kube::runtime::reflector::Store;
 
 use crate::api::{ConditionStatus, KmsGrant, KmsProviderConfig};
-use crate::kms::{Call, ClientMetrics, ErrorReason};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReconcileLabels {

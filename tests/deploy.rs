@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use kmsgrant::emulator::EmulatorConfig;
+use kms_emulator::EmulatorConfig;
 use serde_json::{Value, json};
 use support::{Env, OPERATOR_BIN, REPO, TEST_LABEL, install_crds, kubectl, kubectl_ok, namespace};
 
@@ -46,9 +46,10 @@ fn helm_ok(args: &[&str]) -> String {
 
 /// The objects of a multi-document YAML stream (empty documents dropped).
 fn objects(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| serde::Deserialize::deserialize(doc).expect("rendered YAML parses"))
-        .filter(|object: &Value| !object.is_null())
+    serde_saphyr::from_str_multiple::<Value, Vec<Value>>(yaml)
+        .expect("rendered YAML parses")
+        .into_iter()
+        .filter(|object| !object.is_null())
         .collect()
 }
 
@@ -570,7 +571,7 @@ fn service_account_kubeconfig(dir: &Path) -> std::path::PathBuf {
         None,
     );
     let admin: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(support::kubeconfig()).unwrap()).unwrap();
+        serde_saphyr::from_str(&std::fs::read_to_string(support::kubeconfig()).unwrap()).unwrap();
     let cluster = &admin["clusters"][0]["cluster"];
     let kubeconfig = json!({
         "apiVersion": "v1", "kind": "Config",
@@ -672,7 +673,7 @@ async fn operator_with_only_the_shipped_rbac_converges_and_revokes_a_grant() {
         "metadata": {"name": secret_name, "namespace": OPERATOR_NAMESPACE},
         "stringData": {
             "accessKey": env.emulator.config().access_key,
-            "secretKey": env.emulator.config().secret_key.expose(),
+            "secretKey": env.emulator.config().secret_key.as_str(),
         }
     }));
     env.apply(&env.provider_config(json!({
@@ -1016,7 +1017,7 @@ grafanaDashboard: {enabled: true, namespace: monitoring, annotations: {grafana_f
     // The alerts: the rule file's groups, with the runbook base and the extra labels of the values.
     let rule = one(&rendered, "PrometheusRule");
     assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
-    let shipped: Value = serde_yaml::from_str(
+    let shipped: Value = serde_saphyr::from_str(
         &std::fs::read_to_string(repo(&format!("{CHART}/files/alerts.yaml"))).unwrap(),
     )
     .unwrap();
@@ -1105,8 +1106,8 @@ fn argo_cd_health_check_in_the_docs_covers_the_group_with_a_valid_config_map() {
     let section = &docs[docs.find("## Argo CD").unwrap()..];
     let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
     let manifest = &section[start..start + section[start..].find("```").unwrap()];
-    let mut config_map: Value = serde_yaml::from_str(manifest).unwrap();
-    let customizations: Value = serde_yaml::from_str(
+    let mut config_map: Value = serde_saphyr::from_str(manifest).unwrap();
+    let customizations: Value = serde_saphyr::from_str(
         config_map["data"]["resource.customizations"]
             .as_str()
             .unwrap(),

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kmsgrant::emulator::{EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
+use kms_emulator::{EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
 use serde_json::{Value, json};
 use support::{Env, Operator, REPO, kubectl_ok};
 
@@ -40,7 +40,7 @@ fn assert_ok(what: &str, out: &Output) {
 }
 
 fn alert_rules() -> Value {
-    serde_yaml::from_str(&std::fs::read_to_string(repo(ALERTS)).unwrap()).unwrap()
+    serde_saphyr::from_str(&std::fs::read_to_string(repo(ALERTS)).unwrap()).unwrap()
 }
 
 fn dashboard() -> Value {
@@ -143,12 +143,11 @@ fn kustomize_component_ships_the_charts_alerts_and_dashboard() {
         format!("resources: [{base}/deploy]\ncomponents: [{base}/deploy/components/monitoring]\n"),
     )
     .unwrap();
-    let rendered: Vec<Value> = serde_yaml::Deserializer::from_str(&kubectl_ok(
+    let rendered: Vec<Value> = serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&kubectl_ok(
         &["kustomize", overlay.path().to_str().unwrap()],
         None,
     ))
-    .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
-    .collect();
+    .unwrap();
     let find = |kind: &str| -> &Value {
         let found: Vec<&Value> = rendered.iter().filter(|o| o["kind"] == kind).collect();
         assert_eq!(found.len(), 1, "one {kind} expected");

@@ -2,7 +2,7 @@
 //! key, and each KMS call it makes is a child of it. The controllers run in this process against
 //! the real API server and the emulator, with spans collected by an in-memory exporter.
 //!
-//! Not part of the default build: `scripts/test --features otel --test tracing`.
+//! Needs the `otel` feature, which `scripts/test` turns on: `scripts/test --test tracing`.
 #![cfg(feature = "otel")]
 
 mod support;
@@ -10,8 +10,8 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kms_emulator::EmulatorConfig;
 use kmsgrant::controller::Settings;
-use kmsgrant::emulator::EmulatorConfig;
 use opentelemetry::Value;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
@@ -56,7 +56,7 @@ async fn a_reconcile_is_one_span_with_its_kms_calls_as_children() {
 
     let env = Env::new("tracing", EmulatorConfig::for_tests(), "5s").await;
     let key = env.new_key("traced");
-    let client = kmsgrant::run::kube_client(Some(support::kubeconfig().to_owned()), None)
+    let client = kmsgrant::process::kube_client(Some(support::kubeconfig().to_owned()), None)
         .await
         .unwrap();
     let settings = Settings {
