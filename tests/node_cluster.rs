@@ -51,7 +51,10 @@ fn script(name: &str) -> PathBuf {
 }
 
 fn start_node() -> Option<Node> {
-    let check = Command::new(script("node-cluster")).arg("check").output().unwrap();
+    let check = Command::new(script("node-cluster"))
+        .arg("check")
+        .output()
+        .unwrap();
     if check.status.code() == Some(3) {
         let reason = String::from_utf8_lossy(&check.stderr).trim().to_owned();
         assert!(
@@ -61,7 +64,11 @@ fn start_node() -> Option<Node> {
         eprintln!("node tier skipped: {reason}");
         return None;
     }
-    assert!(check.status.success(), "scripts/node-cluster check: {}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "scripts/node-cluster check: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     let dir = std::env::temp_dir().join(format!("kmsgrant-node.{}", std::process::id()));
     let started = Instant::now();
     let up = Command::new(script("node-cluster"))
@@ -71,8 +78,15 @@ fn start_node() -> Option<Node> {
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
-    assert!(up.status.success(), "scripts/node-cluster up {} failed (messages above)", dir.display());
-    eprintln!("figure: node cluster up in {:.1} s", started.elapsed().as_secs_f64());
+    assert!(
+        up.status.success(),
+        "scripts/node-cluster up {} failed (messages above)",
+        dir.display()
+    );
+    eprintln!(
+        "figure: node cluster up in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
     let started = Instant::now();
     let image = dir.join("operator-image.tar");
@@ -82,17 +96,39 @@ fn start_node() -> Option<Node> {
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
-    assert!(built.status.success(), "scripts/image failed (messages above)");
-    let loaded = Command::new(script("node-cluster")).arg("load").arg(&dir).arg(&image).output().unwrap();
-    assert!(loaded.status.success(), "loading the image: {}", String::from_utf8_lossy(&loaded.stderr));
+    assert!(
+        built.status.success(),
+        "scripts/image failed (messages above)"
+    );
+    let loaded = Command::new(script("node-cluster"))
+        .arg("load")
+        .arg(&dir)
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        loaded.status.success(),
+        "loading the image: {}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
     eprintln!(
         "figure: operator image ({} MB) built and imported in {:.1} s",
         std::fs::metadata(&image).unwrap().len() / 1_000_000,
         started.elapsed().as_secs_f64()
     );
 
-    let env = String::from_utf8(Command::new(script("node-cluster")).arg("env").output().unwrap().stdout).unwrap();
-    let env: BTreeMap<&str, &str> = env.split_whitespace().filter_map(|kv| kv.split_once('=')).collect();
+    let env = String::from_utf8(
+        Command::new(script("node-cluster"))
+            .arg("env")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let env: BTreeMap<&str, &str> = env
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
     let node_ip: IpAddr = env["NODE_IP"].parse().unwrap();
     let ranges = ["NODE_RANGE", "POD_RANGE", "SERVICE_RANGE"]
         .iter()
@@ -102,15 +138,24 @@ fn start_node() -> Option<Node> {
     // The emulator serves on the node's own address, which the pods reach through their gateway.
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         runtime.block_on(async move {
             let config = EmulatorConfig {
                 listen: (node_ip, 0).into(),
                 ..EmulatorConfig::for_tests()
             };
-            let emulator = Emulator::start(config).await.expect("emulator on the node address");
+            let emulator = Emulator::start(config)
+                .await
+                .expect("emulator on the node address");
             sender
-                .send((emulator.admin(), emulator.base_url(), emulator.config().clone()))
+                .send((
+                    emulator.admin(),
+                    emulator.base_url(),
+                    emulator.config().clone(),
+                ))
                 .unwrap();
             std::future::pending::<()>().await;
         });
@@ -136,7 +181,13 @@ fn start_node() -> Option<Node> {
 
 impl Node {
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        run(Command::new("kubectl").arg("--kubeconfig").arg(&self.kubeconfig).args(args), stdin)
+        run(
+            Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(args),
+            stdin,
+        )
     }
 
     fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
@@ -163,16 +214,34 @@ impl Node {
     fn helm(&self, args: &[&str]) -> Output {
         static HELM: OnceLock<PathBuf> = OnceLock::new();
         let helm = HELM.get_or_init(|| {
-            let helm = Command::new(script("helm")).arg("--print-path").output().unwrap();
-            assert!(helm.status.success(), "scripts/helm: {}", String::from_utf8_lossy(&helm.stderr));
+            let helm = Command::new(script("helm"))
+                .arg("--print-path")
+                .output()
+                .unwrap();
+            assert!(
+                helm.status.success(),
+                "scripts/helm: {}",
+                String::from_utf8_lossy(&helm.stderr)
+            );
             PathBuf::from(String::from_utf8(helm.stdout).unwrap().trim())
         });
-        run(Command::new(helm).arg("--kubeconfig").arg(&self.kubeconfig).args(args), None)
+        run(
+            Command::new(helm)
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(args),
+            None,
+        )
     }
 
     fn helm_ok(&self, args: &[&str]) -> String {
         let out = self.helm(args);
-        assert!(out.status.success(), "helm {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "helm {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -185,14 +254,23 @@ impl Node {
                 .args(args),
             None,
         );
-        assert!(out.status.success(), "ctr {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ctr {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
     /// The chart with its defaults (the image is the one `scripts/image` tagged), plus plain
     /// http for the emulator; waits for Available. Kept installed for the next test.
     fn helm_release(&self) {
-        if !self.helm(&["status", RELEASE, "-n", SYSTEM]).status.success() {
+        if !self
+            .helm(&["status", RELEASE, "-n", SYSTEM])
+            .status
+            .success()
+        {
             let started = Instant::now();
             self.helm_ok(&[
                 "install",
@@ -255,7 +333,14 @@ impl Node {
     }
 
     fn operator_pods(&self, namespace: &str) -> Vec<Value> {
-        let pods = self.get(&["-n", namespace, "get", "pods", "-l", "app.kubernetes.io/name=kmsgrant-operator"]);
+        let pods = self.get(&[
+            "-n",
+            namespace,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=kmsgrant-operator",
+        ]);
         pods["items"]
             .as_array()
             .unwrap()
@@ -286,7 +371,10 @@ impl Node {
     }
 
     fn lease_holder_pod(&self, namespace: &str, lease: &str) -> Option<String> {
-        let lease = self.kubectl(&["-n", namespace, "get", "lease", lease, "-o", "json"], None);
+        let lease = self.kubectl(
+            &["-n", namespace, "get", "lease", lease, "-o", "json"],
+            None,
+        );
         let lease: Value = serde_json::from_slice(&lease.stdout).ok()?;
         let holder = lease["spec"]["holderIdentity"].as_str()?;
         // The identity is POD_NAME-PID.
@@ -304,7 +392,9 @@ impl Node {
     /// The host PID of a pod's operator container, from containerd.
     fn container_pid(&self, namespace: &str, pod: &str) -> u32 {
         let pod = self.get(&["-n", namespace, "get", "pod", pod]);
-        let id = pod["status"]["containerStatuses"][0]["containerID"].as_str().unwrap();
+        let id = pod["status"]["containerStatuses"][0]["containerID"]
+            .as_str()
+            .unwrap();
         let id = id.trim_start_matches("containerd://");
         let tasks = self.ctr(&["tasks", "ls"]);
         tasks
@@ -342,7 +432,18 @@ impl Node {
             None,
         );
         if !out.status.success() {
-            let object = self.kubectl(&["-n", "default", "get", "kmsgrants.kmsgrant.io", name, "-o", "yaml"], None);
+            let object = self.kubectl(
+                &[
+                    "-n",
+                    "default",
+                    "get",
+                    "kmsgrants.kmsgrant.io",
+                    name,
+                    "-o",
+                    "yaml",
+                ],
+                None,
+            );
             panic!(
                 "KmsGrant {name} not Ready: {}\n{}",
                 String::from_utf8_lossy(&out.stderr),
@@ -377,13 +478,22 @@ impl Node {
 fn run(command: &mut Command, stdin: Option<&str>) -> Output {
     use std::io::Write;
     let mut child = command
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
     if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     }
     child.wait_with_output().unwrap()
 }
@@ -414,7 +524,11 @@ fn in_range(ip: IpAddr, cidr: &str) -> bool {
         return false;
     };
     let bits: u32 = bits.parse().unwrap();
-    let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+    let mask = if bits == 0 {
+        0
+    } else {
+        u32::MAX << (32 - bits)
+    };
     u32::from(ip) & mask == u32::from(base) & mask
 }
 
@@ -423,44 +537,79 @@ fn kubectl_apply_k_deploy_becomes_available_and_ready_only_after_the_caches_sync
     let Some(node) = node() else { return };
     let _turn = turn();
     // deploy/ and the chart install the same objects: the chart's release goes first.
-    if node.helm(&["status", RELEASE, "-n", SYSTEM]).status.success() {
-        node.helm_ok(&["uninstall", RELEASE, "-n", SYSTEM, "--wait", "--timeout=120s"]);
+    if node
+        .helm(&["status", RELEASE, "-n", SYSTEM])
+        .status
+        .success()
+    {
+        node.helm_ok(&[
+            "uninstall",
+            RELEASE,
+            "-n",
+            SYSTEM,
+            "--wait",
+            "--timeout=120s",
+        ]);
     }
-    let crds_before = node.kubectl(&["get", "crd", "kmsgrants.kmsgrant.io"], None).status.success();
+    let crds_before = node
+        .kubectl(&["get", "crd", "kmsgrants.kmsgrant.io"], None)
+        .status
+        .success();
     let rendered = node.kubectl_ok(&["kustomize", &format!("{REPO}/deploy")], None);
     let objects: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
         .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
         .collect();
     // Everything but the ClusterRoleBindings: the operator cannot list KmsGrants, so the leader's
     // caches cannot sync, and it must not report Ready.
-    let (bindings, rest): (Vec<Value>, Vec<Value>) =
-        objects.into_iter().partition(|o| o["kind"] == "ClusterRoleBinding");
+    let (bindings, rest): (Vec<Value>, Vec<Value>) = objects
+        .into_iter()
+        .partition(|o| o["kind"] == "ClusterRoleBinding");
     assert!(!bindings.is_empty(), "deploy/ has no ClusterRoleBinding");
     node.apply(&json!({"apiVersion": "v1", "kind": "List", "items": rest}));
 
     // The leader runs but is not Ready: its /readyz answers 503 (the standby is Ready as a
     // standby, and takes three failed probes to turn unready should it become the leader).
     let mut leader = String::new();
-    wait_until("a running leader pod, not Ready, whose readiness probe fails with 503", 180, || {
-        let Some(pod) = node.lease_holder_pod(SYSTEM, "kmsgrant-operator") else { return false };
-        let status = node.get(&["-n", SYSTEM, "get", "pod", &pod]);
-        let container = &status["status"]["containerStatuses"][0];
-        if container["ready"] != false || !container["state"]["running"].is_object() {
-            return false;
-        }
-        let events = node.get(&["-n", SYSTEM, "get", "events", "--field-selector", &format!("involvedObject.name={pod}")]);
-        leader = pod;
-        events["items"].as_array().unwrap().iter().any(|e| {
-            e["reason"] == "Unhealthy"
-                && e["message"].as_str().unwrap_or_default().contains("Readiness probe failed")
-                && e["message"].as_str().unwrap_or_default().contains("503")
-        })
-    });
+    wait_until(
+        "a running leader pod, not Ready, whose readiness probe fails with 503",
+        180,
+        || {
+            let Some(pod) = node.lease_holder_pod(SYSTEM, "kmsgrant-operator") else {
+                return false;
+            };
+            let status = node.get(&["-n", SYSTEM, "get", "pod", &pod]);
+            let container = &status["status"]["containerStatuses"][0];
+            if container["ready"] != false || !container["state"]["running"].is_object() {
+                return false;
+            }
+            let events = node.get(&[
+                "-n",
+                SYSTEM,
+                "get",
+                "events",
+                "--field-selector",
+                &format!("involvedObject.name={pod}"),
+            ]);
+            leader = pod;
+            events["items"].as_array().unwrap().iter().any(|e| {
+                e["reason"] == "Unhealthy"
+                    && e["message"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("Readiness probe failed")
+                    && e["message"].as_str().unwrap_or_default().contains("503")
+            })
+        },
+    );
     let deployment = node.get(&["-n", SYSTEM, "get", "deployment", "kmsgrant-operator"]);
     let available = deployment["status"]["conditions"]
         .as_array()
         .and_then(|c| c.iter().find(|c| c["type"] == "Available").cloned());
-    assert_ne!(available.map(|c| c["status"].clone()), Some(json!("True")), "{deployment}");
+    assert_ne!(
+        available.map(|c| c["status"].clone()),
+        Some(json!("True")),
+        "{deployment}"
+    );
 
     let started = Instant::now();
     node.apply(&json!({"apiVersion": "v1", "kind": "List", "items": bindings}));
@@ -476,11 +625,24 @@ fn kubectl_apply_k_deploy_becomes_available_and_ready_only_after_the_caches_sync
     // Leave the node as we found it (the CRDs only if we created them).
     node.kubectl_ok(&["delete", "namespace", SYSTEM, "--timeout=120s"], None);
     node.kubectl_ok(
-        &["delete", "clusterrole,clusterrolebinding", "-l", "app.kubernetes.io/part-of=kmsgrant-operator"],
+        &[
+            "delete",
+            "clusterrole,clusterrolebinding",
+            "-l",
+            "app.kubernetes.io/part-of=kmsgrant-operator",
+        ],
         None,
     );
     if !crds_before {
-        node.kubectl_ok(&["delete", "crd", "kmsgrants.kmsgrant.io", "kmsproviderconfigs.kmsgrant.io"], None);
+        node.kubectl_ok(
+            &[
+                "delete",
+                "crd",
+                "kmsgrants.kmsgrant.io",
+                "kmsproviderconfigs.kmsgrant.io",
+            ],
+            None,
+        );
     }
 }
 
@@ -492,7 +654,10 @@ fn helm_install_with_chart_defaults_readies_the_seed_grant_through_the_pod_netwo
     let deployment = node.get(&["-n", SYSTEM, "get", "deployment", RELEASE]);
     assert_eq!(deployment["status"]["readyReplicas"], 2, "{deployment}");
     let image = &deployment["spec"]["template"]["spec"]["containers"][0]["image"];
-    assert_eq!(image, "ghcr.io/kmsgrant/kmsgrant-operator:0.1.0", "the chart's default image");
+    assert_eq!(
+        image, "ghcr.io/kmsgrant/kmsgrant-operator:0.1.0",
+        "the chart's default image"
+    );
 
     let before = node.last_call();
     let seed = yaml_file("deploy/examples/kmsgrant-seed.yaml");
@@ -502,13 +667,20 @@ fn helm_install_with_chart_defaults_readies_the_seed_grant_through_the_pod_netwo
     let leader = node.lease_holder_pod(SYSTEM, RELEASE).expect("a leader");
     let leader_ip = node.pod_ip(SYSTEM, &leader);
     let pod_range = &node.ranges[1].1;
-    assert!(in_range(leader_ip, pod_range), "leader {leader} at {leader_ip}, outside {pod_range}");
+    assert!(
+        in_range(leader_ip, pod_range),
+        "leader {leader} at {leader_ip}, outside {pod_range}"
+    );
     let writes = node.writes_after(before);
     let create = writes
         .iter()
         .find(|call| call.operation == "create-grant" && call.key_id.as_deref() == Some(SEED_KEY))
         .unwrap_or_else(|| panic!("no create-grant on the seed key: {writes:?}"));
-    assert_eq!(create.peer, Some(leader_ip), "the grant was created from the leader pod");
+    assert_eq!(
+        create.peer,
+        Some(leader_ip),
+        "the grant was created from the leader pod"
+    );
     assert_eq!(node.emulator.grant_count(SEED_KEY), Some(1));
 }
 
@@ -536,17 +708,27 @@ fn operator_pods_run_as_65532_with_a_read_only_root_no_capabilities_and_runtime_
             assert_eq!(field(caps), ["0000000000000000"], "{name}: {caps}");
         }
         assert_eq!(field("NoNewPrivs"), ["1"], "{name}: no_new_privs");
-        assert_eq!(field("Seccomp"), ["2"], "{name}: seccomp filter mode (RuntimeDefault)");
+        assert_eq!(
+            field("Seccomp"),
+            ["2"],
+            "{name}: seccomp filter mode (RuntimeDefault)"
+        );
         let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
         let root = mounts
             .lines()
             .find(|line| line.split_whitespace().nth(4) == Some("/"))
             .unwrap();
         let options = root.split_whitespace().nth(5).unwrap();
-        assert!(options.split(',').any(|o| o == "ro"), "{name}: root mounted {options}");
+        assert!(
+            options.split(',').any(|o| o == "ro"),
+            "{name}: root mounted {options}"
+        );
         let root_dir = format!("/proc/{pid}/root");
         for shell in ["bin/sh", "bin/bash", "usr/bin/sh", "busybox"] {
-            assert!(!Path::new(&root_dir).join(shell).exists(), "{name}: the image has {shell}");
+            assert!(
+                !Path::new(&root_dir).join(shell).exists(),
+                "{name}: the image has {shell}"
+            );
         }
     }
 }
@@ -566,14 +748,28 @@ fn operator_logs_are_json_lines_without_the_secret() {
         let name = pod["metadata"]["name"].as_str().unwrap();
         let logs = node.kubectl_ok(&["-n", SYSTEM, "logs", name], None);
         for line in logs.lines().filter(|l| !l.trim().is_empty()) {
-            let parsed: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{name}: not JSON ({e}): {line}"));
+            let parsed: Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("{name}: not JSON ({e}): {line}"));
             assert!(parsed.is_object(), "{name}: {line}");
-            assert!(!line.contains(secret), "{name} logged the secret key: {line}");
+            assert!(
+                !line.contains(secret),
+                "{name} logged the secret key: {line}"
+            );
             lines += 1;
         }
     }
     assert!(lines > 0, "no log lines at all");
-    node.kubectl_ok(&["-n", "default", "delete", "kmsgrants.kmsgrant.io", "logs-grant", "--timeout=60s"], None);
+    node.kubectl_ok(
+        &[
+            "-n",
+            "default",
+            "delete",
+            "kmsgrants.kmsgrant.io",
+            "logs-grant",
+            "--timeout=60s",
+        ],
+        None,
+    );
 }
 
 #[test]
@@ -617,8 +813,16 @@ fn failover_moves_the_lease_and_the_old_leader_writes_nothing_after_the_new_one(
         .iter()
         .filter(|call| call.peer == Some(old_ip) && call.seq > first_new.seq)
         .collect();
-    assert!(late.is_empty(), "the old leader {old} wrote after the new one's first write: {late:?}");
-    assert!(writes.iter().all(|call| call.peer == Some(old_ip) || call.peer == Some(new_ip)), "{writes:?}");
+    assert!(
+        late.is_empty(),
+        "the old leader {old} wrote after the new one's first write: {late:?}"
+    );
+    assert!(
+        writes
+            .iter()
+            .all(|call| call.peer == Some(old_ip) || call.peer == Some(new_ip)),
+        "{writes:?}"
+    );
 
     // 2. SIGKILL of the leader's process: no drain, no release; the Lease must still end up held
     //    by a live process that converges a new grant.
@@ -628,7 +832,10 @@ fn failover_moves_the_lease_and_the_old_leader_writes_nothing_after_the_new_one(
     let lease_before = node.get(&["-n", SYSTEM, "get", "lease", RELEASE]);
     let before = node.last_call();
     let started = Instant::now();
-    let killed = Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(killed.success());
     node.apply(&node.grant("failover-2", &key));
     node.wait_grant_ready("failover-2", 120);
@@ -653,7 +860,17 @@ fn failover_moves_the_lease_and_the_old_leader_writes_nothing_after_the_new_one(
         started.elapsed().as_secs_f64()
     );
     for name in ["failover-1", "failover-2"] {
-        node.kubectl_ok(&["-n", "default", "delete", "kmsgrants.kmsgrant.io", name, "--timeout=60s"], None);
+        node.kubectl_ok(
+            &[
+                "-n",
+                "default",
+                "delete",
+                "kmsgrants.kmsgrant.io",
+                name,
+                "--timeout=60s",
+            ],
+            None,
+        );
     }
     assert_eq!(node.emulator.grant_count(&key), Some(0));
 }
@@ -666,15 +883,26 @@ fn deleting_the_leader_pod_during_50_creates_drains_within_the_grace_period_with
     node.wait_available(SYSTEM, RELEASE, 120);
     let key = node.new_key("drain");
     let leader = node.lease_holder_pod(SYSTEM, RELEASE).expect("a leader");
-    let grace = node.get(&["-n", SYSTEM, "get", "pod", &leader])["spec"]["terminationGracePeriodSeconds"]
-        .as_i64()
-        .unwrap();
+    let grace =
+        node.get(&["-n", SYSTEM, "get", "pod", &leader])["spec"]["terminationGracePeriodSeconds"]
+            .as_i64()
+            .unwrap();
 
     // Every status update of the leader pod until it is gone: its container's last state.
     let mut watch = Command::new("kubectl")
         .arg("--kubeconfig")
         .arg(&node.kubeconfig)
-        .args(["-n", SYSTEM, "get", "pod", &leader, "--watch", "--output-watch-events", "-o", "json"])
+        .args([
+            "-n",
+            SYSTEM,
+            "get",
+            "pod",
+            &leader,
+            "--watch",
+            "--output-watch-events",
+            "-o",
+            "json",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -688,11 +916,16 @@ fn deleting_the_leader_pod_during_50_creates_drains_within_the_grace_period_with
             text.push_str(&line);
             text.push('\n');
             // kubectl prints one pretty JSON object per event.
-            let Ok(event) = serde_json::from_str::<Value>(&text) else { continue };
+            let Ok(event) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
             text.clear();
             let state = &event["object"]["status"]["containerStatuses"][0]["state"]["terminated"];
             if state.is_object() {
-                terminated = Some((state.clone(), event["object"]["metadata"]["deletionTimestamp"].clone()));
+                terminated = Some((
+                    state.clone(),
+                    event["object"]["metadata"]["deletionTimestamp"].clone(),
+                ));
             }
             if event["type"] == "DELETED" {
                 break;
@@ -705,13 +938,19 @@ fn deleting_the_leader_pod_during_50_creates_drains_within_the_grace_period_with
     let items: Vec<Value> = names.iter().map(|name| node.grant(name, &key)).collect();
     node.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
     // Delete once the leader is mid-way: some grants created, most not yet.
-    wait_until("the leader started creating grants", 60, || node.emulator.grant_count(&key).unwrap_or(0) >= 3);
+    wait_until("the leader started creating grants", 60, || {
+        node.emulator.grant_count(&key).unwrap_or(0) >= 3
+    });
     let started = Instant::now();
-    node.kubectl_ok(&["-n", SYSTEM, "delete", "pod", &leader, "--wait=false"], None);
+    node.kubectl_ok(
+        &["-n", SYSTEM, "delete", "pod", &leader, "--wait=false"],
+        None,
+    );
     let terminated = watcher.join().unwrap();
     let _ = watch.kill();
     let _ = watch.wait();
-    let (state, deletion) = terminated.expect("the leader pod's container terminated state was seen");
+    let (state, deletion) =
+        terminated.expect("the leader pod's container terminated state was seen");
     eprintln!(
         "figure: leader pod deleted during 50 creates; container exited {} ({}) {:.1} s after the delete (grace {grace} s)",
         state["exitCode"],
@@ -721,10 +960,14 @@ fn deleting_the_leader_pod_during_50_creates_drains_within_the_grace_period_with
     // Exit code 0: the process drained and exited on SIGTERM; 137 would be the kubelet's SIGKILL
     // at the end of the grace period.
     assert_eq!(state["exitCode"], 0, "{state}");
-    let (Some(deleted), Some(finished)) = (timestamp(&deletion), timestamp(&state["finishedAt"])) else {
+    let (Some(deleted), Some(finished)) = (timestamp(&deletion), timestamp(&state["finishedAt"]))
+    else {
         panic!("timestamps: {deletion} {state}")
     };
-    assert!(finished - deleted <= grace, "finished {finished}, deleted {deleted}, grace {grace}");
+    assert!(
+        finished - deleted <= grace,
+        "finished {finished}, deleted {deleted}, grace {grace}"
+    );
 
     for name in &names {
         node.wait_grant_ready(name, 180);
@@ -732,7 +975,9 @@ fn deleting_the_leader_pod_during_50_creates_drains_within_the_grace_period_with
     let grants = node.emulator.dump();
     let mut by_name: BTreeMap<String, usize> = BTreeMap::new();
     for grant in grants.grants.iter().filter(|g| g.key_id == key) {
-        *by_name.entry(grant.name.clone().unwrap_or_default()).or_default() += 1;
+        *by_name
+            .entry(grant.name.clone().unwrap_or_default())
+            .or_default() += 1;
     }
     let duplicates: Vec<_> = by_name.iter().filter(|(_, n)| **n > 1).collect();
     assert!(duplicates.is_empty(), "duplicate grants: {duplicates:?}");
@@ -740,7 +985,13 @@ fn deleting_the_leader_pod_during_50_creates_drains_within_the_grace_period_with
         by_name.keys().cloned().collect::<BTreeSet<_>>(),
         names.iter().cloned().collect::<BTreeSet<_>>()
     );
-    let mut delete = vec!["-n", "default", "delete", "kmsgrants.kmsgrant.io", "--timeout=120s"];
+    let mut delete = vec![
+        "-n",
+        "default",
+        "delete",
+        "kmsgrants.kmsgrant.io",
+        "--timeout=120s",
+    ];
     delete.extend(names.iter().map(String::as_str));
     node.kubectl_ok(&delete, None);
     assert_eq!(node.emulator.grant_count(&key), Some(0));
@@ -755,26 +1006,88 @@ fn helm_upgrade_applies_a_changed_value_and_uninstall_keeps_the_crds_and_grants(
     node.apply(&grant);
     node.wait_grant_ready("kept-grant", 120);
 
-    node.helm_ok(&["upgrade", RELEASE, &format!("{REPO}/charts/kmsgrant-operator"), "-n", SYSTEM, "--reuse-values", "--set", "logLevel=debug"]);
-    node.kubectl_ok(&["-n", SYSTEM, "rollout", "status", &format!("deployment/{RELEASE}"), "--timeout=180s"], None);
+    node.helm_ok(&[
+        "upgrade",
+        RELEASE,
+        &format!("{REPO}/charts/kmsgrant-operator"),
+        "-n",
+        SYSTEM,
+        "--reuse-values",
+        "--set",
+        "logLevel=debug",
+    ]);
+    node.kubectl_ok(
+        &[
+            "-n",
+            SYSTEM,
+            "rollout",
+            "status",
+            &format!("deployment/{RELEASE}"),
+            "--timeout=180s",
+        ],
+        None,
+    );
     let deployment = node.get(&["-n", SYSTEM, "get", "deployment", RELEASE]);
     let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
-    assert!(args.as_array().unwrap().iter().any(|a| a == "--log-level=debug"), "{args}");
+    assert!(
+        args.as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == "--log-level=debug"),
+        "{args}"
+    );
     for pod in node.operator_pods(SYSTEM) {
-        assert!(pod["spec"]["containers"][0]["args"].as_array().unwrap().iter().any(|a| a == "--log-level=debug"));
+        assert!(
+            pod["spec"]["containers"][0]["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a == "--log-level=debug")
+        );
     }
     node.wait_available(SYSTEM, RELEASE, 120);
 
-    node.helm_ok(&["uninstall", RELEASE, "-n", SYSTEM, "--wait", "--timeout=120s"]);
-    assert!(!node.kubectl(&["-n", SYSTEM, "get", "deployment", RELEASE], None).status.success());
+    node.helm_ok(&[
+        "uninstall",
+        RELEASE,
+        "-n",
+        SYSTEM,
+        "--wait",
+        "--timeout=120s",
+    ]);
+    assert!(
+        !node
+            .kubectl(&["-n", SYSTEM, "get", "deployment", RELEASE], None)
+            .status
+            .success()
+    );
     for crd in ["kmsgrants.kmsgrant.io", "kmsproviderconfigs.kmsgrant.io"] {
-        assert!(node.kubectl(&["get", "crd", crd], None).status.success(), "{crd} was deleted");
+        assert!(
+            node.kubectl(&["get", "crd", crd], None).status.success(),
+            "{crd} was deleted"
+        );
     }
-    let kept = node.get(&["-n", "default", "get", "kmsgrants.kmsgrant.io", "kept-grant"]);
+    let kept = node.get(&[
+        "-n",
+        "default",
+        "get",
+        "kmsgrants.kmsgrant.io",
+        "kept-grant",
+    ]);
     assert!(kept["metadata"]["deletionTimestamp"].is_null(), "{kept}");
     // Reinstalled for whatever runs next; it takes the kept grant over.
     node.helm_release();
-    node.kubectl_ok(&["-n", "default", "delete", "kmsgrants.kmsgrant.io", "kept-grant", "--timeout=60s"], None);
+    node.kubectl_ok(
+        &[
+            "-n",
+            "default",
+            "delete",
+            "kmsgrants.kmsgrant.io",
+            "kept-grant",
+            "--timeout=60s",
+        ],
+        None,
+    );
 }
 
 #[test]
@@ -795,18 +1108,46 @@ fn packets_to_unused_addresses_of_the_node_ranges_are_dropped_on_this_machine() 
         .iter()
         .filter_map(|p| p["status"]["podIP"].as_str().map(str::to_owned))
         .collect();
-    let default_route = String::from_utf8(Command::new("ip").args(["-4", "route", "show", "default"]).output().unwrap().stdout).unwrap();
-    let uplink = default_route.split_whitespace().skip_while(|w| *w != "dev").nth(1).map(str::to_owned);
+    let default_route = String::from_utf8(
+        Command::new("ip")
+            .args(["-4", "route", "show", "default"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let uplink = default_route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .map(str::to_owned);
 
     for (name, range) in &node.ranges {
-        let base = range.split('/').next().unwrap().rsplit_once('.').unwrap().0.to_owned();
+        let base = range
+            .split('/')
+            .next()
+            .unwrap()
+            .rsplit_once('.')
+            .unwrap()
+            .0
+            .to_owned();
         let unused = (200..255)
             .map(|n| format!("{base}.{n}"))
             .find(|ip| !cluster_ips.contains(ip) && !pod_ips.contains(ip))
             .unwrap();
         // Routed onto the node's bridge, where nothing answers: it never reaches another interface.
-        let route = String::from_utf8(Command::new("ip").args(["route", "get", &unused]).output().unwrap().stdout).unwrap();
-        assert!(route.contains(&format!("dev {} ", node.bridge)), "{name} {unused}: {route}");
+        let route = String::from_utf8(
+            Command::new("ip")
+                .args(["route", "get", &unused])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        assert!(
+            route.contains(&format!("dev {} ", node.bridge)),
+            "{name} {unused}: {route}"
+        );
         assert!(!route.contains(" via "), "{name} {unused}: {route}");
         // Forced out of the machine's uplink (as a stray policy route would), the guard drops it
         // before it leaves: the kernel refuses the send.
@@ -823,11 +1164,31 @@ fn packets_to_unused_addresses_of_the_node_ranges_are_dropped_on_this_machine() 
             ])
             .output()
             .unwrap();
-        assert_eq!(String::from_utf8_lossy(&sent.stdout).trim(), "dropped", "{name} {unused} via {uplink}: {sent:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&sent.stdout).trim(),
+            "dropped",
+            "{name} {unused} via {uplink}: {sent:?}"
+        );
     }
     let forward = Command::new("iptables")
-        .args(["-w", "-t", "mangle", "-C", "FORWARD", "-i", &node.bridge, "!", "-o", &node.bridge, "-j", "DROP"])
+        .args([
+            "-w",
+            "-t",
+            "mangle",
+            "-C",
+            "FORWARD",
+            "-i",
+            &node.bridge,
+            "!",
+            "-o",
+            &node.bridge,
+            "-j",
+            "DROP",
+        ])
         .status()
         .unwrap();
-    assert!(forward.success(), "no rule dropping forwarding from the pod bridge to other interfaces");
+    assert!(
+        forward.success(),
+        "no rule dropping forwarding from the pod bridge to other interfaces"
+    );
 }
