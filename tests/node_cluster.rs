@@ -1192,3 +1192,70 @@ fn packets_to_unused_addresses_of_the_node_ranges_are_dropped_on_this_machine() 
         "no rule dropping forwarding from the pod bridge to other interfaces"
     );
 }
+
+#[test]
+fn the_dockerfile_local_target_builds_without_a_pull_and_its_image_starts() {
+    let Some(node) = node() else { return };
+    let _turn = turn();
+    let tag = "localhost/kmsgrant-operator:dockerfile";
+    let image = node.dir.join("dockerfile-image.tar");
+    let built = Command::new(script("image"))
+        .args([
+            "--dockerfile",
+            "--binary",
+            OPERATOR_BIN,
+            "--tag",
+            tag,
+            "--out",
+        ])
+        .arg(&image)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "scripts/image --dockerfile failed (messages above)"
+    );
+    let loaded = Command::new(script("node-cluster"))
+        .arg("load")
+        .arg(&node.dir)
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        loaded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
+    // Under the restricted profile, as the Deployment runs it; `crd` prints and exits.
+    node.apply(&json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "dockerfile-image", "namespace": "default"},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "operator", "image": tag, "imagePullPolicy": "Never", "args": ["crd"],
+                "securityContext": {
+                    "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true,
+                    "capabilities": {"drop": ["ALL"]}
+                }
+            }]
+        }
+    }));
+    wait_until("the Dockerfile's image ran to completion", 120, || {
+        let pod = node.get(&["-n", "default", "get", "pod", "dockerfile-image"]);
+        let phase = pod["status"]["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert_ne!(phase, "Failed", "{pod}");
+        phase == "Succeeded"
+    });
+    let logs = node.kubectl_ok(&["-n", "default", "logs", "dockerfile-image"], None);
+    assert!(logs.contains("kind: CustomResourceDefinition"), "{logs}");
+    node.kubectl_ok(
+        &["-n", "default", "delete", "pod", "dockerfile-image"],
+        None,
+    );
+}
