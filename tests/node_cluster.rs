@@ -14,7 +14,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use kmsgrant::emulator::{CallRecord, Emulator, EmulatorAdmin, EmulatorConfig, NewKey};
+use kmsgrant::emulator::{
+    CallRecord, Emulator, EmulatorAdmin, EmulatorConfig, FaultSettings, NewKey,
+};
 use serde_json::{Value, json};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -551,10 +553,30 @@ fn kubectl_apply_k_deploy_becomes_available_and_ready_only_after_the_caches_sync
             "--timeout=120s",
         ]);
     }
-    let crds_before = node
-        .kubectl(&["get", "crd", "kmsgrants.kmsgrant.io"], None)
-        .status
-        .success();
+    // Its pods gone and its Lease with them, so the Lease below is deploy/'s.
+    wait_until("the chart's pods are gone", 120, || {
+        node.get(&["-n", SYSTEM, "get", "pods"])["items"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+    });
+    node.kubectl_ok(
+        &[
+            "-n",
+            SYSTEM,
+            "delete",
+            "lease",
+            "kmsgrant-operator",
+            "--ignore-not-found",
+        ],
+        None,
+    );
+    let _cleanup = KustomizeCleanup {
+        node,
+        crds_before: node
+            .kubectl(&["get", "crd", "kmsgrants.kmsgrant.io"], None)
+            .status
+            .success(),
+    };
     let rendered = node.kubectl_ok(&["kustomize", &format!("{REPO}/deploy")], None);
     let objects: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
         .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
@@ -577,9 +599,16 @@ fn kubectl_apply_k_deploy_becomes_available_and_ready_only_after_the_caches_sync
             let Some(pod) = node.lease_holder_pod(SYSTEM, "kmsgrant-operator") else {
                 return false;
             };
-            let status = node.get(&["-n", SYSTEM, "get", "pod", &pod]);
+            // The holder may be a pod on its way out; only a live one counts.
+            let found = node.kubectl(&["-n", SYSTEM, "get", "pod", &pod, "-o", "json"], None);
+            let Ok(status) = serde_json::from_slice::<Value>(&found.stdout) else {
+                return false;
+            };
             let container = &status["status"]["containerStatuses"][0];
-            if container["ready"] != false || !container["state"]["running"].is_object() {
+            if !status["metadata"]["deletionTimestamp"].is_null()
+                || container["ready"] != false
+                || !container["state"]["running"].is_object()
+            {
                 return false;
             }
             let events = node.get(&[
@@ -621,28 +650,39 @@ fn kubectl_apply_k_deploy_becomes_available_and_ready_only_after_the_caches_sync
     );
     let leader_pod = node.get(&["-n", SYSTEM, "get", "pod", &leader]);
     assert_eq!(leader_pod["status"]["containerStatuses"][0]["ready"], true);
+}
 
-    // Leave the node as we found it (the CRDs only if we created them).
-    node.kubectl_ok(&["delete", "namespace", SYSTEM, "--timeout=120s"], None);
-    node.kubectl_ok(
-        &[
-            "delete",
-            "clusterrole,clusterrolebinding",
-            "-l",
-            "app.kubernetes.io/part-of=kmsgrant-operator",
-        ],
-        None,
-    );
-    if !crds_before {
-        node.kubectl_ok(
+/// Removes what `kubectl apply -k deploy/` created, even when the test fails, so the chart can
+/// be installed next: the namespace, the cluster-wide RBAC, and the CRDs if they were new.
+struct KustomizeCleanup {
+    node: &'static Node,
+    crds_before: bool,
+}
+
+impl Drop for KustomizeCleanup {
+    fn drop(&mut self) {
+        let node = self.node;
+        node.kubectl(&["delete", "namespace", SYSTEM, "--timeout=120s"], None);
+        node.kubectl(
             &[
                 "delete",
-                "crd",
-                "kmsgrants.kmsgrant.io",
-                "kmsproviderconfigs.kmsgrant.io",
+                "clusterrole,clusterrolebinding",
+                "-l",
+                "app.kubernetes.io/part-of=kmsgrant-operator",
             ],
             None,
         );
+        if !self.crds_before {
+            node.kubectl(
+                &[
+                    "delete",
+                    "crd",
+                    "kmsgrants.kmsgrant.io",
+                    "kmsproviderconfigs.kmsgrant.io",
+                ],
+                None,
+            );
+        }
     }
 }
 
@@ -934,6 +974,13 @@ fn deleting_the_leader_pod_during_50_creates_drains_within_the_grace_period_with
         terminated
     });
 
+    // Every KMS call takes half a second, so the leader has calls in flight when it is deleted.
+    node.emulator
+        .set_faults(FaultSettings {
+            latency_ms: 500,
+            ..FaultSettings::default()
+        })
+        .unwrap();
     let names: Vec<String> = (0..50).map(|i| format!("drain-{i:02}")).collect();
     let items: Vec<Value> = names.iter().map(|name| node.grant(name, &key)).collect();
     node.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
@@ -946,13 +993,15 @@ fn deleting_the_leader_pod_during_50_creates_drains_within_the_grace_period_with
         &["-n", SYSTEM, "delete", "pod", &leader, "--wait=false"],
         None,
     );
+    let created_at_delete = node.emulator.grant_count(&key).unwrap_or(0);
     let terminated = watcher.join().unwrap();
     let _ = watch.kill();
     let _ = watch.wait();
+    node.emulator.set_faults(FaultSettings::default()).unwrap();
     let (state, deletion) =
         terminated.expect("the leader pod's container terminated state was seen");
     eprintln!(
-        "figure: leader pod deleted during 50 creates; container exited {} ({}) {:.1} s after the delete (grace {grace} s)",
+        "figure: leader pod deleted during 50 creates ({created_at_delete} created by then); container exited {} ({}) {:.1} s after the delete (grace {grace} s)",
         state["exitCode"],
         state["reason"],
         started.elapsed().as_secs_f64()
