@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use kmsgrant::emulator::{EmulatorConfig, KeyState};
+use kms_emulator::{EmulatorConfig, KeyState};
 use serde_json::{Value, json};
 use support::{Env, kubectl, kubectl_ok};
 
@@ -32,7 +32,7 @@ async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bo
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seed_grant_becomes_ready_with_a_matching_grant_on_kms() {
     let mut env = Env::new("ready", EmulatorConfig::for_tests(), "5s").await;
-    let key = kmsgrant::emulator::NewKey {
+    let key = kms_emulator::NewKey {
         key_alias: "seed".into(),
         key_id: Some(SEED_KEY.into()),
         ..Default::default()
@@ -531,7 +531,7 @@ async fn each_failure_ends_with_its_own_reason_and_recoverable_ones_recover() {
     let fixed = json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "wrong-credentials", "namespace": env.namespace},
-        "stringData": {"accessKey": env.emulator.config().access_key, "secretKey": env.emulator.config().secret_key.expose()}
+        "stringData": {"accessKey": env.emulator.config().access_key, "secretKey": env.emulator.config().secret_key.as_str()}
     });
     env.apply(&fixed);
     env.wait_for("disabled-key", "condition=Ready", 60);

@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use kmsgrant::emulator::EmulatorConfig;
+use kms_emulator::EmulatorConfig;
 use serde_json::{Value, json};
 use support::{Env, OPERATOR_BIN, REPO, TEST_LABEL, install_crds, kubectl, kubectl_ok, namespace};
 
@@ -46,9 +46,10 @@ fn helm_ok(args: &[&str]) -> String {
 
 /// The objects of a multi-document YAML stream (empty documents dropped).
 fn objects(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| serde::Deserialize::deserialize(doc).expect("rendered YAML parses"))
-        .filter(|object: &Value| !object.is_null())
+    serde_saphyr::from_str_multiple::<Value, Vec<Value>>(yaml)
+        .expect("rendered YAML parses")
+        .into_iter()
+        .filter(|object| !object.is_null())
         .collect()
 }
 
@@ -545,7 +546,7 @@ fn service_account_kubeconfig(dir: &Path) -> std::path::PathBuf {
         None,
     );
     let admin: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(support::kubeconfig()).unwrap()).unwrap();
+        serde_saphyr::from_str(&std::fs::read_to_string(support::kubeconfig()).unwrap()).unwrap();
     let cluster = &admin["clusters"][0]["cluster"];
     let kubeconfig = json!({
         "apiVersion": "v1", "kind": "Config",
@@ -647,7 +648,7 @@ async fn operator_with_only_the_shipped_rbac_converges_and_revokes_a_grant() {
         "metadata": {"name": secret_name, "namespace": OPERATOR_NAMESPACE},
         "stringData": {
             "accessKey": env.emulator.config().access_key,
-            "secretKey": env.emulator.config().secret_key.expose(),
+            "secretKey": env.emulator.config().secret_key.as_str(),
         }
     }));
     env.apply(&env.provider_config(json!({

@@ -14,9 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use kmsgrant::emulator::{
-    CallRecord, Emulator, EmulatorAdmin, EmulatorConfig, FaultSettings, NewKey,
-};
+use kms_emulator::{CallRecord, Emulator, EmulatorAdmin, EmulatorConfig, FaultSettings, NewKey};
 use serde_json::{Value, json};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
@@ -359,7 +357,7 @@ impl Node {
         self.apply(&json!({
             "apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": "kms-credentials", "namespace": namespace},
-            "stringData": {"accessKey": config.access_key, "secretKey": config.secret_key.expose()}
+            "stringData": {"accessKey": config.access_key, "secretKey": config.secret_key}
         }));
         let mut provider = yaml_file("deploy/examples/kmsproviderconfig-default.yaml");
         let spec = &mut provider["spec"];
@@ -502,7 +500,7 @@ fn run(command: &mut Command, stdin: Option<&str>) -> Output {
 
 fn yaml_file(path: &str) -> Value {
     let text = std::fs::read_to_string(Path::new(REPO).join(path)).unwrap();
-    serde_yaml::from_str(&text).unwrap()
+    serde_saphyr::from_str(&text).unwrap()
 }
 
 /// Seconds since the epoch of an RFC 3339 timestamp.
@@ -578,8 +576,10 @@ fn kubectl_apply_k_deploy_becomes_available_and_ready_only_after_the_caches_sync
             .success(),
     };
     let rendered = node.kubectl_ok(&["kustomize", &format!("{REPO}/deploy")], None);
-    let objects: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
-        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+    let objects: Vec<Value> = serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&rendered)
+        .unwrap()
+        .into_iter()
+        .filter(|object| !object.is_null())
         .collect();
     // Everything but the ClusterRoleBindings: the operator cannot list KmsGrants, so the leader's
     // caches cannot sync, and it must not report Ready.
@@ -782,7 +782,7 @@ fn operator_logs_are_json_lines_without_the_secret() {
     let key = node.new_key("logs");
     node.apply(&node.grant("logs-grant", &key));
     node.wait_grant_ready("logs-grant", 120);
-    let secret = node.emulator_config.secret_key.expose();
+    let secret = node.emulator_config.secret_key.as_str();
     let mut lines = 0;
     for pod in node.operator_pods(SYSTEM) {
         let name = pod["metadata"]["name"].as_str().unwrap();

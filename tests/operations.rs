@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use kmsgrant::emulator::EmulatorConfig;
+use kms_emulator::EmulatorConfig;
 use serde_json::json;
 use support::{Env, Operator};
 
@@ -238,7 +238,7 @@ async fn json_logs_at_trace_level_parse_line_by_line_and_hold_no_secret() {
     let password_secret = json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "password-credentials", "namespace": env.namespace},
-        "stringData": {"username": env.emulator.config().username, "password": env.emulator.config().password.expose(),
+        "stringData": {"username": env.emulator.config().username, "password": env.emulator.config().password.as_str(),
             "domainName": env.emulator.config().domain_name}
     });
     env.apply(&password_secret);
@@ -278,7 +278,7 @@ async fn json_logs_at_trace_level_parse_line_by_line_and_hold_no_secret() {
     }
     assert!(lines > 50, "only {lines} log lines at trace level");
     let config = env.emulator.config();
-    for secret in [config.secret_key.expose(), config.password.expose()] {
+    for secret in [config.secret_key.as_str(), config.password.as_str()] {
         assert!(
             !text.contains(secret),
             "a secret value is in the operator's log {}",
@@ -327,7 +327,7 @@ async fn sigterm_lets_the_reconcile_in_flight_finish_its_kms_calls_before_exit()
         String::from_utf8_lossy(&out.stderr)
     );
     // Every KMS answer now takes 2 s: describe-key, list-grants and create-grant take 6 s together.
-    let slow = kmsgrant::emulator::FaultSettings {
+    let slow = kms_emulator::FaultSettings {
         latency_ms: 2000,
         ..Default::default()
     };
