@@ -408,7 +408,11 @@ impl Drop for Operator {
 
 /// Polls `check` every 200 ms until it holds; fails naming `what` after `timeout`. The one
 /// polling loop of the end-to-end tests.
-pub async fn eventually(what: &str, timeout: std::time::Duration, mut check: impl AsyncFnMut() -> bool) {
+pub async fn eventually(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) {
     let deadline = std::time::Instant::now() + timeout;
     while !check().await {
         assert!(
