@@ -8,21 +8,13 @@ use std::time::{Duration, Instant};
 
 use kms_emulator::{EmulatorConfig, FaultSettings};
 use serde_json::{Value, json};
-use support::{CLUSTER, Env, Operator, StallingProxy, TEST_LABEL, kubectl, kubectl_ok};
+use support::{CLUSTER, Env, Operator, StallingProxy, TEST_LABEL, eventually, kubectl, kubectl_ok};
 
 fn grant_id(object: &Value) -> String {
     object["status"]["grantId"]
         .as_str()
         .unwrap_or_default()
         .to_owned()
-}
-
-async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 fn calls(env: &Env, operation: &str) -> usize {
@@ -180,7 +172,7 @@ async fn two_shards_never_touch_each_others_grants() {
     env.apply(&env.grant("same", &key, json!({})));
     env.apply(&b.grant(&env, "same", &key, json!({})));
     env.wait_for("same", "condition=Ready", 60);
-    eventually("b's grant Ready", Duration::from_secs(60), || {
+    eventually("b's grant Ready", Duration::from_secs(60), async || {
         b.reason("same") == "GrantReady"
     })
     .await;
@@ -240,11 +232,11 @@ async fn identical_spec_in_another_namespace_cannot_adopt_or_revoke() {
     env.apply(&b.grant(&env, "spoof-import", &key, json!({"importGrantId": victim})));
     // The identical spec under the same object name gets a grant of its own.
     env.apply(&b.grant(&env, "app", &key, json!({})));
-    eventually("the import refused", Duration::from_secs(60), || {
+    eventually("the import refused", Duration::from_secs(60), async || {
         b.reason("spoof-import") == "ImportRefused"
     })
     .await;
-    eventually("b's own grant", Duration::from_secs(60), || {
+    eventually("b's own grant", Duration::from_secs(60), async || {
         b.reason("app") == "GrantReady"
     })
     .await;
@@ -451,7 +443,7 @@ async fn import_of_another_objects_grant_is_refused() {
         .await
         .unwrap();
     env.apply(&closed.grant(&env, "importer", &key, json!({"importGrantId": hand})));
-    eventually("ImportNotAllowed", Duration::from_secs(60), || {
+    eventually("ImportNotAllowed", Duration::from_secs(60), async || {
         closed.reason("importer") == "ImportNotAllowed"
     })
     .await;
@@ -525,7 +517,7 @@ async fn delete_after_provider_repoint_revokes_on_the_old_account_or_says_why() 
     let mut old_account = env.provider_config(json!({}));
     old_account["metadata"]["name"] = json!(format!("{}-old", env.provider));
     env.apply(&old_account);
-    eventually("the object deleted", Duration::from_secs(60), || {
+    eventually("the object deleted", Duration::from_secs(60), async || {
         !kubectl(&["-n", &env.namespace, "get", "kmsgrants", "moved"], None)
             .status
             .success()
@@ -574,12 +566,16 @@ async fn key_change_revokes_on_the_old_key_and_clears_the_superseded_grant_from_
     env.wait_for("rekeyed", "condition=Ready", 60);
     let old = grant_id(&env.get("rekeyed"));
     env.apply(&env.grant("rekeyed", &new_key, json!({})));
-    eventually("the grant on the new key", Duration::from_secs(30), || {
-        let object = env.get("rekeyed");
-        object["status"]["keyId"] == new_key.as_str()
-            && object["status"]["observedGeneration"] == 2
-            && object["status"].get("supersededGrant").is_none()
-    })
+    eventually(
+        "the grant on the new key",
+        Duration::from_secs(30),
+        async || {
+            let object = env.get("rekeyed");
+            object["status"]["keyId"] == new_key.as_str()
+                && object["status"]["observedGeneration"] == 2
+                && object["status"].get("supersededGrant").is_none()
+        },
+    )
     .await;
     env.wait_for("rekeyed", "condition=Ready", 30);
     assert_eq!(env.emulator.admin().grant_count(&old_key), Some(0));
@@ -827,9 +823,11 @@ async fn stalled_leader_stops_writing_before_the_new_leader_starts() {
     let mut flags = election.to_vec();
     flags.extend(["--kubeconfig", proxied.to_str().unwrap()]);
     let mut old_leader = Operator::start_with(&env.namespace, "2s", &flags);
-    eventually("the first replica leads", Duration::from_secs(30), || {
-        lease(&env.namespace)["spec"]["holderIdentity"].is_string()
-    })
+    eventually(
+        "the first replica leads",
+        Duration::from_secs(30),
+        async || lease(&env.namespace)["spec"]["holderIdentity"].is_string(),
+    )
     .await;
     let old_identity = lease(&env.namespace)["spec"]["holderIdentity"].clone();
     let mut standby = Operator::start_with(&env.namespace, "2s", &election);

@@ -30,6 +30,12 @@ pub const FINALIZER: &str = "kmsgrant.io/grant";
 /// The field manager of every status this operator writes (server-side apply).
 pub const FIELD_MANAGER: &str = "kmsgrant-operator";
 
+#[tracing::instrument(name = "reconcile", skip_all, fields(
+    kind = "KmsGrant",
+    namespace = object.metadata.namespace.as_deref().unwrap_or_default(),
+    name = object.metadata.name.as_deref().unwrap_or_default(),
+    key = object.spec.key_id.as_str(),
+))]
 pub async fn reconcile(object: Arc<KmsGrant>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let started = std::time::Instant::now();
     let result = reconcile_object(&object, &ctx).await;

@@ -15,18 +15,23 @@ pub struct ClientConfig {
     pub iam_endpoint: Option<String>,
     /// Region, e.g. `eu-de` (used by the Open Telekom Cloud signing variant).
     pub region: String,
+    /// The project the keys live in.
     pub project: Project,
+    /// Who the client authenticates as.
     pub credentials: Credentials,
     /// Which AK/SK signature format to produce.
     pub signing: SigningScheme,
+    /// Client-side pacing, below the cloud's throttle.
     pub rate_limit: RateLimitConfig,
     /// Extra trusted CAs (PEM), for private endpoints.
     pub ca_bundle: Option<String>,
     /// Plain `http://` endpoints are refused unless this is set (the emulator).
     pub allow_http: bool,
+    /// Limit for opening a connection.
     pub connect_timeout: Duration,
     /// Limit for one attempt.
     pub request_timeout: Duration,
+    /// How often and how patiently retryable failures are retried.
     pub retry: RetryPolicy,
 }
 
@@ -53,6 +58,7 @@ impl ClientConfig {
 /// The project the keys live in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Project {
+    /// A project ID as IAM shows it (32 hexadecimal characters).
     Id(String),
     /// Resolved to an ID through IAM on first use.
     Name(String),
@@ -63,13 +69,18 @@ pub enum Project {
 pub enum Credentials {
     /// AK/SK request signing, optionally with a security token (temporary credentials).
     AccessKey {
+        /// The access key and its secret, signing every request.
         keys: AccessKeyPair,
+        /// For temporary credentials: sent as `X-Security-Token`.
         security_token: Option<SecretString>,
     },
     /// IAM password authentication with project-scoped tokens.
     Password {
+        /// IAM user name.
         username: String,
+        /// The user's password, sent to IAM only.
         password: SecretString,
+        /// The account (domain) the user belongs to.
         domain_name: String,
     },
 }
@@ -77,7 +88,9 @@ pub enum Credentials {
 /// A token bucket: `requests_per_second` sustained, `burst` at once.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RateLimitConfig {
+    /// Sustained requests per second.
     pub requests_per_second: f64,
+    /// Requests that may go at once after a quiet period.
     pub burst: u32,
 }
 
@@ -95,7 +108,9 @@ impl Default for RateLimitConfig {
 pub struct RetryPolicy {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
+    /// Wait before the first retry (doubled each time, with jitter).
     pub initial_backoff: Duration,
+    /// The longest wait between two retries.
     pub max_backoff: Duration,
     /// No retry starts after this much time since the call began.
     pub deadline: Duration,

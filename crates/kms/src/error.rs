@@ -6,19 +6,28 @@ use std::time::Duration;
 /// The KMS calls this client makes; used in errors, logs and metric labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Call {
+    /// `describe-key`
     DescribeKey,
+    /// `list-grants`
     ListGrants,
+    /// `create-grant`
     CreateGrant,
+    /// `revoke-grant`
     RevokeGrant,
+    /// `retire-grant`
     RetireGrant,
+    /// `user-quotas`
     UserQuotas,
+    /// IAM `POST /v3/auth/tokens`
     IamToken,
+    /// IAM `GET /v3/projects`
     IamProjects,
     /// Not a call: building the client from its configuration, before anything is sent.
     ClientSetup,
 }
 
 impl Call {
+    /// The label used in logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::DescribeKey => "describe-key",
@@ -160,7 +169,9 @@ pub enum ErrorClass {
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{call} failed ({}{}): {message}", reason.as_str(), code.as_deref().map(|c| format!(", {c}")).unwrap_or_default())]
 pub struct KmsError {
+    /// The call that failed.
     pub call: Call,
+    /// Why, from a fixed set.
     pub reason: ErrorReason,
     /// HTTP status, when there was an answer.
     pub status: Option<u16>,
@@ -175,6 +186,7 @@ pub struct KmsError {
 }
 
 impl KmsError {
+    /// An error with no HTTP answer behind it.
     pub fn new(call: Call, reason: ErrorReason, message: impl Into<String>) -> Self {
         Self {
             call,
@@ -187,6 +199,7 @@ impl KmsError {
         }
     }
 
+    /// Whether to give up, retry, or re-authenticate.
     pub fn class(&self) -> ErrorClass {
         self.reason.class()
     }

@@ -2,6 +2,8 @@
 //! both auth methods, classified errors, bounded retries, a shared rate limit. No reqwest type
 //! crosses this module's boundary.
 
+#![deny(missing_docs)]
+
 mod client;
 mod config;
 mod error;

@@ -30,7 +30,10 @@ impl GranteePrincipalType {
     }
 }
 
-// An operation a grant may allow (undocumented in the schema: the field that holds it says it).
+// An operation a grant may allow.
+// Neither the enum nor its variants carry doc comments: schemars would turn them into schema
+// descriptions (and the variants into a oneOf); the CRD field that holds them says what they are.
+#[allow(missing_docs)]
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
@@ -84,9 +87,13 @@ impl Operation {
 /// A customer master key, as `describe-key` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyInfo {
+    /// The key's ID.
     pub key_id: String,
+    /// Its alias, for example `alias/app`.
     pub key_alias: String,
+    /// The account (domain) that owns it.
     pub domain_id: String,
+    /// Whether it can be used.
     pub state: KeyState,
     /// A Default Master Key (alias ending in `/default`): it refuses grants.
     pub default_key: bool,
@@ -102,16 +109,22 @@ impl KeyInfo {
 /// `key_state` of a key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeyState {
+    /// Created without key material yet.
     PendingActivation,
+    /// Usable.
     Enabled,
+    /// Disabled by its owner; may be enabled again.
     Disabled,
+    /// Scheduled for deletion; may be cancelled.
     PendingDeletion,
+    /// Waiting for imported key material.
     PendingImport,
     /// A state this version does not know, kept verbatim.
     Other(String),
 }
 
 impl KeyState {
+    /// Reads the wire value (`1` to `5`); an unknown one is kept as such.
     pub fn from_wire(value: &str) -> Self {
         match value {
             "1" => Self::PendingActivation,
@@ -127,17 +140,23 @@ impl KeyState {
 /// A grant on a key, as `list-grants` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
+    /// The key the grant is on.
     pub key_id: String,
+    /// The grant's ID (64 hexadecimal characters).
     pub grant_id: String,
+    /// Who received the permissions.
     pub grantee_principal: String,
     /// `user` or `domain`; absent on clouds that do not report it (then `user`).
     pub grantee_principal_type: Option<String>,
     /// The operations verbatim, in the order the server chose.
     pub operations: Vec<String>,
+    /// Who created the grant.
     pub issuing_principal: Option<String>,
     /// Creation time in milliseconds since the epoch.
     pub created_at_millis: Option<i64>,
+    /// The grant's name, if it has one.
     pub name: Option<String>,
+    /// Who may retire the grant, if anyone besides the grantee.
     pub retiring_principal: Option<String>,
 }
 
@@ -156,11 +175,17 @@ impl Grant {
 /// What `create-grant` is asked to create.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewGrant {
+    /// The key to grant on.
     pub key_id: String,
+    /// Who receives the permissions.
     pub grantee_principal: String,
+    /// Whether the grantee is a user or an account.
     pub grantee_principal_type: GranteePrincipalType,
+    /// What the grantee may do.
     pub operations: Vec<Operation>,
+    /// The grant's name on the cloud.
     pub name: Option<String>,
+    /// Who may retire the grant.
     pub retiring_principal: Option<String>,
 }
 
@@ -174,8 +199,11 @@ pub struct Quotas {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Usage of one resource against its quota.
 pub struct Quota {
+    /// How many are in use.
     pub used: u64,
+    /// How many are allowed.
     pub quota: u64,
 }
 
