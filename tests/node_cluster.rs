@@ -36,8 +36,21 @@ struct Node {
 
 /// The node, or `None` (reason printed) where this machine cannot run one.
 fn node() -> Option<&'static Node> {
-    static NODE: OnceLock<Option<Node>> = OnceLock::new();
-    NODE.get_or_init(start_node).as_ref()
+    // A node that failed to start is not retried by every test: the first failure is kept.
+    static NODE: OnceLock<Result<Option<Node>, String>> = OnceLock::new();
+    let started = NODE.get_or_init(|| {
+        std::panic::catch_unwind(start_node).map_err(|panic| {
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default()
+        })
+    });
+    match started {
+        Ok(node) => node.as_ref(),
+        Err(message) => panic!("the node did not start: {message}"),
+    }
 }
 
 /// Tests install the same release: one at a time.
@@ -78,11 +91,17 @@ fn start_node() -> Option<Node> {
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
-    assert!(
-        up.status.success(),
-        "scripts/node-cluster up {} failed (messages above)",
-        dir.display()
-    );
+    if !up.status.success() {
+        // Give the host back before failing, so the next run starts clean.
+        let _ = Command::new(script("node-cluster"))
+            .arg("down")
+            .arg(&dir)
+            .status();
+        panic!(
+            "scripts/node-cluster up {} failed (messages above)",
+            dir.display()
+        );
+    }
     eprintln!(
         "figure: node cluster up in {:.1} s",
         started.elapsed().as_secs_f64()
