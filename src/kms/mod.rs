@@ -10,8 +10,12 @@ mod secret;
 pub mod signer;
 mod types;
 
-pub use client::{ClientMetrics, KmsClient, MAX_PAGE_SIZE};
-pub use config::{ClientConfig, Credentials, Project, RateLimitConfig, RetryPolicy};
+pub use client::{
+    ClientMetrics, KmsClient, MAX_ERROR_MESSAGE_CHARS, MAX_GRANTS_PER_KEY, MAX_PAGE_SIZE,
+};
+pub use config::{
+    ClientConfig, Credentials, DEFAULT_MAX_RESPONSE_BYTES, Project, RateLimitConfig, RetryPolicy,
+};
 pub use error::{Call, ErrorClass, ErrorReason, KmsError};
 pub use secret::Secret;
 pub use types::{Grant, KeyInfo, KeyState, NewGrant, Quota, Quotas, parse_creation_date};
