@@ -74,6 +74,10 @@ pub mod reasons {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const SECRET_INCOMPLETE: &str = "SecretIncomplete";
+    /// Stalled (KmsProviderConfig): `secretRef` names a Secret outside the operator's namespace.
+    pub const SECRET_NAMESPACE_NOT_ALLOWED: &str = "SecretNamespaceNotAllowed";
+    /// Reconciling (KmsProviderConfig being deleted): KmsGrants still use it.
+    pub const IN_USE: &str = "InUse";
 }
 
 /// The three conditions for `outcome`, keeping `lastTransitionTime` of any whose status did not

@@ -625,7 +625,7 @@ async fn cleanup(object: &KmsGrant, uid: &str, ctx: &Context) -> Result<Action, 
     if let Some(owned) = owned.clone().filter(|_| policy != DeletionPolicy::Orphan) {
         targets.push((owned, policy));
     }
-    let provider = ctx.providers.get(provider_name);
+    let provider = ctx.providers.for_cleanup(provider_name);
     if targets.is_empty() && provider.is_none() {
         // Status names no grant and there is no provider to look with: nothing of ours can be
         // found on KMS, and deletion must not hang on a config that never worked.

@@ -50,6 +50,10 @@ pub struct Settings {
     pub namespace: Option<String>,
     /// Reconcile only KmsGrants and KmsProviderConfigs with these labels (sharding).
     pub label_selector: Option<String>,
+    /// How often a provider config's credentials are checked (`user-quotas`).
+    pub provider_check_interval: Duration,
+    /// Consecutive failed checks before a verified provider config is reported NotReady.
+    pub provider_failure_threshold: u32,
 }
 
 impl Default for Settings {
@@ -65,6 +69,8 @@ impl Default for Settings {
             allow_http: false,
             namespace: None,
             label_selector: None,
+            provider_check_interval: Duration::from_secs(60),
+            provider_failure_threshold: 3,
         }
     }
 }
@@ -210,7 +216,7 @@ pub async fn run(
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         keys: cache::KeyCache::default(),
-        providers: provider::ProviderRegistry::default(),
+        providers: provider::ProviderRegistry::new(provider_store.clone()),
         provider_configs: provider_store.clone(),
         grants: grant_store.clone(),
         interest: Interest::default(),
