@@ -765,7 +765,7 @@ async fn read_capped(
 fn url_host(base: &Url, location: &str) -> String {
     base.join(location)
         .ok()
-        .and_then(|url| url.host_str().map(|host| bounded(host)))
+        .and_then(|url| url.host_str().map(bounded))
         .unwrap_or_else(|| "?".into())
 }
 
