@@ -6,13 +6,17 @@
 #   docker build -t ghcr.io/kmsgrant/kmsgrant-operator:0.1.0 .
 #
 # Multi-arch: docker buildx build --platform linux/amd64,linux/arm64 (each builds natively).
-ARG RUST_VERSION=1.95
+# Keep in step with rust-toolchain.toml (a test checks).
+ARG RUST_VERSION=1.95.0
 
 FROM rust:${RUST_VERSION}-alpine AS build
 RUN apk add --no-cache musl-dev
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
 COPY src ./src
+# Every workspace member's manifest must be present; only the client crates are compiled (the
+# emulator is behind the `dev` feature, which the image does not enable).
+COPY crates ./crates
 # `kmsgrant-operator dev` embeds the example grant (include_str! in src/dev.rs).
 COPY deploy/examples ./deploy/examples
 ENV RUSTFLAGS="-C target-feature=+crt-static" \

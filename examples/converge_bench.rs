@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kms_emulator::{Emulator, EmulatorConfig, NewKey};
 use kmsgrant::api::KmsGrant;
 use kmsgrant::controller::{self, Settings};
-use kmsgrant::emulator::{Emulator, EmulatorConfig, NewKey};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
 
@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
         .expect("usage: converge_bench KUBECONFIG [GRANTS] [KEYS]");
     let grants: usize = args.get(2).map_or(Ok(500), |a| a.parse())?;
     let keys: usize = args.get(3).map_or(Ok(10), |a| a.parse())?;
-    let client = kmsgrant::run::kube_client(Some(kubeconfig.into()), None).await?;
+    let client = kmsgrant::process::kube_client(Some(kubeconfig.into()), None).await?;
     let apply = PatchParams::apply("converge-bench").force();
 
     let emulator = Emulator::start(EmulatorConfig {
@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let config = emulator.config();
     let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kms", "namespace": namespace},
-        "stringData": {"accessKey": config.access_key, "secretKey": config.secret_key.expose()}});
+        "stringData": {"accessKey": config.access_key, "secretKey": config.secret_key.as_str()}});
     Api::<Secret>::namespaced(client.clone(), &namespace)
         .patch("kms", &apply, &Patch::Apply(&secret))
         .await?;

@@ -22,9 +22,8 @@ pub enum Command {
     Crd(CrdArgs),
     /// Run the operator against a cluster.
     Run(Box<crate::run::RunArgs>),
-    /// Run the local KMS and IAM emulator.
-    Emulator(Box<crate::emulator::EmulatorArgs>),
     /// Start the local sandbox: control plane, emulator, CRDs, operator and an example grant.
+    #[cfg(feature = "dev")]
     Dev(Box<crate::dev::DevArgs>),
 }
 
@@ -32,8 +31,8 @@ impl Cli {
     pub fn run(self) -> ExitCode {
         match self.command {
             Command::Crd(args) => args.run(),
-            Command::Emulator(args) => crate::emulator::run(*args),
             Command::Run(args) => args.run(),
+            #[cfg(feature = "dev")]
             Command::Dev(args) => args.run(),
         }
     }
@@ -66,8 +65,23 @@ impl CrdArgs {
     }
 }
 
+/// A duration as people write it: `500ms`, `30s`, `5m`, `1m30s`, `1h`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        return std::time::Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("{text:?} is out of range"));
+    }
+    let duration: jiff::SignedDuration = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s, 5m, 1m30s or 500ms"))?;
+    std::time::Duration::try_from(duration).map_err(|_| format!("{text:?} must not be negative"))
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use clap::CommandFactory;
 
     use super::Cli;
@@ -97,6 +111,28 @@ mod tests {
         assert!(
             missing.is_empty(),
             "flags without a KMSGRANT_* variable: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn durations_parse_with_units_and_name_the_problem_otherwise() {
+        assert_eq!(
+            super::parse_duration("500ms"),
+            Ok(Duration::from_millis(500))
+        );
+        assert_eq!(super::parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(super::parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(super::parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(super::parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(
+            super::parse_duration("-5s")
+                .unwrap_err()
+                .contains("negative")
+        );
+        assert!(
+            super::parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
         );
     }
 }

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::api::{KmsGrant, KmsProviderConfig};
 use crate::controller::{self, Settings};
-use crate::emulator::{Emulator, EmulatorConfig, NewKey};
+use kms_emulator::{Emulator, EmulatorConfig, NewKey};
 
 /// The example grant applied by `dev` (also shipped in deploy/examples/).
 pub const EXAMPLE_GRANT: &str = include_str!("../deploy/examples/kmsgrant-seed.yaml");
@@ -44,8 +44,12 @@ pub struct DevArgs {
     )]
     pub emulator_listen: std::net::SocketAddr,
     /// Resync interval of the operator.
-    #[arg(long, env = "KMSGRANT_DEV_RESYNC_INTERVAL", default_value = "30s", value_parser = crate::run::parse_duration)]
+    #[arg(long, env = "KMSGRANT_DEV_RESYNC_INTERVAL", default_value = "30s", value_parser = crate::cli::parse_duration)]
     pub resync_interval: Duration,
+    /// The script that builds and starts the local control plane (kube-apiserver and etcd).
+    /// Default: `scripts/control-plane` of the checkout this binary was built from.
+    #[arg(long, env = "KMSGRANT_DEV_CONTROL_PLANE_SCRIPT", value_name = "FILE", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/control-plane"))]
+    pub control_plane_script: PathBuf,
     /// Stop (and stop the local control plane) once the example grant is Ready, instead of
     /// running until Ctrl-C. For CI and scripts.
     #[arg(long, env = "KMSGRANT_DEV_EXIT_WHEN_READY")]
@@ -79,21 +83,24 @@ impl DevArgs {
                 say(
                     "starting the local control plane (the first run builds kube-apiserver and etcd: ~10 min)",
                 );
-                control_plane(&["up", &dir.to_string_lossy()])?;
+                control_plane(&self.control_plane_script, &["up", &dir.to_string_lossy()])?;
                 dir.join("kubeconfig")
             }
             (None, None) => unreachable!("one of the two is set"),
         };
         let result = self.with_cluster(&kubeconfig).await;
         if let (Some(dir), true) = (&local_dir, self.exit_when_ready || result.is_err()) {
-            let _ = control_plane(&["down", &dir.to_string_lossy()]);
+            let _ = control_plane(
+                &self.control_plane_script,
+                &["down", &dir.to_string_lossy()],
+            );
         }
         result
     }
 
     async fn with_cluster(&self, kubeconfig: &Path) -> anyhow::Result<()> {
         let client =
-            crate::run::kube_client(Some(kubeconfig.to_owned()), self.context.clone()).await?;
+            crate::process::kube_client(Some(kubeconfig.to_owned()), self.context.clone()).await?;
 
         let emulator = Emulator::start(EmulatorConfig {
             listen: self.emulator_listen,
@@ -102,7 +109,7 @@ impl DevArgs {
         .await
         .with_context(|| format!("cannot start the KMS emulator on {}", self.emulator_listen))?;
         let example: KmsGrant =
-            serde_yaml::from_str(EXAMPLE_GRANT).expect("the shipped example parses");
+            serde_saphyr::from_str(EXAMPLE_GRANT).expect("the shipped example parses");
         let key = NewKey {
             key_alias: "dev-demo".into(),
             key_id: Some(example.spec.key_id.clone()),
@@ -195,7 +202,7 @@ impl DevArgs {
             say("--exit-when-ready: stopping the sandbox");
         } else {
             say("running; press Ctrl-C to stop");
-            crate::run::shutdown_signal().await;
+            crate::process::shutdown_signal().await;
         }
         let _ = stop.send(());
         let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
@@ -216,16 +223,17 @@ fn default_dir() -> PathBuf {
     cache.join("kmsgrant-operator").join("dev")
 }
 
-/// Runs `scripts/control-plane` of this checkout.
-fn control_plane(args: &[&str]) -> anyhow::Result<()> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/control-plane");
+/// Runs the control-plane script (`scripts/control-plane` of a checkout).
+fn control_plane(script: &Path, args: &[&str]) -> anyhow::Result<()> {
     if !script.exists() {
         bail!(
-            "{} is missing: run `dev` from a checkout, or pass --kubeconfig",
+            "{} is missing. `dev` starts kube-apiserver and etcd with scripts/control-plane of a \
+             kmsgrant-operator checkout: pass --control-plane-script CHECKOUT/scripts/control-plane \
+             (it builds them on first use), or --kubeconfig FILE to use a cluster you have",
             script.display()
         );
     }
-    let status = std::process::Command::new(&script)
+    let status = std::process::Command::new(script)
         .args(args)
         .stdout(std::process::Stdio::null())
         .status()
@@ -262,7 +270,7 @@ async fn install_crds(client: &kube::Client) -> anyhow::Result<()> {
 
 async fn install_provider(
     client: &kube::Client,
-    emulator: &crate::emulator::RunningEmulator,
+    emulator: &kms_emulator::RunningEmulator,
 ) -> anyhow::Result<()> {
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let namespace =
@@ -274,7 +282,7 @@ async fn install_provider(
     let secret = json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "kms-credentials", "namespace": OPERATOR_NAMESPACE},
-        "stringData": {"accessKey": config.access_key, "secretKey": config.secret_key.expose()}
+        "stringData": {"accessKey": config.access_key, "secretKey": config.secret_key}
     });
     Api::<Secret>::namespaced(client.clone(), OPERATOR_NAMESPACE)
         .patch("kms-credentials", &apply, &Patch::Apply(&secret))

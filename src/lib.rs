@@ -5,10 +5,10 @@ pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod controller;
+#[cfg(feature = "dev")]
 pub mod dev;
-pub mod emulator;
-pub mod kms;
 pub mod leader;
 pub mod metrics;
+pub mod process;
 pub mod run;
 pub mod telemetry;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::controller::{self, Settings};
+use crate::process::{kube_client, shutdown_signal};
 
 /// Options of `kmsgrant-operator run`.
 #[derive(Debug, clap::Args)]
@@ -17,19 +18,19 @@ pub struct RunArgs {
     #[arg(long, env = "KMSGRANT_CONTEXT")]
     pub context: Option<String>,
     /// How often every key is listed to detect drift and every object re-checked (e.g. 30s, 5m).
-    #[arg(long, env = "KMSGRANT_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "KMSGRANT_RESYNC_INTERVAL", default_value = "5m", value_parser = crate::cli::parse_duration)]
     pub resync_interval: Duration,
     /// Reconciles running at once.
     #[arg(long, env = "KMSGRANT_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u16,
     /// First retry delay of a failing object; doubles up to --backoff-max.
-    #[arg(long, env = "KMSGRANT_BACKOFF_MIN", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "KMSGRANT_BACKOFF_MIN", default_value = "1s", value_parser = crate::cli::parse_duration)]
     pub backoff_min: Duration,
     /// Longest retry delay of a failing object.
-    #[arg(long, env = "KMSGRANT_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "KMSGRANT_BACKOFF_MAX", default_value = "5m", value_parser = crate::cli::parse_duration)]
     pub backoff_max: Duration,
     /// How long a Stalled object waits before it is looked at again (changes wake it earlier).
-    #[arg(long, env = "KMSGRANT_STALLED_RETRY", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "KMSGRANT_STALLED_RETRY", default_value = "5m", value_parser = crate::cli::parse_duration)]
     pub stalled_retry: Duration,
     /// Namespace whose Secrets hold provider credentials (the operator's own namespace). A
     /// KmsProviderConfig whose secretRef names another namespace is refused
@@ -41,7 +42,7 @@ pub struct RunArgs {
     )]
     pub secret_namespace: String,
     /// How often each KmsProviderConfig's credentials are checked with one `user-quotas` call.
-    #[arg(long, env = "KMSGRANT_PROVIDER_CHECK_INTERVAL", default_value = "1m", value_parser = parse_duration)]
+    #[arg(long, env = "KMSGRANT_PROVIDER_CHECK_INTERVAL", default_value = "1m", value_parser = crate::cli::parse_duration)]
     pub provider_check_interval: Duration,
     /// Failed checks in a row before a verified KmsProviderConfig is reported NotReady (with the
     /// default interval: 2 to 3 minutes of failure). Shorter failures change no status at all.
@@ -69,7 +70,7 @@ pub struct RunArgs {
     #[arg(long, env = "KMSGRANT_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
     /// How long a leader's lease lasts without renewal; a standby takes over after it.
-    #[arg(long, env = "KMSGRANT_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "KMSGRANT_LEASE_DURATION", default_value = "15s", value_parser = crate::cli::parse_duration)]
     pub lease_duration: Duration,
     /// Log filter, e.g. `info` or `kmsgrant=debug,info`.
     #[arg(long, env = "KMSGRANT_LOG_LEVEL", default_value = "info")]
@@ -217,97 +218,4 @@ async fn operate(
     }
     let _ = stop_admin.send(());
     result
-}
-
-/// A client from `--kubeconfig`/`--context`, else KUBECONFIG or the in-cluster config.
-pub async fn kube_client(
-    kubeconfig: Option<PathBuf>,
-    context: Option<String>,
-) -> anyhow::Result<kube::Client> {
-    use anyhow::Context as _;
-    let options = kube::config::KubeConfigOptions {
-        context,
-        ..Default::default()
-    };
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(file, &options).await?
-        }
-        None if options.context.is_some() => kube::Config::from_kubeconfig(&options).await?,
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig and not in a cluster")?,
-    };
-    Ok(kube::Client::try_from(config)?)
-}
-
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut signal) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            signal.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutting down");
-}
-
-/// `500ms`, `30s`, `5m`, `1h`, or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 5m or 500ms"))?;
-    let seconds = match unit {
-        "" | "s" => number,
-        "ms" => number / 1000.0,
-        "m" => number * 60.0,
-        "h" => number * 3600.0,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?}; use ms, s, m or h"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is out of range"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units_and_name_the_problem_otherwise() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert!(
-            parse_duration("5 days")
-                .unwrap_err()
-                .contains("unknown unit")
-        );
-        assert!(
-            parse_duration("soon")
-                .unwrap_err()
-                .contains("not a duration")
-        );
-    }
 }

@@ -6,9 +6,9 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use kmsgrant::emulator::{EmulatorConfig, KeyState};
+use kms_emulator::{EmulatorConfig, KeyState};
 use serde_json::{Value, json};
-use support::{Env, kubectl, kubectl_ok};
+use support::{Env, eventually, kubectl, kubectl_ok};
 
 const SEED_KEY: &str = "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e";
 const SEED_PRINCIPAL: &str = "13gg44z4g2sglzk0egw0u726zoyzvrs8";
@@ -20,19 +20,10 @@ fn grant_id(object: &Value) -> String {
         .to_owned()
 }
 
-/// Polls until `check` holds; fails with `what` after `timeout`.
-async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seed_grant_becomes_ready_with_a_matching_grant_on_kms() {
     let mut env = Env::new("ready", EmulatorConfig::for_tests(), "5s").await;
-    let key = kmsgrant::emulator::NewKey {
+    let key = kms_emulator::NewKey {
         key_alias: "seed".into(),
         key_id: Some(SEED_KEY.into()),
         ..Default::default()
@@ -177,7 +168,7 @@ async fn grant_revoked_out_of_band_is_recreated_within_the_resync_interval() {
         .expect("the grant was there");
     let revoked_at = Instant::now();
     // One resync (3 s, ±10 %) to notice, plus the reconcile itself.
-    eventually("a new grant", Duration::from_secs(8), || {
+    eventually("a new grant", Duration::from_secs(8), async || {
         let id = grant_id(&env.get("drifting"));
         !id.is_empty() && id != first
     })
@@ -225,7 +216,7 @@ async fn changed_operations_create_the_new_grant_before_revoking_the_old() {
         &key,
         json!({"operations": ["describe-key", "decrypt-datakey"]}),
     ));
-    eventually("the replacement", Duration::from_secs(30), || {
+    eventually("the replacement", Duration::from_secs(30), async || {
         let object = env.get("changing");
         let id = grant_id(&object);
         !id.is_empty()
@@ -531,7 +522,7 @@ async fn each_failure_ends_with_its_own_reason_and_recoverable_ones_recover() {
     let fixed = json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "wrong-credentials", "namespace": env.namespace},
-        "stringData": {"accessKey": env.emulator.config().access_key, "secretKey": env.emulator.config().secret_key.expose()}
+        "stringData": {"accessKey": env.emulator.config().access_key, "secretKey": env.emulator.config().secret_key.as_str()}
     });
     env.apply(&fixed);
     env.wait_for("disabled-key", "condition=Ready", 60);

@@ -5,7 +5,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use kmsgrant::emulator::{EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
+use kms_emulator::{EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
 use serde_json::{Value, json};
 use support::{Env, kubectl_ok};
 
@@ -61,7 +61,7 @@ fn grant_ids(env: &Env) -> Vec<String> {
         .collect()
 }
 
-fn count(calls: &[kmsgrant::emulator::CallRecord], operation: &str) -> usize {
+fn count(calls: &[kms_emulator::CallRecord], operation: &str) -> usize {
     calls.iter().filter(|c| c.operation == operation).count()
 }
 

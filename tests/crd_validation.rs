@@ -470,6 +470,32 @@ fn bad_provider_configs() -> Vec<BadManifest> {
             manifest: set(p("p10"), "/spec/allowedKeyIds", Some(json!(["not-a-key"]))),
             expect: &["spec.allowedKeyIds[0]", "should match"],
         },
+        BadManifest {
+            case: "provider config namespaceSelector with an unknown operator",
+            manifest: set(
+                p("p11"),
+                "/spec/namespaceSelector",
+                Some(
+                    json!({"matchExpressions": [{"key": "tier", "operator": "Like", "values": ["prod"]}]}),
+                ),
+            ),
+            expect: &[
+                "spec.namespaceSelector.matchExpressions",
+                "operator In or NotIn",
+            ],
+        },
+        BadManifest {
+            case: "provider config namespaceSelector In without values",
+            manifest: set(
+                p("p12"),
+                "/spec/namespaceSelector",
+                Some(json!({"matchExpressions": [{"key": "tier", "operator": "In"}]})),
+            ),
+            expect: &[
+                "spec.namespaceSelector.matchExpressions",
+                "at least one value",
+            ],
+        },
     ]
 }
 

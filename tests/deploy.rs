@@ -10,9 +10,11 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use kmsgrant::emulator::EmulatorConfig;
+use kms_emulator::EmulatorConfig;
 use serde_json::{Value, json};
-use support::{Env, OPERATOR_BIN, REPO, TEST_LABEL, install_crds, kubectl, kubectl_ok, namespace};
+use support::{
+    Env, OPERATOR_BIN, REPO, TEST_LABEL, eventually, install_crds, kubectl, kubectl_ok, namespace,
+};
 
 const OPERATOR_NAMESPACE: &str = "kmsgrant-system";
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:kmsgrant-system:kmsgrant-operator";
@@ -46,9 +48,10 @@ fn helm_ok(args: &[&str]) -> String {
 
 /// The objects of a multi-document YAML stream (empty documents dropped).
 fn objects(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| serde::Deserialize::deserialize(doc).expect("rendered YAML parses"))
-        .filter(|object: &Value| !object.is_null())
+    serde_saphyr::from_str_multiple::<Value, Vec<Value>>(yaml)
+        .expect("rendered YAML parses")
+        .into_iter()
+        .filter(|object| !object.is_null())
         .collect()
 }
 
@@ -545,7 +548,7 @@ fn service_account_kubeconfig(dir: &Path) -> std::path::PathBuf {
         None,
     );
     let admin: Value =
-        serde_yaml::from_str(&std::fs::read_to_string(support::kubeconfig()).unwrap()).unwrap();
+        serde_saphyr::from_str(&std::fs::read_to_string(support::kubeconfig()).unwrap()).unwrap();
     let cluster = &admin["clusters"][0]["cluster"];
     let kubeconfig = json!({
         "apiVersion": "v1", "kind": "Config",
@@ -647,7 +650,7 @@ async fn operator_with_only_the_shipped_rbac_converges_and_revokes_a_grant() {
         "metadata": {"name": secret_name, "namespace": OPERATOR_NAMESPACE},
         "stringData": {
             "accessKey": env.emulator.config().access_key,
-            "secretKey": env.emulator.config().secret_key.expose(),
+            "secretKey": env.emulator.config().secret_key.as_str(),
         }
     }));
     env.apply(&env.provider_config(json!({
@@ -682,15 +685,12 @@ async fn operator_with_only_the_shipped_rbac_converges_and_revokes_a_grant() {
             .any(|g| g.grant_id == grant_id)
     );
     // Events are the only thing a missing rule would not turn into a condition: look for them.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !env.events().iter().any(|e| e["reason"] == "GrantCreated") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no GrantCreated event; operator log:\n{}",
-            operator.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        "a GrantCreated event",
+        Duration::from_secs(30),
+        async || env.events().iter().any(|e| e["reason"] == "GrantCreated"),
+    )
+    .await;
 
     // Deleting revokes the grant on KMS and removes the finalizer: the object goes away.
     kubectl_ok(

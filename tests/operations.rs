@@ -5,9 +5,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use kmsgrant::emulator::EmulatorConfig;
+use kms_emulator::EmulatorConfig;
 use serde_json::json;
-use support::{Env, Operator};
+use support::{Env, Operator, eventually};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -39,14 +39,6 @@ fn series(text: &str, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn wait_until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_health_and_readiness_describe_a_working_operator() {
     let mut env = Env::new("metrics", EmulatorConfig::for_tests(), "5s").await;
@@ -58,13 +50,13 @@ async fn metrics_health_and_readiness_describe_a_working_operator() {
         "5s",
         &["--admin-address", &format!("127.0.0.1:{port}")],
     ));
-    wait_until("/healthz", Duration::from_secs(30), async || {
+    eventually("/healthz", Duration::from_secs(30), async || {
         get(&format!("{admin}/healthz"))
             .await
             .is_some_and(|(s, _)| s == 200)
     })
     .await;
-    wait_until("/readyz", Duration::from_secs(30), async || {
+    eventually("/readyz", Duration::from_secs(30), async || {
         get(&format!("{admin}/readyz"))
             .await
             .is_some_and(|(s, _)| s == 200)
@@ -165,16 +157,19 @@ async fn with_leader_election_one_replica_writes_and_a_standby_takes_over_when_i
             .unwrap_or_default()
     };
     let mut leader = None;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while leader.is_none() {
-        assert!(Instant::now() < deadline, "no replica became leader");
-        for (i, port) in ports.iter().enumerate() {
-            if series(&metrics(*port).await, "kmsgrant_leader") == 1.0 {
-                leader = Some(i);
+    eventually(
+        "a replica to become leader",
+        Duration::from_secs(30),
+        async || {
+            for (i, port) in ports.iter().enumerate() {
+                if series(&metrics(*port).await, "kmsgrant_leader") == 1.0 {
+                    leader = Some(i);
+                }
             }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            leader.is_some()
+        },
+    )
+    .await;
     let leader = leader.unwrap();
     let standby = 1 - leader;
 
@@ -238,7 +233,7 @@ async fn json_logs_at_trace_level_parse_line_by_line_and_hold_no_secret() {
     let password_secret = json!({
         "apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "password-credentials", "namespace": env.namespace},
-        "stringData": {"username": env.emulator.config().username, "password": env.emulator.config().password.expose(),
+        "stringData": {"username": env.emulator.config().username, "password": env.emulator.config().password.as_str(),
             "domainName": env.emulator.config().domain_name}
     });
     env.apply(&password_secret);
@@ -278,7 +273,7 @@ async fn json_logs_at_trace_level_parse_line_by_line_and_hold_no_secret() {
     }
     assert!(lines > 50, "only {lines} log lines at trace level");
     let config = env.emulator.config();
-    for secret in [config.secret_key.expose(), config.password.expose()] {
+    for secret in [config.secret_key.as_str(), config.password.as_str()] {
         assert!(
             !text.contains(secret),
             "a secret value is in the operator's log {}",
@@ -327,7 +322,7 @@ async fn sigterm_lets_the_reconcile_in_flight_finish_its_kms_calls_before_exit()
         String::from_utf8_lossy(&out.stderr)
     );
     // Every KMS answer now takes 2 s: describe-key, list-grants and create-grant take 6 s together.
-    let slow = kmsgrant::emulator::FaultSettings {
+    let slow = kms_emulator::FaultSettings {
         latency_ms: 2000,
         ..Default::default()
     };

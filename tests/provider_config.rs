@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use kmsgrant::emulator::{EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
+use kms_emulator::{EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
 use serde_json::{Value, json};
 use support::{Env, Operator, kubectl, kubectl_ok};
 
@@ -77,7 +77,7 @@ async fn a_secret_ref_to_another_namespace_is_refused_as_secret_namespace_not_al
         "metadata": {"name": "kms-credentials", "namespace": tenant},
         "stringData": {
             "accessKey": env.emulator.config().access_key,
-            "secretKey": env.emulator.config().secret_key.expose()
+            "secretKey": env.emulator.config().secret_key.clone()
         }
     }));
     let name = format!("{}-tenant", env.provider);

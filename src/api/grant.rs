@@ -7,6 +7,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Condition, GRANT_NAME_PATTERN, KEY_ID_PATTERN, PRINCIPAL_PATTERN};
+// The wire enums are the client's own, with their schema, so the CRD and the client cannot drift.
+pub use kmsgrant_kms::{GranteePrincipalType, Operation};
 
 /// A grant on a KMS customer master key (CMK), kept in place by the operator.
 ///
@@ -139,79 +141,6 @@ impl Default for ProviderConfigRef {
         Self {
             name: "default".to_owned(),
         }
-    }
-}
-
-/// Whether the grantee principal is a user or an account (domain).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum GranteePrincipalType {
-    /// A user ID.
-    #[default]
-    User,
-    /// An account (domain) ID.
-    Domain,
-}
-
-impl GranteePrincipalType {
-    /// The value KMS uses on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::User => "user",
-            Self::Domain => "domain",
-        }
-    }
-}
-
-// An operation a grant may allow (undocumented in the schema: the field that holds it says it).
-#[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
-)]
-#[serde(rename_all = "kebab-case")]
-pub enum Operation {
-    CreateDatakey,
-    CreateDatakeyWithoutPlaintext,
-    EncryptDatakey,
-    DecryptDatakey,
-    DescribeKey,
-    CreateGrant,
-    RetireGrant,
-    EncryptData,
-    DecryptData,
-}
-
-impl Operation {
-    /// Every operation, in the order of the API page.
-    pub const ALL: [Operation; 9] = [
-        Self::CreateDatakey,
-        Self::CreateDatakeyWithoutPlaintext,
-        Self::EncryptDatakey,
-        Self::DecryptDatakey,
-        Self::DescribeKey,
-        Self::CreateGrant,
-        Self::RetireGrant,
-        Self::EncryptData,
-        Self::DecryptData,
-    ];
-
-    /// The value KMS uses on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::CreateDatakey => "create-datakey",
-            Self::CreateDatakeyWithoutPlaintext => "create-datakey-without-plaintext",
-            Self::EncryptDatakey => "encrypt-datakey",
-            Self::DecryptDatakey => "decrypt-datakey",
-            Self::DescribeKey => "describe-key",
-            Self::CreateGrant => "create-grant",
-            Self::RetireGrant => "retire-grant",
-            Self::EncryptData => "encrypt-data",
-            Self::DecryptData => "decrypt-data",
-        }
-    }
-
-    /// Parses the wire value; `None` for an operation this version does not know.
-    pub fn from_wire(value: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|op| op.as_str() == value)
     }
 }
 

@@ -66,7 +66,7 @@ fn unwrap_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinitio
 
 /// The YAML document of one CRD, as committed in `crds/`.
 pub fn crd_yaml(crd: &CustomResourceDefinition) -> String {
-    serde_yaml::to_string(crd).expect("a CRD always serialises to YAML")
+    serde_saphyr::to_string(crd).expect("a CRD always serialises to YAML")
 }
 
 /// The file name of one CRD in `crds/`.

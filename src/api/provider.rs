@@ -113,6 +113,12 @@ pub struct KmsProviderConfigSpec {
     /// Only KmsGrants in namespaces whose labels match may use this config. Absent: every
     /// namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!has(self.matchExpressions) || self.matchExpressions.all(e, (e.operator in ['In', 'NotIn'] && has(e.values) && size(e.values) > 0) || (e.operator in ['Exists', 'DoesNotExist'] && (!has(e.values) || size(e.values) == 0)))",
+        "message": "each matchExpressions entry needs operator In or NotIn with at least one value, or Exists or DoesNotExist without values",
+        "fieldPath": ".matchExpressions",
+        "reason": "FieldValueInvalid"
+    }]))]
     pub namespace_selector: Option<LabelSelector>,
 
     /// If set, KmsGrants using this config may only grant on these key IDs.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::kms::{Grant, KeyInfo, KeyState, KmsClient, KmsError};
+use kmsgrant_kms::{Grant, KeyInfo, KeyState, KmsClient, KmsError};
 
 /// A key as seen through one provider config.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -18,7 +18,7 @@ use super::plan::{DesiredGrant, OwnedGrant, Plan, derived_name, plan};
 use super::provider::{Provider, namespace_allowed};
 use super::{Context, ReconcileError};
 use crate::api::{DeletionPolicy, GrantRef, KmsGrant, KmsGrantStatus, KmsProviderConfig};
-use crate::kms::{ErrorClass, ErrorReason, Grant, KeyState, KmsError};
+use kmsgrant_kms::{ErrorClass, ErrorReason, Grant, KeyState, KmsError};
 
 /// The finalizer that makes deletion wait for the grant to be revoked or retired.
 pub const FINALIZER: &str = "kmsgrant.io/grant";

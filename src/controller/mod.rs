@@ -64,7 +64,7 @@ impl Default for Settings {
             backoff_max: Duration::from_secs(300),
             stalled_retry: Duration::from_secs(300),
             concurrency: 8,
-            page_size: crate::kms::MAX_PAGE_SIZE,
+            page_size: kmsgrant_kms::MAX_PAGE_SIZE,
             secret_namespace: None,
             allow_http: false,
             namespace: None,

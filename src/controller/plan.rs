@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use crate::api::{GrantRef, KmsGrant, Operation};
-use crate::kms::{Grant, NewGrant};
+use kmsgrant_kms::{Grant, NewGrant};
 
 /// The grant an object wants, derived from its spec and UID.
 #[derive(Clone, Debug, PartialEq, Eq)]

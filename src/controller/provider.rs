@@ -18,10 +18,10 @@ use super::{Context, ReconcileError};
 use crate::api::{
     AuthType, KmsProviderConfig, KmsProviderConfigSpec, KmsProviderConfigStatus, SigningVariant,
 };
-use crate::kms::signer::{AccessKeyPair, SigningScheme};
-use crate::kms::{
+use kmsgrant_kms::signer::{AccessKeyPair, SigningScheme};
+use kmsgrant_kms::{
     ClientConfig, Credentials, ErrorClass, KmsClient, KmsError, Project, RateLimitConfig,
-    Secret as SecretValue,
+    SecretString,
 };
 
 /// Holds a KmsProviderConfig until no KmsGrant this operator reconciles uses it, so deleting a
@@ -330,8 +330,8 @@ async fn build(config: &KmsProviderConfig, ctx: &Context) -> Result<Provider, No
     };
     client_config.ca_bundle = spec.ca_bundle.clone();
     client_config.allow_http = ctx.settings.allow_http;
-    let client = KmsClient::new(client_config).map_err(|e| NotUsable(kms_outcome(&e)))?;
-    let client = client.with_metrics(ctx.metrics.clone());
+    let client = KmsClient::with_metrics(client_config, ctx.metrics.clone())
+        .map_err(|e| NotUsable(kms_outcome(&e)))?;
     let provider = Provider {
         client,
         spec: spec.clone(),
@@ -451,11 +451,11 @@ fn credentials(
     Ok(match auth {
         AuthType::AccessKey => Credentials::AccessKey {
             keys: AccessKeyPair::new(get("accessKey")?, get("secretKey")?),
-            security_token: get("securityToken").ok().map(SecretValue::new),
+            security_token: get("securityToken").ok().map(SecretString::from),
         },
         AuthType::Password => Credentials::Password {
             username: get("username")?,
-            password: SecretValue::new(get("password")?),
+            password: SecretString::from(get("password")?),
             domain_name: get("domainName")?,
         },
     })
@@ -511,26 +511,10 @@ pub fn namespace_allowed(
     let Some(selector) = selector else {
         return true;
     };
-    let match_labels = selector.match_labels.clone().unwrap_or_default();
-    if !match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)) {
-        return false;
-    }
-    selector
-        .match_expressions
-        .clone()
-        .unwrap_or_default()
-        .iter()
-        .all(|expr| {
-            let values = expr.values.clone().unwrap_or_default();
-            let value = labels.get(&expr.key);
-            match expr.operator.as_str() {
-                "In" => value.is_some_and(|v| values.contains(v)),
-                "NotIn" => value.is_none_or(|v| !values.contains(v)),
-                "Exists" => value.is_some(),
-                "DoesNotExist" => value.is_none(),
-                _ => false,
-            }
-        })
+    // The CRD schema rejects malformed expressions; one stored before that rule existed
+    // allows nothing rather than everything.
+    kube::core::Selector::try_from(selector.clone())
+        .is_ok_and(|selector| kube::core::SelectorExt::matches(&selector, labels))
 }
 
 #[cfg(test)]
@@ -566,6 +550,22 @@ mod tests {
             &labels(&[("kms-grants", "allowed"), ("tier", "sandbox")])
         ));
         assert!(!namespace_allowed(Some(&selector), &labels(&[])));
+    }
+
+    #[test]
+    fn a_selector_with_an_unknown_operator_allows_no_namespace() {
+        let selector = LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "Like".into(),
+                values: Some(vec!["prod".into()]),
+            }]),
+        };
+        assert!(!namespace_allowed(
+            Some(&selector),
+            &labels(&[("tier", "prod")])
+        ));
     }
 
     #[test]

@@ -133,7 +133,7 @@ pub fn namespace(prefix: &str) -> String {
 pub struct Env {
     pub namespace: String,
     pub provider: String,
-    pub emulator: kmsgrant::emulator::RunningEmulator,
+    pub emulator: kms_emulator::RunningEmulator,
     pub operator: Option<Operator>,
     resync: &'static str,
 }
@@ -144,7 +144,7 @@ impl Env {
     /// A world with a `default`-like provider config named after the namespace.
     pub async fn new(
         prefix: &str,
-        emulator: kmsgrant::emulator::EmulatorConfig,
+        emulator: kms_emulator::EmulatorConfig,
         resync: &'static str,
     ) -> Self {
         install_crds();
@@ -158,7 +158,7 @@ impl Env {
             ],
             None,
         );
-        let emulator = kmsgrant::emulator::Emulator::start(emulator).await.unwrap();
+        let emulator = kms_emulator::Emulator::start(emulator).await.unwrap();
         let env = Self {
             provider: namespace.clone(),
             namespace,
@@ -166,7 +166,7 @@ impl Env {
             operator: None,
             resync,
         };
-        env.write_secret(env.emulator.config().secret_key.expose());
+        env.write_secret(env.emulator.config().secret_key.as_str());
         env.apply(&env.provider_config(serde_json::json!({})));
         env
     }
@@ -217,7 +217,7 @@ impl Env {
     }
 
     pub fn new_key(&self, alias: &str) -> String {
-        let key = kmsgrant::emulator::NewKey {
+        let key = kms_emulator::NewKey {
             key_alias: alias.into(),
             ..Default::default()
         };
@@ -403,5 +403,22 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Polls `check` every 200 ms until it holds; fails naming `what` after `timeout`. The one
+/// polling loop of the end-to-end tests.
+pub async fn eventually(
+    what: &str,
+    timeout: std::time::Duration,
+    mut check: impl AsyncFnMut() -> bool,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }

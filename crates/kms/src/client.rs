@@ -1,0 +1,1155 @@
+//! The HTTP client for DEW/KMS v1.0 and the two IAM calls it needs.
+//!
+//! One client per provider config: it owns the connection pool, the token bucket every caller
+//! shares, the cached IAM token and the resolved project ID. No reqwest type leaves this module.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode, Url};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, OnceCell};
+use tokio::time::Instant;
+
+use super::config::{ClientConfig, Credentials, Project};
+use super::error::{Call, ErrorReason, KmsError, classify};
+use super::rate_limit::TokenBucket;
+use super::types::{
+    CreateGrantResponse, DescribeKeyResponse, Grant, KeyInfo, ListGrantsResponse, NewGrant, Quotas,
+    QuotasResponse,
+};
+use kmsgrant_kms_signer::{self as signer, RequestParts, SdkDateTime};
+use secrecy::{ExposeSecret, SecretString};
+
+/// Most grants a key can hold (the documented `grant_per_CMK` quota).
+pub const MAX_GRANTS_PER_KEY: usize = 100;
+/// The largest page we ask for.
+pub const MAX_PAGE_SIZE: u32 = 100;
+/// Server text kept in an error message (characters); the rest is cut, so a hostile or broken
+/// endpoint cannot blow up logs, events and conditions.
+pub const MAX_ERROR_MESSAGE_CHARS: usize = 512;
+
+/// Hooks for telemetry; the operator plugs its Prometheus registry in here.
+pub trait ClientMetrics: Send + Sync {
+    /// One HTTP attempt finished; `outcome` is `ok` or an [`ErrorReason`] string.
+    fn attempt_finished(&self, _call: Call, _outcome: &'static str, _latency: Duration) {}
+    /// A call is retried after a retryable failure.
+    fn retried(&self, _call: Call, _reason: ErrorReason) {}
+    /// A call waited for the token bucket.
+    fn throttle_waited(&self, _waited: Duration) {}
+}
+
+struct NoMetrics;
+impl ClientMetrics for NoMetrics {}
+
+/// A KMS client; cheap to clone, all clones share one pool, bucket and token.
+#[derive(Clone)]
+pub struct KmsClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KmsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KmsClient")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    config: ClientConfig,
+    http: reqwest::Client,
+    kms_base: Url,
+    iam_base: Option<Url>,
+    bucket: TokenBucket,
+    project_id: OnceCell<String>,
+    token: Mutex<Option<CachedToken>>,
+    token_generation: AtomicU64,
+    metrics: Arc<dyn ClientMetrics>,
+}
+
+#[derive(Clone)]
+struct CachedToken {
+    value: SecretString,
+    generation: u64,
+    refresh_at: Instant,
+}
+
+impl KmsClient {
+    /// Builds a client that reports to no metrics; see [`KmsClient::with_metrics`].
+    pub fn new(config: ClientConfig) -> Result<Self, KmsError> {
+        Self::with_metrics(config, Arc::new(NoMetrics))
+    }
+
+    /// Builds a client reporting every call to `metrics`; fails on an unusable configuration
+    /// (bad URL, http without permission, bad CA bundle, password auth or a project name
+    /// without an IAM endpoint).
+    pub fn with_metrics(
+        config: ClientConfig,
+        metrics: Arc<dyn ClientMetrics>,
+    ) -> Result<Self, KmsError> {
+        let invalid = |message: String| {
+            KmsError::new(
+                Call::ClientSetup,
+                ErrorReason::InvalidConfiguration,
+                message,
+            )
+        };
+        let parse = |what: &str, url: &str| -> Result<Url, KmsError> {
+            let parsed = Url::parse(url)
+                .map_err(|e| invalid(format!("{what} {url:?} is not a URL: {e}")))?;
+            match parsed.scheme() {
+                "https" => Ok(parsed),
+                "http" if config.allow_http => Ok(parsed),
+                "http" => Err(invalid(format!(
+                    "{what} {url:?} is plain http; only https is allowed"
+                ))),
+                other => Err(invalid(format!(
+                    "{what} {url:?} has scheme {other:?}; expected https"
+                ))),
+            }
+        };
+        let kms_base = parse("endpoint", &config.endpoint)?;
+        let iam_base = config
+            .iam_endpoint
+            .as_deref()
+            .map(|u| parse("iamEndpoint", u))
+            .transpose()?;
+        let needs_iam = matches!(config.credentials, Credentials::Password { .. })
+            || matches!(config.project, Project::Name(_));
+        if needs_iam && iam_base.is_none() {
+            return Err(invalid(
+                "an IAM endpoint is needed for password auth or a project name".into(),
+            ));
+        }
+        let tls = tls_config(config.ca_bundle.as_deref()).map_err(invalid)?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            // Never follow a redirect: a re-sent request would carry X-Auth-Token,
+            // X-Security-Token or the IAM password body to whatever host the answer names.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("kmsgrant-operator/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| invalid(format!("cannot build the HTTP client: {e}")))?;
+        let project_id = OnceCell::new();
+        if let Project::Id(id) = &config.project {
+            project_id.set(id.clone()).expect("a new cell is empty");
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                bucket: TokenBucket::new(config.rate_limit),
+                config,
+                http,
+                kms_base,
+                iam_base,
+                project_id,
+                token: Mutex::new(None),
+                token_generation: AtomicU64::new(0),
+                metrics,
+            }),
+        })
+    }
+
+    /// `describe-key`: by key ID, `alias/<alias>` or alias URN.
+    pub async fn describe_key(&self, key_id: &str) -> Result<KeyInfo, KmsError> {
+        let response: DescribeKeyResponse = self
+            .kms_json(Call::DescribeKey, "describe-key", json!({"key_id": key_id}))
+            .await?;
+        Ok(response.key_info.into())
+    }
+
+    /// Every grant on a key, walking all pages of `list-grants` with `page_size` per page.
+    pub async fn list_all_grants(
+        &self,
+        key_id: &str,
+        page_size: u32,
+    ) -> Result<Vec<Grant>, KmsError> {
+        let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
+        let limit = page_size.to_string();
+        // A key holds at most MAX_GRANTS_PER_KEY grants: a walk needs at most that many pages of
+        // `page_size` plus one (a last, empty page) and never returns more than the quota plus one
+        // page (grants created while we walk). Anything beyond is a looping or hostile endpoint.
+        let max_pages = MAX_GRANTS_PER_KEY.div_ceil(page_size as usize) + 1;
+        let max_grants = MAX_GRANTS_PER_KEY + page_size as usize;
+        let runaway = |what: String| {
+            KmsError::new(
+                Call::ListGrants,
+                ErrorReason::ListRunaway,
+                format!(
+                    "list-grants on {key_id} {what}, more than a key can hold ({MAX_GRANTS_PER_KEY} grants); the endpoint is looping"
+                ),
+            )
+        };
+        let mut grants = Vec::new();
+        let mut marker: Option<String> = None;
+        let mut seen_markers = std::collections::HashSet::new();
+        for _ in 0..max_pages {
+            let mut body = json!({"key_id": key_id, "limit": limit});
+            if let Some(marker) = &marker {
+                body["marker"] = json!(marker);
+            }
+            let page: ListGrantsResponse =
+                self.kms_json(Call::ListGrants, "list-grants", body).await?;
+            grants.extend(page.grants.into_iter().map(Grant::from));
+            if grants.len() > max_grants {
+                return Err(runaway(format!("returned {} grants", grants.len())));
+            }
+            if !page.truncated || page.next_marker.is_empty() {
+                return Ok(grants);
+            }
+            if marker.as_deref() == Some(page.next_marker.as_str())
+                || !seen_markers.insert(page.next_marker.clone())
+            {
+                return Err(KmsError::new(
+                    Call::ListGrants,
+                    ErrorReason::UnexpectedResponse,
+                    format!(
+                        "list-grants on {key_id} returned marker {:?} again; the listing does not advance",
+                        bounded(&page.next_marker)
+                    ),
+                ));
+            }
+            marker = Some(page.next_marker);
+        }
+        Err(runaway(format!(
+            "went on for more than {max_pages} pages of {page_size}"
+        )))
+    }
+
+    /// `create-grant`; returns the new grant ID. A lost answer is [`ErrorReason::OutcomeUnknown`]:
+    /// the grant may exist, so list before creating again.
+    pub async fn create_grant(&self, grant: &NewGrant) -> Result<String, KmsError> {
+        let mut body = json!({
+            "key_id": grant.key_id,
+            "grantee_principal": grant.grantee_principal,
+            "grantee_principal_type": grant.grantee_principal_type.as_str(),
+            "operations": grant.operations.iter().map(|op| op.as_str()).collect::<Vec<_>>(),
+        });
+        if let Some(name) = &grant.name {
+            body["name"] = json!(name);
+        }
+        if let Some(retiring) = &grant.retiring_principal {
+            body["retiring_principal"] = json!(retiring);
+        }
+        let response: CreateGrantResponse = self
+            .kms_json(Call::CreateGrant, "create-grant", body)
+            .await?;
+        Ok(response.grant_id)
+    }
+
+    /// `revoke-grant`. An unknown grant or key is reported as such; see
+    /// [`KmsError::is_already_gone`].
+    pub async fn revoke_grant(&self, key_id: &str, grant_id: &str) -> Result<(), KmsError> {
+        let body = json!({"key_id": key_id, "grant_id": grant_id});
+        self.kms_call(Call::RevokeGrant, Method::POST, "revoke-grant", Some(body))
+            .await
+            .map(drop)
+    }
+
+    /// `retire-grant`, as the grantor, the retiring principal or a grantee holding `retire-grant`.
+    pub async fn retire_grant(&self, key_id: &str, grant_id: &str) -> Result<(), KmsError> {
+        let body = json!({"key_id": key_id, "grant_id": grant_id});
+        self.kms_call(Call::RetireGrant, Method::POST, "retire-grant", Some(body))
+            .await
+            .map(drop)
+    }
+
+    /// `GET user-quotas`: also the cheapest authenticated call, used to check credentials.
+    pub async fn user_quotas(&self) -> Result<Quotas, KmsError> {
+        let value = self
+            .kms_call(Call::UserQuotas, Method::GET, "user-quotas", None)
+            .await?;
+        let response: QuotasResponse = decode(Call::UserQuotas, value)?;
+        Ok(response.quotas.into())
+    }
+
+    /// The project ID in use, resolving a project name through IAM on first use.
+    pub async fn project_id(&self) -> Result<String, KmsError> {
+        self.inner
+            .project_id
+            .get_or_try_init(|| self.resolve_project_id())
+            .await
+            .cloned()
+    }
+
+    async fn kms_json<T: DeserializeOwned>(
+        &self,
+        call: Call,
+        action: &str,
+        body: Value,
+    ) -> Result<T, KmsError> {
+        let value = self
+            .kms_call(call, Method::POST, action, Some(body))
+            .await?;
+        decode(call, value)
+    }
+
+    /// One KMS call with auth, pacing, retries under the deadline, and one re-authentication.
+    async fn kms_call(
+        &self,
+        call: Call,
+        method: Method,
+        action: &str,
+        body: Option<Value>,
+    ) -> Result<Value, KmsError> {
+        let project_id = self.project_id().await?;
+        let url = join(
+            &self.inner.kms_base,
+            &format!("v1.0/{project_id}/kms/{action}"),
+        );
+        let body = body.map(|b| b.to_string().into_bytes());
+        let reauthenticated = std::sync::atomic::AtomicBool::new(false);
+        self.with_retries(call, || async {
+            let auth = self.auth_for_kms(call, &project_id).await?;
+            let result = self
+                .send(call, method.clone(), &url, body.as_deref(), &auth)
+                .await;
+            match result {
+                Err(err) if err.is_token_problem() && !reauthenticated.load(Ordering::Relaxed) => {
+                    if let Auth::Token(_, generation) = &auth {
+                        // Only the first caller to see the rejected token drops it.
+                        self.drop_token(*generation).await;
+                        reauthenticated.store(true, Ordering::Relaxed);
+                        let auth = self.auth_for_kms(call, &project_id).await?;
+                        return self
+                            .send(call, method.clone(), &url, body.as_deref(), &auth)
+                            .await;
+                    }
+                    Err(err)
+                }
+                other => other,
+            }
+        })
+        .await
+    }
+
+    async fn with_retries<F, Fut>(&self, call: Call, mut attempt: F) -> Result<Value, KmsError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Value, KmsError>>,
+    {
+        let policy = self.inner.config.retry;
+        let started = Instant::now();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let waited = self.inner.bucket.acquire().await;
+            if !waited.is_zero() {
+                self.inner.metrics.throttle_waited(waited);
+            }
+            let err = match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(err) => err,
+            };
+            if !err.is_retryable_now() || attempts >= policy.max_attempts {
+                return Err(err);
+            }
+            let backoff = policy
+                .backoff(attempts)
+                .max(err.retry_after.unwrap_or_default());
+            if started.elapsed() + backoff >= policy.deadline {
+                return Err(err);
+            }
+            tracing::debug!(call = %call, reason = err.reason.as_str(), attempt = attempts, ?backoff, "retrying KMS call");
+            self.inner.metrics.retried(call, err.reason);
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    async fn send(
+        &self,
+        call: Call,
+        method: Method,
+        url: &Url,
+        body: Option<&[u8]>,
+        auth: &Auth,
+    ) -> Result<Value, KmsError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(reqwest::header::HOST, header_value(&authority(url)));
+        if body.is_some() {
+            headers.insert(
+                reqwest::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json;charset=UTF-8"),
+            );
+        }
+        match auth {
+            Auth::None => {}
+            Auth::Token(token, _) => {
+                let mut value = header_value(token.expose_secret());
+                value.set_sensitive(true);
+                headers.insert(HeaderName::from_static("x-auth-token"), value);
+            }
+            Auth::Signed { project_id } => {
+                let Credentials::AccessKey {
+                    keys,
+                    security_token,
+                } = &self.inner.config.credentials
+                else {
+                    unreachable!("signed auth only with access keys")
+                };
+                if let Some(project_id) = project_id {
+                    headers.insert(
+                        HeaderName::from_static("x-project-id"),
+                        header_value(project_id),
+                    );
+                }
+                if let Some(token) = security_token {
+                    let mut value = header_value(token.expose_secret());
+                    value.set_sensitive(true);
+                    headers.insert(HeaderName::from_static("x-security-token"), value);
+                }
+                let parts = RequestParts {
+                    method: method.as_str(),
+                    path: url.path(),
+                    query: url.query().unwrap_or(""),
+                    headers: &headers,
+                    body: body.unwrap_or_default(),
+                };
+                let signature =
+                    signer::sign(&parts, keys, &self.inner.config.signing, SdkDateTime::now());
+                signature.apply_to(&mut headers);
+                if let Some(value) = headers.get_mut(reqwest::header::AUTHORIZATION) {
+                    value.set_sensitive(true);
+                }
+            }
+        }
+        let mut request = self
+            .inner
+            .http
+            .request(method, url.clone())
+            .headers(headers);
+        if let Some(body) = body {
+            request = request.body(body.to_vec());
+        }
+        let started = Instant::now();
+        let result = self.receive(call, request).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(err) => err.reason.as_str(),
+        };
+        self.inner
+            .metrics
+            .attempt_finished(call, outcome, started.elapsed());
+        result
+    }
+
+    async fn receive(
+        &self,
+        call: Call,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Value, KmsError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(call, &e))?;
+        let status = response.status();
+        let request_id = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            // Name the host only: a Location may carry a path or query worth hiding, and the
+            // message ends up in conditions.
+            let target = url_host(response.url(), location);
+            return Err(KmsError {
+                call,
+                reason: ErrorReason::RedirectRefused,
+                status: Some(status.as_u16()),
+                code: None,
+                message: format!(
+                    "the endpoint answered HTTP {} redirecting to host {target}; redirects are never followed (they would carry credentials there): set the endpoint to the final URL",
+                    status.as_u16()
+                ),
+                request_id,
+                retry_after: None,
+            });
+        }
+        let subject_token = response
+            .headers()
+            .get("x-subject-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = read_capped(call, response, self.inner.config.max_response_bytes).await?;
+        parse_answer(call, status, &bytes, subject_token, request_id, retry_after)
+    }
+
+    async fn auth_for_kms(&self, call: Call, project_id: &str) -> Result<Auth, KmsError> {
+        match &self.inner.config.credentials {
+            Credentials::AccessKey { .. } => Ok(Auth::Signed {
+                project_id: Some(project_id.to_owned()),
+            }),
+            Credentials::Password { .. } => {
+                let (token, generation) = self.token(call).await?;
+                Ok(Auth::Token(token, generation))
+            }
+        }
+    }
+
+    /// The cached IAM token, fetched (once, whoever asks) when missing or about to expire.
+    async fn token(&self, call: Call) -> Result<(SecretString, u64), KmsError> {
+        let mut cached = self.inner.token.lock().await;
+        if let Some(token) = cached.as_ref().filter(|t| Instant::now() < t.refresh_at) {
+            return Ok((token.value.clone(), token.generation));
+        }
+        let fresh = self.fetch_token(call).await?;
+        let result = (fresh.value.clone(), fresh.generation);
+        *cached = Some(fresh);
+        Ok(result)
+    }
+
+    async fn drop_token(&self, generation: u64) {
+        let mut cached = self.inner.token.lock().await;
+        if cached.as_ref().is_some_and(|t| t.generation == generation) {
+            *cached = None;
+        }
+    }
+
+    async fn fetch_token(&self, _for_call: Call) -> Result<CachedToken, KmsError> {
+        let Credentials::Password {
+            username,
+            password,
+            domain_name,
+        } = &self.inner.config.credentials
+        else {
+            unreachable!("tokens only with password credentials")
+        };
+        let project = match (&self.inner.config.project, self.inner.project_id.get()) {
+            (_, Some(id)) => json!({"id": id}),
+            (Project::Name(name), None) => json!({"name": name}),
+            (Project::Id(id), None) => json!({"id": id}),
+        };
+        let body = json!({"auth": {
+            "identity": {"methods": ["password"], "password": {"user": {
+                "name": username, "password": password.expose_secret(), "domain": {"name": domain_name}}}},
+            "scope": {"project": project}}});
+        let url = join(self.iam_base()?, "v3/auth/tokens");
+        let body = body.to_string().into_bytes();
+        let issued = Instant::now();
+        let value = self
+            .with_retries(Call::IamToken, || {
+                self.send(Call::IamToken, Method::POST, &url, Some(&body), &Auth::None)
+            })
+            .await?;
+        let token = value
+            .get(SUBJECT_TOKEN_FIELD)
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                KmsError::new(
+                    Call::IamToken,
+                    ErrorReason::UnexpectedResponse,
+                    "IAM answered without X-Subject-Token",
+                )
+            })?;
+        if let Some(id) = value.pointer("/token/project/id").and_then(Value::as_str) {
+            let _ = self.inner.project_id.set(id.to_owned());
+        }
+        let lifetime = value
+            .pointer("/token/expires_at")
+            .and_then(Value::as_str)
+            .and_then(|at| at.parse::<jiff::Timestamp>().ok())
+            .map(|at| at.duration_since(jiff::Timestamp::now()))
+            .and_then(|d| Duration::try_from(d).ok())
+            .unwrap_or(Duration::from_secs(3600));
+        // Refresh a tenth of the lifetime early, at most five minutes: never send an expiring token.
+        let margin = (lifetime / 10).min(Duration::from_secs(300));
+        tracing::debug!(?lifetime, "got an IAM token");
+        Ok(CachedToken {
+            value: SecretString::from(token),
+            generation: self.inner.token_generation.fetch_add(1, Ordering::Relaxed) + 1,
+            refresh_at: issued + lifetime.saturating_sub(margin),
+        })
+    }
+
+    async fn resolve_project_id(&self) -> Result<String, KmsError> {
+        let Project::Name(name) = &self.inner.config.project else {
+            unreachable!("a project ID is set at construction")
+        };
+        if let Credentials::Password { .. } = self.inner.config.credentials {
+            // A token scoped by project name carries the project's ID.
+            self.token(Call::IamToken).await?;
+            if let Some(id) = self.inner.project_id.get() {
+                return Ok(id.clone());
+            }
+        }
+        let mut url = join(self.iam_base()?, "v3/projects");
+        url.query_pairs_mut().append_pair("name", name);
+        let auth = match self.inner.config.credentials {
+            Credentials::AccessKey { .. } => Auth::Signed { project_id: None },
+            Credentials::Password { .. } => {
+                let (token, generation) = self.token(Call::IamProjects).await?;
+                Auth::Token(token, generation)
+            }
+        };
+        let value = self
+            .with_retries(Call::IamProjects, || {
+                self.send(Call::IamProjects, Method::GET, &url, None, &auth)
+            })
+            .await?;
+        value
+            .get("projects")
+            .and_then(Value::as_array)
+            .and_then(|projects| {
+                projects
+                    .iter()
+                    .find(|p| p["name"] == name.as_str())
+                    .or(projects.first())
+            })
+            .and_then(|p| p["id"].as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                KmsError::new(
+                    Call::IamProjects,
+                    ErrorReason::InvalidConfiguration,
+                    format!("IAM knows no project named {name:?}"),
+                )
+            })
+    }
+
+    fn iam_base(&self) -> Result<&Url, KmsError> {
+        self.inner.iam_base.as_ref().ok_or_else(|| {
+            KmsError::new(
+                Call::IamToken,
+                ErrorReason::InvalidConfiguration,
+                "no IAM endpoint configured",
+            )
+        })
+    }
+}
+
+/// Where the IAM token (an answer header) is passed along with the answer body, internally.
+const SUBJECT_TOKEN_FIELD: &str = "\u{0}x-subject-token";
+
+enum Auth {
+    None,
+    Token(SecretString, u64),
+    Signed { project_id: Option<String> },
+}
+
+fn decode<T: DeserializeOwned>(call: Call, value: Value) -> Result<T, KmsError> {
+    serde_json::from_value(value).map_err(|e| {
+        KmsError::new(
+            call,
+            ErrorReason::UnexpectedResponse,
+            format!("answer does not match the API: {}", bounded(&e.to_string())),
+        )
+    })
+}
+
+fn join(base: &Url, path: &str) -> Url {
+    let mut url = base.clone();
+    let prefix = base.path().trim_end_matches('/');
+    url.set_path(&format!("{prefix}/{path}"));
+    url
+}
+
+fn authority(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    }
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// A failure before an answer arrived. For writes, only a failed connect proves nothing was sent.
+fn transport_error(call: Call, err: &reqwest::Error) -> KmsError {
+    let reason = if err.is_connect() {
+        ErrorReason::ConnectionFailed
+    } else if call.is_write() {
+        ErrorReason::OutcomeUnknown
+    } else if err.is_timeout() {
+        ErrorReason::Timeout
+    } else {
+        ErrorReason::ConnectionFailed
+    };
+    // reqwest's Display names the URL but never headers, so no credential can leak here.
+    KmsError::new(call, reason, format!("no answer: {err}"))
+}
+
+/// An answer (status and body, already capped in size) as the JSON value of a success or a
+/// classified error. Pure, so it is fuzzed on its own.
+fn parse_answer(
+    call: Call,
+    status: StatusCode,
+    bytes: &[u8],
+    subject_token: Option<String>,
+    request_id: Option<String>,
+    retry_after: Option<Duration>,
+) -> Result<Value, KmsError> {
+    if status.is_success() {
+        let mut value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
+            json!({})
+        } else {
+            serde_json::from_slice(bytes).map_err(|e| {
+                KmsError::new(
+                    call,
+                    ErrorReason::UnexpectedResponse,
+                    format!("answer is not JSON: {}", bounded(&e.to_string())),
+                )
+            })?
+        };
+        if let (Some(token), Some(object)) = (subject_token, value.as_object_mut()) {
+            // The IAM token travels in a header; hand it to the caller with the body.
+            object.insert(SUBJECT_TOKEN_FIELD.into(), Value::String(token));
+        }
+        return Ok(value);
+    }
+    let (code, message) = error_body(bytes, status);
+    Err(KmsError {
+        call,
+        reason: classify(call, status.as_u16(), &code),
+        status: Some(status.as_u16()),
+        code: (!code.is_empty()).then_some(code),
+        message,
+        request_id: request_id.map(|id| bounded(&id)),
+        retry_after,
+    })
+}
+
+/// Reads an answer body chunk by chunk, refusing (before holding it) more than `max` bytes.
+async fn read_capped(
+    call: Call,
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, KmsError> {
+    let too_large = |size: String| {
+        KmsError::new(
+            call,
+            ErrorReason::ResponseTooLarge,
+            format!("the answer is {size}, more than the {max} bytes accepted"),
+        )
+    };
+    if let Some(length) = response.content_length()
+        && length > max as u64
+    {
+        return Err(too_large(format!("{length} bytes")));
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| transport_error(call, &e))?
+    {
+        if bytes.len() + chunk.len() > max {
+            return Err(too_large("longer".into()));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// The host a redirect points at, resolved against the request URL; `?` when unreadable.
+fn url_host(base: &Url, location: &str) -> String {
+    base.join(location)
+        .ok()
+        .and_then(|url| url.host_str().map(bounded))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Server text cut to [`MAX_ERROR_MESSAGE_CHARS`] characters.
+fn bounded(text: &str) -> String {
+    match text.char_indices().nth(MAX_ERROR_MESSAGE_CHARS) {
+        Some((end, _)) => format!("{}… (cut, {} bytes in all)", &text[..end], text.len()),
+        None => text.to_owned(),
+    }
+}
+
+/// `error_code` and `error_msg` from any of the error shapes: KMS's nested one, the gateway's flat
+/// one, and IAM's `{"error": {"code": 401, "message": ...}}`.
+fn error_body(bytes: &[u8], status: StatusCode) -> (String, String) {
+    let value: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+    let error = value
+        .get("error")
+        .filter(|e| e.is_object())
+        .unwrap_or(&value);
+    let code = error
+        .get("error_code")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let message = error
+        .get("error_msg")
+        .or_else(|| error.get("message"))
+        .and_then(Value::as_str)
+        .map(bounded)
+        .unwrap_or_else(|| format!("HTTP {status}"));
+    (bounded(&code), message)
+}
+
+fn tls_config(ca_bundle: Option<&str>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(pem) = ca_bundle.filter(|pem| !pem.trim().is_empty()) {
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| format!("caBundle is not valid PEM: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("caBundle holds an unusable certificate: {e}"))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err("caBundle holds no certificate".into());
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup failed: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_of_kms_the_gateway_and_iam_are_all_read() {
+        let kms = br#"{"error": {"error_code": "KMS.0207", "error_msg": "key not found"}}"#;
+        assert_eq!(
+            error_body(kms, StatusCode::NOT_FOUND),
+            ("KMS.0207".into(), "key not found".into())
+        );
+        let gateway =
+            br#"{"error_code": "APIG.0308", "error_msg": "throttled", "request_id": "r"}"#;
+        assert_eq!(
+            error_body(gateway, StatusCode::TOO_MANY_REQUESTS),
+            ("APIG.0308".into(), "throttled".into())
+        );
+        let iam = br#"{"error": {"code": 401, "message": "The username or password is wrong.", "title": "Unauthorized"}}"#;
+        assert_eq!(
+            error_body(iam, StatusCode::UNAUTHORIZED).1,
+            "The username or password is wrong."
+        );
+        assert_eq!(
+            error_body(b"<html>", StatusCode::BAD_GATEWAY),
+            (String::new(), "HTTP 502 Bad Gateway".into())
+        );
+    }
+
+    #[test]
+    fn paths_join_onto_an_endpoint_with_or_without_a_prefix() {
+        let base = Url::parse("https://kms.eu-de.otc.t-systems.com").unwrap();
+        assert_eq!(
+            join(&base, "v1.0/p/kms/list-grants").as_str(),
+            "https://kms.eu-de.otc.t-systems.com/v1.0/p/kms/list-grants"
+        );
+        let base = Url::parse("http://127.0.0.1:8480/prefix/").unwrap();
+        assert_eq!(
+            join(&base, "v3/auth/tokens").as_str(),
+            "http://127.0.0.1:8480/prefix/v3/auth/tokens"
+        );
+        assert_eq!(authority(&base), "127.0.0.1:8480");
+    }
+
+    #[test]
+    fn plain_http_is_refused_unless_allowed() {
+        let creds = Credentials::AccessKey {
+            keys: signer::AccessKeyPair::new("ak", "sk"),
+            security_token: None,
+        };
+        let config = ClientConfig::new("http://127.0.0.1:1", Project::Id("p".into()), creds);
+        let err = KmsClient::new(config.clone()).unwrap_err();
+        assert_eq!(err.reason, ErrorReason::InvalidConfiguration);
+        assert!(err.message.contains("plain http"), "{}", err.message);
+        KmsClient::new(ClientConfig {
+            allow_http: true,
+            ..config
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_bad_ca_bundle_is_a_configuration_error() {
+        assert!(
+            tls_config(Some("not a certificate"))
+                .unwrap_err()
+                .contains("no certificate")
+        );
+        assert!(tls_config(None).is_ok());
+    }
+
+    #[test]
+    fn debug_output_of_credentials_and_client_shows_no_secret() {
+        let creds = Credentials::AccessKey {
+            keys: signer::AccessKeyPair::new("AKID", "very-secret-key"),
+            security_token: Some(SecretString::from("session-token-value")),
+        };
+        let password = Credentials::Password {
+            username: "alice".into(),
+            password: SecretString::from("hunter2-password"),
+            domain_name: "acme".into(),
+        };
+        let mut config = ClientConfig::new("https://kms.example", Project::Id("p".into()), creds);
+        let client = KmsClient::new(config.clone()).unwrap();
+        config.credentials = password;
+        config.iam_endpoint = Some("https://iam.example".into());
+        let printed = format!(
+            "{client:?} {config:?} {:?}",
+            KmsClient::new(config.clone()).unwrap()
+        );
+        for secret in ["very-secret-key", "session-token-value", "hunter2-password"] {
+            assert!(!printed.contains(secret), "{secret} printed in {printed}");
+        }
+        assert!(printed.contains("AKID") && printed.contains("alice"));
+    }
+
+    /// Fuzzing of the response parser (a bounded proptest run in every suite; `PROPTEST_CASES`
+    /// raises it). Seeds in `tests/fuzz-corpus/kms-answers/` run first.
+    mod fuzz {
+        use proptest::prelude::*;
+        use proptest::test_runner::FileFailurePersistence;
+
+        use super::super::*;
+        use crate::types::{
+            CreateGrantResponse, DescribeKeyResponse, Grant, KeyInfo, ListGrantsResponse, Quotas,
+            QuotasResponse,
+        };
+
+        fn config() -> ProptestConfig {
+            ProptestConfig {
+                cases: std::env::var("PROPTEST_CASES")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(512),
+                failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+                    "src/client.proptest-regressions",
+                ))),
+                ..ProptestConfig::default()
+            }
+        }
+
+        const CALLS: [Call; 8] = [
+            Call::DescribeKey,
+            Call::ListGrants,
+            Call::CreateGrant,
+            Call::RevokeGrant,
+            Call::RetireGrant,
+            Call::UserQuotas,
+            Call::IamToken,
+            Call::IamProjects,
+        ];
+
+        /// Everything the client does with an answer: parse it, decode it as each call's type.
+        fn check_answer(call: Call, status: u16, body: &[u8]) -> Result<(), TestCaseError> {
+            let status = StatusCode::from_u16(status).unwrap();
+            match parse_answer(call, status, body, None, Some("id".repeat(1000)), None) {
+                Ok(value) => {
+                    prop_assert!(status.is_success());
+                    let _ = decode::<ListGrantsResponse>(call, value.clone())
+                        .map(|page| page.grants.into_iter().map(Grant::from).count());
+                    let _ = decode::<DescribeKeyResponse>(call, value.clone())
+                        .map(|key| KeyInfo::from(key.key_info));
+                    let _ = decode::<QuotasResponse>(call, value.clone())
+                        .map(|quotas| Quotas::from(quotas.quotas));
+                    let _ = decode::<CreateGrantResponse>(call, value);
+                }
+                Err(err) => {
+                    prop_assert!(
+                        !status.is_success() || err.reason == ErrorReason::UnexpectedResponse
+                    );
+                    let limit = MAX_ERROR_MESSAGE_CHARS + 64;
+                    prop_assert!(
+                        err.message.chars().count() <= limit,
+                        "{}",
+                        err.message.len()
+                    );
+                    prop_assert!(
+                        err.code
+                            .as_deref()
+                            .is_none_or(|c| c.chars().count() <= limit)
+                    );
+                    prop_assert!(
+                        err.request_id
+                            .as_deref()
+                            .is_none_or(|c| c.chars().count() <= limit)
+                    );
+                }
+            }
+            Ok(())
+        }
+
+        /// JSON built from the answer fields the client reads, with values of any type.
+        fn answer_json() -> impl Strategy<Value = Value> {
+            let names = prop_oneof![
+                Just("grants"),
+                Just("next_marker"),
+                Just("truncated"),
+                Just("total"),
+                Just("key_info"),
+                Just("key_id"),
+                Just("grant_id"),
+                Just("grantee_principal"),
+                Just("grantee_principal_type"),
+                Just("operations"),
+                Just("creation_date"),
+                Just("key_state"),
+                Just("default_key_flag"),
+                Just("quotas"),
+                Just("resources"),
+                Just("type"),
+                Just("used"),
+                Just("quota"),
+                Just("error"),
+                Just("error_code"),
+                Just("error_msg"),
+                Just("message"),
+                Just("name"),
+            ];
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<u64>().prop_map(|n| json!(n)),
+                any::<f64>().prop_map(|n| json!(n)),
+                "-?[0-9]{1,22}".prop_map(Value::String),
+                prop_oneof![
+                    Just("true"),
+                    Just("false"),
+                    Just("CMK"),
+                    Just("grant_per_CMK")
+                ]
+                .prop_map(|s| json!(s)),
+                ".{0,40}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 48, 6, move |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                    prop::collection::btree_map(names.clone(), inner, 0..7).prop_map(|m| {
+                        Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                    }),
+                ]
+            })
+        }
+
+        #[test]
+        fn kms_answer_seeds() {
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz-corpus/kms-answers");
+            let mut seeds = 0;
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                let body = std::fs::read(&path).unwrap();
+                for call in CALLS {
+                    for status in [200, 201, 400, 404, 429, 503] {
+                        check_answer(call, status, &body)
+                            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    }
+                }
+                seeds += 1;
+            }
+            assert!(seeds > 0);
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn kms_answer_parser_takes_any_bytes(
+                call in prop::sample::select(CALLS.to_vec()),
+                status in 200u16..600,
+                body in prop::collection::vec(any::<u8>(), 0..1024),
+            ) {
+                check_answer(call, status, &body)?;
+            }
+
+            #[test]
+            fn kms_answer_parser_takes_any_json(
+                call in prop::sample::select(CALLS.to_vec()),
+                status in prop::sample::select(vec![200u16, 201, 400, 403, 404, 429, 500, 503]),
+                answer in answer_json(),
+            ) {
+                check_answer(call, status, &serde_json::to_vec(&answer).unwrap())?;
+            }
+
+            #[test]
+            fn list_pages_with_any_field_values_decode_without_panic(
+                grants in prop::collection::vec(
+                    (
+                        ".{0,70}",
+                        prop_oneof![
+                            "-?[0-9]{1,22}".prop_map(Value::String),
+                            any::<i64>().prop_map(|n| json!(n)),
+                            any::<f64>().prop_map(|n| json!(n)),
+                            ".{0,12}".prop_map(Value::String),
+                        ],
+                        prop::collection::vec(".{0,20}", 0..4),
+                        prop::option::of(".{0,10}"),
+                    ),
+                    0..8,
+                ),
+                next_marker in prop_oneof![
+                    "[0-9]{0,20}".prop_map(Value::String),
+                    any::<u64>().prop_map(|n| json!(n)),
+                ],
+                truncated in prop_oneof![
+                    Just(json!("true")), Just(json!("false")), any::<bool>().prop_map(Value::Bool),
+                ],
+            ) {
+                let page = json!({
+                    "grants": grants.iter().map(|(text, date, operations, kind)| json!({
+                        "key_id": text, "grant_id": text, "grantee_principal": text,
+                        "creation_date": date, "operations": operations,
+                        "grantee_principal_type": kind, "name": text,
+                    })).collect::<Vec<_>>(),
+                    "next_marker": next_marker,
+                    "truncated": truncated,
+                });
+                let decoded = decode::<ListGrantsResponse>(Call::ListGrants, page);
+                let decoded = decoded.map(|page| page.grants.into_iter().map(Grant::from).collect::<Vec<_>>());
+                if let Ok(decoded) = decoded {
+                    prop_assert_eq!(decoded.len(), grants.len());
+                }
+            }
+
+            #[test]
+            fn error_messages_of_any_length_are_cut_and_keep_their_start(
+                message in ".{0,3000}",
+                code in "[A-Z]{3,5}\\.[0-9]{4}",
+                nested in any::<bool>(),
+            ) {
+                let body = if nested {
+                    json!({"error": {"error_code": code, "error_msg": message}})
+                } else {
+                    json!({"error_code": code, "error_msg": message})
+                };
+                let err = parse_answer(
+                    Call::CreateGrant,
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::to_vec(&body).unwrap(),
+                    None,
+                    None,
+                    None,
+                )
+                .unwrap_err();
+                prop_assert_eq!(err.code.as_deref(), Some(code.as_str()));
+                let kept: String = message.chars().take(MAX_ERROR_MESSAGE_CHARS).collect();
+                prop_assert!(err.message.starts_with(&kept));
+            }
+        }
+    }
+}

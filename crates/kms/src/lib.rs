@@ -1,0 +1,28 @@
+//! Speaking to DEW/KMS (and the two IAM calls it needs): our own types in and out, every page,
+//! both auth methods, classified errors, bounded retries, a shared rate limit. No reqwest type
+//! crosses this module's boundary.
+
+#![deny(missing_docs)]
+
+mod client;
+mod config;
+mod error;
+mod rate_limit;
+
+mod types;
+
+pub use client::{
+    ClientMetrics, KmsClient, MAX_ERROR_MESSAGE_CHARS, MAX_GRANTS_PER_KEY, MAX_PAGE_SIZE,
+};
+pub use config::{
+    ClientConfig, Credentials, DEFAULT_MAX_RESPONSE_BYTES, Project, RateLimitConfig, RetryPolicy,
+};
+pub use error::{Call, ErrorClass, ErrorReason, KmsError};
+pub use secrecy::{ExposeSecret, SecretString};
+pub use types::{
+    Grant, GranteePrincipalType, KeyInfo, KeyState, NewGrant, Operation, Quota, Quotas,
+    parse_creation_date,
+};
+
+/// The request signer this client uses, for callers that build credentials.
+pub use kmsgrant_kms_signer as signer;

@@ -1,0 +1,419 @@
+//! Our own types for what KMS says, and the lenient parsing of its wire format.
+//!
+//! KMS types several numbers as strings (`truncated`, `next_marker`, `creation_date`,
+//! `key_state`); the parsers here accept either form so a server that sends the other one does not
+//! break us.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Whether the grantee principal is a user or an account (domain).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum GranteePrincipalType {
+    /// A user ID.
+    #[default]
+    User,
+    /// An account (domain) ID.
+    Domain,
+}
+
+impl GranteePrincipalType {
+    /// The value KMS uses on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Domain => "domain",
+        }
+    }
+}
+
+// An operation a grant may allow.
+// Neither the enum nor its variants carry doc comments: schemars would turn them into schema
+// descriptions (and the variants into a oneOf); the CRD field that holds them says what they are.
+#[allow(missing_docs)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum Operation {
+    CreateDatakey,
+    CreateDatakeyWithoutPlaintext,
+    EncryptDatakey,
+    DecryptDatakey,
+    DescribeKey,
+    CreateGrant,
+    RetireGrant,
+    EncryptData,
+    DecryptData,
+}
+
+impl Operation {
+    /// Every operation, in the order of the API page.
+    pub const ALL: [Operation; 9] = [
+        Self::CreateDatakey,
+        Self::CreateDatakeyWithoutPlaintext,
+        Self::EncryptDatakey,
+        Self::DecryptDatakey,
+        Self::DescribeKey,
+        Self::CreateGrant,
+        Self::RetireGrant,
+        Self::EncryptData,
+        Self::DecryptData,
+    ];
+
+    /// The value KMS uses on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CreateDatakey => "create-datakey",
+            Self::CreateDatakeyWithoutPlaintext => "create-datakey-without-plaintext",
+            Self::EncryptDatakey => "encrypt-datakey",
+            Self::DecryptDatakey => "decrypt-datakey",
+            Self::DescribeKey => "describe-key",
+            Self::CreateGrant => "create-grant",
+            Self::RetireGrant => "retire-grant",
+            Self::EncryptData => "encrypt-data",
+            Self::DecryptData => "decrypt-data",
+        }
+    }
+
+    /// Parses the wire value; `None` for an operation this version does not know.
+    pub fn from_wire(value: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|op| op.as_str() == value)
+    }
+}
+
+/// A customer master key, as `describe-key` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// The key's ID.
+    pub key_id: String,
+    /// Its alias, for example `alias/app`.
+    pub key_alias: String,
+    /// The account (domain) that owns it.
+    pub domain_id: String,
+    /// Whether it can be used.
+    pub state: KeyState,
+    /// A Default Master Key (alias ending in `/default`): it refuses grants.
+    pub default_key: bool,
+}
+
+impl KeyInfo {
+    /// Whether KMS will accept a grant on this key at all.
+    pub fn is_default_master_key(&self) -> bool {
+        self.default_key || self.key_alias.ends_with("/default")
+    }
+}
+
+/// `key_state` of a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    /// Created without key material yet.
+    PendingActivation,
+    /// Usable.
+    Enabled,
+    /// Disabled by its owner; may be enabled again.
+    Disabled,
+    /// Scheduled for deletion; may be cancelled.
+    PendingDeletion,
+    /// Waiting for imported key material.
+    PendingImport,
+    /// A state this version does not know, kept verbatim.
+    Other(String),
+}
+
+impl KeyState {
+    /// Reads the wire value (`1` to `5`); an unknown one is kept as such.
+    pub fn from_wire(value: &str) -> Self {
+        match value {
+            "1" => Self::PendingActivation,
+            "2" => Self::Enabled,
+            "3" => Self::Disabled,
+            "4" => Self::PendingDeletion,
+            "5" => Self::PendingImport,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+}
+
+/// A grant on a key, as `list-grants` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The key the grant is on.
+    pub key_id: String,
+    /// The grant's ID (64 hexadecimal characters).
+    pub grant_id: String,
+    /// Who received the permissions.
+    pub grantee_principal: String,
+    /// `user` or `domain`; absent on clouds that do not report it (then `user`).
+    pub grantee_principal_type: Option<String>,
+    /// The operations verbatim, in the order the server chose.
+    pub operations: Vec<String>,
+    /// Who created the grant.
+    pub issuing_principal: Option<String>,
+    /// Creation time in milliseconds since the epoch.
+    pub created_at_millis: Option<i64>,
+    /// The grant's name, if it has one.
+    pub name: Option<String>,
+    /// Who may retire the grant, if anyone besides the grantee.
+    pub retiring_principal: Option<String>,
+}
+
+impl Grant {
+    /// The operations as a set: KMS may return them in any order.
+    pub fn operation_set(&self) -> BTreeSet<&str> {
+        self.operations.iter().map(String::as_str).collect()
+    }
+
+    /// The grantee type, `user` when the server does not say.
+    pub fn grantee_type(&self) -> &str {
+        self.grantee_principal_type.as_deref().unwrap_or("user")
+    }
+}
+
+/// What `create-grant` is asked to create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewGrant {
+    /// The key to grant on.
+    pub key_id: String,
+    /// Who receives the permissions.
+    pub grantee_principal: String,
+    /// Whether the grantee is a user or an account.
+    pub grantee_principal_type: GranteePrincipalType,
+    /// What the grantee may do.
+    pub operations: Vec<Operation>,
+    /// The grant's name on the cloud.
+    pub name: Option<String>,
+    /// Who may retire the grant.
+    pub retiring_principal: Option<String>,
+}
+
+/// Used and allowed counts of the project's KMS quotas.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Quotas {
+    /// Customer master keys.
+    pub keys: Option<Quota>,
+    /// Grants per key.
+    pub grants_per_key: Option<Quota>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Usage of one resource against its quota.
+pub struct Quota {
+    /// How many are in use.
+    pub used: u64,
+    /// How many are allowed.
+    pub quota: u64,
+}
+
+// ---- wire format -------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+pub(crate) struct DescribeKeyResponse {
+    pub key_info: WireKeyInfo,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct WireKeyInfo {
+    pub key_id: String,
+    #[serde(default)]
+    pub key_alias: String,
+    #[serde(default)]
+    pub domain_id: String,
+    #[serde(default, deserialize_with = "string_or_number")]
+    pub key_state: String,
+    #[serde(default, deserialize_with = "string_or_number")]
+    pub default_key_flag: String,
+}
+
+impl From<WireKeyInfo> for KeyInfo {
+    fn from(wire: WireKeyInfo) -> Self {
+        Self {
+            state: KeyState::from_wire(&wire.key_state),
+            default_key: wire.default_key_flag == "1",
+            key_id: wire.key_id,
+            key_alias: wire.key_alias,
+            domain_id: wire.domain_id,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListGrantsResponse {
+    #[serde(default)]
+    pub grants: Vec<WireGrant>,
+    #[serde(default, deserialize_with = "string_or_number")]
+    pub next_marker: String,
+    #[serde(default, deserialize_with = "string_or_bool")]
+    pub truncated: bool,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct WireGrant {
+    pub key_id: String,
+    pub grant_id: String,
+    pub grantee_principal: String,
+    #[serde(default)]
+    pub grantee_principal_type: Option<String>,
+    #[serde(default)]
+    pub operations: Vec<String>,
+    #[serde(default)]
+    pub issuing_principal: Option<String>,
+    #[serde(default, deserialize_with = "optional_string_or_number")]
+    pub creation_date: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub retiring_principal: Option<String>,
+}
+
+impl From<WireGrant> for Grant {
+    fn from(wire: WireGrant) -> Self {
+        Self {
+            created_at_millis: wire.creation_date.as_deref().and_then(parse_creation_date),
+            key_id: wire.key_id,
+            grant_id: wire.grant_id,
+            grantee_principal: wire.grantee_principal,
+            grantee_principal_type: wire.grantee_principal_type.filter(|t| !t.is_empty()),
+            operations: wire.operations,
+            issuing_principal: wire.issuing_principal.filter(|p| !p.is_empty()),
+            name: wire.name.filter(|n| !n.is_empty()),
+            retiring_principal: wire.retiring_principal.filter(|p| !p.is_empty()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CreateGrantResponse {
+    pub grant_id: String,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct QuotasResponse {
+    pub quotas: WireQuotas,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct WireQuotas {
+    #[serde(default)]
+    pub resources: Vec<WireQuota>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct WireQuota {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(deserialize_with = "u64_from_string_or_number")]
+    pub used: u64,
+    #[serde(deserialize_with = "u64_from_string_or_number")]
+    pub quota: u64,
+}
+
+impl From<WireQuotas> for Quotas {
+    fn from(wire: WireQuotas) -> Self {
+        let find = |kind: &str| {
+            wire.resources
+                .iter()
+                .find(|r| r.kind == kind)
+                .map(|r| Quota {
+                    used: r.used,
+                    quota: r.quota,
+                })
+        };
+        Self {
+            keys: find("CMK"),
+            grants_per_key: find("grant_per_CMK"),
+        }
+    }
+}
+
+/// `creation_date`: the pages say seconds, every example is milliseconds. Values below 10^11 are
+/// taken as seconds (10^11 ms is 1973; 10^11 s is the year 5138).
+pub fn parse_creation_date(value: &str) -> Option<i64> {
+    let number: i64 = value.trim().parse().ok()?;
+    // Negative dates are nonsense; any other number is kept only if it fits (found by fuzzing: a
+    // large negative value overflowed).
+    match number {
+        ..0 => None,
+        0..100_000_000_000 => Some(number * 1000),
+        _ => Some(number),
+    }
+}
+
+fn string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(optional_string_or_number(deserializer)?.unwrap_or_default())
+}
+
+fn optional_string_or_number<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    })
+}
+
+fn string_or_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    Ok(match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::Bool(b) => b,
+        serde_json::Value::String(s) => s.eq_ignore_ascii_case("true"),
+        _ => false,
+    })
+}
+
+fn u64_from_string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let text = string_or_number(deserializer)?;
+    text.parse()
+        .map_err(|_| serde::de::Error::custom(format!("expected a count, got {text:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creation_date_in_milliseconds_or_seconds_becomes_milliseconds() {
+        assert_eq!(
+            parse_creation_date("1497341531000"),
+            Some(1_497_341_531_000)
+        );
+        assert_eq!(parse_creation_date("1497341531"), Some(1_497_341_531_000));
+        assert_eq!(parse_creation_date("soon"), None);
+    }
+
+    #[test]
+    fn list_grants_page_parses_string_typed_fields_of_the_api_page() {
+        let page: ListGrantsResponse = serde_json::from_str(
+            r#"{"grants": [{"key_id": "1f5a7c6e-45b5-4f13-bb7e-8b4f0d5e6b73",
+                 "grant_id": "7c9a3286af4fcca5f0a385ad13e1d21a50e27b6dbcab50f37f30f93b8939827d",
+                 "grantee_principal": "13gg44z4g2sglzk0egw0u726zoyzvrs8",
+                 "operations": ["create-datakey", "describe-key"],
+                 "issuing_principal": "e4hkeeea506ex3wgnzyhi656n8hx8xa3",
+                 "creation_date": "1497341531000", "name": "my_grant", "retiring_principal": ""}],
+                "next_marker": "", "truncated": "false", "total": 1}"#,
+        )
+        .unwrap();
+        assert!(!page.truncated);
+        assert_eq!(page.next_marker, "");
+        let grant = Grant::from(page.grants.into_iter().next().unwrap());
+        assert_eq!(grant.created_at_millis, Some(1_497_341_531_000));
+        assert_eq!(grant.retiring_principal, None);
+        assert_eq!(grant.grantee_type(), "user");
+        assert_eq!(
+            grant.operation_set(),
+            BTreeSet::from(["describe-key", "create-datakey"])
+        );
+    }
+
+    #[test]
+    fn truncated_and_next_marker_accept_json_booleans_and_numbers() {
+        let page: ListGrantsResponse =
+            serde_json::from_str(r#"{"grants": [], "next_marker": 100, "truncated": true}"#)
+                .unwrap();
+        assert!(page.truncated);
+        assert_eq!(page.next_marker, "100");
+    }
+}
