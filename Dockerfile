@@ -26,6 +26,17 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --bin kmsgrant-operator \
  && install -D -m 0755 target/release/kmsgrant-operator /out/kmsgrant-operator
 
+# Without a registry or network: the files `scripts/image --dockerfile` collects (the binary, the
+# glibc libraries it links, the CA bundle, /etc/passwd) are the build context, on an empty base.
+#   scripts/image --dockerfile    (buildah bud --target local -f Dockerfile <collected root>)
+FROM scratch AS local
+COPY . /
+USER 65532:65532
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/kmsgrant-operator"]
+CMD ["run"]
+
+# The published image (the default target).
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/kmsgrant-operator /usr/local/bin/kmsgrant-operator
 # distroless's "nonroot" user; the Deployment and the chart run as the same UID.

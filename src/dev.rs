@@ -73,23 +73,39 @@ impl DevArgs {
     }
 
     async fn sandbox(self) -> anyhow::Result<()> {
+        // Caught from here on, so Ctrl-C never kills `dev` before it has stopped what it started.
+        let mut interrupt = Interrupt::install()?;
         let local_dir = match &self.kubeconfig {
             Some(_) => None,
             None => Some(self.dir.clone().unwrap_or_else(default_dir)),
         };
-        let kubeconfig = match (&self.kubeconfig, &local_dir) {
-            (Some(path), _) => path.clone(),
+        let result = match (&self.kubeconfig, &local_dir) {
+            (Some(path), _) => self.with_cluster(path, &mut interrupt).await,
             (None, Some(dir)) => {
                 say(
                     "starting the local control plane (the first run builds kube-apiserver and etcd: ~10 min)",
                 );
-                control_plane(&self.control_plane_script, &["up", &dir.to_string_lossy()])?;
-                dir.join("kubeconfig")
+                // With --owner-pid the control plane also goes when this process dies without
+                // cleaning up (SIGKILL, a crash).
+                let owner = std::process::id().to_string();
+                match control_plane(
+                    &self.control_plane_script,
+                    &["up", &dir.to_string_lossy(), "--owner-pid", &owner],
+                ) {
+                    Ok(()) => {
+                        self.with_cluster(&dir.join("kubeconfig"), &mut interrupt)
+                            .await
+                    }
+                    Err(err) => Err(err),
+                }
             }
             (None, None) => unreachable!("one of the two is set"),
         };
-        let result = self.with_cluster(&kubeconfig).await;
-        if let (Some(dir), true) = (&local_dir, self.exit_when_ready || result.is_err()) {
+        if let Some(dir) = &local_dir {
+            say(&format!(
+                "stopping the local control plane (its state stays in {})",
+                dir.display()
+            ));
             let _ = control_plane(
                 &self.control_plane_script,
                 &["down", &dir.to_string_lossy()],
@@ -98,7 +114,11 @@ impl DevArgs {
         result
     }
 
-    async fn with_cluster(&self, kubeconfig: &Path) -> anyhow::Result<()> {
+    async fn with_cluster(
+        &self,
+        kubeconfig: &Path,
+        interrupt: &mut Interrupt,
+    ) -> anyhow::Result<()> {
         let client =
             crate::process::kube_client(Some(kubeconfig.to_owned()), self.context.clone()).await?;
 
@@ -108,6 +128,39 @@ impl DevArgs {
         })
         .await
         .with_context(|| format!("cannot start the KMS emulator on {}", self.emulator_listen))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut operator = None;
+        let result = tokio::select! {
+            result = self.bring_up(&client, &emulator, kubeconfig, &mut operator, stopped) => result.map(|()| true),
+            () = interrupt.recv() => Ok(false),
+        };
+        match result {
+            Ok(true) if self.exit_when_ready => say("--exit-when-ready: stopping the sandbox"),
+            Ok(true) => {
+                say("running; Ctrl-C stops the operator, the emulator and the local control plane");
+                interrupt.recv().await;
+                say("stopping the operator and the emulator");
+            }
+            Ok(false) => say("interrupted: stopping what was started"),
+            Err(_) => {}
+        }
+        let _ = stop.send(());
+        if let Some(operator) = operator {
+            let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+        }
+        emulator.shutdown().await;
+        result.map(|_| ())
+    }
+
+    /// Everything up to the example grant being Ready; the operator task is left in `operator`.
+    async fn bring_up(
+        &self,
+        client: &kube::Client,
+        emulator: &kms_emulator::RunningEmulator,
+        kubeconfig: &Path,
+        operator: &mut Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+        stopped: tokio::sync::oneshot::Receiver<()>,
+    ) -> anyhow::Result<()> {
         let example: KmsGrant =
             serde_saphyr::from_str(EXAMPLE_GRANT).expect("the shipped example parses");
         let key = NewKey {
@@ -125,14 +178,13 @@ impl DevArgs {
             example.spec.key_id
         ));
 
-        install_crds(&client).await?;
+        install_crds(client).await?;
         say("CRDs installed and Established");
-        install_provider(&client, &emulator).await?;
+        install_provider(client, emulator).await?;
         say(
             "KmsProviderConfig 'default' and Secret kmsgrant-system/kms-credentials point at the emulator",
         );
 
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let settings = Settings {
             resync: self.resync_interval,
             secret_namespace: Some(OPERATOR_NAMESPACE.into()),
@@ -141,7 +193,7 @@ impl DevArgs {
         };
         let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
         let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let operator = tokio::spawn(controller::run(
+        *operator = Some(tokio::spawn(controller::run(
             client.clone(),
             settings,
             metrics,
@@ -149,7 +201,7 @@ impl DevArgs {
             async {
                 let _ = stopped.await;
             },
-        ));
+        )));
         say("operator running");
 
         let namespace = example
@@ -197,17 +249,31 @@ impl DevArgs {
             emulator.base_url(),
             emulator.base_url()
         );
-
-        if self.exit_when_ready {
-            say("--exit-when-ready: stopping the sandbox");
-        } else {
-            say("running; press Ctrl-C to stop");
-            crate::process::shutdown_signal().await;
-        }
-        let _ = stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
-        emulator.shutdown().await;
         Ok(())
+    }
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM. Registered at once: a signal that arrives while `dev` is busy (in
+/// `scripts/control-plane up`, say) is kept and seen at the next `recv`.
+struct Interrupt {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interrupt {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("cannot catch SIGINT")?,
+            term: signal(SignalKind::terminate()).context("cannot catch SIGTERM")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
     }
 }
 

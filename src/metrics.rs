@@ -1,5 +1,7 @@
 //! Prometheus metrics. Labels are low-cardinality by construction: kinds, results, reasons,
-//! operations and outcomes come from fixed sets; no label ever carries an object or key name.
+//! operations and outcomes come from fixed sets; no label carries an object or key name — except
+//! the per-object series behind `--per-object-metrics` (off by default), one series per object,
+//! read from the objects' status at scrape time.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -11,9 +13,13 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use kmsgrant_kms::{Call, ClientMetrics, ErrorReason};
+use kube::runtime::reflector::Store;
+
+use crate::api::{ConditionStatus, KmsGrant, KmsProviderConfig};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReconcileLabels {
@@ -54,6 +60,32 @@ struct CacheLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GrantLabels {
+    namespace: String,
+    name: String,
+    condition: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    name: String,
+    condition: String,
+    reason: String,
+}
+
+/// Where the status-derived gauges are read from at scrape time: the controllers' caches.
+struct StatusSources {
+    grants: Store<KmsGrant>,
+    providers: Store<KmsProviderConfig>,
+}
+
 /// Every metric of the operator, in one registry.
 pub struct Metrics {
     registry: Registry,
@@ -69,6 +101,16 @@ pub struct Metrics {
     leader: Gauge,
     /// The condition each object was last seen in, to keep the `objects` gauge exact.
     object_conditions: Mutex<HashMap<String, &'static str>>,
+    provider_configs: Family<ConditionLabels, Gauge>,
+    /// `Some` with `--per-object-metrics`.
+    per_object: Option<PerObject>,
+    sources: Mutex<Option<StatusSources>>,
+}
+
+/// The opt-in series that name objects.
+struct PerObject {
+    grants: Family<GrantLabels, Gauge>,
+    providers: Family<ProviderLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -78,8 +120,22 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The low-cardinality metrics only.
     pub fn new() -> Self {
+        Self::with_per_object_series(false)
+    }
+
+    /// With `per_object`, also one series per KmsGrant and per KmsProviderConfig, labelled with
+    /// its name (`kmsgrant_grant_ready`, `kmsgrant_provider_config_ready`).
+    pub fn with_per_object_series(per_object: bool) -> Self {
         let mut registry = Registry::with_prefix("kmsgrant");
+        registry.register(
+            "build",
+            "The operator's version (always 1)",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+        );
         let reconciles = Family::<ReconcileLabels, Counter>::default();
         registry.register(
             "reconciles",
@@ -144,9 +200,33 @@ impl Metrics {
             "1 while this process holds the leader lease (or runs without leader election)",
             leader.clone(),
         );
+        let provider_configs = Family::<ConditionLabels, Gauge>::default();
+        registry.register(
+            "provider_configs",
+            "KmsProviderConfigs by their current condition (Ready, Reconciling, Stalled)",
+            provider_configs.clone(),
+        );
         for condition in ["Ready", "Reconciling", "Stalled"] {
             objects.get_or_create(&ConditionLabels { condition }).set(0);
+            provider_configs
+                .get_or_create(&ConditionLabels { condition })
+                .set(0);
         }
+        let per_object = per_object.then(|| {
+            let grants = Family::<GrantLabels, Gauge>::default();
+            registry.register(
+                "grant_ready",
+                "1 when the KmsGrant is Ready, else 0; condition and reason say why (per object, opt-in)",
+                grants.clone(),
+            );
+            let providers = Family::<ProviderLabels, Gauge>::default();
+            registry.register(
+                "provider_config_ready",
+                "1 when the KmsProviderConfig is Ready, else 0; condition and reason say why (per object, opt-in)",
+                providers.clone(),
+            );
+            PerObject { grants, providers }
+        });
         Self {
             registry,
             reconciles,
@@ -160,11 +240,74 @@ impl Metrics {
             cache_lookups,
             leader,
             object_conditions: Mutex::new(HashMap::new()),
+            provider_configs,
+            per_object,
+            sources: Mutex::new(None),
+        }
+    }
+
+    /// Reads the status-derived gauges from these caches at every scrape.
+    pub fn read_status_from(&self, grants: Store<KmsGrant>, providers: Store<KmsProviderConfig>) {
+        *self.sources.lock().expect("metrics lock") = Some(StatusSources { grants, providers });
+    }
+
+    /// Sets the gauges derived from the objects' status, from scratch: deleted objects vanish.
+    fn refresh_from_status(&self, sources: Option<&StatusSources>) {
+        let Some(sources) = sources else {
+            return;
+        };
+        let providers = sources.providers.state();
+        let mut counts: HashMap<&'static str, i64> = HashMap::new();
+        for config in &providers {
+            let conditions = config.status.as_ref().map(|s| s.conditions.as_slice());
+            if let Some((condition, _)) = current_condition(conditions.unwrap_or_default()) {
+                *counts.entry(condition).or_default() += 1;
+            }
+        }
+        for condition in ["Ready", "Reconciling", "Stalled"] {
+            self.provider_configs
+                .get_or_create(&ConditionLabels { condition })
+                .set(counts.get(condition).copied().unwrap_or_default());
+        }
+        let Some(per_object) = &self.per_object else {
+            return;
+        };
+        per_object.providers.clear();
+        for config in &providers {
+            let conditions = config.status.as_ref().map(|s| s.conditions.as_slice());
+            if let Some((condition, reason)) = current_condition(conditions.unwrap_or_default()) {
+                per_object
+                    .providers
+                    .get_or_create(&ProviderLabels {
+                        name: config.metadata.name.clone().unwrap_or_default(),
+                        condition: condition.to_owned(),
+                        reason: reason.to_owned(),
+                    })
+                    .set(i64::from(condition == "Ready"));
+            }
+        }
+        per_object.grants.clear();
+        for grant in sources.grants.state() {
+            let conditions = grant.status.as_ref().map(|s| s.conditions.as_slice());
+            if let Some((condition, reason)) = current_condition(conditions.unwrap_or_default()) {
+                per_object
+                    .grants
+                    .get_or_create(&GrantLabels {
+                        namespace: grant.metadata.namespace.clone().unwrap_or_default(),
+                        name: grant.metadata.name.clone().unwrap_or_default(),
+                        condition: condition.to_owned(),
+                        reason: reason.to_owned(),
+                    })
+                    .set(i64::from(condition == "Ready"));
+            }
         }
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        // Held while encoding, so that a concurrent scrape never sees the gauges half refreshed.
+        let sources = self.sources.lock().expect("metrics lock");
+        self.refresh_from_status(sources.as_ref());
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
@@ -231,6 +374,18 @@ impl Metrics {
     }
 }
 
+/// The kstatus condition that is True (Stalled before Reconciling before Ready) and its reason.
+fn current_condition(conditions: &[crate::api::Condition]) -> Option<(&'static str, &str)> {
+    ["Stalled", "Reconciling", "Ready"]
+        .into_iter()
+        .find_map(|type_| {
+            conditions
+                .iter()
+                .find(|c| c.type_ == type_ && c.status == ConditionStatus::True)
+                .map(|c| (type_, c.reason.as_str()))
+        })
+}
+
 impl ClientMetrics for Metrics {
     fn attempt_finished(&self, call: Call, outcome: &'static str, latency: Duration) {
         self.kms_calls
@@ -290,6 +445,131 @@ mod tests {
                 .encode()
                 .contains("kmsgrant_objects{condition=\"Stalled\"} 0")
         );
+    }
+
+    fn condition(type_: &str, reason: &str) -> serde_json::Value {
+        serde_json::json!({"type": type_, "status": "True", "reason": reason, "message": "",
+            "lastTransitionTime": "2026-11-30T23:00:00Z"})
+    }
+
+    fn grant(namespace: &str, name: &str, conditions: serde_json::Value) -> KmsGrant {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"keyId": "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e",
+                "granteePrincipal": "abc", "operations": ["describe-key"]},
+            "status": {"conditions": conditions}
+        }))
+        .unwrap()
+    }
+
+    fn provider(name: &str, conditions: serde_json::Value) -> KmsProviderConfig {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+            "metadata": {"name": name},
+            "spec": {"endpoint": "https://kms.example", "region": "eu-de", "projectId": "p",
+                "auth": {"type": "AccessKey", "secretRef": {"namespace": "ns", "name": "s"}}},
+            "status": {"conditions": conditions}
+        }))
+        .unwrap()
+    }
+
+    /// Caches holding two grants (one Ready, one Stalled) and two provider configs.
+    fn caches() -> (
+        Store<KmsGrant>,
+        kube::runtime::reflector::store::Writer<KmsGrant>,
+        Store<KmsProviderConfig>,
+    ) {
+        use kube::runtime::watcher::Event;
+        let (grants, mut grant_writer) = kube::runtime::reflector::store::<KmsGrant>();
+        let (providers, mut provider_writer) =
+            kube::runtime::reflector::store::<KmsProviderConfig>();
+        grant_writer.apply_watcher_event(&Event::Apply(grant(
+            "team-a",
+            "app",
+            serde_json::json!([condition("Ready", "GrantReady")]),
+        )));
+        grant_writer.apply_watcher_event(&Event::Apply(grant(
+            "team-b",
+            "broken",
+            serde_json::json!([condition("Stalled", "KeyNotFound")]),
+        )));
+        provider_writer.apply_watcher_event(&Event::Apply(provider(
+            "default",
+            serde_json::json!([condition("Ready", "CredentialsVerified")]),
+        )));
+        provider_writer.apply_watcher_event(&Event::Apply(provider(
+            "other",
+            serde_json::json!([condition("Stalled", "InvalidCredentials")]),
+        )));
+        (grants, grant_writer, providers)
+    }
+
+    #[test]
+    fn build_info_carries_the_version() {
+        let text = Metrics::new().encode();
+        assert!(
+            text.contains(&format!(
+                "kmsgrant_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn by_default_no_series_names_an_object() {
+        let metrics = Metrics::new();
+        let (grants, _writer, providers) = caches();
+        metrics.read_status_from(grants, providers);
+        let text = metrics.encode();
+        assert!(
+            text.contains("kmsgrant_provider_configs{condition=\"Ready\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kmsgrant_provider_configs{condition=\"Stalled\"} 1"),
+            "{text}"
+        );
+        for name in ["app", "broken", "team-a", "default", "other"] {
+            assert!(!text.contains(&format!("\"{name}\"")), "{name} in\n{text}");
+        }
+        assert!(!text.contains("kmsgrant_grant_ready"), "{text}");
+    }
+
+    #[test]
+    fn per_object_series_name_each_object_and_follow_its_status() {
+        use kube::runtime::watcher::Event;
+        let metrics = Metrics::with_per_object_series(true);
+        let (grants, mut grant_writer, providers) = caches();
+        metrics.read_status_from(grants, providers);
+        let text = metrics.encode();
+        for series in [
+            "kmsgrant_grant_ready{namespace=\"team-a\",name=\"app\",condition=\"Ready\",reason=\"GrantReady\"} 1",
+            "kmsgrant_grant_ready{namespace=\"team-b\",name=\"broken\",condition=\"Stalled\",reason=\"KeyNotFound\"} 0",
+            "kmsgrant_provider_config_ready{name=\"default\",condition=\"Ready\",reason=\"CredentialsVerified\"} 1",
+            "kmsgrant_provider_config_ready{name=\"other\",condition=\"Stalled\",reason=\"InvalidCredentials\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing in\n{text}");
+        }
+        // The fixed grant changes its series; a deleted one loses it.
+        grant_writer.apply_watcher_event(&Event::Apply(grant(
+            "team-b",
+            "broken",
+            serde_json::json!([condition("Ready", "GrantReady")]),
+        )));
+        grant_writer.apply_watcher_event(&Event::Delete(grant(
+            "team-a",
+            "app",
+            serde_json::json!([]),
+        )));
+        let text = metrics.encode();
+        assert!(
+            text.contains("kmsgrant_grant_ready{namespace=\"team-b\",name=\"broken\",condition=\"Ready\",reason=\"GrantReady\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("KeyNotFound"), "{text}");
+        assert!(!text.contains("name=\"app\""), "{text}");
     }
 
     #[test]

@@ -78,6 +78,16 @@ pub struct RunArgs {
     /// Log format: `text` or `json` (one JSON object per line).
     #[arg(long, env = "KMSGRANT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Also export one series per KmsGrant and KmsProviderConfig, labelled with its name
+    /// (kmsgrant_grant_ready, kmsgrant_provider_config_ready), so alerts can name the failing
+    /// object. Off by default: the number of series grows with the number of objects.
+    #[arg(long, env = "KMSGRANT_PER_OBJECT_METRICS")]
+    pub per_object_metrics: bool,
+    /// Send traces to this OTLP/HTTP endpoint (e.g. http://otel-collector:4318/v1/traces): a span
+    /// per reconcile with the object and its key, the KMS calls as its children.
+    #[cfg(feature = "otel")]
+    #[arg(long, env = "KMSGRANT_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl RunArgs {
@@ -103,8 +113,23 @@ impl RunArgs {
             lease_duration,
             log_level,
             log_format,
+            per_object_metrics,
+            #[cfg(feature = "otel")]
+            otlp_endpoint,
         } = self;
-        if let Err(err) = crate::telemetry::init(&log_level, &log_format) {
+        #[cfg(feature = "otel")]
+        let traces = otlp_endpoint
+            .map(|endpoint| crate::telemetry::init_with_otlp(&log_level, &log_format, &endpoint))
+            .transpose();
+        #[cfg(feature = "otel")]
+        let (logging, _traces) = match traces {
+            Ok(Some(guard)) => (Ok(()), Some(guard)),
+            Ok(None) => (crate::telemetry::init(&log_level, &log_format), None),
+            Err(err) => (Err(err), None),
+        };
+        #[cfg(not(feature = "otel"))]
+        let logging = crate::telemetry::init(&log_level, &log_format);
+        if let Err(err) = logging {
             eprintln!("error: {err}");
             return ExitCode::from(2);
         }
@@ -131,7 +156,8 @@ impl RunArgs {
         let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
         let result = runtime.block_on(async move {
             let client = kube_client(kubeconfig, context).await?;
-            operate(client, settings, admin_address, election).await
+            let metrics = crate::metrics::Metrics::with_per_object_series(per_object_metrics);
+            operate(client, settings, metrics, admin_address, election).await
         });
         match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -150,13 +176,14 @@ impl RunArgs {
 async fn operate(
     client: kube::Client,
     settings: Settings,
+    metrics: crate::metrics::Metrics,
     admin_address: std::net::SocketAddr,
     election: Option<(String, String, Duration)>,
 ) -> anyhow::Result<()> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let metrics = Arc::new(metrics);
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     crate::admin::serve(admin_address, metrics.clone(), ready.clone(), async {

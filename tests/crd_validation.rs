@@ -91,17 +91,40 @@ fn crds_install_and_become_established() {
     kubectl_ok(&["get", "kmsg", "-A"], None);
     kubectl_ok(&["get", "kmspc"], None);
     kubectl_ok(&["get", "kmsgrants", "-A"], None);
-    // The category lists every kind of ours at once.
+    // The category `kms` lists every kind of ours at once.
     let ns = namespace("category");
     kubectl_ok(
         &["create", "-f", "-"],
         Some(&seed_grant(&ns, "in-category").to_string()),
     );
-    let listed = kubectl_ok(&["get", "kmsgrant", "-A", "-o", "name"], None);
+    let listed = kubectl_ok(&["get", "kms", "-A", "-o", "name"], None);
     assert!(
         listed.contains("kmsgrant.kmsgrant.io/in-category"),
         "{listed}"
     );
+    let kinds = kubectl_ok(&["api-resources", "--categories=kms", "-o", "name"], None);
+    assert_eq!(
+        kinds.split_whitespace().collect::<Vec<_>>(),
+        ["kmsgrants.kmsgrant.io", "kmsproviderconfigs.kmsgrant.io"]
+    );
+    // No category shadows a kind's own names: the singular gets and deletes exactly one grant.
+    let got = kubectl_ok(
+        &["get", "kmsgrant", "in-category", "-n", &ns, "-o", "name"],
+        None,
+    );
+    assert_eq!(got.trim(), "kmsgrant.kmsgrant.io/in-category");
+    let deleted = kubectl_ok(
+        &[
+            "delete",
+            "kmsgrant",
+            "in-category",
+            "-n",
+            &ns,
+            "--wait=false",
+        ],
+        None,
+    );
+    assert!(deleted.contains("in-category"), "{deleted}");
 }
 
 #[test]

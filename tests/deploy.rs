@@ -200,6 +200,8 @@ fn kustomize_tree_applies_cleanly_with_server_side_dry_run() {
         found,
         [
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRole",
             "ClusterRoleBinding",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
@@ -259,6 +261,7 @@ metrics: {port: 9090}
 serviceMonitor: {enabled: true, interval: 15s, labels: {release: prometheus}}
 crds: {install: false}
 leaderElection: {leaseName: shard-a, leaseDuration: 20s}
+appRoles: {create: false}
 ";
 
 #[test]
@@ -296,6 +299,8 @@ fn helm_chart_with_default_values_applies_cleanly_with_server_side_dry_run() {
     assert_eq!(
         found,
         [
+            "ClusterRole",
+            "ClusterRole",
             "ClusterRole",
             "ClusterRoleBinding",
             "CustomResourceDefinition",
@@ -336,16 +341,36 @@ fn helm_chart_with_default_values_applies_cleanly_with_server_side_dry_run() {
         assert!(args.contains(&flag.to_owned()), "{flag} not in {args:?}");
     }
     assert!(!args.iter().any(|a| a.starts_with("--namespace")));
-    // The chart's RBAC is the kustomize tree's RBAC.
+    // The chart's RBAC is the kustomize tree's RBAC, the application teams' roles included.
     let kustomized = objects(&kubectl_ok(&["kustomize", &repo("deploy")], None));
-    for kind in ["ClusterRole", "Role"] {
-        let chart_rules = rules_by_resource(one(&rendered, kind));
-        let tree_rules = rules_by_resource(one(&kustomized, kind));
+    for (kind, name) in [
+        ("ClusterRole", "kmsgrant-operator"),
+        ("ClusterRole", "kmsgrant-edit"),
+        ("ClusterRole", "kmsgrant-view"),
+        ("Role", "kmsgrant-operator"),
+    ] {
+        let (chart, tree) = (named(&rendered, kind, name), named(&kustomized, kind, name));
         assert_eq!(
-            chart_rules, tree_rules,
-            "{kind} differs between chart and deploy/"
+            rules_by_resource(chart),
+            rules_by_resource(tree),
+            "{kind} {name} differs between chart and deploy/"
         );
+        for (label, value) in tree["metadata"]["labels"].as_object().into_iter().flatten() {
+            if label.starts_with("rbac.authorization.k8s.io/") {
+                assert_eq!(
+                    &chart["metadata"]["labels"][label], value,
+                    "{name}: {label}"
+                );
+            }
+        }
     }
+}
+
+fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in {:?}", kinds(objects)))
 }
 
 /// (resource, resourceNames) -> sorted verbs, to compare rules however they are grouped.
@@ -412,7 +437,7 @@ fn helm_chart_with_non_default_values_applies_cleanly_with_server_side_dry_run()
     assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
     assert_eq!(
         monitor["spec"]["endpoints"],
-        json!([{"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}])
+        json!([{"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s", "honorLabels": true}])
     );
     let service = one(&rendered, "Service");
     for (label, value) in monitor["spec"]["selector"]["matchLabels"]
@@ -529,7 +554,7 @@ fn service_account_kubeconfig(dir: &Path) -> std::path::PathBuf {
                 .contains(&o["kind"].as_str().unwrap())
             })
             .collect();
-        assert_eq!(rbac.len(), 5);
+        assert_eq!(rbac.len(), 7);
         let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
         kubectl_ok(
             &["apply", "--server-side", "--force-conflicts", "-f", "-"],
@@ -832,4 +857,491 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
         }
     }
     assert!(wrong.is_empty(), "{SERVICE_ACCOUNT}: {wrong:#?}");
+}
+
+/// `values.schema.json` turns a typo into an error naming the key, in `helm lint` and in a real
+/// `helm install` against the API server, instead of a value silently ignored.
+#[test]
+fn helm_values_schema_rejects_typos_in_lint_and_install() {
+    let release_namespace = namespace("helm-schema");
+    let release = format!("schema-{}", std::process::id());
+    let kubeconfig = support::kubeconfig().to_str().unwrap().to_owned();
+    let typos: &[(&str, &str)] = &[
+        ("replica=3", "replica"),
+        ("image.tagg=1.0", "tagg"),
+        ("logFormat=yaml", "logFormat"),
+        ("metrics.port=http", "port"),
+        ("resyncInterval=soon", "resyncInterval"),
+    ];
+    for (set, key) in typos {
+        let lint = helm(&["lint", CHART, "--set", set]);
+        let stderr = format!(
+            "{}{}",
+            String::from_utf8_lossy(&lint.stdout),
+            String::from_utf8_lossy(&lint.stderr)
+        );
+        assert!(!lint.status.success(), "helm lint accepted {set}");
+        assert!(
+            stderr.contains(key),
+            "helm lint --set {set} does not name {key}: {stderr}"
+        );
+
+        let install = helm(&[
+            "install",
+            &release,
+            CHART,
+            "--namespace",
+            &release_namespace,
+            "--kubeconfig",
+            &kubeconfig,
+            "--set",
+            "crds.install=false,appRoles.create=false",
+            "--set",
+            set,
+        ]);
+        let stderr = String::from_utf8_lossy(&install.stderr);
+        assert!(!install.status.success(), "helm install accepted {set}");
+        assert!(
+            stderr.contains("schema") && stderr.contains(key),
+            "helm install --set {set}: {stderr}"
+        );
+    }
+    // Nothing was installed, and the same install without the typo passes the API server.
+    let out = helm(&[
+        "install",
+        &release,
+        CHART,
+        "--namespace",
+        &release_namespace,
+        "--kubeconfig",
+        &kubeconfig,
+        "--set",
+        "crds.install=false,appRoles.create=false",
+        "--dry-run=server",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let releases = helm_ok(&[
+        "list",
+        "--namespace",
+        &release_namespace,
+        "--kubeconfig",
+        &kubeconfig,
+        "-q",
+    ]);
+    assert!(releases.trim().is_empty(), "{releases}");
+}
+
+/// The values platform teams expect: names, the ServiceAccount, security contexts (and the
+/// OpenShift variant without a fixed UID), topology spread, priority class, an image digest, the
+/// alerts and the dashboard.
+#[test]
+fn helm_chart_platform_values_render_and_apply_cleanly() {
+    operator_namespace();
+    let values = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        values.path(),
+        "\
+fullnameOverride: kms-grants
+serviceAccount: {annotations: {iam.example.com/role: kms-operator}}
+image: {digest: 'sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef'}
+openshift: true
+podSecurityContext: {runAsNonRoot: true, runAsUser: 65532, seccompProfile: {type: RuntimeDefault}, fsGroup: 65532}
+containerSecurityContext:
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  runAsNonRoot: true
+  capabilities: {drop: [ALL]}
+topologySpreadConstraints:
+  - {maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: ScheduleAnyway}
+priorityClassName: system-cluster-critical
+appRoles: {create: false}
+crds: {install: false}
+metrics: {perObject: true}
+prometheusRule:
+  enabled: true
+  labels: {release: prometheus}
+  additionalAlertLabels: {team: platform}
+  runbookBaseUrl: https://wiki.example.com/kmsgrant
+grafanaDashboard: {enabled: true, namespace: monitoring, annotations: {grafana_folder: Platform}}
+",
+    )
+    .unwrap();
+    let rendered = objects(&helm_ok(&[
+        "template",
+        "kmsgrant-operator",
+        CHART,
+        "--namespace",
+        OPERATOR_NAMESPACE,
+        "-f",
+        values.path().to_str().unwrap(),
+    ]));
+    let deployment = one(&rendered, "Deployment");
+    assert_eq!(deployment["metadata"]["name"], "kms-grants");
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "kms-grants");
+    // OpenShift's restricted SCC assigns the UID: none is fixed, the rest stays hardened.
+    assert_eq!(
+        pod["securityContext"],
+        json!({"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}})
+    );
+    assert_eq!(
+        container(deployment)["securityContext"]["readOnlyRootFilesystem"],
+        true
+    );
+    assert_eq!(pod["priorityClassName"], "system-cluster-critical");
+    assert_eq!(
+        pod["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"],
+        "a spread constraint without a selector gets the pods' own"
+    );
+    assert_eq!(
+        container(deployment)["image"],
+        "ghcr.io/kmsgrant/kmsgrant-operator@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    );
+    assert!(args(deployment).contains(&"--per-object-metrics".to_owned()));
+    let account = one(&rendered, "ServiceAccount");
+    assert_eq!(account["metadata"]["name"], "kms-grants");
+    assert_eq!(
+        account["metadata"]["annotations"]["iam.example.com/role"],
+        "kms-operator"
+    );
+    for binding in find(&rendered, "ClusterRoleBinding")
+        .into_iter()
+        .chain(find(&rendered, "RoleBinding"))
+    {
+        assert_eq!(binding["subjects"][0]["name"], "kms-grants");
+    }
+
+    // The alerts: the rule file's groups, with the runbook base and the extra labels of the values.
+    let rule = one(&rendered, "PrometheusRule");
+    assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
+    let shipped: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(repo(&format!("{CHART}/files/alerts.yaml"))).unwrap(),
+    )
+    .unwrap();
+    let rules = rule["spec"]["groups"][0]["rules"].as_array().unwrap();
+    assert_eq!(
+        rules.len(),
+        shipped["groups"][0]["rules"].as_array().unwrap().len()
+    );
+    for (rendered_rule, shipped_rule) in rules
+        .iter()
+        .zip(shipped["groups"][0]["rules"].as_array().unwrap())
+    {
+        let alert = shipped_rule["alert"].as_str().unwrap();
+        assert_eq!(rendered_rule["expr"], shipped_rule["expr"], "{alert}");
+        assert_eq!(rendered_rule["labels"]["team"], "platform", "{alert}");
+        assert_eq!(
+            rendered_rule["labels"]["severity"],
+            shipped_rule["labels"]["severity"]
+        );
+        assert_eq!(
+            rendered_rule["annotations"]["runbook_url"],
+            format!("https://wiki.example.com/kmsgrant#{}", alert.to_lowercase())
+        );
+    }
+    let dashboard = one(&rendered, "ConfigMap");
+    assert_eq!(dashboard["metadata"]["namespace"], "monitoring");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(
+        dashboard["metadata"]["annotations"]["grafana_folder"],
+        "Platform"
+    );
+    let json: Value = serde_json::from_str(
+        dashboard["data"]["kmsgrant-operator.json"]
+            .as_str()
+            .unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    assert_eq!(json["uid"], "kmsgrant-operator");
+
+    // The API server takes everything but the PrometheusRule, whose CRD is not installed here, and
+    // the ConfigMap, whose namespace does not exist; those two are checked by shape above.
+    let rest: Vec<Value> = rendered
+        .iter()
+        .filter(|o| o["kind"] != "PrometheusRule" && o["kind"] != "ConfigMap")
+        .cloned()
+        .collect();
+    apply_dry_run(&rest);
+}
+
+/// charts/kmsgrant-operator/README.md is what scripts/chart-readme makes of values.yaml.
+#[test]
+fn chart_readme_is_generated_from_the_values_comments() {
+    let out = Command::new(repo("scripts/chart-readme"))
+        .output()
+        .expect("python3 runs scripts/chart-readme");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let committed = std::fs::read_to_string(repo(&format!("{CHART}/README.md"))).unwrap();
+    assert!(
+        generated == committed,
+        "{CHART}/README.md is stale: run scripts/chart-readme --write"
+    );
+    for value in [
+        "image.digest",
+        "openshift",
+        "metrics.perObject",
+        "topologySpreadConstraints",
+    ] {
+        assert!(
+            generated.contains(&format!("| `{value}` |")),
+            "{value} undocumented"
+        );
+    }
+}
+
+/// The Argo CD health check of docs/install.md: its argocd-cm, as written there, is a ConfigMap
+/// the API server accepts, with one script for every kind of the group (`kmsgrant.io/*`), while
+/// the per-kind key form cannot carry that wildcard.
+#[test]
+fn argo_cd_health_check_in_the_docs_covers_the_group_with_a_valid_config_map() {
+    let docs = std::fs::read_to_string(repo("docs/install.md")).unwrap();
+    let section = &docs[docs.find("## Argo CD").unwrap()..];
+    let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
+    let manifest = &section[start..start + section[start..].find("```").unwrap()];
+    let mut config_map: Value = serde_saphyr::from_str(manifest).unwrap();
+    let customizations: Value = serde_saphyr::from_str(
+        config_map["data"]["resource.customizations"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let script = customizations["kmsgrant.io/*"]["health.lua"]
+        .as_str()
+        .expect("one health script for kmsgrant.io/*");
+    for word in [
+        "Ready",
+        "Stalled",
+        "Reconciling",
+        "observedGeneration",
+        "Healthy",
+        "Degraded",
+    ] {
+        assert!(script.contains(word), "the script does not look at {word}");
+    }
+    let ns = namespace("argocd");
+    config_map["metadata"]["namespace"] = json!(ns);
+    let out = kubectl(
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&config_map.to_string()),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let wildcard_key = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "argocd-cm", "namespace": ns},
+        "data": {"resource.customizations.health.kmsgrant.io_*": script}
+    });
+    let out = kubectl(
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&wildcard_key.to_string()),
+    );
+    assert!(!out.status.success(), "a ConfigMap key with * was accepted");
+}
+
+/// Aggregates `role`'s rules from the ClusterRoles its aggregationRule selects, as
+/// kube-controller-manager's clusterrole-aggregation controller does in every cluster (the local
+/// control plane runs no controller-manager, so the test does this one step itself; the selectors
+/// are the built-in role's own, and the API server's RBAC authorizer decides every check below).
+fn aggregate(role: &str) {
+    let builtin: Value = serde_json::from_str(&kubectl_ok(
+        &["get", "clusterrole", role, "-o", "json"],
+        None,
+    ))
+    .unwrap();
+    let mut rules: Vec<Value> = Vec::new();
+    for selector in builtin["aggregationRule"]["clusterRoleSelectors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{role} has no aggregationRule"))
+    {
+        let labels: Vec<String> = selector["matchLabels"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+            .collect();
+        let selected: Value = serde_json::from_str(&kubectl_ok(
+            &["get", "clusterroles", "-l", &labels.join(","), "-o", "json"],
+            None,
+        ))
+        .unwrap();
+        for source in selected["items"].as_array().unwrap() {
+            for rule in source["rules"].as_array().into_iter().flatten() {
+                if !rules.contains(rule) {
+                    rules.push(rule.clone());
+                }
+            }
+        }
+    }
+    kubectl_ok(
+        &[
+            "patch",
+            "clusterrole",
+            role,
+            "--type=merge",
+            "-p",
+            &json!({"rules": rules}).to_string(),
+        ],
+        None,
+    );
+}
+
+/// An application team gets KmsGrants through the built-in roles: `edit` in its namespace may
+/// create them there (and nowhere else) but no KmsProviderConfig; `view` may read but not write.
+#[test]
+fn builtin_edit_and_view_roles_carry_the_kmsgrant_roles() {
+    install_crds();
+    let app_roles: Vec<Value> = objects(&kubectl_ok(&["kustomize", &repo("deploy")], None))
+        .into_iter()
+        .filter(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] != "kmsgrant-operator")
+        .collect();
+    assert_eq!(app_roles.len(), 2);
+    kubectl_ok(
+        &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+        Some(&json!({"apiVersion": "v1", "kind": "List", "items": app_roles}).to_string()),
+    );
+    for role in ["admin", "edit", "view"] {
+        aggregate(role);
+    }
+
+    let team = namespace("team");
+    let other = namespace("other-team");
+    let editor = format!("editor-{}", std::process::id());
+    let viewer = format!("viewer-{}", std::process::id());
+    kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            "editors",
+            "-n",
+            &team,
+            "--clusterrole=edit",
+            "--user",
+            &editor,
+        ],
+        None,
+    );
+    kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            "viewers",
+            "-n",
+            &team,
+            "--clusterrole=view",
+            "--user",
+            &viewer,
+        ],
+        None,
+    );
+    let can = |user: &str, args: &[&str]| -> bool {
+        let mut all = vec!["auth", "can-i", "--as", user];
+        all.extend(args);
+        let out = kubectl(&all, None);
+        match String::from_utf8_lossy(&out.stdout).trim() {
+            "yes" => true,
+            "no" => false,
+            other => panic!(
+                "can-i {}: {other} {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    };
+    let grants = "kmsgrants.kmsgrant.io";
+    let configs = "kmsproviderconfigs.kmsgrant.io";
+    let expectations: &[(&str, &[&str], bool)] = &[
+        (&editor, &["create", grants, "-n", &team], true),
+        (&editor, &["update", grants, "-n", &team], true),
+        (&editor, &["delete", grants, "-n", &team], true),
+        (&editor, &["deletecollection", grants, "-n", &team], true),
+        (&editor, &["watch", grants, "-n", &team], true),
+        (&editor, &["create", grants, "-n", &other], false),
+        (
+            &editor,
+            &["patch", grants, "--subresource=status", "-n", &team],
+            false,
+        ),
+        (&editor, &["create", configs], false),
+        (&editor, &["get", configs], false),
+        (&viewer, &["get", grants, "-n", &team], true),
+        (&viewer, &["list", grants, "-n", &team], true),
+        (&viewer, &["watch", grants, "-n", &team], true),
+        (&viewer, &["create", grants, "-n", &team], false),
+        (&viewer, &["delete", grants, "-n", &team], false),
+        (&viewer, &["patch", grants, "-n", &team], false),
+        (&viewer, &["list", grants, "-n", &other], false),
+    ];
+    let mut wrong = Vec::new();
+    for (user, args, expected) in expectations {
+        if can(user, args) != *expected {
+            wrong.push(format!(
+                "{user} {} {}",
+                if *expected { "cannot" } else { "can" },
+                args.join(" ")
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+
+    // And for real, by impersonation: the editor creates a grant, the viewer reads it and may not
+    // delete it, the editor may not create a provider config.
+    let grant = json!({
+        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+        "metadata": {"name": "team-grant", "namespace": team},
+        "spec": {"keyId": "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e",
+            "granteePrincipal": "13gg44z4g2sglzk0egw0u726zoyzvrs8", "operations": ["describe-key"],
+            "deletionPolicy": "Orphan"}
+    });
+    kubectl_ok(
+        &["create", "--as", &editor, "-f", "-"],
+        Some(&grant.to_string()),
+    );
+    let listed = kubectl_ok(
+        &["get", "kmsg", "-n", &team, "--as", &viewer, "-o", "name"],
+        None,
+    );
+    assert!(listed.contains("team-grant"), "{listed}");
+    let out = kubectl(
+        &[
+            "delete",
+            "kmsgrant",
+            "team-grant",
+            "-n",
+            &team,
+            "--as",
+            &viewer,
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
+    let config = json!({
+        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+        "metadata": {"name": format!("team-{}", std::process::id())},
+        "spec": {"endpoint": "https://kms.example.com", "region": "eu-de", "projectId": "p",
+            "auth": {"type": "AccessKey", "secretRef": {"namespace": "kmsgrant-system", "name": "s"}}}
+    });
+    let out = kubectl(
+        &["create", "--as", &editor, "-f", "-"],
+        Some(&config.to_string()),
+    );
+    assert!(
+        !out.status.success(),
+        "the editor created a KmsProviderConfig"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
 }

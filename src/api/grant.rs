@@ -25,7 +25,7 @@ pub use kmsgrant_kms::{GranteePrincipalType, Operation};
     namespaced,
     status = "KmsGrantStatus",
     shortname = "kmsg",
-    category = "kmsgrant",
+    category = "kms",
     doc = "KmsGrant declares a grant on a KMS customer master key: the grantee principal may perform the listed operations on the key. The operator creates, repairs, replaces and revokes the grant on the cloud to match this object.",
     printcolumn(
         name = "Key",

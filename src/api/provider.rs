@@ -18,7 +18,7 @@ use super::{Condition, KEY_ID_PATTERN, Operation};
     kind = "KmsProviderConfig",
     status = "KmsProviderConfigStatus",
     shortname = "kmspc",
-    category = "kmsgrant",
+    category = "kms",
     doc = "KmsProviderConfig says which KMS endpoint, region and project the operator uses and which credentials it signs with, and limits which namespaces, keys and operations KmsGrants may use.",
     printcolumn(
         name = "Endpoint",

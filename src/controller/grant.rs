@@ -23,6 +23,12 @@ use kmsgrant_kms::{ErrorClass, ErrorReason, Grant, KeyState, KmsError};
 /// The finalizer that makes deletion wait for the grant to be revoked or retired.
 pub const FINALIZER: &str = "kmsgrant.io/grant";
 
+#[tracing::instrument(name = "reconcile", skip_all, fields(
+    kind = "KmsGrant",
+    namespace = object.metadata.namespace.as_deref().unwrap_or_default(),
+    name = object.metadata.name.as_deref().unwrap_or_default(),
+    key = object.spec.key_id.as_str(),
+))]
 pub async fn reconcile(object: Arc<KmsGrant>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let started = std::time::Instant::now();
     let result = reconcile_object(&object, &ctx).await;

@@ -213,6 +213,7 @@ pub async fn run(
     let provider_store = provider_controller.store();
     let grant_controller = Controller::new(grants, selected.clone());
     let grant_store = grant_controller.store();
+    metrics.read_status_from(grant_store.clone(), provider_store.clone());
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         keys: cache::KeyCache::default(),

@@ -1,11 +1,12 @@
 //! HTTP routes: the KMS calls under `/v1.0/{project_id}/kms/`, the IAM calls under `/v3/`, and
 //! the admin API under `/_emulator/` (see [`super::admin`]).
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -151,6 +152,10 @@ async fn kms_call(
         key_id: None,
         grant_id: None,
         caller: None,
+        peer: parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(peer)| peer.ip()),
         at_ms: unix_ms(SystemTime::now()),
     };
     let Ok(body) = axum::body::to_bytes(body, BODY_LIMIT).await else {
@@ -351,6 +356,7 @@ fn record_iam(shared: &Shared, operation: &str, status: StatusCode, caller: Opti
         key_id: None,
         grant_id: None,
         caller,
+        peer: None,
         at_ms: unix_ms(SystemTime::now()),
     });
 }

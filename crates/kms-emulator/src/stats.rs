@@ -1,5 +1,6 @@
 //! What the emulator was asked: counters per operation and outcome, and an ordered call log.
 use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
 
 use serde::Serialize;
 
@@ -27,6 +28,9 @@ pub struct CallRecord {
     /// User ID of the authenticated caller.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller: Option<String>,
+    /// Address the call came from (which pod, on a node cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<IpAddr>,
     pub at_ms: u64,
 }
 

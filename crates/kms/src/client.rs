@@ -330,6 +330,8 @@ impl KmsClient {
         .await
     }
 
+    // One span per call, attempts and retries included: a child of the reconcile that made it.
+    #[tracing::instrument(name = "kms", skip_all, fields(call = call.as_str()))]
     async fn with_retries<F, Fut>(&self, call: Call, mut attempt: F) -> Result<Value, KmsError>
     where
         F: FnMut() -> Fut,
