@@ -32,13 +32,22 @@ pub struct RunArgs {
     /// How long a Stalled object waits before it is looked at again (changes wake it earlier).
     #[arg(long, env = "KMSGRANT_STALLED_RETRY", default_value = "5m", value_parser = crate::cli::parse_duration)]
     pub stalled_retry: Duration,
-    /// Namespace whose Secrets hold provider credentials (the operator's own namespace).
+    /// Namespace whose Secrets hold provider credentials (the operator's own namespace). A
+    /// KmsProviderConfig whose secretRef names another namespace is refused
+    /// (SecretNamespaceNotAllowed): the operator never reads Secrets elsewhere.
     #[arg(
         long,
         env = "KMSGRANT_SECRET_NAMESPACE",
         default_value = "kmsgrant-system"
     )]
     pub secret_namespace: String,
+    /// How often each KmsProviderConfig's credentials are checked with one `user-quotas` call.
+    #[arg(long, env = "KMSGRANT_PROVIDER_CHECK_INTERVAL", default_value = "1m", value_parser = crate::cli::parse_duration)]
+    pub provider_check_interval: Duration,
+    /// Failed checks in a row before a verified KmsProviderConfig is reported NotReady (with the
+    /// default interval: 2 to 3 minutes of failure). Shorter failures change no status at all.
+    #[arg(long, env = "KMSGRANT_PROVIDER_FAILURE_THRESHOLD", default_value_t = 3)]
+    pub provider_failure_threshold: u32,
     /// Reconcile KmsGrants in this namespace only (default: every namespace).
     #[arg(long, env = "KMSGRANT_NAMESPACE")]
     pub namespace: Option<String>,
@@ -97,6 +106,8 @@ impl RunArgs {
             backoff_max,
             stalled_retry,
             secret_namespace,
+            provider_check_interval,
+            provider_failure_threshold,
             namespace,
             label_selector,
             allow_http_endpoints,
@@ -139,6 +150,8 @@ impl RunArgs {
             namespace,
             label_selector,
             cluster_name,
+            provider_check_interval,
+            provider_failure_threshold: provider_failure_threshold.max(1),
             ..Settings::default()
         };
         let election = leader_election.then(|| {

@@ -787,6 +787,8 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
             "team-a",
         ],
         &["list", "kmsproviderconfigs.kmsgrant.io"],
+        // The in-use finalizer of a KmsProviderConfig.
+        &["patch", "kmsproviderconfigs.kmsgrant.io"],
         &[
             "patch",
             "kmsproviderconfigs.kmsgrant.io",
@@ -814,11 +816,12 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
         &["get", "secrets", "-n", "team-a"],
         &["list", "secrets", "-A"],
         &["update", "secrets", "-n", OPERATOR_NAMESPACE],
-        // KmsGrants and KmsProviderConfigs belong to people: never created, changed or deleted.
+        // KmsGrants and KmsProviderConfigs belong to people: never created or deleted (patched only
+        // for finalizers).
         &["create", "kmsgrants.kmsgrant.io", "-n", "team-a"],
         &["update", "kmsgrants.kmsgrant.io", "-n", "team-a"],
         &["delete", "kmsgrants.kmsgrant.io", "-n", "team-a"],
-        &["patch", "kmsproviderconfigs.kmsgrant.io"],
+        &["update", "kmsproviderconfigs.kmsgrant.io"],
         &["delete", "kmsproviderconfigs.kmsgrant.io"],
         &["update", "customresourcedefinitions.apiextensions.k8s.io"],
         &["list", "namespaces"],

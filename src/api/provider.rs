@@ -190,11 +190,16 @@ pub enum AuthType {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretReference {
-    /// Namespace of the Secret (normally the operator's own namespace).
-    #[schemars(length(min = 1, max = 63))]
+    /// Namespace of the Secret: must be the operator's own namespace (its `--secret-namespace`,
+    /// normally `kmsgrant-system`); any other is refused with `SecretNamespaceNotAllowed`, so a
+    /// config can never make the operator read a Secret elsewhere.
+    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub namespace: String,
     /// Name of the Secret.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub name: String,
 }
 

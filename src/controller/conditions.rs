@@ -82,6 +82,10 @@ pub mod reasons {
     pub const IMPORTED_GRANT_NOT_FOUND: &str = "ImportedGrantNotFound";
     /// Reconciling (deletion): the grant lives on an account no Ready provider config reaches.
     pub const GRANT_ACCOUNT_UNREACHABLE: &str = "GrantAccountUnreachable";
+    /// Stalled (KmsProviderConfig): `secretRef` names a Secret outside the operator's namespace.
+    pub const SECRET_NAMESPACE_NOT_ALLOWED: &str = "SecretNamespaceNotAllowed";
+    /// Reconciling (KmsProviderConfig being deleted): KmsGrants still use it.
+    pub const IN_USE: &str = "InUse";
 }
 
 /// The longest condition message written (characters); longer ones (a KMS `error_msg` can be

@@ -732,7 +732,8 @@ async fn remove_grants(
     let status = object.status.clone().unwrap_or_default();
     let policy = object.spec.deletion_policy;
     let config_name = &object.spec.provider_config_ref.name;
-    let current = ctx.providers.get(config_name);
+    // A config that is not Ready still cleans up while its revoke works.
+    let current = ctx.providers.for_cleanup(config_name);
     let current_account = match &current {
         Some(provider) => Some(account_of(provider).await?),
         None => None,

@@ -57,6 +57,10 @@ pub struct Settings {
     pub cluster_name: String,
     /// Closed when this replica may not write to KMS (leader election).
     pub fence: crate::leader::Fence,
+    /// How often a provider config's credentials are checked (`user-quotas`).
+    pub provider_check_interval: Duration,
+    /// Consecutive failed checks before a verified provider config is reported NotReady.
+    pub provider_failure_threshold: u32,
 }
 
 impl Default for Settings {
@@ -74,6 +78,8 @@ impl Default for Settings {
             label_selector: None,
             cluster_name: String::new(),
             fence: crate::leader::Fence::open(),
+            provider_check_interval: Duration::from_secs(60),
+            provider_failure_threshold: 3,
         }
     }
 }
@@ -222,7 +228,7 @@ pub async fn run(
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         keys: cache::KeyCache::default(),
-        providers: provider::ProviderRegistry::default(),
+        providers: provider::ProviderRegistry::new(provider_store.clone()),
         provider_configs: provider_store.clone(),
         grants: grant_store.clone(),
         interest: Interest::default(),

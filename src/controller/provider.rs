@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -22,23 +23,87 @@ use kmsgrant_kms::{
     ClientConfig, Credentials, KmsClient, KmsError, Project, RateLimitConfig, SecretString,
 };
 
-/// A provider config whose credentials were verified, with its client.
+/// Holds a KmsProviderConfig until no KmsGrant this operator reconciles uses it, so deleting a
+/// config in use cannot strand grants in Terminating.
+pub const FINALIZER: &str = "kmsgrant.io/in-use";
+
+/// A provider config turned into a client, with the spec it was built from.
 #[derive(Clone)]
 pub struct Provider {
     pub client: KmsClient,
     pub spec: KmsProviderConfigSpec,
-    /// Changes whenever the config's spec or its Secret changes.
+    /// The config object this was built for: a config deleted and re-created under the same name
+    /// is another object and never gets this client, caches or guardrails.
+    pub uid: String,
+    /// Changes whenever the config (UID, generation) or its Secret changes.
     pub fingerprint: String,
 }
 
-/// The verified providers by config name.
-#[derive(Default)]
+/// One registered provider and what its checks said.
+#[derive(Clone)]
+struct Entry {
+    provider: Provider,
+    /// The credentials worked once with this fingerprint: grants may use the client. Stays true
+    /// through later failed checks, which only the config's own conditions report.
+    verified: bool,
+    /// Consecutive failed periodic checks.
+    failed_checks: u32,
+}
+
+/// The providers by config name, checked against the config objects the operator sees.
 pub struct ProviderRegistry {
-    providers: RwLock<HashMap<String, Provider>>,
+    providers: RwLock<HashMap<String, Entry>>,
+    configs: Store<KmsProviderConfig>,
 }
 
 impl ProviderRegistry {
+    pub fn new(configs: Store<KmsProviderConfig>) -> Self {
+        Self {
+            providers: RwLock::default(),
+            configs,
+        }
+    }
+
+    /// The provider KmsGrants may use: built for the config object that exists now and verified.
+    /// It stays usable while later checks fail (a blip of the check endpoint is no reason to stop
+    /// grants whose own calls work); a changed config or Secret replaces it.
     pub fn get(&self, name: &str) -> Option<Provider> {
+        self.current(name)
+            .filter(|entry| entry.verified)
+            .map(|entry| entry.provider)
+    }
+
+    /// The client cleanup may use: the current config's, verified or not. A config that is not
+    /// Ready never blocks the revoke of a grant while the revoke itself works.
+    pub fn for_cleanup(&self, name: &str) -> Option<Provider> {
+        self.current(name).map(|entry| entry.provider)
+    }
+
+    /// Every provider built for a config object that exists now, verified or not, with its
+    /// config's name: cleanup looks among them for the account a grant lives on.
+    pub fn all(&self) -> Vec<(String, Provider)> {
+        let names: Vec<String> = self
+            .providers
+            .read()
+            .expect("registry lock")
+            .keys()
+            .cloned()
+            .collect();
+        names
+            .into_iter()
+            .filter_map(|name| self.for_cleanup(&name).map(|provider| (name, provider)))
+            .collect()
+    }
+
+    fn current(&self, name: &str) -> Option<Entry> {
+        let config = self
+            .configs
+            .get(&ObjectRef::<KmsProviderConfig>::new(name))?;
+        let uid = config.uid()?;
+        self.entry(name).filter(|entry| entry.provider.uid == uid)
+    }
+
+    fn entry(&self, name: &str) -> Option<Entry> {
         self.providers
             .read()
             .expect("registry lock")
@@ -46,21 +111,25 @@ impl ProviderRegistry {
             .cloned()
     }
 
-    /// Every verified provider, with its config's name.
-    pub fn all(&self) -> Vec<(String, Provider)> {
-        self.providers
-            .read()
-            .expect("registry lock")
-            .iter()
-            .map(|(name, provider)| (name.clone(), provider.clone()))
-            .collect()
-    }
-
-    fn set(&self, name: &str, provider: Provider) {
+    fn set(&self, name: &str, entry: Entry) {
         self.providers
             .write()
             .expect("registry lock")
-            .insert(name.to_owned(), provider);
+            .insert(name.to_owned(), entry);
+    }
+
+    fn update(
+        &self,
+        name: &str,
+        fingerprint: &str,
+        change: impl FnOnce(&mut Entry),
+    ) -> Option<Entry> {
+        let mut providers = self.providers.write().expect("registry lock");
+        let entry = providers
+            .get_mut(name)
+            .filter(|e| e.provider.fingerprint == fingerprint)?;
+        change(entry);
+        Some(entry.clone())
     }
 
     fn remove(&self, name: &str) {
@@ -76,17 +145,17 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
     let name = config.name_any();
-    let outcome = match build_and_check(&config, &ctx).await {
-        Ok((provider, project_id)) => {
-            let changed = ctx
-                .providers
-                .get(&name)
-                .is_none_or(|p| p.fingerprint != provider.fingerprint);
-            if changed {
-                ctx.keys.forget_provider(&name);
-                ctx.providers.set(&name, provider);
-                tracing::info!(provider = %name, "provider config verified");
-            }
+    if config.meta().deletion_timestamp.is_some() {
+        return release_when_unused(&config, &ctx).await;
+    }
+    if !config.finalizers().iter().any(|f| f == FINALIZER) {
+        set_finalizer(&config, &ctx, true).await?;
+        // The patch wakes this config again, with the finalizer in place.
+        return Ok(Action::await_change());
+    }
+    let settled_retry = ctx.settings.provider_check_interval;
+    let outcome = match check(&config, &ctx).await {
+        Checked::Ready(project_id) => {
             write_status(
                 &config,
                 &ctx,
@@ -100,14 +169,25 @@ pub async fn reconcile(
                 Some(project_id),
             )
             .await?;
-            return Ok(Action::requeue(
-                ctx.settings.resync.max(Duration::from_secs(60)),
-            ));
+            return Ok(Action::requeue(settled_retry));
         }
-        Err(NotUsable(outcome)) => outcome,
+        Checked::Failing {
+            failed_checks,
+            outcome,
+        } => {
+            let threshold = ctx.settings.provider_failure_threshold.max(1);
+            if failed_checks < threshold {
+                // A verified config whose check failed: NotReady only once the failure has
+                // lasted `threshold` checks, so a blip writes nothing and wakes no grant.
+                tracing::warn!(provider = %name, failed_checks, threshold, reason = outcome.reason(), message = outcome.message(), "provider check failed; NotReady only after {threshold} failed checks in a row");
+                return Ok(Action::requeue(settled_retry));
+            }
+            tracing::warn!(provider = %name, failed_checks, reason = outcome.reason(), "provider check keeps failing; the config is NotReady (grants keep their client while their own calls work)");
+            write_status(&config, &ctx, &outcome, None).await?;
+            return Ok(Action::requeue(settled_retry));
+        }
+        Checked::NotUsable(NotUsable(outcome)) => outcome,
     };
-    ctx.providers.remove(&name);
-    ctx.keys.forget_provider(&name);
     write_status(&config, &ctx, &outcome, None).await?;
     Ok(match outcome {
         Outcome::Stalled { .. } => Action::requeue(ctx.settings.stalled_retry),
@@ -115,12 +195,89 @@ pub async fn reconcile(
     })
 }
 
-async fn build_and_check(
-    config: &KmsProviderConfig,
-    ctx: &Context,
-) -> Result<(Provider, String), NotUsable> {
+/// What one check of a config found.
+enum Checked {
+    /// Usable; the project ID in use.
+    Ready(String),
+    /// A verified client whose check failed now, `failed_checks` times in a row.
+    Failing {
+        failed_checks: u32,
+        outcome: Outcome,
+    },
+    /// Not usable as configured (or not verified yet).
+    NotUsable(NotUsable),
+}
+
+async fn check(config: &KmsProviderConfig, ctx: &Context) -> Checked {
+    let name = config.name_any();
+    let built = match build(config, ctx).await {
+        Ok(built) => built,
+        Err(not_usable) => {
+            if !matches!(not_usable.0, Outcome::Progressing { .. }) {
+                // Refused as configured: no client may be used with it any more.
+                ctx.providers.remove(&name);
+                ctx.keys.forget_provider(&name);
+            }
+            return Checked::NotUsable(not_usable);
+        }
+    };
+    let fingerprint = built.fingerprint.clone();
+    // One cheap authenticated call proves endpoint, project and credentials.
+    let verdict = async {
+        let project_id = built.client.project_id().await?;
+        built.client.user_quotas().await?;
+        Ok::<_, KmsError>(project_id)
+    }
+    .await;
+    match verdict {
+        Ok(project_id) => {
+            let mut was_healthy = true;
+            ctx.providers.update(&name, &fingerprint, |entry| {
+                was_healthy = entry.verified && entry.failed_checks == 0;
+                entry.verified = true;
+                entry.failed_checks = 0;
+            });
+            if !was_healthy {
+                tracing::info!(provider = %name, "provider config verified");
+            }
+            Checked::Ready(project_id)
+        }
+        Err(err) => {
+            let outcome = kms_outcome(&err);
+            let entry = ctx.providers.update(&name, &fingerprint, |entry| {
+                if entry.verified {
+                    entry.failed_checks = entry.failed_checks.saturating_add(1);
+                }
+            });
+            match entry {
+                Some(entry) if entry.verified => Checked::Failing {
+                    failed_checks: entry.failed_checks,
+                    outcome,
+                },
+                _ => Checked::NotUsable(NotUsable(outcome)),
+            }
+        }
+    }
+}
+
+/// The registered provider for the config and Secret as they are now: the existing one when
+/// nothing changed (its pool, token and resolved project), else a new client, registered
+/// unverified, with the caches of the old one dropped.
+async fn build(config: &KmsProviderConfig, ctx: &Context) -> Result<Provider, NotUsable> {
+    let name = config.name_any();
     let spec = &config.spec;
     let secret_ref = &spec.auth.secret_ref;
+    if let Some(allowed) = &ctx.settings.secret_namespace
+        && &secret_ref.namespace != allowed
+    {
+        return Err(NotUsable(Outcome::Stalled {
+            reason: reasons::SECRET_NAMESPACE_NOT_ALLOWED,
+            message: format!(
+                "spec.auth.secretRef.namespace is {:?}, but the operator reads credentials only from its own namespace {allowed:?}; move the Secret there",
+                secret_ref.namespace
+            ),
+        }));
+    }
     let secret = Api::<Secret>::namespaced(ctx.client.clone(), &secret_ref.namespace)
         .get_opt(&secret_ref.name)
         .await
@@ -139,50 +296,40 @@ async fn build_and_check(
                 ),
             })
         })?;
+    let uid = config.uid().unwrap_or_default();
     let fingerprint = format!(
-        "{}/{}",
+        "{uid}/{}/{}",
         config.meta().generation.unwrap_or_default(),
         secret.resource_version().unwrap_or_default()
     );
-    // Nothing changed since the last check: check again with the same client (its pool, token
-    // and resolved project), instead of building a new one and logging in again.
     if let Some(current) = ctx
         .providers
-        .get(&config.name_any())
-        .filter(|p| p.fingerprint == fingerprint)
+        .entry(&name)
+        .filter(|e| e.provider.fingerprint == fingerprint)
     {
-        let project_id = current
-            .client
-            .project_id()
-            .await
-            .map_err(|e| NotUsable(kms_outcome(&e)))?;
-        current
-            .client
-            .user_quotas()
-            .await
-            .map_err(|e| NotUsable(kms_outcome(&e)))?;
-        return Ok((current, project_id));
+        return Ok(current.provider);
     }
     let client_config = client_config(spec, &secret, ctx.settings.allow_http).map_err(NotUsable)?;
     let client = KmsClient::with_metrics(client_config, ctx.metrics.clone())
         .map_err(|e| NotUsable(kms_outcome(&e)))?;
-    // One cheap authenticated call proves endpoint, project and credentials.
-    let project_id = client
-        .project_id()
-        .await
-        .map_err(|e| NotUsable(kms_outcome(&e)))?;
-    client
-        .user_quotas()
-        .await
-        .map_err(|e| NotUsable(kms_outcome(&e)))?;
-    Ok((
-        Provider {
-            client,
-            spec: spec.clone(),
-            fingerprint,
+    let provider = Provider {
+        client,
+        spec: spec.clone(),
+        uid,
+        fingerprint,
+    };
+    // A new config object, spec or Secret: nothing cached under the old client may be reused.
+    ctx.keys.forget_provider(&name);
+    ctx.providers.set(
+        &name,
+        Entry {
+            provider: provider.clone(),
+            verified: false,
+            failed_checks: 0,
         },
-        project_id,
-    ))
+    );
+    tracing::info!(provider = %name, "provider config (re)built; checking its credentials");
+    Ok(provider)
 }
 
 /// The KMS client settings of a provider config and its Secret (also used by `import`).
@@ -227,6 +374,82 @@ pub fn client_config(
     client_config.ca_bundle = spec.ca_bundle.clone();
     client_config.allow_http = allow_http;
     Ok(client_config)
+}
+
+/// A config being deleted: keep it (and its client, for the grants' cleanup) while KmsGrants use
+/// it; say how many; let it go when none does.
+async fn release_when_unused(
+    config: &KmsProviderConfig,
+    ctx: &Context,
+) -> Result<Action, ReconcileError> {
+    let name = config.name_any();
+    if !config.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let mut users: Vec<String> = ctx
+        .grants
+        .state()
+        .iter()
+        .filter(|g| g.spec.provider_config_ref.name == name)
+        .map(|g| format!("{}/{}", g.namespace().unwrap_or_default(), g.name_any()))
+        .collect();
+    if users.is_empty() {
+        set_finalizer(config, ctx, false).await?;
+        ctx.providers.remove(&name);
+        ctx.keys.forget_provider(&name);
+        tracing::info!(provider = %name, "provider config deleted; no KmsGrant uses it");
+        return Ok(Action::await_change());
+    }
+    users.sort();
+    let count = users.len();
+    let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();
+    let more = if count > shown.len() {
+        format!(" and {} more", count - shown.len())
+    } else {
+        String::new()
+    };
+    let outcome = Outcome::Progressing {
+        reason: reasons::IN_USE,
+        message: format!(
+            "deletion waits: {count} KmsGrant{} still use{} this config ({}{more}); delete them or point them at another config",
+            if count == 1 { "" } else { "s" },
+            if count == 1 { "s" } else { "" },
+            shown.join(", ")
+        ),
+    };
+    write_status(config, ctx, &outcome, None).await?;
+    // Grants going away do not wake a config; look again soon.
+    Ok(Action::requeue(IN_USE_RECHECK))
+}
+
+/// How often a config whose deletion waits for its KmsGrants looks again.
+const IN_USE_RECHECK: Duration = Duration::from_secs(2);
+
+async fn set_finalizer(
+    config: &KmsProviderConfig,
+    ctx: &Context,
+    present: bool,
+) -> Result<(), ReconcileError> {
+    let mut finalizers: Vec<String> = config
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    if present {
+        finalizers.push(FINALIZER.to_owned());
+    }
+    // With the resourceVersion, a concurrent change to the list fails (409) instead of being lost.
+    let patch = json!({"metadata": {"resourceVersion": config.resource_version(), "finalizers": finalizers}});
+    Api::<KmsProviderConfig>::all(ctx.client.clone())
+        .patch(
+            &config.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+        .map_err(ReconcileError::Kube)?;
+    Ok(())
 }
 
 fn secret_data(secret: &Secret) -> BTreeMap<String, String> {

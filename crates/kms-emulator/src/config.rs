@@ -78,9 +78,14 @@ impl EmulatorConfig {
 #[derive(Clone, Debug, clap::Parser)]
 #[command(name = "kms-emulator", version, args_override_self = true)]
 pub struct EmulatorArgs {
-    /// Address to listen on.
+    /// Address to listen on. Only loopback addresses unless --allow-non-loopback: the
+    /// emulator's credentials are well known and its admin path `/_emulator/` is unguarded.
     #[arg(long, env = "KMSGRANT_EMULATOR_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    /// Listen on a non-loopback address anyway (for a test network you control: anyone who
+    /// reaches it can read and change every key and grant, and inject faults).
+    #[arg(long, env = "KMSGRANT_EMULATOR_ALLOW_NON_LOOPBACK")]
+    pub allow_non_loopback: bool,
     /// Region name (catalog endpoints, key realm, alias URNs).
     #[arg(long, env = "KMSGRANT_EMULATOR_REGION", default_value = DEFAULT_REGION)]
     pub region: String,
@@ -171,6 +176,7 @@ impl EmulatorArgs {
     pub fn into_config(self) -> Result<EmulatorConfig, String> {
         let Self {
             listen,
+            allow_non_loopback,
             region,
             project_id,
             project_name,
@@ -200,6 +206,11 @@ impl EmulatorArgs {
             error_after_commit: Default::default(),
         };
         faults.validate()?;
+        if !listen.ip().is_loopback() && !allow_non_loopback {
+            return Err(format!(
+                "refusing to listen on {listen}: the emulator's credentials are public and its admin path /_emulator/ is unguarded; listen on a loopback address (127.0.0.1) or pass --allow-non-loopback"
+            ));
+        }
         Ok(EmulatorConfig {
             listen,
             project_name: project_name.unwrap_or_else(|| region.clone()),
@@ -218,5 +229,37 @@ impl EmulatorArgs {
             state_file,
             faults,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: EmulatorArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<EmulatorConfig, String> {
+        let mut argv = vec!["emulator"];
+        argv.extend_from_slice(args);
+        Command::try_parse_from(argv).unwrap().args.into_config()
+    }
+
+    #[test]
+    fn a_non_loopback_listen_address_is_refused_without_the_explicit_flag() {
+        let err = config(&["--listen", "0.0.0.0:8480"]).unwrap_err();
+        assert!(err.contains("--allow-non-loopback"), "{err}");
+        assert!(config(&["--listen", "10.1.2.3:8480"]).is_err());
+        let allowed = config(&["--listen", "0.0.0.0:8480", "--allow-non-loopback"]).unwrap();
+        assert_eq!(allowed.listen.to_string(), "0.0.0.0:8480");
+        for loopback in ["127.0.0.1:8480", "[::1]:8480"] {
+            assert!(config(&["--listen", loopback]).is_ok(), "{loopback}");
+        }
+        assert!(config(&[]).is_ok(), "the default listens on loopback");
     }
 }

@@ -192,6 +192,11 @@ pub struct KeysAndGrants {
     pub grants: Vec<Grant>,
 }
 
+/// Tokens are remembered this long after they expire, to answer them as expired.
+const EXPIRED_TOKEN_MEMORY_MS: u64 = 3_600_000;
+/// Most tokens held at once; the soonest to expire goes first.
+const MAX_TOKENS: usize = 10_000;
+
 /// The whole mutable world.
 #[derive(Debug)]
 pub struct World {
@@ -375,8 +380,28 @@ impl World {
             issued_at_ms: now_ms,
             expires_at_ms: (now_ms as i64 + ttl_ms).max(0) as u64,
         };
+        self.prune_tokens(now_ms);
         self.tokens.insert(token.clone(), issued.clone());
         (token, issued)
+    }
+
+    /// Forgets tokens that expired more than [`EXPIRED_TOKEN_MEMORY_MS`] ago (until then they are
+    /// answered as expired, KMS.0303, not as unknown), and keeps at most [`MAX_TOKENS`] - 1 so
+    /// the next fits: a client logging in in a loop cannot grow the map without bound.
+    fn prune_tokens(&mut self, now_ms: u64) {
+        self.tokens
+            .retain(|_, t| t.expires_at_ms.saturating_add(EXPIRED_TOKEN_MEMORY_MS) > now_ms);
+        while self.tokens.len() >= MAX_TOKENS {
+            let Some(first) = self
+                .tokens
+                .iter()
+                .min_by_key(|(_, t)| (t.expires_at_ms, t.issued_at_ms))
+                .map(|(token, _)| token.clone())
+            else {
+                break;
+            };
+            self.tokens.remove(&first);
+        }
     }
 
     pub fn token(&self, token: &str) -> Option<&IssuedToken> {
@@ -756,5 +781,43 @@ fn paginate<T>(items: &[T], page: Page) -> (&[T], String, &'static str) {
         (&items[start..end], end.to_string(), "true")
     } else {
         (&items[start..end], String::new(), "false")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn world() -> World {
+        let account = Account {
+            region: "eu-de".into(),
+            project_id: "p".into(),
+            project_name: "eu-de".into(),
+            domain_id: "d".into(),
+            domain_name: "acme".into(),
+            grants_per_key: 100,
+            keys_per_project: 100,
+        };
+        World::new(account, Vec::new(), 0)
+    }
+
+    #[test]
+    fn the_token_map_forgets_long_expired_tokens_and_stays_bounded() {
+        let mut world = world();
+        let scope = || TokenScope::Project("p".into());
+        let (old, _) = world.issue_token("u", scope(), 0, 1000);
+        // Expired, but recently: still known, so it is answered as expired.
+        let (_, _) = world.issue_token("u", scope(), 2000, 1000);
+        assert!(world.token(&old).is_some());
+        // Long expired: forgotten at the next login.
+        world.issue_token("u", scope(), 1000 + EXPIRED_TOKEN_MEMORY_MS + 1, 1000);
+        assert!(world.token(&old).is_none());
+        assert_eq!(world.tokens.len(), 2);
+        // A login loop of valid tokens is capped.
+        let now = 10 * EXPIRED_TOKEN_MEMORY_MS;
+        for i in 0..(MAX_TOKENS as u64 + 50) {
+            world.issue_token("u", scope(), now + i, 86_400_000);
+        }
+        assert_eq!(world.tokens.len(), MAX_TOKENS);
     }
 }

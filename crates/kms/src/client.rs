@@ -26,10 +26,13 @@ use super::types::{
 use kmsgrant_kms_signer::{self as signer, RequestParts, SdkDateTime};
 use secrecy::{ExposeSecret, SecretString};
 
-/// Most grants a key can hold (the documented quota); also the largest page we ask for.
+/// Most grants a key can hold (the documented `grant_per_CMK` quota).
+pub const MAX_GRANTS_PER_KEY: usize = 100;
+/// The largest page we ask for.
 pub const MAX_PAGE_SIZE: u32 = 100;
-/// A key cannot have more pages than this; more means the server is looping.
-const MAX_PAGES: usize = 10_000;
+/// Server text kept in an error message (characters); the rest is cut, so a hostile or broken
+/// endpoint cannot blow up logs, events and conditions.
+pub const MAX_ERROR_MESSAGE_CHARS: usize = 512;
 
 /// Hooks for telemetry; the operator plugs its Prometheus registry in here.
 pub trait ClientMetrics: Send + Sync {
@@ -129,6 +132,9 @@ impl KmsClient {
             .tls_backend_preconfigured(tls)
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
+            // Never follow a redirect: a re-sent request would carry X-Auth-Token,
+            // X-Security-Token or the IAM password body to whatever host the answer names.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("kmsgrant-operator/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| invalid(format!("cannot build the HTTP client: {e}")))?;
@@ -165,11 +171,26 @@ impl KmsClient {
         key_id: &str,
         page_size: u32,
     ) -> Result<Vec<Grant>, KmsError> {
-        let limit = page_size.clamp(1, MAX_PAGE_SIZE).to_string();
+        let page_size = page_size.clamp(1, MAX_PAGE_SIZE);
+        let limit = page_size.to_string();
+        // A key holds at most MAX_GRANTS_PER_KEY grants: a walk needs at most that many pages of
+        // `page_size` plus one (a last, empty page) and never returns more than the quota plus one
+        // page (grants created while we walk). Anything beyond is a looping or hostile endpoint.
+        let max_pages = MAX_GRANTS_PER_KEY.div_ceil(page_size as usize) + 1;
+        let max_grants = MAX_GRANTS_PER_KEY + page_size as usize;
+        let runaway = |what: String| {
+            KmsError::new(
+                Call::ListGrants,
+                ErrorReason::ListRunaway,
+                format!(
+                    "list-grants on {key_id} {what}, more than a key can hold ({MAX_GRANTS_PER_KEY} grants); the endpoint is looping"
+                ),
+            )
+        };
         let mut grants = Vec::new();
         let mut marker: Option<String> = None;
         let mut seen_markers = std::collections::HashSet::new();
-        for _ in 0..MAX_PAGES {
+        for _ in 0..max_pages {
             let mut body = json!({"key_id": key_id, "limit": limit});
             if let Some(marker) = &marker {
                 body["marker"] = json!(marker);
@@ -177,6 +198,9 @@ impl KmsClient {
             let page: ListGrantsResponse =
                 self.kms_json(Call::ListGrants, "list-grants", body).await?;
             grants.extend(page.grants.into_iter().map(Grant::from));
+            if grants.len() > max_grants {
+                return Err(runaway(format!("returned {} grants", grants.len())));
+            }
             if !page.truncated || page.next_marker.is_empty() {
                 return Ok(grants);
             }
@@ -188,17 +212,15 @@ impl KmsClient {
                     ErrorReason::UnexpectedResponse,
                     format!(
                         "list-grants on {key_id} returned marker {:?} again; the listing does not advance",
-                        page.next_marker
+                        bounded(&page.next_marker)
                     ),
                 ));
             }
             marker = Some(page.next_marker);
         }
-        Err(KmsError::new(
-            Call::ListGrants,
-            ErrorReason::UnexpectedResponse,
-            format!("list-grants on {key_id} has more than {MAX_PAGES} pages"),
-        ))
+        Err(runaway(format!(
+            "went on for more than {max_pages} pages of {page_size}"
+        )))
     }
 
     /// `create-grant`; returns the new grant ID. A lost answer is [`ErrorReason::OutcomeUnknown`]:
@@ -441,43 +463,35 @@ impl KmsClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            // Name the host only: a Location may carry a path or query worth hiding, and the
+            // message ends up in conditions.
+            let target = url_host(response.url(), location);
+            return Err(KmsError {
+                call,
+                reason: ErrorReason::RedirectRefused,
+                status: Some(status.as_u16()),
+                code: None,
+                message: format!(
+                    "the endpoint answered HTTP {} redirecting to host {target}; redirects are never followed (they would carry credentials there): set the endpoint to the final URL",
+                    status.as_u16()
+                ),
+                request_id,
+                retry_after: None,
+            });
+        }
         let subject_token = response
             .headers()
             .get("x-subject-token")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| transport_error(call, &e))?;
-        if status.is_success() {
-            let mut value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
-                json!({})
-            } else {
-                serde_json::from_slice(&bytes).map_err(|e| {
-                    KmsError::new(
-                        call,
-                        ErrorReason::UnexpectedResponse,
-                        format!("answer is not JSON: {e}"),
-                    )
-                })?
-            };
-            if let (Some(token), Some(object)) = (subject_token, value.as_object_mut()) {
-                // The IAM token travels in a header; hand it to the caller with the body.
-                object.insert(SUBJECT_TOKEN_FIELD.into(), Value::String(token));
-            }
-            return Ok(value);
-        }
-        let (code, message) = error_body(&bytes, status);
-        Err(KmsError {
-            call,
-            reason: classify(call, status.as_u16(), &code),
-            status: Some(status.as_u16()),
-            code: (!code.is_empty()).then_some(code),
-            message,
-            request_id,
-            retry_after,
-        })
+        let bytes = read_capped(call, response, self.inner.config.max_response_bytes).await?;
+        parse_answer(call, status, &bytes, subject_token, request_id, retry_after)
     }
 
     async fn auth_for_kms(&self, call: Call, project_id: &str) -> Result<Auth, KmsError> {
@@ -637,7 +651,7 @@ fn decode<T: DeserializeOwned>(call: Call, value: Value) -> Result<T, KmsError> 
         KmsError::new(
             call,
             ErrorReason::UnexpectedResponse,
-            format!("answer does not match the API: {e}"),
+            format!("answer does not match the API: {}", bounded(&e.to_string())),
         )
     })
 }
@@ -676,6 +690,94 @@ fn transport_error(call: Call, err: &reqwest::Error) -> KmsError {
     KmsError::new(call, reason, format!("no answer: {err}"))
 }
 
+/// An answer (status and body, already capped in size) as the JSON value of a success or a
+/// classified error. Pure, so it is fuzzed on its own.
+fn parse_answer(
+    call: Call,
+    status: StatusCode,
+    bytes: &[u8],
+    subject_token: Option<String>,
+    request_id: Option<String>,
+    retry_after: Option<Duration>,
+) -> Result<Value, KmsError> {
+    if status.is_success() {
+        let mut value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
+            json!({})
+        } else {
+            serde_json::from_slice(bytes).map_err(|e| {
+                KmsError::new(
+                    call,
+                    ErrorReason::UnexpectedResponse,
+                    format!("answer is not JSON: {}", bounded(&e.to_string())),
+                )
+            })?
+        };
+        if let (Some(token), Some(object)) = (subject_token, value.as_object_mut()) {
+            // The IAM token travels in a header; hand it to the caller with the body.
+            object.insert(SUBJECT_TOKEN_FIELD.into(), Value::String(token));
+        }
+        return Ok(value);
+    }
+    let (code, message) = error_body(bytes, status);
+    Err(KmsError {
+        call,
+        reason: classify(call, status.as_u16(), &code),
+        status: Some(status.as_u16()),
+        code: (!code.is_empty()).then_some(code),
+        message,
+        request_id: request_id.map(|id| bounded(&id)),
+        retry_after,
+    })
+}
+
+/// Reads an answer body chunk by chunk, refusing (before holding it) more than `max` bytes.
+async fn read_capped(
+    call: Call,
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<Vec<u8>, KmsError> {
+    let too_large = |size: String| {
+        KmsError::new(
+            call,
+            ErrorReason::ResponseTooLarge,
+            format!("the answer is {size}, more than the {max} bytes accepted"),
+        )
+    };
+    if let Some(length) = response.content_length()
+        && length > max as u64
+    {
+        return Err(too_large(format!("{length} bytes")));
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| transport_error(call, &e))?
+    {
+        if bytes.len() + chunk.len() > max {
+            return Err(too_large("longer".into()));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// The host a redirect points at, resolved against the request URL; `?` when unreadable.
+fn url_host(base: &Url, location: &str) -> String {
+    base.join(location)
+        .ok()
+        .and_then(|url| url.host_str().map(bounded))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Server text cut to [`MAX_ERROR_MESSAGE_CHARS`] characters.
+fn bounded(text: &str) -> String {
+    match text.char_indices().nth(MAX_ERROR_MESSAGE_CHARS) {
+        Some((end, _)) => format!("{}… (cut, {} bytes in all)", &text[..end], text.len()),
+        None => text.to_owned(),
+    }
+}
+
 /// `error_code` and `error_msg` from any of the error shapes: KMS's nested one, the gateway's flat
 /// one, and IAM's `{"error": {"code": 401, "message": ...}}`.
 fn error_body(bytes: &[u8], status: StatusCode) -> (String, String) {
@@ -693,9 +795,9 @@ fn error_body(bytes: &[u8], status: StatusCode) -> (String, String) {
         .get("error_msg")
         .or_else(|| error.get("message"))
         .and_then(Value::as_str)
-        .map(str::to_owned)
+        .map(bounded)
         .unwrap_or_else(|| format!("HTTP {status}"));
-    (code, message)
+    (bounded(&code), message)
 }
 
 fn tls_config(ca_bundle: Option<&str>) -> Result<rustls::ClientConfig, String> {
@@ -817,5 +919,239 @@ mod tests {
             assert!(!printed.contains(secret), "{secret} printed in {printed}");
         }
         assert!(printed.contains("AKID") && printed.contains("alice"));
+    }
+
+    /// Fuzzing of the response parser (a bounded proptest run in every suite; `PROPTEST_CASES`
+    /// raises it). Seeds in `tests/fuzz-corpus/kms-answers/` run first.
+    mod fuzz {
+        use proptest::prelude::*;
+        use proptest::test_runner::FileFailurePersistence;
+
+        use super::super::*;
+        use crate::types::{
+            CreateGrantResponse, DescribeKeyResponse, Grant, KeyInfo, ListGrantsResponse, Quotas,
+            QuotasResponse,
+        };
+
+        fn config() -> ProptestConfig {
+            ProptestConfig {
+                cases: std::env::var("PROPTEST_CASES")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(512),
+                failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+                    "src/client.proptest-regressions",
+                ))),
+                ..ProptestConfig::default()
+            }
+        }
+
+        const CALLS: [Call; 8] = [
+            Call::DescribeKey,
+            Call::ListGrants,
+            Call::CreateGrant,
+            Call::RevokeGrant,
+            Call::RetireGrant,
+            Call::UserQuotas,
+            Call::IamToken,
+            Call::IamProjects,
+        ];
+
+        /// Everything the client does with an answer: parse it, decode it as each call's type.
+        fn check_answer(call: Call, status: u16, body: &[u8]) -> Result<(), TestCaseError> {
+            let status = StatusCode::from_u16(status).unwrap();
+            match parse_answer(call, status, body, None, Some("id".repeat(1000)), None) {
+                Ok(value) => {
+                    prop_assert!(status.is_success());
+                    let _ = decode::<ListGrantsResponse>(call, value.clone())
+                        .map(|page| page.grants.into_iter().map(Grant::from).count());
+                    let _ = decode::<DescribeKeyResponse>(call, value.clone())
+                        .map(|key| KeyInfo::from(key.key_info));
+                    let _ = decode::<QuotasResponse>(call, value.clone())
+                        .map(|quotas| Quotas::from(quotas.quotas));
+                    let _ = decode::<CreateGrantResponse>(call, value);
+                }
+                Err(err) => {
+                    prop_assert!(
+                        !status.is_success() || err.reason == ErrorReason::UnexpectedResponse
+                    );
+                    let limit = MAX_ERROR_MESSAGE_CHARS + 64;
+                    prop_assert!(
+                        err.message.chars().count() <= limit,
+                        "{}",
+                        err.message.len()
+                    );
+                    prop_assert!(
+                        err.code
+                            .as_deref()
+                            .is_none_or(|c| c.chars().count() <= limit)
+                    );
+                    prop_assert!(
+                        err.request_id
+                            .as_deref()
+                            .is_none_or(|c| c.chars().count() <= limit)
+                    );
+                }
+            }
+            Ok(())
+        }
+
+        /// JSON built from the answer fields the client reads, with values of any type.
+        fn answer_json() -> impl Strategy<Value = Value> {
+            let names = prop_oneof![
+                Just("grants"),
+                Just("next_marker"),
+                Just("truncated"),
+                Just("total"),
+                Just("key_info"),
+                Just("key_id"),
+                Just("grant_id"),
+                Just("grantee_principal"),
+                Just("grantee_principal_type"),
+                Just("operations"),
+                Just("creation_date"),
+                Just("key_state"),
+                Just("default_key_flag"),
+                Just("quotas"),
+                Just("resources"),
+                Just("type"),
+                Just("used"),
+                Just("quota"),
+                Just("error"),
+                Just("error_code"),
+                Just("error_msg"),
+                Just("message"),
+                Just("name"),
+            ];
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<u64>().prop_map(|n| json!(n)),
+                any::<f64>().prop_map(|n| json!(n)),
+                "-?[0-9]{1,22}".prop_map(Value::String),
+                prop_oneof![
+                    Just("true"),
+                    Just("false"),
+                    Just("CMK"),
+                    Just("grant_per_CMK")
+                ]
+                .prop_map(|s| json!(s)),
+                ".{0,40}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 48, 6, move |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                    prop::collection::btree_map(names.clone(), inner, 0..7).prop_map(|m| {
+                        Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                    }),
+                ]
+            })
+        }
+
+        #[test]
+        fn kms_answer_seeds() {
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz-corpus/kms-answers");
+            let mut seeds = 0;
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                let body = std::fs::read(&path).unwrap();
+                for call in CALLS {
+                    for status in [200, 201, 400, 404, 429, 503] {
+                        check_answer(call, status, &body)
+                            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    }
+                }
+                seeds += 1;
+            }
+            assert!(seeds > 0);
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn kms_answer_parser_takes_any_bytes(
+                call in prop::sample::select(CALLS.to_vec()),
+                status in 200u16..600,
+                body in prop::collection::vec(any::<u8>(), 0..1024),
+            ) {
+                check_answer(call, status, &body)?;
+            }
+
+            #[test]
+            fn kms_answer_parser_takes_any_json(
+                call in prop::sample::select(CALLS.to_vec()),
+                status in prop::sample::select(vec![200u16, 201, 400, 403, 404, 429, 500, 503]),
+                answer in answer_json(),
+            ) {
+                check_answer(call, status, &serde_json::to_vec(&answer).unwrap())?;
+            }
+
+            #[test]
+            fn list_pages_with_any_field_values_decode_without_panic(
+                grants in prop::collection::vec(
+                    (
+                        ".{0,70}",
+                        prop_oneof![
+                            "-?[0-9]{1,22}".prop_map(Value::String),
+                            any::<i64>().prop_map(|n| json!(n)),
+                            any::<f64>().prop_map(|n| json!(n)),
+                            ".{0,12}".prop_map(Value::String),
+                        ],
+                        prop::collection::vec(".{0,20}", 0..4),
+                        prop::option::of(".{0,10}"),
+                    ),
+                    0..8,
+                ),
+                next_marker in prop_oneof![
+                    "[0-9]{0,20}".prop_map(Value::String),
+                    any::<u64>().prop_map(|n| json!(n)),
+                ],
+                truncated in prop_oneof![
+                    Just(json!("true")), Just(json!("false")), any::<bool>().prop_map(Value::Bool),
+                ],
+            ) {
+                let page = json!({
+                    "grants": grants.iter().map(|(text, date, operations, kind)| json!({
+                        "key_id": text, "grant_id": text, "grantee_principal": text,
+                        "creation_date": date, "operations": operations,
+                        "grantee_principal_type": kind, "name": text,
+                    })).collect::<Vec<_>>(),
+                    "next_marker": next_marker,
+                    "truncated": truncated,
+                });
+                let decoded = decode::<ListGrantsResponse>(Call::ListGrants, page);
+                let decoded = decoded.map(|page| page.grants.into_iter().map(Grant::from).collect::<Vec<_>>());
+                if let Ok(decoded) = decoded {
+                    prop_assert_eq!(decoded.len(), grants.len());
+                }
+            }
+
+            #[test]
+            fn error_messages_of_any_length_are_cut_and_keep_their_start(
+                message in ".{0,3000}",
+                code in "[A-Z]{3,5}\\.[0-9]{4}",
+                nested in any::<bool>(),
+            ) {
+                let body = if nested {
+                    json!({"error": {"error_code": code, "error_msg": message}})
+                } else {
+                    json!({"error_code": code, "error_msg": message})
+                };
+                let err = parse_answer(
+                    Call::CreateGrant,
+                    StatusCode::BAD_REQUEST,
+                    &serde_json::to_vec(&body).unwrap(),
+                    None,
+                    None,
+                    None,
+                )
+                .unwrap_err();
+                prop_assert_eq!(err.code.as_deref(), Some(code.as_str()));
+                let kept: String = message.chars().take(MAX_ERROR_MESSAGE_CHARS).collect();
+                prop_assert!(err.message.starts_with(&kept));
+            }
+        }
     }
 }

@@ -33,7 +33,14 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// How often and how patiently retryable failures are retried.
     pub retry: RetryPolicy,
+    /// Largest answer body read; a larger one fails with `ResponseTooLarge` before it is held
+    /// in memory. A full `list-grants` page of 100 grants is about 50 KiB.
+    pub max_response_bytes: usize,
 }
+
+/// The default for [`ClientConfig::max_response_bytes`]: 4 MiB, far above any answer KMS or IAM
+/// gives (an IAM token body with its catalog is the largest, some 100 KiB).
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 4 << 20;
 
 impl ClientConfig {
     /// A config with the usual timeouts, retries and rate limit.
@@ -51,6 +58,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(15),
             retry: RetryPolicy::default(),
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }

@@ -105,6 +105,14 @@ pub enum ErrorReason {
     UnexpectedResponse,
     /// The client is configured in a way that cannot work (bad URL, missing IAM endpoint, bad CA).
     InvalidConfiguration,
+    /// The endpoint answered with a redirect. Redirects are never followed: the request carries
+    /// credentials (token, signature, IAM password) that must reach only the configured host.
+    RedirectRefused,
+    /// The answer was larger than the client accepts (`ClientConfig::max_response_bytes`).
+    ResponseTooLarge,
+    /// A `list-grants` walk went on past what a key can hold (100 grants plus a page): the
+    /// endpoint is looping or hostile.
+    ListRunaway,
 }
 
 impl ErrorReason {
@@ -133,6 +141,9 @@ impl ErrorReason {
             Self::OutcomeUnknown => "OutcomeUnknown",
             Self::UnexpectedResponse => "UnexpectedResponse",
             Self::InvalidConfiguration => "InvalidConfiguration",
+            Self::RedirectRefused => "RedirectRefused",
+            Self::ResponseTooLarge => "ResponseTooLarge",
+            Self::ListRunaway => "ListRunaway",
         }
     }
 
@@ -449,6 +460,9 @@ mod tests {
             ErrorReason::KeyNotFound,
             ErrorReason::OutcomeUnknown,
             ErrorReason::InvalidConfiguration,
+            ErrorReason::RedirectRefused,
+            ErrorReason::ResponseTooLarge,
+            ErrorReason::ListRunaway,
         ];
         for reason in reasons {
             let text = reason.as_str();

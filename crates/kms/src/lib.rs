@@ -11,8 +11,12 @@ mod rate_limit;
 
 mod types;
 
-pub use client::{ClientMetrics, KmsClient, MAX_PAGE_SIZE};
-pub use config::{ClientConfig, Credentials, Project, RateLimitConfig, RetryPolicy};
+pub use client::{
+    ClientMetrics, KmsClient, MAX_ERROR_MESSAGE_CHARS, MAX_GRANTS_PER_KEY, MAX_PAGE_SIZE,
+};
+pub use config::{
+    ClientConfig, Credentials, DEFAULT_MAX_RESPONSE_BYTES, Project, RateLimitConfig, RetryPolicy,
+};
 pub use error::{Call, ErrorClass, ErrorReason, KmsError};
 pub use secrecy::{ExposeSecret, SecretString};
 pub use types::{

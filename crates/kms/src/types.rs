@@ -332,11 +332,13 @@ impl From<WireQuotas> for Quotas {
 /// taken as seconds (10^11 ms is 1973; 10^11 s is the year 5138).
 pub fn parse_creation_date(value: &str) -> Option<i64> {
     let number: i64 = value.trim().parse().ok()?;
-    Some(if number < 100_000_000_000 {
-        number * 1000
-    } else {
-        number
-    })
+    // Negative dates are nonsense; any other number is kept only if it fits (found by fuzzing: a
+    // large negative value overflowed).
+    match number {
+        ..0 => None,
+        0..100_000_000_000 => Some(number * 1000),
+        _ => Some(number),
+    }
 }
 
 fn string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
