@@ -67,6 +67,9 @@ struct Args {
     /// The Markdown report to regenerate (empty: none).
     #[arg(long, default_value = "docs/benchmarks.md")]
     doc: String,
+    /// Append this invocation's section to the doc instead of rewriting it.
+    #[arg(long)]
+    append: bool,
     /// Give up on a scenario after this many seconds.
     #[arg(long, default_value_t = 1800)]
     timeout: u64,
@@ -842,10 +845,24 @@ async fn main() -> anyhow::Result<()> {
     println!("{table}");
     if !args.doc.is_empty() {
         let mut doc = String::new();
-        let _ = writeln!(doc, "# Benchmarks\n");
+        if args.append {
+            doc = std::fs::read_to_string(&args.doc).unwrap_or_default();
+        } else {
+            let _ = writeln!(doc, "# Benchmarks\n");
+            let _ = writeln!(
+                doc,
+                "Written by `scripts/bench` (examples/bench.rs); do not edit by hand. Re-run it to refresh."
+            );
+        }
         let _ = writeln!(
             doc,
-            "Written by `scripts/bench` (examples/bench.rs); do not edit by hand. Re-run it to refresh.\n"
+            "\n## `scripts/bench {}`\n",
+            std::env::args()
+                .skip(1)
+                .skip_while(|a| a != "--operator")
+                .skip(2)
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         let _ = writeln!(
             doc,
@@ -863,7 +880,7 @@ async fn main() -> anyhow::Result<()> {
         );
         let _ = writeln!(
             doc,
-            "- machine: {}",
+            "- machine: {} (shared: other builds and tests ran at the same time, so times are pessimistic)",
             report["machine"].as_str().unwrap_or_default()
         );
         let _ = writeln!(

@@ -53,7 +53,9 @@ fn written_objects(env: &Env) -> BTreeMap<String, String> {
 async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_writes_nothing() {
     let resync = Duration::from_secs(15);
     let mut env = Env::new("cost-guard", EmulatorConfig::for_tests(), "15s").await;
-    let keys: Vec<String> = (0..KEYS).map(|i| env.new_key(&format!("guard-{i}"))).collect();
+    let keys: Vec<String> = (0..KEYS)
+        .map(|i| env.new_key(&format!("guard-{i}")))
+        .collect();
     env.start_operator();
     // The provider config verifies (user-quotas) before the objects arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -105,7 +107,10 @@ async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_wri
         calls.last().map_or(0, |c| c.at_ms - start_ms)
     );
     let quotas = count(&calls, "user-quotas");
-    assert!(quotas <= 2, "{quotas} user-quotas (health checks) while converging");
+    assert!(
+        quotas <= 2,
+        "{quotas} user-quotas (health checks) while converging"
+    );
     assert_eq!(
         calls.len(),
         creates + lists + describes + quotas,
@@ -131,7 +136,10 @@ async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_wri
     assert_eq!(kms_writes, 0, "KMS writes in a steady period: {calls:?}");
     let lists = count(&calls, "list-grants");
     // One period may hold two passes (its two ends); never more than that per key.
-    assert!(lists <= 2 * KEYS, "{lists} list-grants in one steady period");
+    assert!(
+        lists <= 2 * KEYS,
+        "{lists} list-grants in one steady period"
+    );
     let after_kube = written_objects(&env);
     let changed: Vec<&String> = after_kube
         .iter()
