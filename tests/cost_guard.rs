@@ -49,6 +49,19 @@ fn written_objects(env: &Env) -> BTreeMap<String, String> {
     versions
 }
 
+/// GETs of Namespaces the API server has answered, from its own metrics.
+fn namespace_gets() -> u64 {
+    kubectl_ok(&["get", "--raw", "/metrics"], None)
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && l.contains("resource=\"namespaces\"")
+                && l.contains("verb=\"GET\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_writes_nothing() {
     let resync = Duration::from_secs(15);
@@ -56,6 +69,11 @@ async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_wri
     let keys: Vec<String> = (0..KEYS)
         .map(|i| env.new_key(&format!("guard-{i}")))
         .collect();
+    // A namespaceSelector (matching this namespace's label): the check reads watched labels.
+    env.apply(
+        &env.provider_config(json!({"namespaceSelector": {"matchLabels":
+        {support::TEST_LABEL: env.namespace}}})),
+    );
     env.start_operator();
     // The provider config verifies (user-quotas) before the objects arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -128,7 +146,15 @@ async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_wri
     tokio::time::sleep(resync * 2).await;
     let before_kube = written_objects(&env);
     let before = env.emulator.admin().calls(0).last().map_or(0, |c| c.seq);
+    let namespace_gets_before = namespace_gets();
     tokio::time::sleep(resync + Duration::from_secs(1)).await;
+    // Every object is looked at again in a period; the namespaceSelector check reads watched
+    // labels, so no GET of the Namespace per object (kubectl's applies GET it, hence here).
+    let namespace_gets = namespace_gets() - namespace_gets_before;
+    assert!(
+        namespace_gets < 10,
+        "{namespace_gets} GETs of a Namespace in one period for {GRANTS} objects"
+    );
     let calls = env.emulator.admin().calls(before);
     let kms_writes = count(&calls, "create-grant")
         + count(&calls, "revoke-grant")
@@ -149,5 +175,55 @@ async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_wri
     assert!(
         changed.is_empty(),
         "Kubernetes writes in a steady period: {changed:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn objects_deleted_without_a_finalizer_leave_no_key_being_listed() {
+    let resync = Duration::from_secs(4);
+    let mut env = Env::new("cost-orphan", EmulatorConfig::for_tests(), "4s").await;
+    let key = env.new_key("orphaned");
+    env.start_operator();
+    let items: Vec<Value> = (0..10)
+        .map(|i| env.grant(&format!("o{i}"), &key, json!({"deletionPolicy": "Orphan"})))
+        .collect();
+    env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "wait",
+            "--for=condition=Ready",
+            "kmsgrants.kmsgrant.io",
+            "--all",
+            "--timeout=120s",
+        ],
+        None,
+    );
+    // Orphan: no finalizer, so the operator never sees a last reconcile of these objects.
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "delete",
+            "kmsgrants.kmsgrant.io",
+            "--all",
+        ],
+        None,
+    );
+    // One period to notice they are gone, then two periods in which the key is not listed.
+    tokio::time::sleep(resync * 2).await;
+    let before = env.emulator.admin().calls(0).last().map_or(0, |c| c.seq);
+    tokio::time::sleep(resync * 2).await;
+    let calls = env.emulator.admin().calls(before);
+    assert_eq!(
+        count(&calls, "list-grants"),
+        0,
+        "the key of deleted objects is still listed: {calls:?}"
+    );
+    assert_eq!(
+        env.emulator.admin().grant_count(&key),
+        Some(10),
+        "Orphan keeps the grants"
     );
 }

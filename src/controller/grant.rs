@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -373,11 +372,7 @@ impl Work<'_> {
         let config = &spec.provider_config_ref.name;
         if provider.spec.namespace_selector.is_some() {
             let namespace = self.object.namespace().unwrap_or_default();
-            let labels = Api::<Namespace>::all(self.ctx.client.clone())
-                .get_opt(&namespace)
-                .await?
-                .map(|ns| ns.labels().clone())
-                .unwrap_or_default();
+            let labels = self.ctx.namespaces.labels(&namespace).await?;
             if !namespace_allowed(provider.spec.namespace_selector.as_ref(), &labels) {
                 return Ok(Some(Outcome::Stalled {
                     reason: reasons::NAMESPACE_NOT_ALLOWED,
