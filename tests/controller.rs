@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kms_emulator::{EmulatorConfig, KeyState};
 use serde_json::{Value, json};
-use support::{Env, kubectl, kubectl_ok};
+use support::{Env, eventually, kubectl, kubectl_ok};
 
 const SEED_KEY: &str = "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e";
 const SEED_PRINCIPAL: &str = "13gg44z4g2sglzk0egw0u726zoyzvrs8";
@@ -18,15 +18,6 @@ fn grant_id(object: &Value) -> String {
         .as_str()
         .unwrap_or_default()
         .to_owned()
-}
-
-/// Polls until `check` holds; fails with `what` after `timeout`.
-async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -177,7 +168,7 @@ async fn grant_revoked_out_of_band_is_recreated_within_the_resync_interval() {
         .expect("the grant was there");
     let revoked_at = Instant::now();
     // One resync (3 s, ±10 %) to notice, plus the reconcile itself.
-    eventually("a new grant", Duration::from_secs(8), || {
+    eventually("a new grant", Duration::from_secs(8), async || {
         let id = grant_id(&env.get("drifting"));
         !id.is_empty() && id != first
     })
@@ -225,7 +216,7 @@ async fn changed_operations_create_the_new_grant_before_revoking_the_old() {
         &key,
         json!({"operations": ["describe-key", "decrypt-datakey"]}),
     ));
-    eventually("the replacement", Duration::from_secs(30), || {
+    eventually("the replacement", Duration::from_secs(30), async || {
         let object = env.get("changing");
         let id = grant_id(&object);
         !id.is_empty()

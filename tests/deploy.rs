@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use kms_emulator::EmulatorConfig;
 use serde_json::{Value, json};
-use support::{Env, OPERATOR_BIN, REPO, TEST_LABEL, install_crds, kubectl, kubectl_ok, namespace};
+use support::{
+    Env, OPERATOR_BIN, REPO, TEST_LABEL, eventually, install_crds, kubectl, kubectl_ok, namespace,
+};
 
 const OPERATOR_NAMESPACE: &str = "kmsgrant-system";
 const SERVICE_ACCOUNT: &str = "system:serviceaccount:kmsgrant-system:kmsgrant-operator";
@@ -683,15 +685,12 @@ async fn operator_with_only_the_shipped_rbac_converges_and_revokes_a_grant() {
             .any(|g| g.grant_id == grant_id)
     );
     // Events are the only thing a missing rule would not turn into a condition: look for them.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !env.events().iter().any(|e| e["reason"] == "GrantCreated") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no GrantCreated event; operator log:\n{}",
-            operator.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        "a GrantCreated event",
+        Duration::from_secs(30),
+        async || env.events().iter().any(|e| e["reason"] == "GrantCreated"),
+    )
+    .await;
 
     // Deleting revokes the grant on KMS and removes the finalizer: the object goes away.
     kubectl_ok(

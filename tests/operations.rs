@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use kms_emulator::EmulatorConfig;
 use serde_json::json;
-use support::{Env, Operator};
+use support::{Env, Operator, eventually};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -39,14 +39,6 @@ fn series(text: &str, name_and_labels: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn wait_until(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_health_and_readiness_describe_a_working_operator() {
     let mut env = Env::new("metrics", EmulatorConfig::for_tests(), "5s").await;
@@ -58,13 +50,13 @@ async fn metrics_health_and_readiness_describe_a_working_operator() {
         "5s",
         &["--admin-address", &format!("127.0.0.1:{port}")],
     ));
-    wait_until("/healthz", Duration::from_secs(30), async || {
+    eventually("/healthz", Duration::from_secs(30), async || {
         get(&format!("{admin}/healthz"))
             .await
             .is_some_and(|(s, _)| s == 200)
     })
     .await;
-    wait_until("/readyz", Duration::from_secs(30), async || {
+    eventually("/readyz", Duration::from_secs(30), async || {
         get(&format!("{admin}/readyz"))
             .await
             .is_some_and(|(s, _)| s == 200)
@@ -165,16 +157,19 @@ async fn with_leader_election_one_replica_writes_and_a_standby_takes_over_when_i
             .unwrap_or_default()
     };
     let mut leader = None;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while leader.is_none() {
-        assert!(Instant::now() < deadline, "no replica became leader");
-        for (i, port) in ports.iter().enumerate() {
-            if series(&metrics(*port).await, "kmsgrant_leader") == 1.0 {
-                leader = Some(i);
+    eventually(
+        "a replica to become leader",
+        Duration::from_secs(30),
+        async || {
+            for (i, port) in ports.iter().enumerate() {
+                if series(&metrics(*port).await, "kmsgrant_leader") == 1.0 {
+                    leader = Some(i);
+                }
             }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            leader.is_some()
+        },
+    )
+    .await;
     let leader = leader.unwrap();
     let standby = 1 - leader;
 

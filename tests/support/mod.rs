@@ -405,3 +405,16 @@ impl Drop for Operator {
         self.kill();
     }
 }
+
+/// Polls `check` every 200 ms until it holds; fails naming `what` after `timeout`. The one
+/// polling loop of the end-to-end tests.
+pub async fn eventually(what: &str, timeout: std::time::Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
