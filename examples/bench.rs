@@ -438,7 +438,7 @@ impl Run<'_> {
     async fn change(&self) -> anyhow::Result<Value> {
         // Every tenth object of each key (objects go round-robin over the keys).
         let changed: Vec<String> = (0..self.grants)
-            .filter(|i| (i / self.keys) % 10 == 0)
+            .filter(|i| (i / self.keys).is_multiple_of(10))
             .map(|i| format!("g{i:05}"))
             .collect();
         let started = Instant::now();
