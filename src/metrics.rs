@@ -95,6 +95,7 @@ pub struct Metrics {
     kms_duration: Family<OperationLabels, Histogram>,
     kms_retries: Family<RetryLabels, Counter>,
     throttle_wait: Counter<f64, AtomicU64>,
+    learned_rate: Gauge<f64, AtomicU64>,
     objects: Family<ConditionLabels, Gauge>,
     drift_repairs: Counter,
     cache_lookups: Family<CacheLabels, Counter>,
@@ -176,6 +177,13 @@ impl Metrics {
             "Time spent waiting for the client-side rate limit (pacing, not errors)",
             throttle_wait.clone(),
         );
+        let learned_rate = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "kms_rate_limit_requests_per_second",
+            "The request rate the KMS client paces at, learned from throttled answers (of the \
+             client that answered last; with one provider config, its rate)",
+            learned_rate.clone(),
+        );
         let objects = Family::<ConditionLabels, Gauge>::default();
         registry.register(
             "objects",
@@ -235,6 +243,7 @@ impl Metrics {
             kms_duration,
             kms_retries,
             throttle_wait,
+            learned_rate,
             objects,
             drift_repairs,
             cache_lookups,
@@ -412,6 +421,10 @@ impl ClientMetrics for Metrics {
 
     fn throttle_waited(&self, waited: Duration) {
         self.throttle_wait.inc_by(waited.as_secs_f64());
+    }
+
+    fn rate_limit(&self, requests_per_second: f64) {
+        self.learned_rate.set(requests_per_second);
     }
 }
 

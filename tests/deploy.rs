@@ -795,6 +795,9 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
             "--subresource=status",
         ],
         &["get", "namespaces/team-a"],
+        // namespaceSelector checks read labels from a watch of Namespaces (metadata only).
+        &["list", "namespaces"],
+        &["watch", "namespaces"],
         &["create", "events.events.k8s.io", "-n", "team-a"],
         &["patch", "events.events.k8s.io", "-n", "team-a"],
         &["watch", "secrets", "-n", OPERATOR_NAMESPACE],
@@ -824,7 +827,6 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
         &["update", "kmsproviderconfigs.kmsgrant.io"],
         &["delete", "kmsproviderconfigs.kmsgrant.io"],
         &["update", "customresourcedefinitions.apiextensions.k8s.io"],
-        &["list", "namespaces"],
         &["update", "namespaces/team-a"],
         &["delete", "events.events.k8s.io", "-n", "team-a"],
         &["create", "events", "-n", "team-a"],

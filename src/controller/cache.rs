@@ -57,7 +57,9 @@ pub struct KeyCache {
 #[derive(Default)]
 struct KeyEntry {
     grants: tokio::sync::Mutex<Option<Snapshot>>,
-    info: Mutex<Option<(KeyInfo, Instant)>>,
+    /// The last description and when it was fetched; held across `describe-key`, so concurrent
+    /// readers wait for the call in flight instead of making their own.
+    info: tokio::sync::Mutex<Option<(KeyInfo, Instant)>>,
 }
 
 struct Snapshot {
@@ -181,15 +183,73 @@ impl KeyCache {
         max_age: Duration,
     ) -> Result<KeyInfo, KmsError> {
         let entry = self.entry(key);
-        if let Some((info, at)) = entry.info.lock().expect("key info lock").clone()
-            && at.elapsed() < max_age
+        let asked = Instant::now();
+        let mut cached = entry.info.lock().await;
+        if let Some((info, at)) = cached.as_ref()
+            // Fetched while we waited (single-flight), or an enabled key still fresh.
+            && (*at >= asked || (info.state == KeyState::Enabled && at.elapsed() < max_age))
         {
-            return Ok(info);
+            return Ok(info.clone());
         }
         let info = client.describe_key(&key.key_id).await?;
-        if info.state == KeyState::Enabled {
-            *entry.info.lock().expect("key info lock") = Some((info.clone(), Instant::now()));
-        }
+        // A disabled key is only shared with those already waiting: it may be re-enabled at any
+        // moment.
+        *cached = Some((info.clone(), Instant::now()));
         Ok(info)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kms_emulator::{Emulator, EmulatorConfig, FaultSettings, NewKey};
+    use kmsgrant_kms::{ClientConfig, Credentials, Project};
+
+    #[tokio::test]
+    async fn concurrent_readers_of_one_key_share_one_describe_key() {
+        let emulator = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
+        let admin = emulator.admin();
+        // Slow answers, so every reader arrives while the first describe is in flight.
+        admin
+            .set_faults(FaultSettings {
+                latency_ms: 50,
+                ..FaultSettings::default()
+            })
+            .unwrap();
+        let key_id = admin
+            .create_key(NewKey {
+                key_alias: "shared".into(),
+                ..NewKey::default()
+            })
+            .unwrap()
+            .key_id;
+        let settings = emulator.config();
+        let mut config = ClientConfig::new(
+            emulator.base_url(),
+            Project::Id(settings.project_id.clone()),
+            Credentials::AccessKey {
+                keys: kmsgrant_kms_signer::AccessKeyPair::new(
+                    &settings.access_key,
+                    &settings.secret_key,
+                ),
+                security_token: None,
+            },
+        );
+        config.region = settings.region.clone();
+        config.allow_http = true;
+        let client = KmsClient::new(config).unwrap();
+        let cache = KeyCache::default();
+        let key = KeyRef {
+            provider: "p".into(),
+            account: "emulator".into(),
+            key_id,
+        };
+        admin.clear_stats();
+        let readers = (0..16).map(|_| cache.key_info(&client, &key, Duration::from_secs(60)));
+        for info in futures::future::join_all(readers).await {
+            assert_eq!(info.unwrap().state, KeyState::Enabled);
+        }
+        assert_eq!(admin.stats().count("describe-key", "200"), 1);
+        assert_eq!(admin.stats().total, 1);
     }
 }

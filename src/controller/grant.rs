@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -685,11 +684,7 @@ async fn namespace_labels(
     if !needed {
         return Ok(BTreeMap::new());
     }
-    Ok(Api::<Namespace>::all(ctx.client.clone())
-        .get_opt(namespace)
-        .await?
-        .map(|ns| ns.labels().clone())
-        .unwrap_or_default())
+    ctx.namespaces.labels(namespace).await
 }
 
 /// Deletion: revoke, retire or leave the object's grants, found by a fresh list on the account

@@ -5,6 +5,7 @@ mod cache;
 mod conditions;
 mod grant;
 pub mod identity;
+mod namespaces;
 mod plan;
 mod provider;
 
@@ -140,6 +141,8 @@ pub struct Context {
     cluster: String,
     /// Checked before every KMS write.
     fence: crate::leader::Fence,
+    /// Namespace labels for namespaceSelector checks (one metadata watch).
+    namespaces: namespaces::NamespaceLabels,
 }
 
 /// Which objects use which key, so drift on a key wakes only them.
@@ -238,6 +241,7 @@ pub async fn run(
             ..Backoff::default()
         },
         metrics,
+        namespaces: namespaces::NamespaceLabels::new(client.clone()),
         client: client.clone(),
         cluster,
         fence: settings.fence.clone(),
@@ -376,6 +380,28 @@ fn provider_error_policy(
     Action::requeue(ctx.settings.backoff_min.max(Duration::from_secs(5)))
 }
 
+/// Objects deleted without our finalizer (Orphan) never reach a last reconcile: drop what we
+/// kept about them (their key interest, backoff and condition gauge), or their keys would keep
+/// being listed.
+fn forget_deleted(ctx: &Context) {
+    let gone: Vec<ObjectRef<KmsGrant>> = {
+        let tracked = ctx.interest.by_object.lock().expect("interest lock");
+        tracked
+            .keys()
+            .filter(|object| ctx.grants.get(object).is_none())
+            .cloned()
+            .collect()
+    };
+    for object in gone {
+        tracing::debug!(object = %object, "forgetting a deleted object");
+        ctx.interest.forget(&object);
+        ctx.backoff.reset(&object);
+        let namespace = object.namespace.clone().unwrap_or_default();
+        ctx.metrics
+            .object_condition(&format!("{namespace}/{}", object.name), None);
+    }
+}
+
 /// Lists every key in use once per resync; wakes the objects on keys whose grants changed.
 async fn drift_detector(
     ctx: Arc<Context>,
@@ -389,6 +415,7 @@ async fn drift_detector(
         interval.tick().await;
         loop {
             interval.tick().await;
+            forget_deleted(&ctx);
             for (key, objects) in ctx.interest.keys() {
                 let Some(provider) = ctx.providers.get(&key.provider) else {
                     continue;

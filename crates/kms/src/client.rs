@@ -42,6 +42,8 @@ pub trait ClientMetrics: Send + Sync {
     fn retried(&self, _call: Call, _reason: ErrorReason) {}
     /// A call waited for the token bucket.
     fn throttle_waited(&self, _waited: Duration) {}
+    /// The rate (requests per second) the client now paces at, after learning from an answer.
+    fn rate_limit(&self, _requests_per_second: f64) {}
 }
 
 struct NoMetrics;
@@ -342,14 +344,23 @@ impl KmsClient {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let waited = self.inner.bucket.acquire().await;
-            if !waited.is_zero() {
-                self.inner.metrics.throttle_waited(waited);
+            let permit = self.inner.bucket.acquire().await;
+            if !permit.waited.is_zero() {
+                self.inner.metrics.throttle_waited(permit.waited);
             }
             let err = match attempt().await {
-                Ok(value) => return Ok(value),
+                Ok(value) => {
+                    self.learned(|bucket| bucket.succeeded(permit));
+                    return Ok(value);
+                }
                 Err(err) => err,
             };
+            if err.reason == ErrorReason::Throttled {
+                self.learned(|bucket| bucket.throttled(permit, err.retry_after));
+            } else if err.status.is_some() {
+                // The cloud answered: it accepted the request, even if it refused the operation.
+                self.learned(|bucket| bucket.succeeded(permit));
+            }
             if !err.is_retryable_now() || attempts >= policy.max_attempts {
                 return Err(err);
             }
@@ -363,6 +374,18 @@ impl KmsClient {
             self.inner.metrics.retried(call, err.reason);
             tokio::time::sleep(backoff).await;
         }
+    }
+
+    /// Tells the bucket how a request went and reports the rate it now paces at.
+    fn learned(&self, outcome: impl FnOnce(&TokenBucket)) {
+        outcome(&self.inner.bucket);
+        self.inner.metrics.rate_limit(self.inner.bucket.rate());
+    }
+
+    /// The request rate this client currently paces at: the configured rate, or less once the
+    /// cloud has throttled it (learned from 429 answers, recovering additively).
+    pub fn current_rate(&self) -> f64 {
+        self.inner.bucket.rate()
     }
 
     async fn send(

@@ -1,5 +1,13 @@
 //! A token bucket shared by every caller of one client: waiting for it is pacing, not an error.
+//!
+//! The configured rate is a ceiling, not a promise: the cloud's gateway may throttle far below
+//! it. The bucket learns the real limit (AIMD): a 429 cuts the rate to what the cloud accepted in
+//! the last second (at most a multiplicative fraction of the current rate) and pauses everyone
+//! for `Retry-After`; a request that had to wait for the bucket and then succeeded raises the rate
+//! additively, never above the configured rate. Only one cut per "generation": the 429s of
+//! requests sent before the last cut say nothing about the new rate.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -7,17 +15,41 @@ use tokio::time::Instant;
 
 use super::config::RateLimitConfig;
 
+/// A cut keeps at most this fraction of the current rate.
+const DECREASE: f64 = 0.9;
+/// ... and at most this fraction of the rate the cloud accepted in the last second.
+const ACCEPTED_MARGIN: f64 = 0.95;
+/// Added to the rate (requests per second) per second of paced successes.
+const INCREASE_PER_SECOND: f64 = 1.0;
+/// The learned rate never goes below this (or the configured rate, when lower).
+const MIN_RATE: f64 = 1.0;
+/// The window over which accepted requests are counted.
+const WINDOW: Duration = Duration::from_secs(1);
+
 #[derive(Debug)]
 pub(crate) struct TokenBucket {
-    rate: f64,
-    burst: f64,
+    max_rate: f64,
+    max_burst: f64,
     state: Mutex<BucketState>,
 }
 
 #[derive(Debug)]
 struct BucketState {
+    rate: f64,
     tokens: f64,
     updated: Instant,
+    /// Bumped at every cut; a permit remembers the generation it was taken in.
+    generation: u64,
+    /// When the requests that succeeded in the last [`WINDOW`] were answered.
+    accepted: VecDeque<Instant>,
+}
+
+/// What [`TokenBucket::acquire`] hands back: report the outcome of the request with it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Permit {
+    /// How long the caller waited for its token.
+    pub waited: Duration,
+    generation: u64,
 }
 
 impl TokenBucket {
@@ -25,51 +57,128 @@ impl TokenBucket {
         let rate = config.requests_per_second.max(0.001);
         let burst = f64::from(config.burst.max(1));
         Self {
-            rate,
-            burst,
+            max_rate: rate,
+            max_burst: burst,
             state: Mutex::new(BucketState {
+                rate,
                 tokens: burst,
                 updated: Instant::now(),
+                generation: 0,
+                accepted: VecDeque::new(),
             }),
         }
     }
 
-    /// Takes one token, sleeping until it is there. Returns how long it waited.
-    pub async fn acquire(&self) -> Duration {
-        let wait = {
+    /// The burst scales with the learned rate: after a cut, no burst above one second's worth.
+    fn burst(&self, rate: f64) -> f64 {
+        (self.max_burst * rate / self.max_rate).max(1.0)
+    }
+
+    fn refill(&self, state: &mut BucketState, now: Instant) {
+        let elapsed = now.saturating_duration_since(state.updated).as_secs_f64();
+        state.tokens = (state.tokens + elapsed * state.rate).min(self.burst(state.rate));
+        state.updated = now;
+    }
+
+    /// Takes one token, sleeping until it is there.
+    pub async fn acquire(&self) -> Permit {
+        let (wait, generation) = {
             let mut state = self.state.lock().expect("token bucket lock");
             let now = Instant::now();
-            let elapsed = now.saturating_duration_since(state.updated).as_secs_f64();
-            state.tokens = (state.tokens + elapsed * self.rate).min(self.burst);
-            state.updated = now;
+            self.refill(&mut state, now);
             // Reserve the token now, even if it is in the future: callers queue in order.
             state.tokens -= 1.0;
-            if state.tokens >= 0.0 {
+            let wait = if state.tokens >= 0.0 {
                 Duration::ZERO
             } else {
-                Duration::from_secs_f64(-state.tokens / self.rate)
-            }
+                Duration::from_secs_f64(-state.tokens / state.rate)
+            };
+            (wait, state.generation)
         };
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        wait
+        Permit {
+            waited: wait,
+            generation,
+        }
+    }
+
+    /// The cloud answered (anything but a throttle). A paced request raises the rate.
+    pub fn succeeded(&self, permit: Permit) {
+        let mut state = self.state.lock().expect("token bucket lock");
+        let now = Instant::now();
+        state.accepted.push_back(now);
+        while state
+            .accepted
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) > WINDOW)
+        {
+            state.accepted.pop_front();
+        }
+        if !permit.waited.is_zero() && state.rate < self.max_rate {
+            self.refill(&mut state, now);
+            state.rate = (state.rate + INCREASE_PER_SECOND / state.rate).min(self.max_rate);
+        }
+    }
+
+    /// The cloud throttled a request: cut the rate (once per generation) and pause every caller
+    /// for `retry_after`.
+    pub fn throttled(&self, permit: Permit, retry_after: Option<Duration>) {
+        let mut state = self.state.lock().expect("token bucket lock");
+        let now = Instant::now();
+        self.refill(&mut state, now);
+        if permit.generation == state.generation {
+            while state
+                .accepted
+                .front()
+                .is_some_and(|at| now.saturating_duration_since(*at) > WINDOW)
+            {
+                state.accepted.pop_front();
+            }
+            let accepted = state.accepted.len() as f64 / WINDOW.as_secs_f64();
+            let floor = MIN_RATE.min(self.max_rate);
+            let mut rate = state.rate * DECREASE;
+            if accepted > 0.0 {
+                rate = rate.min(accepted * ACCEPTED_MARGIN);
+            }
+            state.rate = rate.max(floor);
+            state.generation += 1;
+            // Spend the burst: the bucket restarts empty at the new rate.
+            state.tokens = state.tokens.min(0.0);
+        }
+        if let Some(pause) = retry_after {
+            // Nobody sends before the cloud said it would listen again.
+            let owed = pause.as_secs_f64() * state.rate;
+            state.tokens = state.tokens.min(0.0).min(-owed);
+        }
+    }
+
+    /// The rate currently in force, in requests per second.
+    pub fn rate(&self) -> f64 {
+        self.state.lock().expect("token bucket lock").rate
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn bucket(rate: f64, burst: u32) -> TokenBucket {
+        TokenBucket::new(RateLimitConfig {
+            requests_per_second: rate,
+            burst,
+        })
+    }
 
     #[tokio::test(start_paused = true)]
     async fn burst_passes_at_once_then_requests_are_paced_at_the_rate() {
-        let bucket = TokenBucket::new(RateLimitConfig {
-            requests_per_second: 10.0,
-            burst: 5,
-        });
+        let bucket = bucket(10.0, 5);
         let start = Instant::now();
         for _ in 0..5 {
-            assert_eq!(bucket.acquire().await, Duration::ZERO);
+            assert_eq!(bucket.acquire().await.waited, Duration::ZERO);
         }
         for _ in 0..10 {
             bucket.acquire().await;
@@ -79,6 +188,137 @@ mod tests {
         assert!(
             elapsed >= Duration::from_millis(990) && elapsed <= Duration::from_millis(1010),
             "{elapsed:?}"
+        );
+    }
+
+    /// A cloud that admits `per_second` with a bucket of one second's worth, like the gateway.
+    struct Cloud {
+        per_second: f64,
+        tokens: f64,
+        last: Instant,
+    }
+
+    impl Cloud {
+        fn new(per_second: f64) -> Self {
+            Self {
+                per_second,
+                tokens: per_second,
+                last: Instant::now(),
+            }
+        }
+        fn admit(&mut self) -> bool {
+            let now = Instant::now();
+            self.tokens = (self.tokens
+                + now.saturating_duration_since(self.last).as_secs_f64() * self.per_second)
+                .min(self.per_second);
+            self.last = now;
+            if self.tokens >= 1.0 {
+                self.tokens -= 1.0;
+                true
+            } else {
+                false
+            }
+        }
+    }
+
+    /// Drives `requests` calls through the bucket into the cloud, `latency` each, one at a time
+    /// per worker; returns (throttled answers, elapsed).
+    async fn drive(
+        bucket: Arc<TokenBucket>,
+        cloud: Arc<Mutex<Cloud>>,
+        requests: usize,
+        workers: usize,
+        latency: Duration,
+    ) -> (usize, Duration) {
+        let start = Instant::now();
+        let done = Arc::new(AtomicUsize::new(0));
+        let throttled = Arc::new(AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..workers {
+            let (bucket, cloud) = (Arc::clone(&bucket), Arc::clone(&cloud));
+            let (done, throttled) = (Arc::clone(&done), Arc::clone(&throttled));
+            tasks.spawn(async move {
+                while done.load(Ordering::Relaxed) < requests {
+                    let permit = bucket.acquire().await;
+                    tokio::time::sleep(latency / 2).await;
+                    let admitted = cloud.lock().unwrap().admit();
+                    tokio::time::sleep(latency / 2).await;
+                    if admitted {
+                        done.fetch_add(1, Ordering::Relaxed);
+                        bucket.succeeded(permit);
+                    } else {
+                        throttled.fetch_add(1, Ordering::Relaxed);
+                        bucket.throttled(permit, None);
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        (throttled.load(Ordering::Relaxed), start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_far_above_the_clouds_throttle_learns_it_with_few_throttled_answers() {
+        // 1,000 req/s configured against a cloud that takes 50: 2,000 calls from 16 workers.
+        let bucket = Arc::new(bucket(1000.0, 1000));
+        let cloud = Arc::new(Mutex::new(Cloud::new(50.0)));
+        let (throttled, elapsed) = drive(
+            Arc::clone(&bucket),
+            cloud,
+            2000,
+            16,
+            Duration::from_millis(20),
+        )
+        .await;
+        assert!(
+            throttled * 100 <= 2 * 2000,
+            "{throttled} throttled answers for 2,000 calls"
+        );
+        // Near the throttle's bound of 40 s (50 admitted at once, then 50 per second).
+        assert!(elapsed <= Duration::from_secs(44), "{elapsed:?}");
+        let learned = bucket.rate();
+        assert!((40.0..=55.0).contains(&learned), "settled at {learned}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_climbs_back_additively_and_never_above_the_configured_rate() {
+        let bucket = bucket(20.0, 20);
+        let permit = bucket.acquire().await;
+        bucket.throttled(permit, None);
+        let cut = bucket.rate();
+        assert!(cut < 20.0, "{cut}");
+        // Paced successes for a while: back at the ceiling, never beyond it.
+        for _ in 0..2000 {
+            let permit = bucket.acquire().await;
+            bucket.succeeded(permit);
+        }
+        assert_eq!(bucket.rate(), 20.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttles_of_requests_sent_before_a_cut_do_not_cut_again() {
+        let bucket = bucket(100.0, 100);
+        let mut permits = Vec::new();
+        for _ in 0..10 {
+            permits.push(bucket.acquire().await);
+        }
+        for permit in permits {
+            bucket.throttled(permit, None);
+        }
+        assert!((bucket.rate() - 90.0).abs() < 1e-9, "{}", bucket.rate());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_pauses_every_caller() {
+        let bucket = bucket(100.0, 100);
+        let permit = bucket.acquire().await;
+        bucket.throttled(permit, Some(Duration::from_secs(2)));
+        let start = Instant::now();
+        bucket.acquire().await;
+        assert!(
+            start.elapsed() >= Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
         );
     }
 }

@@ -1,0 +1,916 @@
+//! The benchmark (never a test): the operator binary against a real local control plane and the
+//! in-process emulator, scenario by scenario (converge, steady, drift, change, delete), with the
+//! emulator's latency and throttle and the provider config's rate limit as parameters. Prints a
+//! table, writes JSON and regenerates `docs/benchmarks.md`. Run through `scripts/bench`, which
+//! starts the control plane, builds the operator and passes both.
+//!
+//! The operator runs as its own process, so its peak RSS and CPU seconds (from /proc) are the
+//! operator's alone; the emulator and this harness run in the benchmark's process.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kms_emulator::{Emulator, EmulatorConfig, FaultSettings, NewKey, StatsSnapshot};
+use kmsgrant::api::KmsGrant;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Benchmark the operator at scale against the emulator")]
+struct Args {
+    /// Kubeconfig of the control plane.
+    #[arg(long)]
+    kubeconfig: PathBuf,
+    /// The operator binary to run.
+    #[arg(long)]
+    operator: PathBuf,
+    /// Runs as GRANTS/KEYS, one after the other (e.g. 1000/10,10000/100).
+    #[arg(long, value_delimiter = ',', default_value = "2000/20")]
+    runs: Vec<String>,
+    /// Emulator latency per KMS call.
+    #[arg(long, default_value_t = 20)]
+    latency_ms: u64,
+    /// Emulator throttle (requests per second per credential); 0 for none.
+    #[arg(long, default_value_t = 50.0)]
+    throttle: f64,
+    /// The provider config's rateLimit.requestsPerSecond (and burst).
+    #[arg(long, default_value_t = 1000.0)]
+    rate_limit: f64,
+    /// The operator's resync interval, in seconds.
+    #[arg(long, default_value_t = 30)]
+    resync: u64,
+    /// Steady periods (resyncs) to watch.
+    #[arg(long, default_value_t = 5)]
+    steady_periods: u32,
+    /// The operator's --concurrency.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
+    /// Scenarios to run, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "converge,steady,drift,change,delete"
+    )]
+    scenarios: Vec<String>,
+    /// Where to write the JSON figures.
+    #[arg(long, default_value = "target/bench.json")]
+    json: PathBuf,
+    /// The Markdown report to regenerate (empty: none).
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    doc: String,
+    /// Append this invocation's section to the doc instead of rewriting it.
+    #[arg(long)]
+    append: bool,
+    /// Give up on a scenario after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    timeout: u64,
+}
+
+/// What the watcher saw of each object.
+#[derive(Default)]
+struct Seen {
+    /// name → when it was first seen Ready at its current generation.
+    ready_at: HashMap<String, Instant>,
+    /// name → (generation, observedGeneration, Ready).
+    state: HashMap<String, (i64, i64, bool)>,
+}
+
+struct Operator {
+    child: Child,
+    admin: String,
+}
+
+impl Operator {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// (peak RSS KiB, current RSS KiB, CPU seconds) of the operator process.
+    fn usage(&self) -> (u64, u64, f64) {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let kib = |field: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields
+            .get(11)
+            .zip(fields.get(12))
+            .map(|(u, s)| u.parse::<f64>().unwrap_or(0.0) + s.parse::<f64>().unwrap_or(0.0))
+            .unwrap_or(0.0);
+        (kib("VmHWM:"), kib("VmRSS:"), ticks / 100.0)
+    }
+
+    /// One series of the operator's /metrics.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&self.admin).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n")
+            .await
+            .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.ok()?;
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kube API requests of the API server, by "VERB resource[/subresource]", for our group and events.
+async fn apiserver_requests(client: &kube::Client) -> BTreeMap<String, u64> {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.unwrap_or_default();
+    let mut counts = BTreeMap::new();
+    for line in text.lines() {
+        let Some(labels) = line
+            .strip_prefix("apiserver_request_total{")
+            .and_then(|l| l.split_once('}'))
+        else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels.0.split(',').find_map(|kv| {
+                kv.strip_prefix(&format!("{name}=\""))
+                    .map(|v| v.trim_end_matches('"').to_owned())
+            })
+        };
+        let resource = label("resource").unwrap_or_default();
+        let group = label("group").unwrap_or_default();
+        if group != "kmsgrant.io" && resource != "events" && resource != "namespaces" {
+            continue;
+        }
+        let mut what = format!("{} {resource}", label("verb").unwrap_or_default());
+        if let Some(sub) = label("subresource").filter(|s| !s.is_empty()) {
+            what = format!("{what}/{sub}");
+        }
+        let value: f64 = labels.1.trim().parse().unwrap_or(0.0);
+        *counts.entry(what).or_insert(0) += value as u64;
+    }
+    counts
+}
+
+fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+fn kms_delta(
+    after: &StatsSnapshot,
+    before: &StatsSnapshot,
+) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    for (op, outcomes) in &after.by_status {
+        for (outcome, n) in outcomes {
+            let d = n - before.count(op, outcome);
+            if d > 0 {
+                out.entry(op.clone())
+                    .or_insert_with(BTreeMap::new)
+                    .insert(outcome.clone(), d);
+            }
+        }
+    }
+    out
+}
+
+fn all_calls(kms: &BTreeMap<String, BTreeMap<String, u64>>) -> u64 {
+    kms.values().flat_map(|o| o.values()).sum()
+}
+
+fn throttled(kms: &BTreeMap<String, BTreeMap<String, u64>>) -> u64 {
+    kms.values().filter_map(|o| o.get("429")).sum()
+}
+
+fn is_write(verb_resource: &str) -> bool {
+    !["GET ", "LIST ", "WATCH "]
+        .iter()
+        .any(|v| verb_resource.starts_with(v))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+struct Run<'a> {
+    args: &'a Args,
+    client: kube::Client,
+    grants: usize,
+    keys: usize,
+    namespace: String,
+    emulator: kms_emulator::RunningEmulator,
+    operator: Operator,
+    seen: Arc<Mutex<Seen>>,
+    api: Api<KmsGrant>,
+    apply: PatchParams,
+}
+
+impl Run<'_> {
+    fn deadline(&self, started: Instant, what: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(self.args.timeout),
+            "{what}: gave up after {} s",
+            self.args.timeout
+        );
+        Ok(())
+    }
+
+    /// Runs `body`, measuring KMS calls, kube requests and operator CPU around it.
+    async fn measured<F, Fut>(&self, name: &str, body: F) -> anyhow::Result<Value>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<Value>>,
+    {
+        let kms_before = self.emulator.admin().stats();
+        let kube_before = apiserver_requests(&self.client).await;
+        let (_, _, cpu_before) = self.operator.usage();
+        let started = Instant::now();
+        let mut figures = body().await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let (peak, rss, cpu_after) = self.operator.usage();
+        let kms = kms_delta(&self.emulator.admin().stats(), &kms_before);
+        let kube = delta(&apiserver_requests(&self.client).await, &kube_before);
+        let kube_writes: u64 = kube
+            .iter()
+            .filter(|(k, _)| is_write(k))
+            .map(|(_, v)| v)
+            .sum();
+        let total = all_calls(&kms);
+        let figures_obj = figures.as_object_mut().expect("figures are an object");
+        figures_obj.insert("scenario".into(), json!(name));
+        figures_obj.entry("seconds").or_insert(json!(elapsed));
+        figures_obj.insert("kms_calls".into(), json!(kms));
+        figures_obj.insert("kms_calls_total".into(), json!(total));
+        figures_obj.insert("kms_throttled".into(), json!(throttled(&kms)));
+        figures_obj.insert(
+            "kms_throttled_share".into(),
+            json!(if total == 0 {
+                0.0
+            } else {
+                throttled(&kms) as f64 / total as f64
+            }),
+        );
+        figures_obj.insert("kube_requests".into(), json!(kube));
+        figures_obj.insert("kube_writes".into(), json!(kube_writes));
+        figures_obj.insert("operator_cpu_seconds".into(), json!(cpu_after - cpu_before));
+        figures_obj.insert("operator_peak_rss_mib".into(), json!(peak as f64 / 1024.0));
+        figures_obj.insert("operator_rss_mib".into(), json!(rss as f64 / 1024.0));
+        figures_obj.insert(
+            "learned_rate".into(),
+            json!(
+                self.operator
+                    .metric("kmsgrant_kms_rate_limit_requests_per_second")
+                    .await
+            ),
+        );
+        eprintln!("bench: {name} done in {elapsed:.1} s");
+        Ok(figures)
+    }
+
+    async fn converge(&self, key_ids: &[String]) -> anyhow::Result<Value> {
+        let started = Instant::now();
+        let mut applied_at = HashMap::new();
+        let manifests: Vec<(String, Value)> = (0..self.grants)
+            .map(|i| {
+                let name = format!("g{i:05}");
+                let grant = json!({"apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+                    "metadata": {"name": name, "namespace": self.namespace},
+                    "spec": {"providerConfigRef": {"name": self.namespace}, "keyId": key_ids[i % self.keys],
+                        "granteePrincipal": "13gg44z4g2sglzk0egw0u726zoyzvrs8",
+                        "operations": ["describe-key", "encrypt-datakey"]}});
+                (name, grant)
+            })
+            .collect();
+        // Applied 16 at a time, as a GitOps tool would sync a directory.
+        let stamps: Vec<(String, Instant)> = futures::stream::iter(manifests.iter())
+            .map(|(name, grant)| {
+                let (api, apply) = (self.api.clone(), self.apply.clone());
+                async move {
+                    api.patch(name, &apply, &Patch::Apply(grant)).await?;
+                    Ok::<_, kube::Error>((name.clone(), Instant::now()))
+                }
+            })
+            .buffer_unordered(16)
+            .try_collect()
+            .await?;
+        applied_at.extend(stamps);
+        let applied = started.elapsed().as_secs_f64();
+        loop {
+            let ready = self.seen.lock().unwrap().ready_at.len();
+            if ready >= self.grants {
+                break;
+            }
+            self.deadline(
+                started,
+                &format!("converge ({ready} of {} Ready)", self.grants),
+            )?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let seen = self.seen.lock().unwrap();
+        let mut per_object: Vec<f64> = applied_at
+            .iter()
+            .filter_map(|(name, at)| {
+                seen.ready_at
+                    .get(name)
+                    .map(|r| r.saturating_duration_since(*at).as_secs_f64())
+            })
+            .collect();
+        per_object.sort_by(f64::total_cmp);
+        Ok(json!({
+            "seconds": seconds,
+            "applied_seconds": applied,
+            "grants_per_second": self.grants as f64 / seconds,
+            "p50_seconds": percentile(&per_object, 0.5),
+            "p99_seconds": percentile(&per_object, 0.99),
+            "floor": self.grants + 2 * self.keys,
+        }))
+    }
+
+    async fn steady(&self) -> anyhow::Result<Value> {
+        let resync = Duration::from_secs(self.args.resync);
+        // The first drift pass after converging fills in what only a listing tells.
+        tokio::time::sleep(resync + Duration::from_secs(1)).await;
+        let mut periods = Vec::new();
+        for _ in 0..self.args.steady_periods {
+            let figures = self
+                .measured("steady period", || async {
+                    tokio::time::sleep(resync).await;
+                    Ok(json!({}))
+                })
+                .await?;
+            periods.push(figures);
+        }
+        let sum = |field: &str| -> f64 {
+            periods
+                .iter()
+                .map(|p| p[field].as_f64().unwrap_or(0.0))
+                .sum::<f64>()
+        };
+        let writes: u64 = periods
+            .iter()
+            .map(|p| {
+                let kms = &p["kms_calls"];
+                ["create-grant", "revoke-grant", "retire-grant"]
+                    .iter()
+                    .map(|op| {
+                        kms[op]
+                            .as_object()
+                            .map_or(0, |o| o.values().filter_map(Value::as_u64).sum())
+                    })
+                    .sum::<u64>()
+            })
+            .sum();
+        let lists: u64 = periods
+            .iter()
+            .map(|p| {
+                p["kms_calls"]["list-grants"]
+                    .as_object()
+                    .map_or(0, |o| o.values().filter_map(Value::as_u64).sum())
+            })
+            .sum();
+        let n = f64::from(self.args.steady_periods.max(1));
+        Ok(json!({
+            "periods": self.args.steady_periods,
+            "kms_writes": writes,
+            "lists_per_period": lists as f64 / n,
+            "kube_writes_per_period": sum("kube_writes") / n,
+            "cpu_seconds_per_period": sum("operator_cpu_seconds") / n,
+        }))
+    }
+
+    async fn drift(&self) -> anyhow::Result<Value> {
+        let admin = self.emulator.admin();
+        let grants = admin.dump().grants;
+        let revoked = grants.len() / 10;
+        let started = Instant::now();
+        for grant in grants.iter().step_by(10).take(revoked) {
+            admin.revoke_out_of_band(&grant.grant_id);
+        }
+        loop {
+            let held: usize = admin.grant_counts().values().sum();
+            if held >= self.grants {
+                break;
+            }
+            self.deadline(
+                started,
+                &format!("drift ({held} of {} grants)", self.grants),
+            )?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(
+            json!({"revoked": revoked, "seconds": started.elapsed().as_secs_f64(),
+            "resync_seconds": self.args.resync}),
+        )
+    }
+
+    async fn change(&self) -> anyhow::Result<Value> {
+        // Every tenth object of each key (objects go round-robin over the keys).
+        let changed: Vec<String> = (0..self.grants)
+            .filter(|i| (i / self.keys).is_multiple_of(10))
+            .map(|i| format!("g{i:05}"))
+            .collect();
+        let started = Instant::now();
+        let patch =
+            json!({"spec": {"operations": ["describe-key", "encrypt-datakey", "decrypt-datakey"]}});
+        futures::stream::iter(changed.iter())
+            .map(|name| {
+                let api = self.api.clone();
+                let patch = patch.clone();
+                async move {
+                    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                }
+            })
+            .buffer_unordered(16)
+            .try_collect::<Vec<_>>()
+            .await?;
+        loop {
+            let done = {
+                let seen = self.seen.lock().unwrap();
+                changed
+                    .iter()
+                    .filter(|name| {
+                        seen.state
+                            .get(*name)
+                            .is_some_and(|(generation, observed, ready)| {
+                                *generation > 1 && observed == generation && *ready
+                            })
+                    })
+                    .count()
+            };
+            if done == changed.len() {
+                break;
+            }
+            self.deadline(started, &format!("change ({done} of {})", changed.len()))?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(
+            json!({"changed": changed.len(), "seconds": started.elapsed().as_secs_f64(),
+            "floor": 2 * changed.len()}),
+        )
+    }
+
+    async fn delete(&self) -> anyhow::Result<Value> {
+        let started = Instant::now();
+        self.api
+            .delete_collection(&DeleteParams::default(), &ListParams::default())
+            .await?;
+        loop {
+            let held: usize = self.emulator.admin().grant_counts().values().sum();
+            let objects = self
+                .api
+                .list_metadata(&ListParams::default().limit(1))
+                .await?
+                .items
+                .len();
+            if held == 0 && objects == 0 {
+                break;
+            }
+            self.deadline(started, &format!("delete ({held} grants, objects left)"))?;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Ok(json!({"seconds": started.elapsed().as_secs_f64(), "floor": self.grants}))
+    }
+}
+
+async fn run_one(
+    args: &Args,
+    client: &kube::Client,
+    grants: usize,
+    keys: usize,
+    index: usize,
+) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        keys > 0 && grants.div_ceil(keys) <= 100,
+        "at most 100 grants per key"
+    );
+    let apply = PatchParams::apply("kmsgrant-bench").force();
+    // The cloud's quota is 100 grants per key; a full key has no room for the change scenario's
+    // create-before-revoke, so the quota is raised by a tenth (said in the report).
+    let per_key = grants.div_ceil(keys);
+    let emulator = Emulator::start(EmulatorConfig {
+        grants_per_key: (per_key + per_key / 10 + 1).max(100),
+        keys_per_project: keys + 10,
+        ..EmulatorConfig::for_tests()
+    })
+    .await?;
+    let key_ids: Vec<String> = (0..keys)
+        .map(|i| {
+            emulator
+                .admin()
+                .create_key(NewKey {
+                    key_alias: format!("bench-{i}"),
+                    ..NewKey::default()
+                })
+                .map(|k| k.key_id)
+                .map_err(anyhow::Error::msg)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    emulator
+        .admin()
+        .set_faults(FaultSettings {
+            latency_ms: args.latency_ms,
+            throttle_per_second: (args.throttle > 0.0).then_some(args.throttle),
+            ..FaultSettings::default()
+        })
+        .map_err(anyhow::Error::msg)?;
+    let namespace = format!("bench-{}-{index}", std::process::id());
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
+    Api::<Namespace>::all(client.clone())
+        .patch(&namespace, &apply, &Patch::Apply(&ns))
+        .await?;
+    let config = emulator.config();
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kms", "namespace": namespace},
+        "stringData": {"accessKey": config.access_key, "secretKey": config.secret_key.as_str()}});
+    Api::<Secret>::namespaced(client.clone(), &namespace)
+        .patch("kms", &apply, &Patch::Apply(&secret))
+        .await?;
+    let burst = args.rate_limit.ceil() as u64;
+    let provider = json!({"apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+        "metadata": {"name": namespace},
+        "spec": {"endpoint": emulator.base_url(), "projectId": config.project_id, "region": config.region,
+            "auth": {"type": "AccessKey", "secretRef": {"namespace": namespace, "name": "kms"}},
+            "rateLimit": {"requestsPerSecond": args.rate_limit, "burst": burst}}});
+    Api::<kmsgrant::api::KmsProviderConfig>::all(client.clone())
+        .patch(&namespace, &apply, &Patch::Apply(&provider))
+        .await?;
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let admin = format!("127.0.0.1:{port}");
+    let log = std::env::temp_dir().join(format!("{namespace}-operator.log"));
+    let file = std::fs::File::create(&log)?;
+    let child = Command::new(&args.operator)
+        .args(["run", "--allow-http-endpoints", "--kubeconfig"])
+        .arg(&args.kubeconfig)
+        .args(["--namespace", &namespace, "--secret-namespace", &namespace])
+        .args(["--resync-interval", &format!("{}s", args.resync)])
+        .args(["--concurrency", &args.concurrency.to_string()])
+        .args(["--admin-address", &admin, "--log-level", "warn"])
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", args.operator.display()))?;
+    let operator = Operator { child, admin };
+
+    let api: Api<KmsGrant> = Api::namespaced(client.clone(), &namespace);
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let watch = {
+        let (api, seen) = (api.clone(), Arc::clone(&seen));
+        tokio::spawn(async move {
+            let mut stream = watcher(api, watcher::Config::default()).boxed();
+            while let Ok(Some(event)) = stream.try_next().await {
+                let objects = match event {
+                    watcher::Event::Apply(o) | watcher::Event::InitApply(o) => vec![o],
+                    _ => continue,
+                };
+                let mut seen = seen.lock().unwrap();
+                for object in objects {
+                    let name = object.metadata.name.clone().unwrap_or_default();
+                    let generation = object.metadata.generation.unwrap_or(0);
+                    let observed = object
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.observed_generation)
+                        .unwrap_or(0);
+                    let ready = is_ready(&object);
+                    if ready && observed == generation {
+                        seen.ready_at
+                            .entry(name.clone())
+                            .or_insert_with(Instant::now);
+                    }
+                    seen.state.insert(name, (generation, observed, ready));
+                }
+            }
+        })
+    };
+    // Let the operator start and verify its provider config.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let run = Run {
+        args,
+        client: client.clone(),
+        grants,
+        keys,
+        namespace: namespace.clone(),
+        emulator,
+        operator,
+        seen,
+        api,
+        apply,
+    };
+    let mut scenarios = Vec::new();
+    for scenario in &args.scenarios {
+        eprintln!("bench: {grants} grants on {keys} keys: {scenario}");
+        let figures = match scenario.as_str() {
+            "converge" => run.measured("converge", || run.converge(&key_ids)).await?,
+            "steady" => run.measured("steady", || run.steady()).await?,
+            "drift" => run.measured("drift", || run.drift()).await?,
+            "change" => run.measured("change", || run.change()).await?,
+            "delete" => run.measured("delete", || run.delete()).await?,
+            other => anyhow::bail!("unknown scenario {other:?}"),
+        };
+        scenarios.push(figures);
+    }
+    let (peak, _, cpu) = run.operator.usage();
+    watch.abort();
+    drop(run.operator);
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(&namespace, &DeleteParams::default())
+        .await;
+    Ok(
+        json!({"grants": grants, "keys": keys, "scenarios": scenarios,
+        "operator_peak_rss_mib": peak as f64 / 1024.0, "operator_cpu_seconds": cpu,
+        "operator_log": log}),
+    )
+}
+
+fn is_ready(grant: &KmsGrant) -> bool {
+    grant.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == kmsgrant::api::ConditionStatus::True)
+    })
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or_else(String::new, |kib| format!(", {} GiB", kib / 1024 / 1024));
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    format!("{cpus} CPUs ({model}){memory}; load average at the end {load}")
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn f(v: &Value, field: &str) -> f64 {
+    v[field].as_f64().unwrap_or(0.0)
+}
+
+/// The table, as Markdown (printed and written to the doc).
+fn table(report: &Value, args: &Args) -> String {
+    let mut out = String::new();
+    let throttle_rate = if args.throttle > 0.0 {
+        args.throttle.min(args.rate_limit)
+    } else {
+        args.rate_limit
+    };
+    for run in report["runs"].as_array().into_iter().flatten() {
+        let (n, k) = (
+            run["grants"].as_u64().unwrap_or(0),
+            run["keys"].as_u64().unwrap_or(0),
+        );
+        let _ = writeln!(out, "\n### {n} grants on {k} keys\n");
+        let _ = writeln!(
+            out,
+            "| scenario | time | KMS calls (floor) | throttled | kube writes | operator CPU | peak RSS | learned rate | notes |"
+        );
+        let _ = writeln!(
+            out,
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for s in run["scenarios"].as_array().into_iter().flatten() {
+            let name = s["scenario"].as_str().unwrap_or_default();
+            let kms = s["kms_calls"]
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(op, outcomes)| {
+                            let total: u64 = outcomes
+                                .as_object()
+                                .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+                            format!("{total} {op}")
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            let floor = s["floor"]
+                .as_u64()
+                .map(|fl| format!(" (floor {fl})"))
+                .unwrap_or_default();
+            let notes = match name {
+                "converge" => {
+                    let bound = f(s, "floor") / throttle_rate;
+                    format!(
+                        "{:.0} grants/s; per object p50 {:.1} s, p99 {:.1} s; throttle bound {:.1} s ({:.2} ×)",
+                        f(s, "grants_per_second"),
+                        f(s, "p50_seconds"),
+                        f(s, "p99_seconds"),
+                        bound,
+                        f(s, "seconds") / bound
+                    )
+                }
+                "steady" => format!(
+                    "per period of {} s: {:.1} lists, {:.1} kube writes, {:.2} CPU s; {} KMS writes in {} periods",
+                    args.resync,
+                    f(s, "lists_per_period"),
+                    f(s, "kube_writes_per_period"),
+                    f(s, "cpu_seconds_per_period"),
+                    s["kms_writes"],
+                    s["periods"]
+                ),
+                "drift" => format!(
+                    "{} revoked out of band; resync {} s",
+                    s["revoked"], args.resync
+                ),
+                "change" => format!("{} objects changed", s["changed"]),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "| {name} | {:.1} s | {} = {kms}{floor} | {} ({:.1} %) | {} | {:.1} s | {:.0} MiB | {} | {notes} |",
+                f(s, "seconds"),
+                s["kms_calls_total"],
+                s["kms_throttled"],
+                100.0 * f(s, "kms_throttled_share"),
+                s["kube_writes"],
+                f(s, "operator_cpu_seconds"),
+                f(s, "operator_peak_rss_mib"),
+                s["learned_rate"]
+                    .as_f64()
+                    .map_or("-".into(), |r| format!("{r:.1}/s")),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nKube API requests by verb (API server's `apiserver_request_total`, KmsGrants, provider configs, events, namespaces; includes this harness's own applies, watch and polls):\n"
+        );
+        for s in run["scenarios"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "- {}: {}",
+                s["scenario"].as_str().unwrap_or_default(),
+                s["kube_requests"]
+            );
+        }
+    }
+    out
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // The commit measured: taken before the runs, as the tree may move on while they last.
+    let commit = command_output("git", &["rev-parse", "--short", "HEAD"]);
+    let dirty =
+        !command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    let client = kmsgrant::process::kube_client(Some(args.kubeconfig.clone()), None).await?;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(client.clone());
+    let apply = PatchParams::apply("kmsgrant-bench").force();
+    for crd in kmsgrant::api::crds() {
+        crds.patch(
+            crd.metadata.name.as_deref().unwrap(),
+            &apply,
+            &Patch::Apply(&crd),
+        )
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut runs = Vec::new();
+    for (index, spec) in args.runs.iter().enumerate() {
+        let (n, k) = spec.split_once('/').context("a run is GRANTS/KEYS")?;
+        runs.push(run_one(&args, &client, n.parse()?, k.parse()?, index).await?);
+    }
+    let report = json!({
+        "commit": commit, "dirty": dirty,
+        "date": command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        "machine": machine(),
+        "parameters": {"latency_ms": args.latency_ms, "throttle_per_second": args.throttle,
+            "rate_limit": args.rate_limit, "resync_seconds": args.resync, "concurrency": args.concurrency,
+            "steady_periods": args.steady_periods, "scenarios": args.scenarios, "runs": args.runs},
+        "runs": runs,
+    });
+    if let Some(parent) = args.json.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
+    let table = table(&report, &args);
+    println!("{table}");
+    if !args.doc.is_empty() {
+        let mut doc = String::new();
+        if args.append {
+            doc = std::fs::read_to_string(&args.doc).unwrap_or_default();
+        } else {
+            let _ = writeln!(doc, "# Benchmarks\n");
+            let _ = writeln!(
+                doc,
+                "Written by `scripts/bench` (examples/bench.rs); do not edit by hand. Re-run it to refresh."
+            );
+        }
+        let _ = writeln!(
+            doc,
+            "\n## `scripts/bench {}`\n",
+            std::env::args()
+                .skip(1)
+                .skip_while(|a| a != "--operator")
+                .skip(2)
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let _ = writeln!(
+            doc,
+            "- commit: `{commit}`{}",
+            if dirty {
+                " (with uncommitted changes)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            doc,
+            "- date: {}",
+            report["date"].as_str().unwrap_or_default()
+        );
+        let _ = writeln!(
+            doc,
+            "- machine: {} (shared: other builds and tests ran at the same time, so times are pessimistic)",
+            report["machine"].as_str().unwrap_or_default()
+        );
+        let _ = writeln!(
+            doc,
+            "- parameters: emulator latency {} ms, emulator throttle {} req/s, provider config rateLimit {} req/s (burst the same), resync {} s, operator concurrency {}, {} steady periods",
+            args.latency_ms,
+            args.throttle,
+            args.rate_limit,
+            args.resync,
+            args.concurrency,
+            args.steady_periods
+        );
+        let _ = writeln!(
+            doc,
+            "- the operator is the debug-profile binary (dependencies optimised, our code not), run as its own process: its CPU seconds and peak RSS come from /proc and are the operator's alone; the emulator and the harness run in the benchmark's process"
+        );
+        let _ = writeln!(
+            doc,
+            "- the emulator's grants-per-key quota is raised to the grants per key + 10 % (a full key has no room for the change scenario's create-before-revoke), its keys quota to K + 10; KMS calls are counted on the emulator (every attempt, 429s included); floors: converge N creates + K lists + K describes, change one create and one revoke per change, delete one revoke per object"
+        );
+        doc.push_str(&table);
+        if let Ok(extra) = std::env::var("KMSGRANT_BENCH_NOTE") {
+            let _ = writeln!(doc, "\n{extra}");
+        }
+        std::fs::write(&args.doc, doc)?;
+        eprintln!("bench: wrote {} and {}", args.json.display(), args.doc);
+    }
+    Ok(())
+}
