@@ -9,16 +9,7 @@ use std::time::{Duration, Instant};
 
 use kms_emulator::{EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
 use serde_json::{Value, json};
-use support::{Env, Operator, kubectl, kubectl_ok};
-
-/// Polls until `check` holds; fails with `what` after `timeout`.
-async fn eventually(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+use support::{Env, Operator, eventually, kubectl, kubectl_ok};
 
 fn provider_config(name: &str) -> Option<Value> {
     let out = kubectl(&["get", "kmsproviderconfig", name, "-o", "json"], None);
@@ -225,7 +216,7 @@ async fn deleting_a_config_in_use_waits_visibly_until_its_grants_are_gone() {
         None,
     );
     assert_eq!(env.emulator.admin().grant_count(&key), Some(1));
-    eventually("the count to drop to one", Duration::from_secs(30), || {
+    eventually("the count to drop to one", Duration::from_secs(30), async || {
         provider_config(&env.provider)
             .and_then(|c| condition(&c, "Reconciling"))
             .is_some_and(|(_, _, message)| message.contains("1 KmsGrant still uses"))
@@ -366,14 +357,14 @@ async fn a_provider_check_failing_for_one_period_under_100_ready_grants_writes_n
     // One whole check fails (the client's 8 attempts, all 503), then KMS is well again.
     let failures_before = user_quotas_failures(&env);
     fail_user_quotas(&env, true);
-    eventually("one failed check", Duration::from_secs(60), || {
+    eventually("one failed check", Duration::from_secs(60), async || {
         user_quotas_failures(&env) >= failures_before + 8
     })
     .await;
     fail_user_quotas(&env, false);
     // A few good checks afterwards.
     let calls = env.emulator.admin().calls(0).len();
-    eventually("checks after the blip", Duration::from_secs(30), || {
+    eventually("checks after the blip", Duration::from_secs(30), async || {
         env.emulator.admin().calls(0)[calls..]
             .iter()
             .filter(|c| c.operation == "user-quotas" && c.status == 200)
