@@ -216,11 +216,15 @@ async fn deleting_a_config_in_use_waits_visibly_until_its_grants_are_gone() {
         None,
     );
     assert_eq!(env.emulator.admin().grant_count(&key), Some(1));
-    eventually("the count to drop to one", Duration::from_secs(30), async || {
-        provider_config(&env.provider)
-            .and_then(|c| condition(&c, "Reconciling"))
-            .is_some_and(|(_, _, message)| message.contains("1 KmsGrant still uses"))
-    })
+    eventually(
+        "the count to drop to one",
+        Duration::from_secs(30),
+        async || {
+            provider_config(&env.provider)
+                .and_then(|c| condition(&c, "Reconciling"))
+                .is_some_and(|(_, _, message)| message.contains("1 KmsGrant still uses"))
+        },
+    )
     .await;
     kubectl_ok(
         &[
@@ -364,13 +368,17 @@ async fn a_provider_check_failing_for_one_period_under_100_ready_grants_writes_n
     fail_user_quotas(&env, false);
     // A few good checks afterwards.
     let calls = env.emulator.admin().calls(0).len();
-    eventually("checks after the blip", Duration::from_secs(30), async || {
-        env.emulator.admin().calls(0)[calls..]
-            .iter()
-            .filter(|c| c.operation == "user-quotas" && c.status == 200)
-            .count()
-            >= 3
-    })
+    eventually(
+        "checks after the blip",
+        Duration::from_secs(30),
+        async || {
+            env.emulator.admin().calls(0)[calls..]
+                .iter()
+                .filter(|c| c.operation == "user-quotas" && c.status == 200)
+                .count()
+                >= 3
+        },
+    )
     .await;
 
     let after = snapshot(&env);

@@ -5,29 +5,26 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use super::cache::KeyRef;
-use super::conditions::{Outcome, conditions, millis_rfc3339, now_rfc3339, reasons};
+use super::conditions::{Outcome, millis_rfc3339, reasons};
 use super::identity::Identity;
 use super::plan::{
     self, Claim, DesiredGrant, Observed, Plan, Recorded, Requeue, answered_by_kms, failure_outcome,
 };
 use super::provider::Provider;
+use super::report;
 use super::{Context, ReconcileError};
 use crate::api::{DeletionPolicy, GrantRef, KmsGrant, KmsGrantStatus, KmsProviderConfig};
 use kmsgrant_kms::{ErrorClass, ErrorReason, Grant, KmsError};
 
 /// The finalizer that makes deletion wait for the grant to be revoked or retired.
 pub const FINALIZER: &str = "kmsgrant.io/grant";
-
-/// The field manager of every status this operator writes (server-side apply).
-pub const FIELD_MANAGER: &str = "kmsgrant-operator";
 
 #[tracing::instrument(name = "reconcile", skip_all, fields(
     kind = "KmsGrant",
@@ -76,7 +73,7 @@ async fn reconcile_object(
             .as_ref()
             .is_some_and(|s| s.superseded_grant.is_some());
     if wants_finalizer != has_finalizer {
-        set_finalizer(object, ctx, wants_finalizer).await?;
+        report::set_finalizer(object, ctx, wants_finalizer).await?;
     }
 
     let mut work = Work {
@@ -87,18 +84,18 @@ async fn reconcile_object(
         events: Vec::new(),
     };
     let outcome = match work.converge(&object_ref).await {
-        Ok(outcome) => outcome,
+        Ok(outcome) | Err(Failure::Halted(outcome)) => outcome,
         Err(Failure::Kms(err)) => failure_outcome(&err),
         Err(Failure::Kube(err)) => return Err(ReconcileError::Kube(err)),
         Err(Failure::NotLeader(err)) => return Err(ReconcileError::NotLeader(err)),
     };
     let Work { status, events, .. } = work;
     // Status first (it records what was done on KMS), then what happened, for people.
-    write_status(object, ctx, status, &outcome).await?;
+    report::write_status(object, ctx, status, &outcome).await?;
     for (type_, reason, note) in events {
-        publish(object, ctx, type_, reason, note).await;
+        report::publish(object, ctx, type_, reason, note).await;
     }
-    status_transition_event(object, ctx, &outcome).await;
+    report::status_transition_event(object, ctx, &outcome).await;
     let condition = match &outcome {
         Outcome::Ready { .. } => super::conditions::READY,
         Outcome::Progressing { .. } => super::conditions::RECONCILING,
@@ -135,7 +132,10 @@ fn object_key(object: &KmsGrant) -> String {
     )
 }
 
+/// Why a reconcile step did not finish.
 enum Failure {
+    /// The object cannot go on now; the condition says why (not an error of the operator).
+    Halted(Outcome),
     Kms(KmsError),
     Kube(kube::Error),
     NotLeader(crate::leader::NotLeader),
@@ -174,8 +174,11 @@ struct Work<'a> {
     identity: &'a Identity,
     status: KmsGrantStatus,
     /// Events to publish once status is written.
-    events: Vec<(EventType, &'static str, String)>,
+    events: Vec<PendingEvent>,
 }
+
+/// An event to publish once the object's state is written: type, reason, note.
+type PendingEvent = (EventType, &'static str, String);
 
 /// What a reconcile may act on, once the provider config admits the object and the key is usable.
 struct Admitted {
@@ -188,16 +191,11 @@ struct Admitted {
 impl Work<'_> {
     /// fetch → decide → execute; returns where the object stands.
     async fn converge(&mut self, object_ref: &ObjectRef<KmsGrant>) -> Result<Outcome, Failure> {
-        let admitted = match self.admit(object_ref).await? {
-            Ok(admitted) => admitted,
-            Err(outcome) => return Ok(outcome),
-        };
+        let admitted = self.admit(object_ref).await?;
         self.note_account_change(&admitted.account);
         let desired = DesiredGrant::of(&self.object.spec, self.identity);
-        let keep = match self.decide(&admitted, &desired).await? {
-            Plan::Refuse(outcome) => return Ok(outcome),
-            next => self.execute(next, &admitted, &desired).await?,
-        };
+        let next = self.decide(&admitted, &desired).await?;
+        let keep = self.execute(next, &admitted, &desired).await?;
         self.record(&keep, &admitted.account);
         // A replaced grant on another account is revoked there.
         if let Some(old) = self.status.superseded_grant.clone() {
@@ -208,40 +206,34 @@ impl Work<'_> {
             if on_this_account {
                 // Listed with the object's other grants and revoked, or gone.
                 self.status.superseded_grant = None;
-            } else if let Some(outcome) = self.revoke_on_other_account(&old).await? {
-                return Ok(outcome);
+            } else {
+                self.revoke_on_other_account(&old).await?;
             }
         }
         Ok(in_sync(&keep.grant_id, &keep.key_id))
     }
 
-    /// The provider, its guardrails and the key: `Err` says why the object cannot go on.
-    async fn admit(
-        &self,
-        object_ref: &ObjectRef<KmsGrant>,
-    ) -> Result<Result<Admitted, Outcome>, Failure> {
+    /// The provider, its guardrails and the key; [`Failure::Halted`] says why the object cannot
+    /// go on.
+    async fn admit(&self, object_ref: &ObjectRef<KmsGrant>) -> Result<Admitted, Failure> {
         let ctx = self.ctx;
         let spec = &self.object.spec;
         let config_name = &spec.provider_config_ref.name;
-        let provider = match provider_for(ctx, config_name).await? {
-            Ok(provider) => provider,
-            Err(outcome) => return Ok(Err(outcome)),
-        };
+        let provider = provider_for(ctx, config_name).await?;
         let namespace = self.object.namespace().unwrap_or_default();
         let labels = namespace_labels(ctx, &namespace, &provider, spec).await?;
         if let Some(outcome) = plan::admit(spec, config_name, &provider.spec, &namespace, &labels) {
-            return Ok(Err(outcome));
+            return Err(Failure::Halted(outcome));
         }
-        let import = match plan::admit_import(
+        let import = plan::admit_import(
             spec,
             config_name,
             provider.spec.import_namespace_selector.as_ref(),
             &namespace,
             &labels,
-        ) {
-            Ok(import) => import.map(str::to_owned),
-            Err(outcome) => return Ok(Err(outcome)),
-        };
+        )
+        .map_err(Failure::Halted)?
+        .map(str::to_owned);
         let account = account_of(&provider).await?;
         let key = KeyRef {
             provider: config_name.clone(),
@@ -260,15 +252,15 @@ impl Work<'_> {
             }
             Err(err) => return Err(err.into()),
         };
-        Ok(match unusable {
-            Some(outcome) => Err(outcome),
+        match unusable {
+            Some(outcome) => Err(Failure::Halted(outcome)),
             None => Ok(Admitted {
                 provider,
                 account,
                 key,
                 import,
             }),
-        })
+        }
     }
 
     /// A grant recorded on another account (the config was pointed elsewhere) is replaced: it
@@ -316,8 +308,10 @@ impl Work<'_> {
                 },
             );
             tracing::debug!(?next, "planned");
-            if next != Plan::ListAgain {
-                return Ok(next);
+            match next {
+                Plan::ListAgain => {}
+                Plan::Refuse(outcome) => return Err(Failure::Halted(outcome)),
+                next => return Ok(next),
             }
             (grants, fresh) = self.list(provider, key, Duration::ZERO).await?;
         }
@@ -391,7 +385,8 @@ impl Work<'_> {
                             "created grant {grant_id}; revoking the grant it replaces"
                         ),
                     };
-                    write_status(self.object, self.ctx, self.status.clone(), &progress).await?;
+                    report::write_status(self.object, self.ctx, self.status.clone(), &progress)
+                        .await?;
                 }
                 for old in &replaces {
                     self.revoke(provider, account, old).await?;
@@ -526,14 +521,15 @@ impl Work<'_> {
         Ok(())
     }
 
-    /// Revokes a replaced grant on the account it lives on; the outcome says why it cannot.
-    async fn revoke_on_other_account(
-        &mut self,
-        old: &GrantRef,
-    ) -> Result<Option<Outcome>, Failure> {
+    /// Revokes a replaced grant on the account it lives on; [`Failure::Halted`] says why it
+    /// cannot.
+    async fn revoke_on_other_account(&mut self, old: &GrantRef) -> Result<(), Failure> {
         let account = old.account.clone().unwrap_or_default();
         let Some((name, provider)) = provider_for_account(self.ctx, &account).await else {
-            return Ok(Some(unreachable_account(&old.grant_id, &account)));
+            return Err(Failure::Halted(unreachable_account(
+                &old.grant_id,
+                &account,
+            )));
         };
         let key = KeyRef {
             provider: name,
@@ -564,7 +560,7 @@ impl Work<'_> {
             self.revoke(&provider, &account, &target).await?;
         }
         self.status.superseded_grant = None;
-        Ok(None)
+        Ok(())
     }
 
     fn adopted(&mut self, adopted: bool, grant: &Grant) {
@@ -646,8 +642,8 @@ async fn provider_for_account(ctx: &Context, account: &str) -> Option<(String, P
     None
 }
 
-/// The verified provider, or the condition explaining why there is none.
-async fn provider_for(ctx: &Context, name: &str) -> Result<Result<Provider, Outcome>, Failure> {
+/// The verified provider; [`Failure::Halted`] explains why there is none.
+async fn provider_for(ctx: &Context, name: &str) -> Result<Provider, Failure> {
     let exists = ctx
         .provider_configs
         .get(&ObjectRef::<KmsProviderConfig>::new(name))
@@ -657,19 +653,21 @@ async fn provider_for(ctx: &Context, name: &str) -> Result<Result<Provider, Outc
             .await?
             .is_some();
     if !exists {
-        return Ok(Err(Outcome::Stalled {
+        return Err(Failure::Halted(Outcome::Stalled {
             reason: reasons::PROVIDER_CONFIG_NOT_FOUND,
             message: format!(
                 "KmsProviderConfig {name:?} does not exist; create it or set spec.providerConfigRef.name"
             ),
         }));
     }
-    Ok(ctx.providers.get(name).ok_or_else(|| Outcome::Progressing {
-        reason: reasons::PROVIDER_CONFIG_NOT_READY,
-        message: format!(
-            "KmsProviderConfig {name:?} is not Ready; see its conditions (kubectl describe kmspc {name})"
-        ),
-    }))
+    ctx.providers.get(name).ok_or_else(|| {
+        Failure::Halted(Outcome::Progressing {
+            reason: reasons::PROVIDER_CONFIG_NOT_READY,
+            message: format!(
+                "KmsProviderConfig {name:?} is not Ready; see its conditions (kubectl describe kmspc {name})"
+            ),
+        })
+    })
 }
 
 /// The namespace's labels, read only when a selector needs them.
@@ -697,33 +695,41 @@ async fn cleanup(
     if !object.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
     }
-    match remove_grants(object, identity, ctx).await {
-        Ok(None) => {}
-        Ok(Some(outcome)) => return cleanup_blocked(object, ctx, outcome).await,
-        Err(Failure::Kms(err)) => {
-            let outcome = match failure_outcome(&err) {
-                Outcome::Stalled { reason, message } => Outcome::Stalled {
-                    reason,
-                    message: format!("cannot clean up: {message}"),
-                },
-                other => other,
-            };
-            return cleanup_blocked(object, ctx, outcome).await;
-        }
+    let mut events = Vec::new();
+    let removed = remove_grants(object, identity, ctx, &mut events).await;
+    // What was done is told even when the rest has to wait.
+    for (type_, reason, note) in events {
+        report::publish(object, ctx, type_, reason, note).await;
+    }
+    let blocked = match removed {
+        Ok(()) => None,
+        Err(Failure::Halted(outcome)) => Some(outcome),
+        Err(Failure::Kms(err)) => Some(plan::cleanup_failure_outcome(&err)),
         Err(Failure::Kube(err)) => return Err(ReconcileError::Kube(err)),
         Err(Failure::NotLeader(err)) => return Err(ReconcileError::NotLeader(err)),
+    };
+    if let Some(outcome) = blocked {
+        report::cleanup_blocked(object, ctx, &outcome).await?;
+        let requeue = plan::cleanup_requeue(&outcome);
+        return Ok(Action::requeue(delay(
+            ctx,
+            &ObjectRef::from_obj(object),
+            requeue,
+        )));
     }
-    set_finalizer(object, ctx, false).await?;
+    report::set_finalizer(object, ctx, false).await?;
     ctx.backoff.reset(&ObjectRef::from_obj(object));
     Ok(Action::await_change())
 }
 
-/// Removes what deletion removes; `Some` says why it cannot be done now.
+/// Removes what deletion removes, noting events; [`Failure::Halted`] says why it cannot be done
+/// now.
 async fn remove_grants(
     object: &KmsGrant,
     identity: &Identity,
     ctx: &Context,
-) -> Result<Option<Outcome>, Failure> {
+    events: &mut Vec<PendingEvent>,
+) -> Result<(), Failure> {
     let status = object.status.clone().unwrap_or_default();
     let policy = object.spec.deletion_policy;
     let config_name = &object.spec.provider_config_ref.name;
@@ -733,7 +739,6 @@ async fn remove_grants(
         Some(provider) => Some(account_of(provider).await?),
         None => None,
     };
-    let recorded_account = status.account.clone().or(current_account.clone());
     // An import counts only once it was adopted (it passed the guardrails then).
     let import = object
         .spec
@@ -741,156 +746,133 @@ async fn remove_grants(
         .as_deref()
         .filter(|id| status.grant_id.as_deref() == Some(*id));
     let claim = Claim { identity, import };
+    let places = plan::cleanup_places(
+        policy,
+        &status,
+        &object.spec.key_id,
+        current_account.as_deref(),
+        config_name,
+    )
+    .map_err(Failure::Halted)?;
 
-    if recorded_account.is_none()
-        && (status.grant_id.is_some() || status.superseded_grant.is_some())
-    {
-        // Recorded by a version that did not note the account: only this config can reach it.
-        return Ok(Some(Outcome::Progressing {
-            reason: reasons::PROVIDER_CONFIG_NOT_READY,
-            message: format!(
-                "cannot clean up: KmsProviderConfig {config_name:?} is missing or not Ready"
-            ),
-        }));
-    }
-    // Where to look: (account, key, the grant status records there).
-    let mut places: Vec<(String, String, Option<String>)> = Vec::new();
-    if policy != DeletionPolicy::Orphan {
-        if let (Some(account), Some(key_id)) = (&recorded_account, &status.key_id) {
-            places.push((account.clone(), key_id.clone(), status.grant_id.clone()));
-        }
-        // A create whose answer or status write was lost left a grant findable only by name.
-        if let Some(account) = &current_account {
-            places.push((account.clone(), object.spec.key_id.clone(), None));
-        }
-    }
-    if let Some(old) = &status.superseded_grant
-        && let Some(account) = old.account.clone().or(recorded_account.clone())
-    {
-        places.push((account, old.key_id.clone(), Some(old.grant_id.clone())));
-    }
-    places.sort();
-    // One entry per place, keeping a recorded grant if any entry has one.
-    places.dedup_by(|later, earlier| {
-        let same = later.0 == earlier.0 && later.1 == earlier.1;
-        if same && earlier.2.is_none() {
-            earlier.2 = later.2.take();
-        }
-        same
-    });
-
-    for (account, key_id, recorded_grant) in places {
-        let recorded = recorded_grant.is_some();
+    for place in places {
         let provider = match (&current, &current_account) {
-            (Some(provider), Some(a)) if *a == account => {
+            (Some(provider), Some(a)) if *a == place.account => {
                 Some((config_name.clone(), provider.clone()))
             }
-            _ => provider_for_account(ctx, &account).await,
+            _ => provider_for_account(ctx, &place.account).await,
         };
         let Some((name, provider)) = provider else {
-            if let Some(grant_id) = recorded_grant {
-                return Ok(Some(unreachable_account(&grant_id, &account)));
+            if let Some(grant_id) = &place.recorded_grant {
+                return Err(Failure::Halted(unreachable_account(
+                    grant_id,
+                    &place.account,
+                )));
             }
             continue;
         };
         let key = KeyRef {
             provider: name,
-            account: account.clone(),
-            key_id,
+            account: place.account.clone(),
+            key_id: place.key_id.clone(),
         };
         let listed = match list_fresh(ctx, &provider, &key).await {
             Ok(Some(listed)) => listed,
             Ok(None) => continue,
             // Only a lost answer could have left a grant here; a lookup that cannot work
             // (credentials, permissions) must not block deletion forever.
-            Err(Failure::Kms(err)) if !recorded && err.class() == ErrorClass::Terminal => {
-                publish(
-                    object,
-                    ctx,
+            Err(Failure::Kms(err))
+                if place.recorded_grant.is_none() && err.class() == ErrorClass::Terminal =>
+            {
+                events.push((
                     EventType::Warning,
                     "CleanupLookupFailed",
                     format!(
                         "could not check key {} for a grant of this object: {err}",
                         key.key_id
                     ),
-                )
-                .await;
+                ));
                 continue;
             }
             Err(err) => return Err(err),
         };
         let targets =
             plan::cleanup_targets(policy, claim, &listed, status.superseded_grant.as_ref());
-        let mut unconfirmed = Vec::new();
-        for (target, how) in &targets {
-            ctx.fence.check()?;
-            let result = match how {
-                DeletionPolicy::Retire => {
-                    provider
-                        .client
-                        .retire_grant(&target.key_id, &target.grant_id)
-                        .await
-                }
-                _ => {
-                    provider
-                        .client
-                        .revoke_grant(&target.key_id, &target.grant_id)
-                        .await
-                }
-            };
-            match result {
-                Ok(()) => {
-                    let (reason, verb) = if *how == DeletionPolicy::Retire {
-                        ("GrantRetired", "retired")
-                    } else {
-                        ("GrantRevoked", "revoked")
-                    };
-                    publish(
-                        object,
-                        ctx,
-                        EventType::Normal,
-                        reason,
-                        format!("{verb} grant {}", target.grant_id),
-                    )
-                    .await;
-                }
-                // "Not found" is believed only from a fresh list (below).
-                Err(err) if err.is_already_gone() => unconfirmed.push(target.grant_id.clone()),
-                Err(err) => {
-                    if err.class() == ErrorClass::OutcomeUnknown {
-                        ctx.keys.invalidate(&key).await;
-                    }
-                    return Err(err.into());
-                }
-            }
-            ctx.keys.remove(&key, &target.grant_id).await;
-        }
-        if !unconfirmed.is_empty()
-            && let Some(listed) = list_fresh(ctx, &provider, &key).await?
-            && let Some(still) = listed.iter().find(|g| unconfirmed.contains(&g.grant_id))
-        {
-            return Ok(Some(Outcome::Progressing {
-                reason: reasons::KMS_UNAVAILABLE,
-                message: format!(
-                    "KMS answered that grant {} is gone, but key {} still lists it; retrying",
-                    still.grant_id, key.key_id
-                ),
-            }));
-        }
+        remove_targets(ctx, &provider, &key, &targets, events).await?;
     }
     if policy == DeletionPolicy::Orphan
         && let Some(grant_id) = &status.grant_id
     {
-        publish(
-            object,
-            ctx,
+        events.push((
             EventType::Normal,
             "GrantOrphaned",
             format!("left grant {grant_id} on the cloud"),
-        )
-        .await;
+        ));
     }
-    Ok(None)
+    Ok(())
+}
+
+/// Revokes or retires `targets` on one key. "Already gone" is believed only from a fresh list.
+async fn remove_targets(
+    ctx: &Context,
+    provider: &Provider,
+    key: &KeyRef,
+    targets: &[(GrantRef, DeletionPolicy)],
+    events: &mut Vec<PendingEvent>,
+) -> Result<(), Failure> {
+    let mut unconfirmed = Vec::new();
+    for (target, how) in targets {
+        ctx.fence.check()?;
+        let result = match how {
+            DeletionPolicy::Retire => {
+                provider
+                    .client
+                    .retire_grant(&target.key_id, &target.grant_id)
+                    .await
+            }
+            _ => {
+                provider
+                    .client
+                    .revoke_grant(&target.key_id, &target.grant_id)
+                    .await
+            }
+        };
+        match result {
+            Ok(()) => {
+                let (reason, verb) = if *how == DeletionPolicy::Retire {
+                    ("GrantRetired", "retired")
+                } else {
+                    ("GrantRevoked", "revoked")
+                };
+                events.push((
+                    EventType::Normal,
+                    reason,
+                    format!("{verb} grant {}", target.grant_id),
+                ));
+            }
+            Err(err) if err.is_already_gone() => unconfirmed.push(target.grant_id.clone()),
+            Err(err) => {
+                if err.class() == ErrorClass::OutcomeUnknown {
+                    ctx.keys.invalidate(key).await;
+                }
+                return Err(err.into());
+            }
+        }
+        ctx.keys.remove(key, &target.grant_id).await;
+    }
+    if !unconfirmed.is_empty()
+        && let Some(listed) = list_fresh(ctx, provider, key).await?
+        && let Some(still) = listed.iter().find(|g| unconfirmed.contains(&g.grant_id))
+    {
+        return Err(Failure::Halted(Outcome::Progressing {
+            reason: reasons::KMS_UNAVAILABLE,
+            message: format!(
+                "KMS answered that grant {} is gone, but key {} still lists it; retrying",
+                still.grant_id, key.key_id
+            ),
+        }));
+    }
+    Ok(())
 }
 
 /// A fresh list of the key; `None` when KMS itself says the key does not exist (its grants are
@@ -914,150 +896,5 @@ async fn list_fresh(
         Ok((grants, _)) => Ok(Some(grants)),
         Err(err) if err.reason == ErrorReason::KeyNotFound && answered_by_kms(&err) => Ok(None),
         Err(err) => Err(err.into()),
-    }
-}
-
-async fn cleanup_blocked(
-    object: &KmsGrant,
-    ctx: &Context,
-    outcome: Outcome,
-) -> Result<Action, ReconcileError> {
-    publish(
-        object,
-        ctx,
-        EventType::Warning,
-        "CleanupFailed",
-        outcome.message().to_owned(),
-    )
-    .await;
-    write_status(
-        object,
-        ctx,
-        object.status.clone().unwrap_or_default(),
-        &outcome,
-    )
-    .await?;
-    let object_ref = ObjectRef::from_obj(object);
-    let requeue = match plan::requeue(&outcome) {
-        Requeue::Soon => Requeue::Soon,
-        // Deletion is never parked for the stalled interval: a fix should release it soon.
-        _ => Requeue::Backoff,
-    };
-    Ok(Action::requeue(delay(ctx, &object_ref, requeue)))
-}
-
-fn api(object: &KmsGrant, client: &kube::Client) -> Api<KmsGrant> {
-    Api::namespaced(client.clone(), &object.namespace().unwrap_or_default())
-}
-
-async fn set_finalizer(
-    object: &KmsGrant,
-    ctx: &Context,
-    present: bool,
-) -> Result<(), ReconcileError> {
-    let mut finalizers: Vec<String> = object
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    if present {
-        finalizers.push(FINALIZER.to_owned());
-    }
-    // Sending the resourceVersion makes a concurrent change to the list fail (409) instead of
-    // being overwritten.
-    let patch = json!({"metadata": {"resourceVersion": object.resource_version(), "finalizers": finalizers}});
-    api(object, &ctx.client)
-        .patch(
-            &object.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-        .map_err(ReconcileError::Kube)?;
-    Ok(())
-}
-
-/// The one status writer: the whole status by server-side apply under [`FIELD_MANAGER`], so a
-/// field left out (a stale `createdAt`, a finished `supersededGrant`) is removed. Skipped when
-/// nothing changed and `lastSyncTime` is recent.
-async fn write_status(
-    object: &KmsGrant,
-    ctx: &Context,
-    mut status: KmsGrantStatus,
-    outcome: &Outcome,
-) -> Result<(), ReconcileError> {
-    let previous = object.status.clone().unwrap_or_default();
-    let generation = object.meta().generation;
-    let now = now_rfc3339();
-    status.observed_generation = generation;
-    status.conditions = conditions(outcome, generation, &previous.conditions, &now);
-    status.last_sync_time = previous.last_sync_time.clone();
-    let sync_is_recent = previous
-        .last_sync_time
-        .as_deref()
-        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-        .is_some_and(|t| {
-            jiff::Timestamp::now().duration_since(t).as_secs()
-                < ctx.settings.sync_time_refresh().as_secs() as i64
-        });
-    if status == previous && sync_is_recent {
-        return Ok(());
-    }
-    status.last_sync_time = Some(now);
-    let patch = json!({
-        "apiVersion": "kmsgrant.io/v1alpha1",
-        "kind": "KmsGrant",
-        "status": status,
-    });
-    api(object, &ctx.client)
-        .patch_status(
-            &object.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await
-        .map_err(ReconcileError::Kube)?;
-    Ok(())
-}
-
-/// A Warning event when the object enters a failing state (once per transition, not per retry).
-async fn status_transition_event(object: &KmsGrant, ctx: &Context, outcome: &Outcome) {
-    let previous_reason = object
-        .status
-        .as_ref()
-        .and_then(|s| {
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == super::conditions::READY)
-        })
-        .map(|c| c.reason.clone());
-    if outcome.is_ready() || previous_reason.as_deref() == Some(outcome.reason()) {
-        return;
-    }
-    if matches!(outcome, Outcome::Progressing { reason, .. } if *reason == reasons::CREATING || *reason == reasons::REPLACING)
-    {
-        return;
-    }
-    publish(
-        object,
-        ctx,
-        EventType::Warning,
-        outcome.reason(),
-        outcome.message().to_owned(),
-    )
-    .await;
-}
-
-async fn publish(object: &KmsGrant, ctx: &Context, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(super::conditions::truncate_message(&note)),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(err) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
-        tracing::warn!(error = %err, "cannot publish event");
     }
 }

@@ -8,6 +8,7 @@ pub mod identity;
 mod namespaces;
 mod plan;
 mod provider;
+mod report;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -25,9 +26,10 @@ use tokio::sync::mpsc;
 
 pub use cache::KeyRef;
 pub use conditions::{Outcome, reasons};
-pub use grant::{FIELD_MANAGER, FINALIZER};
+pub use grant::FINALIZER;
 pub use plan::{DesiredGrant, Plan, plan};
 pub use provider::client_config;
+pub use report::FIELD_MANAGER;
 
 use crate::api::{KmsGrant, KmsProviderConfig};
 use crate::metrics::Metrics;

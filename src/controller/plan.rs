@@ -12,7 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use super::conditions::{Outcome, reasons};
 use super::identity::Identity;
 use crate::api::{
-    DeletionPolicy, GrantRef, GranteePrincipalType, KmsGrantSpec, KmsProviderConfigSpec, Operation,
+    DeletionPolicy, GrantRef, GranteePrincipalType, KmsGrantSpec, KmsGrantStatus,
+    KmsProviderConfigSpec, Operation,
 };
 use kmsgrant_kms::{ErrorClass, ErrorReason, Grant, KeyInfo, KeyState, KmsError, NewGrant};
 
@@ -411,6 +412,99 @@ pub fn requeue(outcome: &Outcome) -> Requeue {
         }
         Outcome::Progressing { .. } => Requeue::Backoff,
     }
+}
+
+/// A KMS failure during deletion, as the condition that says deletion waits.
+pub fn cleanup_failure_outcome(err: &KmsError) -> Outcome {
+    match failure_outcome(err) {
+        Outcome::Stalled { reason, message } => Outcome::Stalled {
+            reason,
+            message: format!("cannot clean up: {message}"),
+        },
+        other => other,
+    }
+}
+
+/// When a deletion that has to wait is tried again: never parked for the stalled interval, since
+/// a fix (credentials, a config pointed back) should release it soon.
+pub fn cleanup_requeue(outcome: &Outcome) -> Requeue {
+    match requeue(outcome) {
+        Requeue::Soon => Requeue::Soon,
+        _ => Requeue::Backoff,
+    }
+}
+
+/// One key on one account where deletion looks for the object's grants, with the grant that
+/// status records there, if any.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CleanupPlace {
+    pub account: String,
+    pub key_id: String,
+    pub recorded_grant: Option<String>,
+}
+
+/// Where deletion looks: the recorded grant's account and key, the spec's key on the account the
+/// config reaches now (a create whose answer or status write was lost left a grant findable only
+/// by its name there), and a replaced grant's; one place per account and key. `Err` when status
+/// names a grant but no account is known for it (recorded by an older version, and the config
+/// that could tell is missing or not usable).
+pub fn cleanup_places(
+    policy: DeletionPolicy,
+    status: &KmsGrantStatus,
+    spec_key_id: &str,
+    current_account: Option<&str>,
+    config_name: &str,
+) -> Result<Vec<CleanupPlace>, Outcome> {
+    let recorded_account = status
+        .account
+        .clone()
+        .or_else(|| current_account.map(str::to_owned));
+    if recorded_account.is_none()
+        && (status.grant_id.is_some() || status.superseded_grant.is_some())
+    {
+        return Err(Outcome::Progressing {
+            reason: reasons::PROVIDER_CONFIG_NOT_READY,
+            message: format!(
+                "cannot clean up: KmsProviderConfig {config_name:?} is missing or not Ready"
+            ),
+        });
+    }
+    let mut places = Vec::new();
+    if policy != DeletionPolicy::Orphan {
+        if let (Some(account), Some(key_id)) = (&recorded_account, &status.key_id) {
+            places.push(CleanupPlace {
+                account: account.clone(),
+                key_id: key_id.clone(),
+                recorded_grant: status.grant_id.clone(),
+            });
+        }
+        if let Some(account) = current_account {
+            places.push(CleanupPlace {
+                account: account.to_owned(),
+                key_id: spec_key_id.to_owned(),
+                recorded_grant: None,
+            });
+        }
+    }
+    if let Some(old) = &status.superseded_grant
+        && let Some(account) = old.account.clone().or(recorded_account)
+    {
+        places.push(CleanupPlace {
+            account,
+            key_id: old.key_id.clone(),
+            recorded_grant: Some(old.grant_id.clone()),
+        });
+    }
+    places.sort();
+    // One place per account and key, keeping a recorded grant if any entry has one.
+    places.dedup_by(|later, earlier| {
+        let same = later.account == earlier.account && later.key_id == earlier.key_id;
+        if same && earlier.recorded_grant.is_none() {
+            earlier.recorded_grant = later.recorded_grant.take();
+        }
+        same
+    });
+    Ok(places)
 }
 
 /// What deletion removes from the cloud, from a fresh list of every key the object used.
@@ -1038,5 +1132,126 @@ mod tests {
     fn accounts_ignore_a_trailing_slash() {
         assert_eq!(account("https://kms/", "p"), account("https://kms", "p"));
         assert_ne!(account("https://kms", "p"), account("https://kms", "q"));
+    }
+
+    fn place(account: &str, key_id: &str, recorded: Option<&str>) -> CleanupPlace {
+        CleanupPlace {
+            account: account.into(),
+            key_id: key_id.into(),
+            recorded_grant: recorded.map(str::to_owned),
+        }
+    }
+
+    fn recorded_status(account: Option<&str>) -> KmsGrantStatus {
+        KmsGrantStatus {
+            grant_id: Some("g1".into()),
+            key_id: Some(KEY.into()),
+            account: account.map(str::to_owned),
+            ..KmsGrantStatus::default()
+        }
+    }
+
+    #[test]
+    fn cleanup_looks_once_on_the_recorded_key_keeping_the_recorded_grant() {
+        let places = cleanup_places(
+            DeletionPolicy::Revoke,
+            &recorded_status(Some("acct")),
+            KEY,
+            Some("acct"),
+            "p",
+        );
+        assert_eq!(places, Ok(vec![place("acct", KEY, Some("g1"))]));
+    }
+
+    #[test]
+    fn cleanup_of_an_object_without_status_looks_for_its_name_on_the_spec_key() {
+        let places = cleanup_places(
+            DeletionPolicy::Revoke,
+            &KmsGrantStatus::default(),
+            KEY,
+            Some("acct"),
+            "p",
+        );
+        assert_eq!(places, Ok(vec![place("acct", KEY, None)]));
+    }
+
+    #[test]
+    fn cleanup_after_a_repoint_looks_on_the_old_account_and_the_new_one() {
+        let places = cleanup_places(
+            DeletionPolicy::Revoke,
+            &recorded_status(Some("old")),
+            OTHER_KEY,
+            Some("new"),
+            "p",
+        )
+        .unwrap();
+        assert_eq!(
+            places,
+            vec![place("new", OTHER_KEY, None), place("old", KEY, Some("g1"))]
+        );
+    }
+
+    #[test]
+    fn orphan_cleanup_looks_only_where_a_replaced_grant_lives() {
+        let mut status = recorded_status(Some("acct"));
+        assert_eq!(
+            cleanup_places(DeletionPolicy::Orphan, &status, KEY, Some("acct"), "p"),
+            Ok(vec![])
+        );
+        status.superseded_grant = Some(GrantRef {
+            key_id: OTHER_KEY.into(),
+            grant_id: "g0".into(),
+            account: None,
+        });
+        assert_eq!(
+            cleanup_places(DeletionPolicy::Orphan, &status, KEY, Some("acct"), "p"),
+            Ok(vec![place("acct", OTHER_KEY, Some("g0"))])
+        );
+    }
+
+    #[test]
+    fn a_recorded_grant_on_an_unknown_account_waits_for_its_provider_config() {
+        let places = cleanup_places(
+            DeletionPolicy::Revoke,
+            &recorded_status(None),
+            KEY,
+            None,
+            "p",
+        );
+        assert!(
+            matches!(places, Err(Outcome::Progressing { reason, .. }) if reason == reasons::PROVIDER_CONFIG_NOT_READY)
+        );
+        // Nothing recorded and no config: nothing of the object's can be found, nothing to wait for.
+        assert_eq!(
+            cleanup_places(
+                DeletionPolicy::Revoke,
+                &KmsGrantStatus::default(),
+                KEY,
+                None,
+                "p"
+            ),
+            Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn a_blocked_deletion_is_retried_with_backoff_never_parked() {
+        let stalled = Outcome::Stalled {
+            reason: reasons::KEY_NOT_ALLOWED,
+            message: String::new(),
+        };
+        assert_eq!(requeue(&stalled), Requeue::StalledRetry);
+        assert_eq!(cleanup_requeue(&stalled), Requeue::Backoff);
+        let unknown = failure_outcome(&error(Call::CreateGrant, ErrorReason::OutcomeUnknown, None));
+        assert_eq!(cleanup_requeue(&unknown), Requeue::Soon);
+        let refused = cleanup_failure_outcome(&error(
+            Call::RevokeGrant,
+            ErrorReason::PermissionDenied,
+            Some("KMS.0403"),
+        ));
+        assert!(
+            matches!(&refused, Outcome::Stalled { message, .. } if message.starts_with("cannot clean up: "))
+        );
+        assert_eq!(cleanup_requeue(&refused), Requeue::Backoff);
     }
 }
