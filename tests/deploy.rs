@@ -211,7 +211,9 @@ fn kustomize_tree_applies_cleanly_with_server_side_dry_run() {
             "Role",
             "RoleBinding",
             "Service",
-            "ServiceAccount"
+            "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
         ]
     );
     for crd in find(&rendered, "CustomResourceDefinition") {
@@ -228,6 +230,82 @@ fn kustomize_tree_applies_cleanly_with_server_side_dry_run() {
         one(&rendered, "Service")["spec"]["ports"][0]["name"],
         "metrics"
     );
+}
+
+/// The chart and the kustomize tree ship the same guardrails at admission (tests/admission.rs
+/// runs them against the API server): the chart's file is a byte-for-byte copy, and the rendered
+/// objects differ only in their labels.
+#[test]
+fn chart_and_kustomize_tree_ship_the_same_admission_policy() {
+    let shipped = std::fs::read_to_string(repo("deploy/admission/guardrails.yaml")).unwrap();
+    let copy =
+        std::fs::read_to_string(repo(&format!("{CHART}/files/admission/guardrails.yaml"))).unwrap();
+    assert!(
+        shipped == copy,
+        "{CHART}/files/admission/guardrails.yaml differs: cp deploy/admission/guardrails.yaml {CHART}/files/admission/"
+    );
+    let chart = objects(&helm_ok(&[
+        "template",
+        "kmsgrant-operator",
+        CHART,
+        "--namespace",
+        OPERATOR_NAMESPACE,
+    ]));
+    let tree = objects(&kubectl_ok(&["kustomize", &repo("deploy")], None));
+    for kind in [
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ] {
+        let (chart, tree) = (one(&chart, kind), one(&tree, kind));
+        assert_eq!(chart["metadata"]["name"], "kmsgrant-guardrails");
+        assert_eq!(chart["metadata"]["name"], tree["metadata"]["name"]);
+        assert_eq!(chart["spec"], tree["spec"], "{kind}");
+        assert_eq!(
+            chart["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "Helm"
+        );
+    }
+    // Evaluated by the API server itself: the operator's RBAC has no rights on them.
+    for role in find(&tree, "ClusterRole")
+        .into_iter()
+        .chain(find(&tree, "Role"))
+    {
+        assert!(
+            !role.to_string().contains("admissionregistration"),
+            "{role}"
+        );
+    }
+}
+
+/// ValidatingAdmissionPolicy v1 is GA in Kubernetes 1.30; the chart supports 1.29. There the
+/// chart says which value to turn off instead of failing on an unknown kind at install time.
+#[test]
+fn helm_chart_needs_kubernetes_1_30_for_the_admission_policy() {
+    let out = helm(&["template", "k", CHART, "--kube-version", "1.29.5"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "rendered on 1.29");
+    assert!(
+        stderr.contains("admissionPolicy.enabled") && stderr.contains("1.30"),
+        "{stderr}"
+    );
+    let rendered = objects(&helm_ok(&[
+        "template",
+        "k",
+        CHART,
+        "--kube-version",
+        "1.29.5",
+        "--set",
+        "admissionPolicy.enabled=false",
+    ]));
+    assert!(find(&rendered, "ValidatingAdmissionPolicy").is_empty());
+    let rendered = objects(&helm_ok(&[
+        "template",
+        "k",
+        CHART,
+        "--kube-version",
+        "1.30.0",
+    ]));
+    one(&rendered, "ValidatingAdmissionPolicyBinding");
 }
 
 /// The chart's copies of the CRDs are the generated ones (`crds/`), byte for byte.
@@ -262,6 +340,7 @@ serviceMonitor: {enabled: true, interval: 15s, labels: {release: prometheus}}
 crds: {install: false}
 leaderElection: {leaseName: shard-a, leaseDuration: 20s}
 appRoles: {create: false}
+admissionPolicy: {enabled: false}
 ";
 
 #[test]
@@ -310,7 +389,9 @@ fn helm_chart_with_default_values_applies_cleanly_with_server_side_dry_run() {
             "Role",
             "RoleBinding",
             "Service",
-            "ServiceAccount"
+            "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding"
         ],
         "no ServiceMonitor unless asked for"
     );
@@ -460,6 +541,11 @@ fn helm_chart_with_non_default_values_applies_cleanly_with_server_side_dry_run()
     assert!(
         find(&rendered, "CustomResourceDefinition").is_empty(),
         "crds.install: false"
+    );
+    assert!(
+        find(&rendered, "ValidatingAdmissionPolicy").is_empty()
+            && find(&rendered, "ValidatingAdmissionPolicyBinding").is_empty(),
+        "admissionPolicy.enabled: false"
     );
     let deployment = one(&rendered, "Deployment");
     assert_hardened(deployment);
