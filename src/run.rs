@@ -78,7 +78,8 @@ pub struct RunArgs {
     #[arg(long, env = "KMSGRANT_CLUSTER_NAME", default_value = "")]
     pub cluster_name: String,
     /// Name of this pod (the Downward API's metadata.name): the leader election identity, with the
-    /// process ID, and the instance named in events. Default: $HOSTNAME (a pod's hostname is its name).
+    /// process ID, and the instance named in events. Default: $HOSTNAME (a pod's hostname is its
+    /// name).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
     /// Namespace of this pod (the Downward API's metadata.namespace): where the Lease lives unless
