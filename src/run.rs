@@ -66,7 +66,7 @@ pub struct RunArgs {
     /// Name of the leader election Lease.
     #[arg(long, env = "KMSGRANT_LEASE_NAME", default_value = "kmsgrant-operator")]
     pub lease_name: String,
-    /// Namespace of the Lease (default: $POD_NAMESPACE, else kmsgrant-system).
+    /// Namespace of the Lease (default: --pod-namespace, else kmsgrant-system).
     #[arg(long, env = "KMSGRANT_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
     /// How long a leader's lease lasts without renewal; a standby takes over after it.
@@ -77,6 +77,15 @@ pub struct RunArgs {
     /// per cluster. Set it explicitly so that a rebuilt cluster finds its grants again.
     #[arg(long, env = "KMSGRANT_CLUSTER_NAME", default_value = "")]
     pub cluster_name: String,
+    /// Name of this pod (the Downward API's metadata.name): the leader election identity, with the
+    /// process ID, and the instance named in events. Default: $HOSTNAME (a pod's hostname is its
+    /// name).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Namespace of this pod (the Downward API's metadata.namespace): where the Lease lives unless
+    /// --lease-namespace says otherwise.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
     /// Log filter, e.g. `info` or `kmsgrant=debug,info`.
     #[arg(long, env = "KMSGRANT_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -117,6 +126,8 @@ impl RunArgs {
             lease_namespace,
             lease_duration,
             cluster_name,
+            pod_name,
+            pod_namespace,
             log_level,
             log_format,
             per_object_metrics,
@@ -139,6 +150,9 @@ impl RunArgs {
             eprintln!("error: {err}");
             return ExitCode::from(2);
         }
+        let pod_name = pod_name
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .filter(|name| !name.is_empty());
         let settings = Settings {
             resync: resync_interval,
             backoff_min,
@@ -152,13 +166,23 @@ impl RunArgs {
             cluster_name,
             provider_check_interval,
             provider_failure_threshold: provider_failure_threshold.max(1),
+            instance: pod_name.clone(),
             ..Settings::default()
         };
-        let election = leader_election.then(|| {
-            let namespace = lease_namespace
-                .or_else(|| std::env::var("POD_NAMESPACE").ok())
-                .unwrap_or_else(|| "kmsgrant-system".into());
-            (namespace, lease_name, lease_duration)
+        let election = leader_election.then(|| Election {
+            namespace: lease_namespace
+                .or(pod_namespace)
+                .filter(|namespace| !namespace.is_empty())
+                .unwrap_or_else(|| "kmsgrant-system".into()),
+            name: lease_name,
+            duration: lease_duration,
+            // Unique per process, so a restarted container never mistakes its predecessor's
+            // lease for its own.
+            identity: format!(
+                "{}-{}",
+                pod_name.as_deref().unwrap_or("kmsgrant-operator"),
+                std::process::id()
+            ),
         });
         let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
         let result = runtime.block_on(async move {
@@ -177,6 +201,14 @@ impl RunArgs {
     }
 }
 
+/// The Lease to hold and who holds it.
+struct Election {
+    namespace: String,
+    name: String,
+    duration: Duration,
+    identity: String,
+}
+
 /// Serves the admin endpoints, waits for leadership when asked to, and runs the controllers until
 /// SIGTERM/Ctrl-C (in-flight reconciles, and so their KMS calls, finish first) or until leadership
 /// is lost (then the process exits with an error and is restarted as a standby).
@@ -185,7 +217,7 @@ async fn operate(
     mut settings: Settings,
     metrics: crate::metrics::Metrics,
     admin_address: std::net::SocketAddr,
-    election: Option<(String, String, Duration)>,
+    election: Option<Election>,
 ) -> anyhow::Result<()> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -200,12 +232,14 @@ async fn operate(
     .map_err(|e| anyhow::anyhow!("cannot serve the admin endpoints on {admin_address}: {e}"))?;
 
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown_signal()));
-    let elector = election.map(|(namespace, name, duration)| {
-        let identity = std::env::var("POD_NAME")
-            .or_else(|_| std::env::var("HOSTNAME"))
-            .map(|host| format!("{host}-{}", std::process::id()))
-            .unwrap_or_else(|_| format!("kmsgrant-operator-{}", std::process::id()));
-        crate::leader::LeaderElection::new(client.clone(), &namespace, &name, &identity, duration)
+    let elector = election.map(|e| {
+        crate::leader::LeaderElection::new(
+            client.clone(),
+            &e.namespace,
+            &e.name,
+            &e.identity,
+            e.duration,
+        )
     });
     if let Some(elector) = &elector {
         // A standby is ready: it serves metrics and waits to take over.

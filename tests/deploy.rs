@@ -151,10 +151,15 @@ fn assert_hardened(deployment: &Value) {
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], "admin");
     assert_eq!(c["readinessProbe"]["httpGet"]["port"], "admin");
     assert_eq!(c["ports"][0]["name"], "admin");
-    // The credentials Secret and the Lease are looked for in the pod's own namespace.
+    // The credentials Secret and the Lease are looked for in the pod's own namespace, and the
+    // pod's name (--pod-name) is the leader election identity and the instance named in events.
     assert_eq!(
         c["env"][0],
         json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}})
+    );
+    assert_eq!(
+        c["env"][1],
+        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     );
     assert!(args(deployment).contains(&"--secret-namespace=$(POD_NAMESPACE)".to_owned()));
 }

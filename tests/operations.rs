@@ -133,23 +133,38 @@ async fn with_leader_election_one_replica_writes_and_a_standby_takes_over_when_i
     let flags = |port: u16| {
         vec![
             "--leader-election".to_owned(),
-            "--lease-namespace".to_owned(),
-            env.namespace.clone(),
             "--lease-duration".to_owned(),
             "4s".to_owned(),
             "--admin-address".to_owned(),
             format!("127.0.0.1:{port}"),
         ]
     };
-    let start = |port| {
-        let args = flags(port);
-        Operator::start_with(
+    // The pod's name and namespace (the lease's, without --lease-namespace): replica 0 by flags,
+    // replica 1 by the Downward API's environment variables.
+    let start = |replica: usize| {
+        let mut args = flags(ports[replica]);
+        let pod_name = format!("replica-{replica}");
+        let envs = if replica == 0 {
+            args.extend(["--pod-name".to_owned(), pod_name]);
+            args.extend(["--pod-namespace".to_owned(), env.namespace.clone()]);
+            vec![]
+        } else {
+            vec![
+                ("POD_NAME", pod_name),
+                ("POD_NAMESPACE", env.namespace.clone()),
+            ]
+        };
+        Operator::start_with_env(
             &env.namespace,
             "5s",
             &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            &envs
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect::<Vec<_>>(),
         )
     };
-    let mut replicas = vec![Some(start(ports[0])), Some(start(ports[1]))];
+    let mut replicas = vec![Some(start(0)), Some(start(1))];
     let metrics = async |port: u16| {
         get(&format!("http://127.0.0.1:{port}/metrics"))
             .await
@@ -172,9 +187,46 @@ async fn with_leader_election_one_replica_writes_and_a_standby_takes_over_when_i
     .await;
     let leader = leader.unwrap();
     let standby = 1 - leader;
+    // The leader holds the Lease in its pod's namespace as <pod name>-<pid>.
+    let lease: serde_json::Value = serde_json::from_str(&support::kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "get",
+            "lease",
+            "kmsgrant-operator",
+            "-o",
+            "json",
+        ],
+        None,
+    ))
+    .unwrap();
+    let pid = replicas[leader].as_ref().unwrap().pid();
+    assert_eq!(
+        lease["spec"]["holderIdentity"],
+        format!("replica-{leader}-{pid}")
+    );
 
     env.apply(&env.grant("first", &key, json!({})));
     env.wait_for("first", "condition=Ready", 60);
+    // Its events name it as the reporting instance.
+    let mut created = None;
+    eventually(
+        "the GrantCreated event",
+        Duration::from_secs(30),
+        async || {
+            created = env
+                .events()
+                .into_iter()
+                .find(|e| e["reason"] == "GrantCreated");
+            created.is_some()
+        },
+    )
+    .await;
+    assert_eq!(
+        created.unwrap()["reportingInstance"],
+        format!("replica-{leader}")
+    );
     let creates = async |port| {
         series(
             &metrics(port).await,

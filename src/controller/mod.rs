@@ -64,6 +64,8 @@ pub struct Settings {
     pub provider_check_interval: Duration,
     /// Consecutive failed checks before a verified provider config is reported NotReady.
     pub provider_failure_threshold: u32,
+    /// This replica's name (its pod), reported as the instance of every event it records.
+    pub instance: Option<String>,
 }
 
 impl Default for Settings {
@@ -83,6 +85,7 @@ impl Default for Settings {
             fence: crate::leader::Fence::open(),
             provider_check_interval: Duration::from_secs(60),
             provider_failure_threshold: 3,
+            instance: None,
         }
     }
 }
@@ -211,7 +214,7 @@ pub async fn run(
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let reporter = Reporter {
         controller: "kmsgrant-operator".into(),
-        instance: std::env::var("HOSTNAME").ok(),
+        instance: settings.instance.clone(),
     };
     let configs: Api<KmsProviderConfig> = Api::all(client.clone());
     let grants: Api<KmsGrant> = match &settings.namespace {

@@ -5,7 +5,7 @@ mod support;
 use kms_emulator::{KeyState, NewKey, NewUser, TokenScope};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{GRANTEE, Harness, Variant, default_key_id, sdk_date, sign};
+use support::{GRANTEE, Harness, ToSign, Variant, default_key_id};
 
 /// How a case authenticates.
 #[derive(Clone, Copy, Debug)]
@@ -692,52 +692,34 @@ async fn run_case(h: &Harness, world: &World, case: &Case) -> (StatusCode, Optio
         request = request.header("X-Auth-Token", token);
     }
     let host = h.emulator.addr().to_string();
-    let signature = |variant: Variant, date: &str, secret: &str| {
-        sign(
-            &variant,
-            &config.access_key,
-            secret,
-            case.method,
-            &path,
-            "",
-            &[
-                ("host", &host),
-                ("content-type", "application/json"),
-                ("x-sdk-date", date),
-            ],
-            body.as_bytes(),
-        )
+    let to_sign = ToSign {
+        method: case.method,
+        path: &path,
+        query: "",
+        headers: &[("host", &host), ("content-type", "application/json")],
+        body: body.as_bytes(),
     };
     let secret = config.secret_key.as_str();
     let otc = Variant::Otc {
         region: config.region.clone(),
         service: "kms".into(),
     };
+    let huawei = Variant::Huawei;
     let signed = match case.auth {
-        Auth::SignedHuawei | Auth::SignedOtherProject => Some((
-            sdk_date(0),
-            signature(Variant::Huawei, &sdk_date(0), secret),
-        )),
-        Auth::SignedOtc => Some((sdk_date(0), signature(otc, &sdk_date(0), secret))),
-        Auth::BadSignature => Some((
-            sdk_date(0),
-            signature(Variant::Huawei, &sdk_date(0), "wrong-secret"),
-        )),
-        Auth::Skewed => Some((
-            sdk_date(-960),
-            signature(Variant::Huawei, &sdk_date(-960), secret),
-        )),
-        Auth::MissingDate => Some((
-            String::new(),
-            signature(Variant::Huawei, &sdk_date(0), secret),
-        )),
+        Auth::SignedHuawei | Auth::SignedOtherProject => Some(h.sign(&huawei, &to_sign)),
+        Auth::SignedOtc => Some(h.sign(&otc, &to_sign)),
+        Auth::BadSignature => Some(h.sign_with(&huawei, "wrong-secret", 0, &to_sign)),
+        Auth::Skewed => Some(h.sign_with(&huawei, secret, -960, &to_sign)),
+        Auth::MissingDate => {
+            // Signed over a date the request does not carry.
+            let signature = h.sign(&huawei, &to_sign);
+            request = request.header("authorization", signature.authorization);
+            None
+        }
         _ => None,
     };
-    if let Some((date, authorization)) = signed {
-        if !date.is_empty() {
-            request = request.header("X-Sdk-Date", date);
-        }
-        request = request.header("Authorization", authorization);
+    if let Some(signature) = signed {
+        request = signature.apply(request);
     }
     let answer = h.send(request).await;
     let code = answer.error_code().map(str::to_owned);

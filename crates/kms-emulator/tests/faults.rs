@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use kms_emulator::{Emulator, EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{GRANTEE, Harness, Variant, sdk_date, sign};
+use support::{GRANTEE, Harness, ToSign, Variant};
 
 fn errors(pairs: &[(&str, f64, InjectedError)]) -> BTreeMap<String, ErrorInjection> {
     pairs
@@ -118,26 +118,17 @@ async fn the_throttle_answers_429_beyond_the_rate_of_each_credential() {
     assert_eq!(ok + throttled, 300);
 
     // Another credential (the access key) has its own budget.
-    let config = h.emulator.config();
-    let path = format!("/v1.0/{}/kms/list-keys", config.project_id);
-    let date = sdk_date(0);
-    let authorization = sign(
-        &Variant::Huawei,
-        &config.access_key,
-        config.secret_key.as_str(),
-        "POST",
-        &path,
-        "",
-        &[("x-sdk-date", &date)],
-        b"{}",
-    );
+    let path = format!("/v1.0/{}/kms/list-keys", h.project_id());
     let signed = h
-        .send(
-            h.http
-                .post(format!("{}{path}", h.emulator.base_url()))
-                .header("x-sdk-date", &date)
-                .header("authorization", authorization)
-                .body("{}"),
+        .send_signed(
+            &Variant::Huawei,
+            &ToSign {
+                method: "POST",
+                path: &path,
+                query: "",
+                headers: &[],
+                body: b"{}",
+            },
         )
         .await;
     assert_eq!(signed.status, StatusCode::OK);

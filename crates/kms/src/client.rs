@@ -20,8 +20,8 @@ use super::config::{ClientConfig, Credentials, Project};
 use super::error::{Call, ErrorReason, KmsError, classify};
 use super::rate_limit::TokenBucket;
 use super::types::{
-    CreateGrantResponse, DescribeKeyResponse, Grant, KeyInfo, ListGrantsResponse, NewGrant, Quotas,
-    QuotasResponse,
+    CreateGrantResponse, DescribeKeyResponse, Grant, IssuedToken, KeyInfo, ListGrantsResponse,
+    NewGrant, Quotas, QuotasResponse, TokenResponse,
 };
 use kmsgrant_kms_signer::{self as signer, RequestParts, SdkDateTime};
 use secrecy::{ExposeSecret, SecretString};
@@ -330,14 +330,15 @@ impl KmsClient {
             }
         })
         .await
+        .map(|answer| answer.body)
     }
 
     // One span per call, attempts and retries included: a child of the reconcile that made it.
     #[tracing::instrument(name = "kms", skip_all, fields(call = call.as_str()))]
-    async fn with_retries<F, Fut>(&self, call: Call, mut attempt: F) -> Result<Value, KmsError>
+    async fn with_retries<F, Fut>(&self, call: Call, mut attempt: F) -> Result<Answer, KmsError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<Value, KmsError>>,
+        Fut: std::future::Future<Output = Result<Answer, KmsError>>,
     {
         let policy = self.inner.config.retry;
         let started = Instant::now();
@@ -349,9 +350,9 @@ impl KmsClient {
                 self.inner.metrics.throttle_waited(permit.waited);
             }
             let err = match attempt().await {
-                Ok(value) => {
+                Ok(answer) => {
                     self.learned(|bucket| bucket.succeeded(permit));
-                    return Ok(value);
+                    return Ok(answer);
                 }
                 Err(err) => err,
             };
@@ -395,7 +396,7 @@ impl KmsClient {
         url: &Url,
         body: Option<&[u8]>,
         auth: &Auth,
-    ) -> Result<Value, KmsError> {
+    ) -> Result<Answer, KmsError> {
         let mut headers = HeaderMap::new();
         headers.insert(reqwest::header::HOST, header_value(&authority(url)));
         if body.is_some() {
@@ -469,7 +470,7 @@ impl KmsClient {
         &self,
         call: Call,
         request: reqwest::RequestBuilder,
-    ) -> Result<Value, KmsError> {
+    ) -> Result<Answer, KmsError> {
         let response = request
             .send()
             .await
@@ -508,13 +509,19 @@ impl KmsClient {
                 retry_after: None,
             });
         }
+        // IAM's token call answers with the token in this header, never in the body.
         let subject_token = response
             .headers()
             .get("x-subject-token")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+            .filter(|v| !v.is_empty())
+            .map(SecretString::from);
         let bytes = read_capped(call, response, self.inner.config.max_response_bytes).await?;
-        parse_answer(call, status, &bytes, subject_token, request_id, retry_after)
+        let body = parse_answer(call, status, &bytes, request_id, retry_after)?;
+        Ok(Answer {
+            body,
+            subject_token,
+        })
     }
 
     async fn auth_for_kms(&self, call: Call, project_id: &str) -> Result<Auth, KmsError> {
@@ -569,28 +576,24 @@ impl KmsClient {
         let url = join(self.iam_base()?, "v3/auth/tokens");
         let body = body.to_string().into_bytes();
         let issued = Instant::now();
-        let value = self
+        let answer = self
             .with_retries(Call::IamToken, || {
                 self.send(Call::IamToken, Method::POST, &url, Some(&body), &Auth::None)
             })
             .await?;
-        let token = value
-            .get(SUBJECT_TOKEN_FIELD)
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                KmsError::new(
-                    Call::IamToken,
-                    ErrorReason::UnexpectedResponse,
-                    "IAM answered without X-Subject-Token",
-                )
-            })?;
-        if let Some(id) = value.pointer("/token/project/id").and_then(Value::as_str) {
-            let _ = self.inner.project_id.set(id.to_owned());
+        let described: TokenResponse = decode(Call::IamToken, answer.body)?;
+        let issued_token = IssuedToken::new(answer.subject_token, described).ok_or_else(|| {
+            KmsError::new(
+                Call::IamToken,
+                ErrorReason::UnexpectedResponse,
+                "IAM answered without X-Subject-Token",
+            )
+        })?;
+        if let Some(id) = issued_token.project_id {
+            let _ = self.inner.project_id.set(id);
         }
-        let lifetime = value
-            .pointer("/token/expires_at")
-            .and_then(Value::as_str)
-            .and_then(|at| at.parse::<jiff::Timestamp>().ok())
+        let lifetime = issued_token
+            .expires_at
             .map(|at| at.duration_since(jiff::Timestamp::now()))
             .and_then(|d| Duration::try_from(d).ok())
             .unwrap_or(Duration::from_secs(3600));
@@ -598,7 +601,7 @@ impl KmsClient {
         let margin = (lifetime / 10).min(Duration::from_secs(300));
         tracing::debug!(?lifetime, "got an IAM token");
         Ok(CachedToken {
-            value: SecretString::from(token),
+            value: issued_token.token,
             generation: self.inner.token_generation.fetch_add(1, Ordering::Relaxed) + 1,
             refresh_at: issued + lifetime.saturating_sub(margin),
         })
@@ -624,12 +627,13 @@ impl KmsClient {
                 Auth::Token(token, generation)
             }
         };
-        let value = self
+        let answer = self
             .with_retries(Call::IamProjects, || {
                 self.send(Call::IamProjects, Method::GET, &url, None, &auth)
             })
             .await?;
-        value
+        answer
+            .body
             .get("projects")
             .and_then(Value::as_array)
             .and_then(|projects| {
@@ -660,8 +664,12 @@ impl KmsClient {
     }
 }
 
-/// Where the IAM token (an answer header) is passed along with the answer body, internally.
-const SUBJECT_TOKEN_FIELD: &str = "\u{0}x-subject-token";
+/// A successful answer: its JSON body and the one header a caller needs from it.
+struct Answer {
+    body: Value,
+    /// `X-Subject-Token`: the token IAM's token call issues (absent on every other answer).
+    subject_token: Option<SecretString>,
+}
 
 enum Auth {
     None,
@@ -719,12 +727,11 @@ fn parse_answer(
     call: Call,
     status: StatusCode,
     bytes: &[u8],
-    subject_token: Option<String>,
     request_id: Option<String>,
     retry_after: Option<Duration>,
 ) -> Result<Value, KmsError> {
     if status.is_success() {
-        let mut value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
+        let value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
             json!({})
         } else {
             serde_json::from_slice(bytes).map_err(|e| {
@@ -735,10 +742,6 @@ fn parse_answer(
                 )
             })?
         };
-        if let (Some(token), Some(object)) = (subject_token, value.as_object_mut()) {
-            // The IAM token travels in a header; hand it to the caller with the body.
-            object.insert(SUBJECT_TOKEN_FIELD.into(), Value::String(token));
-        }
         return Ok(value);
     }
     let (code, message) = error_body(bytes, status);
@@ -952,8 +955,8 @@ mod tests {
 
         use super::super::*;
         use crate::types::{
-            CreateGrantResponse, DescribeKeyResponse, Grant, KeyInfo, ListGrantsResponse, Quotas,
-            QuotasResponse,
+            CreateGrantResponse, DescribeKeyResponse, Grant, IssuedToken, KeyInfo,
+            ListGrantsResponse, Quotas, QuotasResponse, TokenResponse,
         };
 
         fn config() -> ProptestConfig {
@@ -983,7 +986,7 @@ mod tests {
         /// Everything the client does with an answer: parse it, decode it as each call's type.
         fn check_answer(call: Call, status: u16, body: &[u8]) -> Result<(), TestCaseError> {
             let status = StatusCode::from_u16(status).unwrap();
-            match parse_answer(call, status, body, None, Some("id".repeat(1000)), None) {
+            match parse_answer(call, status, body, Some("id".repeat(1000)), None) {
                 Ok(value) => {
                     prop_assert!(status.is_success());
                     let _ = decode::<ListGrantsResponse>(call, value.clone())
@@ -992,7 +995,11 @@ mod tests {
                         .map(|key| KeyInfo::from(key.key_info));
                     let _ = decode::<QuotasResponse>(call, value.clone())
                         .map(|quotas| Quotas::from(quotas.quotas));
-                    let _ = decode::<CreateGrantResponse>(call, value);
+                    let _ = decode::<CreateGrantResponse>(call, value.clone());
+                    let _ = decode::<TokenResponse>(call, value).map(|body| {
+                        IssuedToken::new(Some(SecretString::from("t")), body)
+                            .map(|token| token.expires_at)
+                    });
                 }
                 Err(err) => {
                     prop_assert!(
@@ -1045,6 +1052,10 @@ mod tests {
                 Just("error_msg"),
                 Just("message"),
                 Just("name"),
+                Just("token"),
+                Just("expires_at"),
+                Just("project"),
+                Just("id"),
             ];
             let leaf = prop_oneof![
                 Just(Value::Null),
@@ -1166,7 +1177,6 @@ mod tests {
                     Call::CreateGrant,
                     StatusCode::BAD_REQUEST,
                     &serde_json::to_vec(&body).unwrap(),
-                    None,
                     None,
                     None,
                 )

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 
+use secrecy::SecretString;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Whether the grantee principal is a user or an account (domain).
@@ -289,6 +290,52 @@ pub(crate) struct CreateGrantResponse {
     pub grant_id: String,
 }
 
+/// The body of IAM's token answer (`POST /v3/auth/tokens`), the parts the client reads. The token
+/// itself is not in the body: it is the answer's `X-Subject-Token` header, see [`IssuedToken`].
+#[derive(Deserialize, Default)]
+pub(crate) struct TokenResponse {
+    #[serde(default)]
+    pub token: WireToken,
+}
+
+#[derive(Deserialize, Default)]
+pub(crate) struct WireToken {
+    /// RFC 3339; absent or unreadable means "assume the documented lifetime".
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    /// The project the token is scoped to; present when it was asked for by project.
+    #[serde(default)]
+    pub project: Option<WireProjectRef>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct WireProjectRef {
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// An IAM token as issued: the `X-Subject-Token` header with what the answer body says about it.
+pub(crate) struct IssuedToken {
+    pub token: SecretString,
+    pub expires_at: Option<jiff::Timestamp>,
+    pub project_id: Option<String>,
+}
+
+impl IssuedToken {
+    /// Joins the header (`None` when IAM sent none) with the decoded body.
+    pub fn new(subject_token: Option<SecretString>, body: TokenResponse) -> Option<Self> {
+        Some(Self {
+            token: subject_token?,
+            expires_at: body.token.expires_at.and_then(|at| at.parse().ok()),
+            project_id: body
+                .token
+                .project
+                .and_then(|p| p.id)
+                .filter(|id| !id.is_empty()),
+        })
+    }
+}
+
 #[derive(Deserialize)]
 pub(crate) struct QuotasResponse {
     pub quotas: WireQuotas,
@@ -415,5 +462,30 @@ mod tests {
                 .unwrap();
         assert!(page.truncated);
         assert_eq!(page.next_marker, "100");
+    }
+
+    #[test]
+    fn an_iam_token_is_the_header_with_the_expiry_and_project_of_the_body() {
+        use secrecy::ExposeSecret;
+        let body: TokenResponse = serde_json::from_str(
+            r#"{"token": {"expires_at": "2099-01-01T00:00:00.000000Z",
+                "project": {"id": "p1", "name": "eu-de_x"}, "methods": ["password"]}}"#,
+        )
+        .unwrap();
+        let issued = IssuedToken::new(Some(SecretString::from("MIIE")), body).unwrap();
+        assert_eq!(issued.token.expose_secret(), "MIIE");
+        assert_eq!(
+            issued.expires_at,
+            Some("2099-01-01T00:00:00Z".parse().unwrap())
+        );
+        assert_eq!(issued.project_id.as_deref(), Some("p1"));
+
+        // A domain-scoped token, or an empty body: no project, no known expiry.
+        let bare = IssuedToken::new(Some(SecretString::from("t")), TokenResponse::default());
+        let bare = bare.unwrap();
+        assert_eq!((bare.expires_at, bare.project_id), (None, None));
+
+        // No header, no token, whatever the body says.
+        assert!(IssuedToken::new(None, TokenResponse::default()).is_none());
     }
 }
