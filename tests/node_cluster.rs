@@ -433,7 +433,6 @@ impl Node {
                 "keyId": key_id,
                 "granteePrincipal": "13gg44z4g2sglzk0egw0u726zoyzvrs8",
                 "operations": ["describe-key", "create-datakey"],
-                "name": name,
             }
         })
     }
@@ -688,6 +687,15 @@ impl Drop for KustomizeCleanup {
                 "clusterrole,clusterrolebinding",
                 "-l",
                 "app.kubernetes.io/part-of=kmsgrant-operator",
+            ],
+            None,
+        );
+        node.kubectl(
+            &[
+                "delete",
+                "validatingadmissionpolicy,validatingadmissionpolicybinding",
+                "kmsgrant-guardrails",
+                "--ignore-not-found",
             ],
             None,
         );

@@ -226,7 +226,10 @@ pub async fn run(
         None => watcher::Config::default(),
     };
 
-    let cluster = cluster_name(&client, &settings.cluster_name).await?;
+    let cluster = tokio::select! {
+        cluster = cluster_name(&client, &settings.cluster_name) => cluster?,
+        () = shutdown.clone() => return Ok(()),
+    };
     tracing::info!(cluster = %cluster, "grant identities are k8s/{cluster}/<namespace>/<name>");
     let provider_controller = Controller::new(configs.clone(), selected.clone());
     let provider_store = provider_controller.store();
@@ -346,29 +349,38 @@ pub async fn run(
 
 /// The configured cluster name, else the UID of `kube-system`: two clusters installed with
 /// defaults never share identities. A rebuilt cluster gets a new UID, so disaster recovery sets
-/// the name explicitly.
+/// the name explicitly. Reading `kube-system` is retried (the operator stays not Ready): its RBAC
+/// may arrive after the pod, and a crash loop would only delay it.
 async fn cluster_name(client: &Client, configured: &str) -> anyhow::Result<String> {
-    let name = if configured.is_empty() {
-        use k8s_openapi::api::core::v1::Namespace;
-        let namespace = Api::<Namespace>::all(client.clone())
-            .get("kube-system")
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "no --cluster-name given and cannot read namespace kube-system for its UID: {e}"
-                )
-            })?;
-        namespace
-            .uid()
-            .ok_or_else(|| anyhow::anyhow!("namespace kube-system has no UID"))?
-    } else {
-        configured.to_owned()
-    };
-    anyhow::ensure!(
-        identity::valid_cluster_name(&name),
-        "cluster name {name:?} must be 1-63 letters, digits, '-' or '_'"
-    );
-    Ok(name)
+    if !configured.is_empty() {
+        anyhow::ensure!(
+            identity::valid_cluster_name(configured),
+            "--cluster-name {configured:?} must be 1-63 letters, digits, '-' or '_'"
+        );
+        return Ok(configured.to_owned());
+    }
+    use k8s_openapi::api::core::v1::Namespace;
+    let api = Api::<Namespace>::all(client.clone());
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match api.get("kube-system").await {
+            Ok(namespace) => {
+                let uid = namespace
+                    .uid()
+                    .ok_or_else(|| anyhow::anyhow!("namespace kube-system has no UID"))?;
+                anyhow::ensure!(
+                    identity::valid_cluster_name(&uid),
+                    "the UID of kube-system ({uid:?}) is not a valid cluster name; set --cluster-name"
+                );
+                return Ok(uid);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in = ?delay, "no --cluster-name given and cannot read namespace kube-system for its UID; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
 }
 
 fn grant_error_policy(object: Arc<KmsGrant>, err: &ReconcileError, ctx: Arc<Context>) -> Action {
