@@ -1057,8 +1057,16 @@ fn deleting_the_leader_pod_during_50_creates_drains_within_the_grace_period_with
     }
     let duplicates: Vec<_> = by_name.iter().filter(|(_, n)| **n > 1).collect();
     assert!(duplicates.is_empty(), "duplicate grants: {duplicates:?}");
+    assert_eq!(by_name.len(), names.len(), "grants on the key: {by_name:?}");
+    // Each grant is named for its object's identity, k8s/<cluster>/default/<object>.
     assert_eq!(
-        by_name.keys().cloned().collect::<BTreeSet<_>>(),
+        by_name
+            .keys()
+            .filter_map(|name| name.strip_prefix("k8s/"))
+            .filter_map(|rest| rest
+                .split_once("/default/")
+                .map(|(_, object)| object.to_owned()))
+            .collect::<BTreeSet<_>>(),
         names.iter().cloned().collect::<BTreeSet<_>>()
     );
     let mut delete = vec![
