@@ -314,6 +314,7 @@ fn chart_carries_the_generated_crds() {
     for name in [
         "kmsgrants.kmsgrant.io.yaml",
         "kmsproviderconfigs.kmsgrant.io.yaml",
+        "kmskeypolicies.kmsgrant.io.yaml",
     ] {
         let generated = std::fs::read_to_string(repo(&format!("crds/{name}"))).unwrap();
         let copy = std::fs::read_to_string(repo(&format!("{CHART}/files/crds/{name}"))).unwrap();
@@ -880,6 +881,12 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
             "kmsproviderconfigs.kmsgrant.io",
             "--subresource=status",
         ],
+        &["watch", "kmskeypolicies.kmsgrant.io"],
+        &[
+            "patch",
+            "kmskeypolicies.kmsgrant.io",
+            "--subresource=status",
+        ],
         &["get", "namespaces/team-a"],
         // namespaceSelector checks read labels from a watch of Namespaces (metadata only).
         &["list", "namespaces"],
@@ -912,6 +919,9 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
         &["delete", "kmsgrants.kmsgrant.io", "-n", "team-a"],
         &["update", "kmsproviderconfigs.kmsgrant.io"],
         &["delete", "kmsproviderconfigs.kmsgrant.io"],
+        // KmsKeyPolicies belong to people too: the operator writes only their status.
+        &["patch", "kmskeypolicies.kmsgrant.io"],
+        &["create", "kmskeypolicies.kmsgrant.io"],
         &["update", "customresourcedefinitions.apiextensions.k8s.io"],
         &["update", "namespaces/team-a"],
         &["delete", "events.events.k8s.io", "-n", "team-a"],
