@@ -427,4 +427,11 @@ async fn a_policy_says_why_it_cannot_audit() {
     for name in [&no_config, &no_key] {
         kubectl_ok(&["delete", "kmskeypolicies.kmsgrant.io", name], None);
     }
+    // The README's example is a valid KmsKeyPolicy.
+    let example = std::path::Path::new(support::REPO).join("deploy/examples/keypolicy.yaml");
+    let out = kubectl_ok(
+        &["apply", "--dry-run=server", "-f", example.to_str().unwrap()],
+        None,
+    );
+    assert!(out.contains("kmskeypolicy.kmsgrant.io/seed-key"), "{out}");
 }

@@ -11,7 +11,7 @@
 //! - a grant named `k8s/<another cluster>/...` is another cluster's, counted apart;
 //! - everything else (unnamed, hand-made, another tool's) is unmanaged.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use kube::ResourceExt;
@@ -68,37 +68,73 @@ fn named_object(grant_name: &str, cluster: &str) -> Option<(String, String)> {
     Some((namespace.to_owned(), mapped.replace(':', ".")))
 }
 
-/// Sorts the key's grants out against the objects in the cache; pure.
-fn judge(grants: &[Grant], cluster: &str, objects: &[Arc<KmsGrant>]) -> Vec<(Grant, Verdict)> {
-    let claims: Vec<(Identity, Option<String>)> = objects
-        .iter()
-        .map(|o| {
+/// What the objects in the cache claim, indexed once per pass for every key.
+pub struct Claims {
+    cluster: String,
+    /// Identity and legacy names of every object.
+    names: HashSet<String>,
+    /// Grant IDs recorded in status.
+    recorded: HashSet<String>,
+    /// `spec.importGrantId` → the identities of the objects importing it.
+    imports: HashMap<String, Vec<Identity>>,
+}
+
+impl Claims {
+    pub fn of(cluster: &str, objects: &[Arc<KmsGrant>]) -> Self {
+        let mut claims = Self {
+            cluster: cluster.to_owned(),
+            names: HashSet::new(),
+            recorded: HashSet::new(),
+            imports: HashMap::new(),
+        };
+        for object in objects {
             let identity = Identity::new(
                 cluster,
-                &o.namespace().unwrap_or_default(),
-                &o.name_any(),
-                &o.uid().unwrap_or_default(),
+                &object.namespace().unwrap_or_default(),
+                &object.name_any(),
+                &object.uid().unwrap_or_default(),
             );
-            (identity, o.spec.import_grant_id.clone())
-        })
-        .collect();
-    let recorded: BTreeSet<&str> = objects
-        .iter()
-        .filter_map(|o| o.status.as_ref()?.grant_id.as_deref())
-        .collect();
+            if let Some(id) = object.status.as_ref().and_then(|s| s.grant_id.clone()) {
+                claims.recorded.insert(id);
+            }
+            claims.names.insert(identity.name.clone());
+            claims.names.insert(identity.legacy_name.clone());
+            if let Some(import) = &object.spec.import_grant_id {
+                claims
+                    .imports
+                    .entry(import.clone())
+                    .or_default()
+                    .push(identity);
+            }
+        }
+        claims
+    }
+
+    /// Whether some object owns the grant, as [`Claim::owns`] decides for each.
+    fn owned(&self, grant: &Grant) -> bool {
+        let name = grant.name.as_deref();
+        name.is_some_and(|n| self.names.contains(n))
+            || self.recorded.contains(&grant.grant_id)
+            || self.imports.get(&grant.grant_id).is_some_and(|identities| {
+                identities.iter().any(|identity| {
+                    Claim {
+                        identity,
+                        import: Some(&grant.grant_id),
+                    }
+                    .owns(grant)
+                })
+            })
+    }
+}
+
+/// Sorts the key's grants out against the objects' claims; pure.
+fn judge(grants: &[Grant], claims: &Claims) -> Vec<(Grant, Verdict)> {
+    let cluster = claims.cluster.as_str();
     grants
         .iter()
         .map(|grant| {
             let name = grant.name.as_deref();
-            let owned = recorded.contains(grant.grant_id.as_str())
-                || claims.iter().any(|(identity, import)| {
-                    Claim {
-                        identity,
-                        import: import.as_deref(),
-                    }
-                    .owns(grant)
-                });
-            let verdict = if owned {
+            let verdict = if claims.owned(grant) {
                 Verdict::Managed
             } else {
                 match name.and_then(identity::cluster_of) {
@@ -120,12 +156,11 @@ fn judge(grants: &[Grant], cluster: &str, objects: &[Arc<KmsGrant>]) -> Vec<(Gra
 pub async fn audit(
     client: &kube::Client,
     grants: &[Grant],
-    cluster: &str,
-    objects: &[Arc<KmsGrant>],
+    claims: &Claims,
 ) -> Result<Audit, kube::Error> {
     let mut exists: BTreeMap<(String, String), bool> = BTreeMap::new();
     let mut found = Vec::new();
-    for (grant, verdict) in judge(grants, cluster, objects) {
+    for (grant, verdict) in judge(grants, claims) {
         let owner = match verdict {
             Verdict::Managed => continue,
             Verdict::Reported(owner) => owner,
@@ -214,7 +249,7 @@ mod tests {
     }
 
     fn verdicts(grants: &[Grant], objects: &[Arc<KmsGrant>]) -> Vec<(String, Verdict)> {
-        judge(grants, "c1", objects)
+        judge(grants, &Claims::of("c1", objects))
             .into_iter()
             .map(|(g, v)| (g.grant_id, v))
             .collect()

@@ -537,8 +537,9 @@ async fn drift_pass(
                 continue;
             }
         };
-        let objects = ctx.grants.state();
-        match audit::audit(&ctx.client, &grants, &ctx.cluster, &objects).await {
+        // What the objects claim, read after the list: an object created meanwhile counts.
+        let claims = audit::Claims::of(&ctx.cluster, &ctx.grants.state());
+        match audit::audit(&ctx.client, &grants, &claims).await {
             Ok(found) => {
                 ctx.metrics.key_audited(
                     &key.provider,

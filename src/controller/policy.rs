@@ -160,8 +160,8 @@ async fn find(
         // Not audited yet: the grants the controller holds for the key, if it has listed it.
         None => match ctx.keys.snapshot(&key).await {
             Some(grants) => {
-                let objects = ctx.grants.state();
-                let audit = super::audit::audit(&ctx.client, &grants, &ctx.cluster, &objects)
+                let claims = super::audit::Claims::of(&ctx.cluster, &ctx.grants.state());
+                let audit = super::audit::audit(&ctx.client, &grants, &claims)
                     .await
                     .map_err(|err| Outcome::Progressing {
                         reason: "KubernetesApiError",
