@@ -435,3 +435,39 @@ async fn a_policy_says_why_it_cannot_audit() {
     );
     assert!(out.contains("kmskeypolicy.kmsgrant.io/seed-key"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_config_can_audit_a_key_no_kms_grant_uses() {
+    let mut env = Env::new("audit-keys", EmulatorConfig::for_tests(), RESYNC).await;
+    let key = env.new_key("audit-keys");
+    env.apply(&env.provider_config(json!({"auditKeyIds": [key]})));
+    let kms = kms_client(&env);
+    grant_by_hand(&kms, &key, "everyone", Some("by-hand")).await;
+    let port = free_port();
+    env.operator = Some(Operator::start_with(
+        &env.namespace,
+        RESYNC,
+        &["--admin-address", &format!("127.0.0.1:{port}")],
+    ));
+    let series_name = format!(
+        "kmsgrant_unmanaged_grants{{provider=\"{}\",key=\"{key}\"}}",
+        env.provider
+    );
+    eventually(
+        "the gauge counts the hand-made grant",
+        Duration::from_secs(60),
+        async || series(&metrics(port).await, &series_name) == Some(1.0),
+    )
+    .await;
+    // Listed once per pass, as a key in use would be.
+    let each = passes(&env, last_seq(&env), 2).await;
+    for pass in &each {
+        assert_eq!(lists(pass), BTreeMap::from([(key.clone(), 1)]), "{pass:?}");
+    }
+    // Taken out of the list, the key is no longer listed and loses its series.
+    env.apply(&env.provider_config(json!({})));
+    eventually("the series is gone", Duration::from_secs(60), async || {
+        series(&metrics(port).await, &series_name).is_none()
+    })
+    .await;
+}

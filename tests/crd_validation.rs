@@ -537,6 +537,11 @@ fn bad_provider_configs() -> Vec<BadManifest> {
             expect: &["spec.allowedKeyIds[0]", "should match"],
         },
         BadManifest {
+            case: "provider config auditing a malformed key ID",
+            manifest: set(p("p10a"), "/spec/auditKeyIds", Some(json!(["not-a-key"]))),
+            expect: &["spec.auditKeyIds[0]", "should match"],
+        },
+        BadManifest {
             case: "provider config namespaceSelector with an unknown operator",
             manifest: set(
                 p("p11"),

@@ -499,9 +499,34 @@ async fn drift_pass(
         }
     }
     let mut audited = ctx.policies.keys();
-    // Keys only a policy names are listed too: the one cost an audit can add.
+    // Keys only a policy or a provider config's `auditKeyIds` names are listed too: the one
+    // cost an audit can add.
     for key in audited.keys() {
         keys.entry(key.clone()).or_default();
+    }
+    for (name, provider) in ctx.providers.all() {
+        let Some(key_ids) = provider
+            .spec
+            .audit_key_ids
+            .as_ref()
+            .filter(|k| !k.is_empty())
+        else {
+            continue;
+        };
+        if ctx.providers.get(&name).is_none() {
+            continue;
+        }
+        let Ok(account) = grant::account_of(&provider).await else {
+            continue;
+        };
+        for key_id in key_ids {
+            keys.entry(KeyRef {
+                provider: name.clone(),
+                account: account.clone(),
+                key_id: key_id.clone(),
+            })
+            .or_default();
+        }
     }
     let mut in_use = std::collections::HashSet::new();
     let mut records = HashMap::new();
