@@ -424,6 +424,22 @@ async fn a_policy_says_why_it_cannot_audit() {
             && stalled_reason(&policy(&no_key)) == "KeyNotFound"
     })
     .await;
+    // Pointed at a key that exists, the policy reports it (listed at the next pass: no
+    // KmsGrant uses it).
+    let key = env.new_key("audit-fixed");
+    grant_by_hand(&kms_client(&env), &key, "everyone", None).await;
+    env.apply(&key_policy(&env, &no_key, &env.provider, &key));
+    eventually(
+        "the fixed policy reports",
+        Duration::from_secs(60),
+        async || {
+            let found = policy(&no_key);
+            ready_reason(&found) == "True/UnmanagedGrantsFound"
+                && found["status"]["unmanagedGrants"] == 1
+                && found["status"]["observedGeneration"] == 2
+        },
+    )
+    .await;
     for name in [&no_config, &no_key] {
         kubectl_ok(&["delete", "kmskeypolicies.kmsgrant.io", name], None);
     }

@@ -111,18 +111,21 @@ async fn reconcile_policy(policy: &KmsKeyPolicy, ctx: &Context) -> Result<Action
             };
             (status, outcome)
         }
-        // What was found before stays until the key is listed again.
+        // What was found before stays until the key is listed again, unless it was found for
+        // another spec (another key or account).
         Found::Failed(outcome) => {
             let previous = policy.status.clone().unwrap_or_default();
-            (
+            let status = if previous.observed_generation == policy.meta().generation {
                 KmsKeyPolicyStatus {
                     conditions: Vec::new(),
                     observed_generation: None,
                     last_audit_time: None,
                     ..previous
-                },
-                outcome,
-            )
+                }
+            } else {
+                KmsKeyPolicyStatus::default()
+            };
+            (status, outcome)
         }
     };
     tracing::debug!(policy = %policy.name_any(), reason = outcome.reason(), "key policy audited");
