@@ -1,7 +1,8 @@
 //! Prometheus metrics. Labels are low-cardinality by construction: kinds, results, reasons,
-//! operations and outcomes come from fixed sets; no label carries an object or key name — except
-//! the per-object series behind `--per-object-metrics` (off by default), one series per object,
-//! read from the objects' status at scrape time.
+//! operations and outcomes come from fixed sets; no label carries an object name — except the
+//! per-object series behind `--per-object-metrics` (off by default), one series per object, read
+//! from the objects' status at scrape time. The audit gauges carry a provider config and a key
+//! ID: keys are bounded by the account's key quota, not by the number of objects.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -66,6 +67,12 @@ struct BuildLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    provider: String,
+    key: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GrantLabels {
     namespace: String,
     name: String,
@@ -103,6 +110,10 @@ pub struct Metrics {
     /// The condition each object was last seen in, to keep the `objects` gauge exact.
     object_conditions: Mutex<HashMap<String, &'static str>>,
     provider_configs: Family<ConditionLabels, Gauge>,
+    unmanaged_grants: Family<KeyLabels, Gauge>,
+    other_cluster_grants: Family<KeyLabels, Gauge>,
+    /// The keys the audit gauges have a series for.
+    audited_keys: Mutex<std::collections::HashSet<KeyLabels>>,
     /// `Some` with `--per-object-metrics`.
     per_object: Option<PerObject>,
     sources: Mutex<Option<StatusSources>>,
@@ -214,6 +225,20 @@ impl Metrics {
             "KmsProviderConfigs by their current condition (Ready, Reconciling, Stalled)",
             provider_configs.clone(),
         );
+        let unmanaged_grants = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "unmanaged_grants",
+            "Grants on a key in use that no KmsGrant declares (hand-made, other tools, orphaned), \
+             as of the key's last listing",
+            unmanaged_grants.clone(),
+        );
+        let other_cluster_grants = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "other_cluster_grants",
+            "Grants on a key in use named for another cluster's KmsGrants, as of the key's last \
+             listing",
+            other_cluster_grants.clone(),
+        );
         for condition in ["Ready", "Reconciling", "Stalled"] {
             objects.get_or_create(&ConditionLabels { condition }).set(0);
             provider_configs
@@ -250,6 +275,9 @@ impl Metrics {
             leader,
             object_conditions: Mutex::new(HashMap::new()),
             provider_configs,
+            unmanaged_grants,
+            other_cluster_grants,
+            audited_keys: Mutex::new(std::collections::HashSet::new()),
             per_object,
             sources: Mutex::new(None),
         }
@@ -376,6 +404,37 @@ impl Metrics {
                 result: if hit { "hit" } else { "miss" },
             })
             .inc();
+    }
+
+    /// What the audit of one key found.
+    pub fn key_audited(&self, provider: &str, key: &str, unmanaged: u32, other_cluster: u32) {
+        let labels = KeyLabels {
+            provider: provider.to_owned(),
+            key: key.to_owned(),
+        };
+        self.unmanaged_grants
+            .get_or_create(&labels)
+            .set(i64::from(unmanaged));
+        self.other_cluster_grants
+            .get_or_create(&labels)
+            .set(i64::from(other_cluster));
+        self.audited_keys
+            .lock()
+            .expect("metrics lock")
+            .insert(labels);
+    }
+
+    /// Drops the audit series of every key not in `keep` (provider, key): keys no longer in use.
+    pub fn retain_audited_keys(&self, keep: &std::collections::HashSet<(String, String)>) {
+        let mut audited = self.audited_keys.lock().expect("metrics lock");
+        audited.retain(|labels| {
+            let kept = keep.contains(&(labels.provider.clone(), labels.key.clone()));
+            if !kept {
+                self.unmanaged_grants.remove(labels);
+                self.other_cluster_grants.remove(labels);
+            }
+            kept
+        });
     }
 
     pub fn set_leader(&self, leader: bool) {
@@ -583,6 +642,29 @@ mod tests {
         );
         assert!(!text.contains("KeyNotFound"), "{text}");
         assert!(!text.contains("name=\"app\""), "{text}");
+    }
+
+    #[test]
+    fn audit_gauges_have_one_series_per_key_in_use() {
+        let metrics = Metrics::new();
+        metrics.key_audited("default", "key-1", 2, 1);
+        metrics.key_audited("default", "key-2", 0, 0);
+        let text = metrics.encode();
+        assert!(
+            text.contains("kmsgrant_unmanaged_grants{provider=\"default\",key=\"key-1\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kmsgrant_other_cluster_grants{provider=\"default\",key=\"key-1\"} 1"),
+            "{text}"
+        );
+        metrics.retain_audited_keys(&[("default".to_owned(), "key-2".to_owned())].into());
+        let text = metrics.encode();
+        assert!(!text.contains("key-1"), "{text}");
+        assert!(
+            text.contains("kmsgrant_unmanaged_grants{provider=\"default\",key=\"key-2\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -73,7 +73,11 @@ fn set(mut doc: Value, pointer: &str, value: Option<Value>) -> Value {
 #[test]
 fn crds_install_and_become_established() {
     install_crds();
-    for crd in ["kmsgrants.kmsgrant.io", "kmsproviderconfigs.kmsgrant.io"] {
+    for crd in [
+        "kmsgrants.kmsgrant.io",
+        "kmsproviderconfigs.kmsgrant.io",
+        "kmskeypolicies.kmsgrant.io",
+    ] {
         let crd = get_json(&["get", "crd", crd]);
         let established = crd["status"]["conditions"]
             .as_array()
@@ -89,6 +93,7 @@ fn crds_install_and_become_established() {
     // Short names and the category resolve.
     kubectl_ok(&["get", "kmsg", "-A"], None);
     kubectl_ok(&["get", "kmspc"], None);
+    kubectl_ok(&["get", "kmskp"], None);
     kubectl_ok(&["get", "kmsgrants", "-A"], None);
     // The category `kms` lists every kind of ours at once.
     let ns = namespace("category");
@@ -104,7 +109,11 @@ fn crds_install_and_become_established() {
     let kinds = kubectl_ok(&["api-resources", "--categories=kms", "-o", "name"], None);
     assert_eq!(
         kinds.split_whitespace().collect::<Vec<_>>(),
-        ["kmsgrants.kmsgrant.io", "kmsproviderconfigs.kmsgrant.io"]
+        [
+            "kmsgrants.kmsgrant.io",
+            "kmskeypolicies.kmsgrant.io",
+            "kmsproviderconfigs.kmsgrant.io"
+        ]
     );
     // No category shadows a kind's own names: the singular gets and deletes exactly one grant.
     let got = kubectl_ok(
@@ -417,6 +426,41 @@ fn bad_grants(ns: &str) -> Vec<BadManifest> {
     ]
 }
 
+fn key_policy(name: &str) -> Value {
+    json!({
+        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsKeyPolicy",
+        "metadata": {"name": name},
+        "spec": {"providerConfigRef": {"name": "default"},
+            "keyId": "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e"}
+    })
+}
+
+fn bad_key_policies() -> Vec<BadManifest> {
+    let suffix = std::process::id();
+    let k = |n: &str| key_policy(&format!("{n}-{suffix}"));
+    vec![
+        BadManifest {
+            case: "key policy without keyId",
+            manifest: set(k("k1"), "/spec/keyId", None),
+            expect: &["spec.keyId", "Required value"],
+        },
+        BadManifest {
+            case: "key policy with an upper-case keyId",
+            manifest: set(
+                k("k2"),
+                "/spec/keyId",
+                Some(json!("BB6A3D22-DC93-47AC-B5BD-88DF7AD35F1E")),
+            ),
+            expect: &["spec.keyId", "should match"],
+        },
+        BadManifest {
+            case: "key policy with an empty provider config name",
+            manifest: set(k("k3"), "/spec/providerConfigRef/name", Some(json!(""))),
+            expect: &["spec.providerConfigRef.name"],
+        },
+    ]
+}
+
 fn bad_provider_configs() -> Vec<BadManifest> {
     let suffix = std::process::id();
     let p = |n: &str| provider_config(&format!("{n}-{suffix}"));
@@ -493,6 +537,11 @@ fn bad_provider_configs() -> Vec<BadManifest> {
             expect: &["spec.allowedKeyIds[0]", "should match"],
         },
         BadManifest {
+            case: "provider config auditing a malformed key ID",
+            manifest: set(p("p10a"), "/spec/auditKeyIds", Some(json!(["not-a-key"]))),
+            expect: &["spec.auditKeyIds[0]", "should match"],
+        },
+        BadManifest {
             case: "provider config namespaceSelector with an unknown operator",
             manifest: set(
                 p("p11"),
@@ -528,6 +577,7 @@ fn bad_manifests_are_rejected_by_the_api_server_naming_the_field() {
     let cases: Vec<BadManifest> = bad_grants(&ns)
         .into_iter()
         .chain(bad_provider_configs())
+        .chain(bad_key_policies())
         .collect();
     assert!(cases.len() >= 30);
     let mut failures = Vec::new();

@@ -210,6 +210,7 @@ fn kustomize_tree_applies_cleanly_with_server_side_dry_run() {
             "ClusterRoleBinding",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
+            "CustomResourceDefinition",
             "Deployment",
             "Namespace",
             "PodDisruptionBudget",
@@ -319,6 +320,7 @@ fn chart_carries_the_generated_crds() {
     for name in [
         "kmsgrants.kmsgrant.io.yaml",
         "kmsproviderconfigs.kmsgrant.io.yaml",
+        "kmskeypolicies.kmsgrant.io.yaml",
     ] {
         let generated = std::fs::read_to_string(repo(&format!("crds/{name}"))).unwrap();
         let copy = std::fs::read_to_string(repo(&format!("{CHART}/files/crds/{name}"))).unwrap();
@@ -387,6 +389,7 @@ fn helm_chart_with_default_values_applies_cleanly_with_server_side_dry_run() {
             "ClusterRole",
             "ClusterRole",
             "ClusterRoleBinding",
+            "CustomResourceDefinition",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "Deployment",
@@ -885,6 +888,12 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
             "kmsproviderconfigs.kmsgrant.io",
             "--subresource=status",
         ],
+        &["watch", "kmskeypolicies.kmsgrant.io"],
+        &[
+            "patch",
+            "kmskeypolicies.kmsgrant.io",
+            "--subresource=status",
+        ],
         &["get", "namespaces/team-a"],
         // namespaceSelector checks read labels from a watch of Namespaces (metadata only).
         &["list", "namespaces"],
@@ -917,6 +926,9 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
         &["delete", "kmsgrants.kmsgrant.io", "-n", "team-a"],
         &["update", "kmsproviderconfigs.kmsgrant.io"],
         &["delete", "kmsproviderconfigs.kmsgrant.io"],
+        // KmsKeyPolicies belong to people too: the operator writes only their status.
+        &["patch", "kmskeypolicies.kmsgrant.io"],
+        &["create", "kmskeypolicies.kmsgrant.io"],
         &["update", "customresourcedefinitions.apiextensions.k8s.io"],
         &["update", "namespaces/team-a"],
         &["delete", "events.events.k8s.io", "-n", "team-a"],

@@ -667,6 +667,7 @@ async fn two_clusters_on_one_key_with_defaults_stay_apart() {
             "--timeout=60s",
             "crd/kmsgrants.kmsgrant.io",
             "crd/kmsproviderconfigs.kmsgrant.io",
+            "crd/kmskeypolicies.kmsgrant.io",
         ],
         None,
     );

@@ -706,6 +706,7 @@ impl Drop for KustomizeCleanup {
                     "crd",
                     "kmsgrants.kmsgrant.io",
                     "kmsproviderconfigs.kmsgrant.io",
+                    "kmskeypolicies.kmsgrant.io",
                 ],
                 None,
             );
@@ -1145,7 +1146,11 @@ fn helm_upgrade_applies_a_changed_value_and_uninstall_keeps_the_crds_and_grants(
             .status
             .success()
     );
-    for crd in ["kmsgrants.kmsgrant.io", "kmsproviderconfigs.kmsgrant.io"] {
+    for crd in [
+        "kmsgrants.kmsgrant.io",
+        "kmsproviderconfigs.kmsgrant.io",
+        "kmskeypolicies.kmsgrant.io",
+    ] {
         assert!(
             node.kubectl(&["get", "crd", crd], None).status.success(),
             "{crd} was deleted"

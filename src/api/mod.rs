@@ -2,6 +2,7 @@
 //! I/O. The CRD YAML in `crds/` is generated from these types (`kmsgrant-operator crd`).
 
 mod grant;
+mod policy;
 mod provider;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -13,6 +14,7 @@ pub use grant::{
     DeletionPolicy, GrantRef, GranteePrincipalType, KmsGrant, KmsGrantSpec, KmsGrantStatus,
     Operation, ProviderConfigRef,
 };
+pub use policy::{AuditedGrant, GrantOwner, KmsKeyPolicy, KmsKeyPolicySpec, KmsKeyPolicyStatus};
 pub use provider::{
     AuthConfig, AuthType, KmsProviderConfig, KmsProviderConfigSpec, KmsProviderConfigStatus,
     RateLimit, SecretReference, SigningVariant,
@@ -30,10 +32,14 @@ pub const GRANT_ID_PATTERN: &str = r"^[0-9a-fA-F]{64}$";
 
 /// Every CustomResourceDefinition this operator serves, in install order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![KmsGrant::crd(), KmsProviderConfig::crd()]
-        .into_iter()
-        .map(unwrap_descriptions)
-        .collect()
+    vec![
+        KmsGrant::crd(),
+        KmsProviderConfig::crd(),
+        KmsKeyPolicy::crd(),
+    ]
+    .into_iter()
+    .map(unwrap_descriptions)
+    .collect()
 }
 
 /// Doc comments are wrapped at 100 columns; `kubectl explain` wraps on its own, so line breaks

@@ -131,6 +131,14 @@ pub struct KmsProviderConfigSpec {
     #[schemars(extend("x-kubernetes-list-type" = "set"), length(max = 1000), inner(pattern(KEY_ID_PATTERN)))]
     pub allowed_key_ids: Option<Vec<String>>,
 
+    /// Keys on this account whose grants the unmanaged-grant audit counts
+    /// (`kmsgrant_unmanaged_grants`) even when no KmsGrant uses them. Each such key costs one
+    /// `list-grants` walk per resync; keys KmsGrants use are audited anyway, at no extra cost. A
+    /// KmsKeyPolicy on a key also shows what was found in its status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"), length(max = 1000), inner(pattern(KEY_ID_PATTERN)))]
+    pub audit_key_ids: Option<Vec<String>>,
+
     /// If set, KmsGrants using this config may only grant these operations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-list-type" = "set"), length(max = 9))]

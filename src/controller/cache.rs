@@ -116,13 +116,14 @@ impl KeyCache {
         Ok((grants, true))
     }
 
-    /// Lists the key now; true when anything differs from the previous snapshot.
+    /// Lists the key now; true when anything differs from the previous snapshot, and the grants
+    /// listed (the audit reads them: no second walk).
     pub async fn refresh(
         &self,
         client: &KmsClient,
         key: &KeyRef,
         page_size: u32,
-    ) -> Result<bool, KmsError> {
+    ) -> Result<(bool, Vec<Grant>), KmsError> {
         let entry = self.entry(key);
         let mut snapshot = entry.grants.lock().await;
         let mut grants = client.list_all_grants(&key.key_id, page_size).await?;
@@ -133,11 +134,19 @@ impl KeyCache {
             before != grants
         });
         *snapshot = Some(Snapshot {
-            grants,
+            grants: grants.clone(),
             fetched: Instant::now(),
             stale: false,
         });
-        Ok(changed)
+        Ok((changed, grants))
+    }
+
+    /// The grants as last listed (and updated by our own writes), without listing: `None` when
+    /// the key was never listed.
+    pub async fn snapshot(&self, key: &KeyRef) -> Option<Vec<Grant>> {
+        let entry = self.entries.lock().expect("cache lock").get(key).cloned()?;
+        let snapshot = entry.grants.lock().await;
+        snapshot.as_ref().map(|s| s.grants.clone())
     }
 
     /// Records a grant we created, so the next reader sees it without listing.

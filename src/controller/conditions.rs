@@ -86,6 +86,13 @@ pub mod reasons {
     pub const SECRET_NAMESPACE_NOT_ALLOWED: &str = "SecretNamespaceNotAllowed";
     /// Reconciling (KmsProviderConfig being deleted): KmsGrants still use it.
     pub const IN_USE: &str = "InUse";
+    /// Ready (KmsKeyPolicy): the key was listed; every grant on it is declared by a KmsGrant (or
+    /// is another cluster's).
+    pub const NO_UNMANAGED_GRANTS: &str = "NoUnmanagedGrants";
+    /// Ready (KmsKeyPolicy): the key was listed; status lists grants no KmsGrant declares.
+    pub const UNMANAGED_GRANTS_FOUND: &str = "UnmanagedGrantsFound";
+    /// Reconciling (KmsKeyPolicy): the key is listed at the next resync.
+    pub const AWAITING_LIST: &str = "AwaitingList";
 }
 
 /// The longest condition message written (characters); longer ones (a KMS `error_msg` can be

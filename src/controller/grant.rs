@@ -627,7 +627,7 @@ fn unreachable_account(grant_id: &str, account: &str) -> Outcome {
 }
 
 /// The account a provider reaches: its endpoint and its (resolved) project.
-async fn account_of(provider: &Provider) -> Result<String, KmsError> {
+pub(super) async fn account_of(provider: &Provider) -> Result<String, KmsError> {
     let project_id = provider.client.project_id().await?;
     Ok(plan::account(&provider.spec.endpoint, &project_id))
 }

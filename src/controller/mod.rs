@@ -1,12 +1,14 @@
 //! The controllers: KmsGrant (grants on the cloud) and KmsProviderConfig (clients and their
 //! credentials), the per-key grant cache they share, and the drift detector.
 
+mod audit;
 mod cache;
 mod conditions;
 mod grant;
 pub mod identity;
 mod namespaces;
 mod plan;
+mod policy;
 mod provider;
 mod report;
 
@@ -31,7 +33,7 @@ pub use plan::{DesiredGrant, Plan, plan};
 pub use provider::client_config;
 pub use report::FIELD_MANAGER;
 
-use crate::api::{KmsGrant, KmsProviderConfig};
+use crate::api::{KmsGrant, KmsKeyPolicy, KmsProviderConfig};
 use crate::metrics::Metrics;
 
 /// How the controllers pace themselves.
@@ -148,6 +150,11 @@ pub struct Context {
     fence: crate::leader::Fence,
     /// Namespace labels for namespaceSelector checks (one metadata watch).
     namespaces: namespaces::NamespaceLabels,
+    /// Which key each KmsKeyPolicy audits.
+    policies: policy::PolicyInterest,
+    key_policies: Store<KmsKeyPolicy>,
+    /// What the last drift pass found on each audited key.
+    audits: Mutex<HashMap<KeyRef, policy::AuditRecord>>,
 }
 
 /// Which objects use which key, so drift on a key wakes only them.
@@ -235,6 +242,9 @@ pub async fn run(
     let provider_store = provider_controller.store();
     let grant_controller = Controller::new(grants, selected.clone());
     let grant_store = grant_controller.store();
+    let policy_controller =
+        Controller::new(Api::<KmsKeyPolicy>::all(client.clone()), selected.clone());
+    let policy_store = policy_controller.store();
     metrics.read_status_from(grant_store.clone(), provider_store.clone());
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
@@ -254,6 +264,9 @@ pub async fn run(
         cluster,
         fence: settings.fence.clone(),
         settings: settings.clone(),
+        policies: policy::PolicyInterest::default(),
+        key_policies: policy_store.clone(),
+        audits: Mutex::default(),
     });
 
     // Secrets changing (credentials rotated or fixed) wake the configs that use them.
@@ -302,6 +315,42 @@ pub async fn run(
             }
         });
 
+    // KmsKeyPolicies: status from the audits the drift detector makes, which wakes them.
+    let (audit_tx, audit_rx) = mpsc::unbounded_channel::<ObjectRef<KmsKeyPolicy>>();
+    let policy_controller = policy_controller
+        // A provider config changing (becoming Ready, say) wakes the policies that name it.
+        .watches(
+            configs.clone(),
+            watcher::Config::default(),
+            move |config: KmsProviderConfig| {
+                let name = config.name_any();
+                policy_store
+                    .state()
+                    .into_iter()
+                    .filter(move |p| p.spec.provider_config_ref.name == name)
+                    .map(|p| ObjectRef::from_obj(p.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            audit_rx,
+        ))
+        .with_config(ControllerConfig::default().concurrency(2))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            policy::reconcile,
+            |policy: Arc<KmsKeyPolicy>, err: &ReconcileError, ctx: Arc<Context>| {
+                tracing::warn!(policy = %policy.name_any(), reason = err.reason(), error = %err, "key policy reconcile failed");
+                Action::requeue(policy::retry_delay(&ctx))
+            },
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "key policy reconcile failed");
+            }
+        });
+
     let (drift_tx, drift_rx) = mpsc::unbounded_channel::<ObjectRef<KmsGrant>>();
     let grant_controller = grant_controller
         // A provider config changing (becoming Ready, say) wakes the grants that use it.
@@ -331,7 +380,7 @@ pub async fn run(
             }
         });
 
-    let detector = drift_detector(ctx.clone(), drift_tx, shutdown.clone());
+    let detector = drift_detector(ctx.clone(), drift_tx, audit_tx, shutdown.clone());
     // Ready once both caches hold the cluster's objects.
     let readiness = {
         let (grants, configs) = (ctx.grants.clone(), ctx.provider_configs.clone());
@@ -342,7 +391,13 @@ pub async fn run(
         }
     };
     tracing::info!(resync = ?settings.resync, concurrency = settings.concurrency, "controllers started");
-    tokio::join!(provider_controller, grant_controller, detector, readiness);
+    tokio::join!(
+        provider_controller,
+        grant_controller,
+        policy_controller,
+        detector,
+        readiness
+    );
     tracing::info!("controllers stopped");
     Ok(())
 }
@@ -419,10 +474,13 @@ fn forget_deleted(ctx: &Context) {
     }
 }
 
-/// Lists every key in use once per resync; wakes the objects on keys whose grants changed.
+/// Lists every key in use (and every key a KmsKeyPolicy audits) once per resync; wakes the
+/// objects on keys whose grants changed; audits each key from the same list (no further KMS
+/// call) for the `unmanaged_grants` gauges and the KmsKeyPolicies, which it wakes.
 async fn drift_detector(
     ctx: Arc<Context>,
     wake: mpsc::UnboundedSender<ObjectRef<KmsGrant>>,
+    wake_policies: mpsc::UnboundedSender<ObjectRef<KmsKeyPolicy>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let tick = async {
@@ -433,31 +491,120 @@ async fn drift_detector(
         loop {
             interval.tick().await;
             forget_deleted(&ctx);
-            for (key, objects) in ctx.interest.keys() {
-                let Some(provider) = ctx.providers.get(&key.provider) else {
-                    continue;
-                };
-                match ctx
-                    .keys
-                    .refresh(&provider.client, &key, ctx.settings.page_size)
-                    .await
-                {
-                    Ok(true) => {
-                        tracing::debug!(key = %key.key_id, objects = objects.len(), "grants changed on key");
-                        for object in objects {
-                            let _ = wake.send(object);
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(err) => {
-                        tracing::debug!(key = %key.key_id, error = %err, "drift check failed")
-                    }
-                }
-            }
+            drift_pass(&ctx, &wake, &wake_policies).await;
         }
     };
     tokio::select! {
         () = tick => {}
         () = shutdown => {}
+    }
+}
+
+/// One pass over every key.
+async fn drift_pass(
+    ctx: &Context,
+    wake: &mpsc::UnboundedSender<ObjectRef<KmsGrant>>,
+    wake_policies: &mpsc::UnboundedSender<ObjectRef<KmsKeyPolicy>>,
+) {
+    let mut keys: BTreeMap<KeyRef, Vec<ObjectRef<KmsGrant>>> = ctx.interest.keys();
+    // Policies deleted since (they have no finalizer) are no longer audited.
+    for policy in ctx.policies.policies() {
+        if ctx.key_policies.get(&policy).is_none() {
+            ctx.policies.forget(&policy);
+        }
+    }
+    let mut audited = ctx.policies.keys();
+    // Keys only a policy or a provider config's `auditKeyIds` names are listed too: the one
+    // cost an audit can add.
+    for key in audited.keys() {
+        keys.entry(key.clone()).or_default();
+    }
+    for (name, provider) in ctx.providers.all() {
+        let Some(key_ids) = provider
+            .spec
+            .audit_key_ids
+            .as_ref()
+            .filter(|k| !k.is_empty())
+        else {
+            continue;
+        };
+        if ctx.providers.get(&name).is_none() {
+            continue;
+        }
+        let Ok(account) = grant::account_of(&provider).await else {
+            continue;
+        };
+        for key_id in key_ids {
+            keys.entry(KeyRef {
+                provider: name.clone(),
+                account: account.clone(),
+                key_id: key_id.clone(),
+            })
+            .or_default();
+        }
+    }
+    let mut in_use = std::collections::HashSet::new();
+    let mut records = HashMap::new();
+    for (key, objects) in keys {
+        let Some(provider) = ctx.providers.get(&key.provider) else {
+            continue;
+        };
+        in_use.insert((key.provider.clone(), key.key_id.clone()));
+        let listed = ctx
+            .keys
+            .refresh(&provider.client, &key, ctx.settings.page_size)
+            .await;
+        let grants = match listed {
+            Ok((changed, grants)) => {
+                if changed {
+                    tracing::debug!(key = %key.key_id, objects = objects.len(), "grants changed on key");
+                    for object in objects {
+                        let _ = wake.send(object);
+                    }
+                }
+                grants
+            }
+            Err(err) => {
+                tracing::debug!(key = %key.key_id, error = %err, "drift check failed");
+                let outcome = if err.reason == kmsgrant_kms::ErrorReason::KeyNotFound
+                    && plan::answered_by_kms(&err)
+                {
+                    plan::key_not_found(&key.key_id)
+                } else {
+                    plan::failure_outcome(&err)
+                };
+                records.insert(key, Err(outcome));
+                continue;
+            }
+        };
+        // What the objects claim, read after the list: an object created meanwhile counts.
+        let claims = audit::Claims::of(&ctx.cluster, &ctx.grants.state());
+        match audit::audit(&ctx.client, &grants, &claims).await {
+            Ok(found) => {
+                ctx.metrics.key_audited(
+                    &key.provider,
+                    &key.key_id,
+                    found.unmanaged,
+                    found.other_cluster,
+                );
+                records.insert(key, Ok(found));
+            }
+            Err(err) => {
+                tracing::warn!(key = %key.key_id, error = %err, "cannot audit the key's grants");
+            }
+        }
+    }
+    ctx.metrics.retain_audited_keys(&in_use);
+    {
+        let mut audits = ctx.audits.lock().expect("audit lock");
+        audits.retain(|key, _| audited.contains_key(key));
+        for (key, record) in records {
+            if audited.contains_key(&key) {
+                audits.insert(key, record);
+            }
+        }
+    }
+    for policy in audited.drain().flat_map(|(_, policies)| policies) {
+        let _ = wake_policies.send(policy);
     }
 }

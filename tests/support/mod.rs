@@ -97,12 +97,13 @@ pub fn install_crds() {
                 "--timeout=60s",
                 "crd/kmsgrants.kmsgrant.io",
                 "crd/kmsproviderconfigs.kmsgrant.io",
+                "crd/kmskeypolicies.kmsgrant.io",
             ],
             None,
         );
         // Established comes before the API server has published the schema to OpenAPI, which
         // `kubectl explain` and client-side tooling read.
-        for kind in ["kmsgrant", "kmsproviderconfig"] {
+        for kind in ["kmsgrant", "kmsproviderconfig", "kmskeypolicy"] {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
             while !kubectl(&["explain", kind], None).status.success() {
                 assert!(
