@@ -80,11 +80,11 @@ pub struct RunArgs {
     /// Name of this pod (the Downward API's metadata.name): the leader election identity, with the
     /// process ID, and the instance named in events. Default: $HOSTNAME (a pod's hostname is its
     /// name).
-    #[arg(long, env = "POD_NAME")]
+    #[arg(long, env = "KMSGRANT_POD_NAME")]
     pub pod_name: Option<String>,
     /// Namespace of this pod (the Downward API's metadata.namespace): where the Lease lives unless
     /// --lease-namespace says otherwise.
-    #[arg(long, env = "POD_NAMESPACE")]
+    #[arg(long, env = "KMSGRANT_POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
     /// Log filter, e.g. `info` or `kmsgrant=debug,info`.
     #[arg(long, env = "KMSGRANT_LOG_LEVEL", default_value = "info")]

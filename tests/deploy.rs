@@ -112,6 +112,14 @@ fn operator_namespace() {
     });
 }
 
+/// Tests that apply the operator's objects in its namespace, for real or as a server dry run,
+/// take turns: a dry run that finds the ServiceAccount missing plans a create, which fails with
+/// AlreadyExists when another test has just created it for real.
+fn operator_namespace_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn container(deployment: &Value) -> &Value {
     &deployment["spec"]["template"]["spec"]["containers"][0]
 }
@@ -155,13 +163,13 @@ fn assert_hardened(deployment: &Value) {
     // pod's name (--pod-name) is the leader election identity and the instance named in events.
     assert_eq!(
         c["env"][0],
-        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}})
+        json!({"name": "KMSGRANT_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}})
     );
     assert_eq!(
         c["env"][1],
-        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+        json!({"name": "KMSGRANT_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     );
-    assert!(args(deployment).contains(&"--secret-namespace=$(POD_NAMESPACE)".to_owned()));
+    assert!(args(deployment).contains(&"--secret-namespace=$(KMSGRANT_POD_NAMESPACE)".to_owned()));
 }
 
 /// Deleting a CRD deletes every KmsGrant (and a running operator revokes their grants): Argo CD
@@ -177,6 +185,7 @@ fn assert_gitops_tools_keep(crd: &Value) {
 
 #[test]
 fn kustomize_tree_applies_cleanly_with_server_side_dry_run() {
+    let _turn = operator_namespace_turn();
     // A server dry run persists nothing, so the Namespace that `kubectl apply -k deploy/` creates
     // first does not exist for the namespaced objects after it, and they would fail with
     // NotFound. Creating that one object for real (from the tree's own namespace.yaml, as the real
@@ -370,6 +379,7 @@ fn helm_lint_passes_with_default_and_non_default_values() {
 
 #[test]
 fn helm_chart_with_default_values_applies_cleanly_with_server_side_dry_run() {
+    let _turn = operator_namespace_turn();
     operator_namespace();
     let rendered = objects(&helm_ok(&[
         "template",
@@ -491,6 +501,7 @@ fn rules_by_resource(role: &Value) -> std::collections::BTreeMap<String, Vec<Str
 
 #[test]
 fn helm_chart_with_non_default_values_applies_cleanly_with_server_side_dry_run() {
+    let _turn = operator_namespace_turn();
     install_crds(); // crds.install is off here: the CRDs come first, as the docs say.
     let release_namespace = namespace("helm-release");
     kubectl_ok(
@@ -633,6 +644,7 @@ fn helm_chart_refuses_several_replicas_without_leader_election() {
 fn service_account_kubeconfig(dir: &Path) -> std::path::PathBuf {
     static RBAC: OnceLock<()> = OnceLock::new();
     RBAC.get_or_init(|| {
+        let _turn = operator_namespace_turn();
         install_crds();
         operator_namespace();
         let rbac: Vec<Value> = objects(&kubectl_ok(&["kustomize", &repo("deploy")], None))
@@ -1045,6 +1057,7 @@ fn helm_values_schema_rejects_typos_in_lint_and_install() {
 /// alerts and the dashboard.
 #[test]
 fn helm_chart_platform_values_render_and_apply_cleanly() {
+    let _turn = operator_namespace_turn();
     operator_namespace();
     let values = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(

@@ -396,7 +396,7 @@ impl Node {
         );
         let lease: Value = serde_json::from_slice(&lease.stdout).ok()?;
         let holder = lease["spec"]["holderIdentity"].as_str()?;
-        // The identity is POD_NAME-PID.
+        // The identity is KMSGRANT_POD_NAME-PID.
         Some(holder.rsplit_once('-')?.0.to_owned())
     }
 

@@ -150,8 +150,8 @@ async fn with_leader_election_one_replica_writes_and_a_standby_takes_over_when_i
             vec![]
         } else {
             vec![
-                ("POD_NAME", pod_name),
-                ("POD_NAMESPACE", env.namespace.clone()),
+                ("KMSGRANT_POD_NAME", pod_name),
+                ("KMSGRANT_POD_NAMESPACE", env.namespace.clone()),
             ]
         };
         Operator::start_with_env(
