@@ -430,26 +430,8 @@ async fn set_finalizer(
     ctx: &Context,
     present: bool,
 ) -> Result<(), ReconcileError> {
-    let mut finalizers: Vec<String> = config
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    if present {
-        finalizers.push(FINALIZER.to_owned());
-    }
-    // With the resourceVersion, a concurrent change to the list fails (409) instead of being lost.
-    let patch = json!({"metadata": {"resourceVersion": config.resource_version(), "finalizers": finalizers}});
-    Api::<KmsProviderConfig>::all(ctx.client.clone())
-        .patch(
-            &config.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-        .map_err(ReconcileError::Kube)?;
-    Ok(())
+    let api = Api::<KmsProviderConfig>::all(ctx.client.clone());
+    super::report::patch_finalizer(&api, config, FINALIZER, present).await
 }
 
 fn secret_data(secret: &Secret) -> BTreeMap<String, String> {

@@ -1,5 +1,6 @@
-//! What the controller writes back to Kubernetes about a KmsGrant: its finalizer, its status (one
-//! writer, server-side apply) and its events. No decisions here.
+//! What the controller writes back to Kubernetes about a KmsGrant: its finalizer (the patch is
+//! shared with the provider configs), its status (one writer, server-side apply) and its events.
+//! No decisions here.
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
@@ -23,26 +24,38 @@ pub(super) async fn set_finalizer(
     ctx: &Context,
     present: bool,
 ) -> Result<(), ReconcileError> {
+    patch_finalizer(&api(object, &ctx.client), object, FINALIZER, present).await
+}
+
+/// Adds or removes `finalizer` on any of the operator's objects, keeping the others'.
+pub(super) async fn patch_finalizer<K>(
+    api: &Api<K>,
+    object: &K,
+    finalizer: &str,
+    present: bool,
+) -> Result<(), ReconcileError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let mut finalizers: Vec<String> = object
         .finalizers()
         .iter()
-        .filter(|f| *f != FINALIZER)
+        .filter(|f| *f != finalizer)
         .cloned()
         .collect();
     if present {
-        finalizers.push(FINALIZER.to_owned());
+        finalizers.push(finalizer.to_owned());
     }
     // Sending the resourceVersion makes a concurrent change to the list fail (409) instead of
     // being overwritten.
     let patch = json!({"metadata": {"resourceVersion": object.resource_version(), "finalizers": finalizers}});
-    api(object, &ctx.client)
-        .patch(
-            &object.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-        .map_err(ReconcileError::Kube)?;
+    api.patch(
+        &object.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await
+    .map_err(ReconcileError::Kube)?;
     Ok(())
 }
 
