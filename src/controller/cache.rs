@@ -128,9 +128,13 @@ impl KeyCache {
         let mut grants = client.list_all_grants(&key.key_id, page_size).await?;
         grants.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
         let changed = snapshot.as_ref().is_none_or(|previous| {
-            let mut before = previous.grants.clone();
+            let mut before: Vec<&Grant> = previous.grants.iter().collect();
             before.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
-            before != grants
+            before.len() != grants.len()
+                || before
+                    .iter()
+                    .zip(&grants)
+                    .any(|(known, listed)| !agrees(known, listed))
         });
         *snapshot = Some(Snapshot {
             grants,
@@ -199,11 +203,66 @@ impl KeyCache {
     }
 }
 
+/// Whether what we knew of a grant still holds for the listed one. A grant we created is known
+/// from the create answer (its ID) and our request: the cloud's own fields (issuing principal,
+/// creation date) arrive with the first listing and are no change; neither is another order of
+/// the operations or an unreported grantee type.
+fn agrees(known: &Grant, listed: &Grant) -> bool {
+    known.grant_id == listed.grant_id
+        && known.key_id == listed.key_id
+        && known.grantee_principal == listed.grantee_principal
+        && known.grantee_type() == listed.grantee_type()
+        && known.operation_set() == listed.operation_set()
+        && known.name == listed.name
+        && known.retiring_principal == listed.retiring_principal
+        && learned(&known.issuing_principal, &listed.issuing_principal)
+        && learned(&known.created_at_millis, &listed.created_at_millis)
+}
+
+/// Known and the same, or not known yet.
+fn learned<T: PartialEq>(known: &Option<T>, listed: &Option<T>) -> bool {
+    known.is_none() || known == listed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use kms_emulator::{Emulator, EmulatorConfig, FaultSettings, NewKey};
     use kmsgrant_kms::{ClientConfig, Credentials, Project};
+
+    #[test]
+    fn a_created_grant_agrees_with_its_first_listing() {
+        let created = Grant {
+            key_id: "k".into(),
+            grant_id: "g".into(),
+            grantee_principal: "p".into(),
+            grantee_principal_type: Some("user".into()),
+            operations: vec!["describe-key".into(), "encrypt-datakey".into()],
+            issuing_principal: None,
+            created_at_millis: None,
+            name: Some("n".into()),
+            retiring_principal: None,
+        };
+        let listed = Grant {
+            grantee_principal_type: None,
+            operations: vec!["encrypt-datakey".into(), "describe-key".into()],
+            issuing_principal: Some("i".into()),
+            created_at_millis: Some(1_497_341_531_000),
+            ..created.clone()
+        };
+        assert!(agrees(&created, &listed));
+        assert!(agrees(&listed, &listed.clone()));
+        let later = Grant {
+            created_at_millis: Some(1_497_341_532_000),
+            ..listed.clone()
+        };
+        assert!(!agrees(&listed, &later));
+        let narrower = Grant {
+            operations: vec!["describe-key".into()],
+            ..listed.clone()
+        };
+        assert!(!agrees(&listed, &narrower));
+    }
 
     #[tokio::test]
     async fn concurrent_readers_of_one_key_share_one_describe_key() {

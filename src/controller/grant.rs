@@ -980,7 +980,7 @@ async fn set_finalizer(
 
 /// The one status writer: the whole status by server-side apply under [`FIELD_MANAGER`], so a
 /// field left out (a stale `createdAt`, a finished `supersededGrant`) is removed. Skipped when
-/// nothing changed and `lastSyncTime` is recent.
+/// nothing changed (see [`status_changed`]) and `lastSyncTime` is recent.
 async fn write_status(
     object: &KmsGrant,
     ctx: &Context,
@@ -1001,7 +1001,7 @@ async fn write_status(
             jiff::Timestamp::now().duration_since(t).as_secs()
                 < ctx.settings.sync_time_refresh().as_secs() as i64
         });
-    if status == previous && sync_is_recent {
+    if !status_changed(&status, &previous) && sync_is_recent {
         return Ok(());
     }
     status.last_sync_time = Some(now);
@@ -1010,7 +1010,7 @@ async fn write_status(
         "kind": "KmsGrant",
         "status": status,
     });
-    api(object, &ctx.client)
+    let written = api(object, &ctx.client)
         .patch_status(
             &object.name_any(),
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -1018,7 +1018,47 @@ async fn write_status(
         )
         .await
         .map_err(ReconcileError::Kube)?;
+    until_cached(ctx, object, &written).await;
     Ok(())
+}
+
+/// Waits, briefly, until the object cache holds the status just written. The next reconcile of
+/// the object (often already queued by the watch event of our own finalizer patch) starts from
+/// the cached object; from the version before this write it would write the same status again
+/// and, before a grant was recorded, report the grant it just created as adopted.
+async fn until_cached(ctx: &Context, object: &KmsGrant, written: &KmsGrant) {
+    let object_ref = ObjectRef::from_obj(object);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match ctx.grants.get(&object_ref) {
+            Some(cached) if cached.status != written.status => {}
+            // Cached, or gone from the cache (deleted, or no longer selected).
+            _ => return,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::debug!("the object cache does not show the status written yet");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether `status` says something `previous` (the object's current status) does not. The
+/// create answer carries only the grant's ID, so `issuingPrincipal` and `createdAt` of a grant
+/// we created are known from the next listing of its key: filling them in for the same grant is
+/// no reason to write by itself (it would cost every object a second write after converging);
+/// they go with the next write that is made anyway, at the latest the `lastSyncTime` refresh.
+fn status_changed(status: &KmsGrantStatus, previous: &KmsGrantStatus) -> bool {
+    let mut compared = status.clone();
+    if compared.grant_id == previous.grant_id {
+        if previous.issuing_principal.is_none() {
+            compared.issuing_principal = None;
+        }
+        if previous.created_at.is_none() {
+            compared.created_at = None;
+        }
+    }
+    compared != *previous
 }
 
 /// A Warning event when the object enters a failing state (once per transition, not per retry).
@@ -1059,5 +1099,43 @@ async fn publish(object: &KmsGrant, ctx: &Context, type_: EventType, reason: &st
     };
     if let Err(err) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
         tracing::warn!(error = %err, "cannot publish event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recorded(grant_id: &str) -> KmsGrantStatus {
+        KmsGrantStatus {
+            grant_id: Some(grant_id.into()),
+            key_id: Some("k".into()),
+            ..KmsGrantStatus::default()
+        }
+    }
+
+    #[test]
+    fn what_only_a_listing_tells_is_no_reason_to_write_for_the_same_grant() {
+        let written = recorded("a");
+        let listed = KmsGrantStatus {
+            issuing_principal: Some("p".into()),
+            created_at: Some("2026-01-01T00:00:00Z".into()),
+            ..recorded("a")
+        };
+        assert!(!status_changed(&listed, &written));
+        // Once known, a different value is a change.
+        let other = KmsGrantStatus {
+            created_at: Some("2026-01-02T00:00:00Z".into()),
+            ..listed.clone()
+        };
+        assert!(status_changed(&other, &listed));
+        // Another grant is a change, with whatever it brings.
+        assert!(status_changed(
+            &KmsGrantStatus {
+                grant_id: Some("b".into()),
+                ..listed.clone()
+            },
+            &written
+        ));
     }
 }
