@@ -14,13 +14,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event as EventsV1;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::Api;
+use kube::api::PostParams;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 
 pub use cache::KeyRef;
@@ -125,11 +129,71 @@ impl ReconcileError {
     }
 }
 
+/// Publishes events. Warnings go through kube's recorder, which folds a repeat (the same reason
+/// on the same object within six minutes) into a series. Normal events each record one action
+/// (a grant created, adopted, revoked) that does not repeat, so they are posted directly: the
+/// recorder would keep every one of them for six minutes and scan them all on each publish,
+/// which at 10,000 objects is memory and time that grow with N.
+struct Events {
+    recorder: Recorder,
+    client: Client,
+    reporter: Reporter,
+}
+
+impl Events {
+    fn new(client: Client, reporter: Reporter) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            client,
+            reporter,
+        }
+    }
+
+    async fn publish(&self, event: &Event, regarding: &ObjectReference) -> Result<(), kube::Error> {
+        if event.type_ == EventType::Warning {
+            return self.recorder.publish(event, regarding).await;
+        }
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let namespace = regarding.namespace.as_deref().unwrap_or("default");
+        let controller = &self.reporter.controller;
+        let posted = EventsV1 {
+            metadata: ObjectMeta {
+                namespace: Some(namespace.to_owned()),
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name.as_deref().unwrap_or(controller),
+                    now.as_nanosecond()
+                )),
+                ..ObjectMeta::default()
+            },
+            action: Some(event.action.clone()),
+            reason: Some(event.reason.clone()),
+            note: event.note.clone(),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(regarding.clone()),
+            related: event.secondary.clone(),
+            reporting_controller: Some(controller.clone()),
+            reporting_instance: Some(
+                self.reporter
+                    .instance
+                    .clone()
+                    .unwrap_or_else(|| controller.clone()),
+            ),
+            type_: Some("Normal".into()),
+            ..EventsV1::default()
+        };
+        Api::<EventsV1>::namespaced(self.client.clone(), namespace)
+            .create(&PostParams::default(), &posted)
+            .await
+            .map(|_| ())
+    }
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     client: Client,
     settings: Settings,
-    recorder: Recorder,
+    recorder: Events,
     keys: cache::KeyCache,
     providers: provider::ProviderRegistry,
     provider_configs: Store<KmsProviderConfig>,
@@ -225,11 +289,16 @@ pub async fn run(
     tracing::info!(cluster = %cluster, "grant identities are k8s/{cluster}/<namespace>/<name>");
     let provider_controller = Controller::new(configs.clone(), selected.clone());
     let provider_store = provider_controller.store();
-    let grant_controller = Controller::new(grants, selected.clone());
-    let grant_store = grant_controller.store();
+    // The grant cache holds every selected object: without what the controller never reads
+    // (managedFields, kubectl's last-applied copy of the object) it costs a fraction.
+    let (grant_store, grant_writer) = reflector::store();
+    let grant_controller = Controller::for_stream(
+        reflector(grant_writer, watcher(grants, selected.clone()).modify(slim)).applied_objects(),
+        grant_store.clone(),
+    );
     metrics.read_status_from(grant_store.clone(), provider_store.clone());
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: Events::new(client.clone(), reporter),
         keys: cache::KeyCache::default(),
         providers: provider::ProviderRegistry::new(provider_store.clone()),
         provider_configs: provider_store.clone(),
@@ -337,6 +406,15 @@ pub async fn run(
     tokio::join!(provider_controller, grant_controller, detector, readiness);
     tracing::info!("controllers stopped");
     Ok(())
+}
+
+/// Drops from a cached object what the controller never reads.
+fn slim(grant: &mut KmsGrant) {
+    let meta = grant.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 /// The configured cluster name, else the UID of `kube-system`: two clusters installed with
