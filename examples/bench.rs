@@ -33,7 +33,10 @@ struct Args {
     /// The operator binary to run.
     #[arg(long)]
     operator: PathBuf,
-    /// Runs as GRANTS/KEYS, one after the other (e.g. 1000/10,10000/100).
+    /// Runs as GRANTS/KEYS, one after the other (e.g. 1000/10,10000/100); a run may name its
+    /// own scenarios after a colon, joined by `+` (e.g. 1000/10:converge,10000/100).
+    /// For the scale target (the rate at 10,000 on 100 keys against the rate at 1,000 on 10) the
+    /// first run is the reference.
     #[arg(long, value_delimiter = ',', default_value = "2000/20")]
     runs: Vec<String>,
     /// Emulator latency per KMS call.
@@ -513,6 +516,7 @@ async fn run_one(
     grants: usize,
     keys: usize,
     index: usize,
+    scenario_names: &[String],
 ) -> anyhow::Result<Value> {
     anyhow::ensure!(
         keys > 0 && grants.div_ceil(keys) <= 100,
@@ -655,7 +659,7 @@ async fn run_one(
         apply,
     };
     let mut scenarios = Vec::new();
-    for scenario in &args.scenarios {
+    for scenario in scenario_names {
         eprintln!("bench: {grants} grants on {keys} keys: {scenario}");
         let figures = match scenario.as_str() {
             "converge" => run.measured("converge", || run.converge(&key_ids)).await?,
@@ -990,8 +994,14 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut runs = Vec::new();
     for (index, spec) in args.runs.iter().enumerate() {
-        let (n, k) = spec.split_once('/').context("a run is GRANTS/KEYS")?;
-        runs.push(run_one(&args, &client, n.parse()?, k.parse()?, index).await?);
+        let (size, own) = match spec.split_once(':') {
+            Some((size, own)) => (size, own.split('+').map(str::to_owned).collect()),
+            None => (spec.as_str(), args.scenarios.clone()),
+        };
+        let (n, k) = size
+            .split_once('/')
+            .context("a run is GRANTS/KEYS[:SCENARIO+...]")?;
+        runs.push(run_one(&args, &client, n.parse()?, k.parse()?, index, &own).await?);
     }
     let report = json!({
         "commit": commit, "dirty": dirty,
