@@ -17,7 +17,8 @@ pub struct RunArgs {
     /// Kubeconfig context to use (default: the current one).
     #[arg(long, env = "KMSGRANT_CONTEXT")]
     pub context: Option<String>,
-    /// How often every key is listed to detect drift and every object re-checked (e.g. 30s, 5m).
+    /// How often every key in use is listed to detect drift (e.g. 30s, 5m); a Ready object is
+    /// re-checked when something it depends on changes, at the latest after ten intervals.
     #[arg(long, env = "KMSGRANT_RESYNC_INTERVAL", default_value = "5m", value_parser = crate::cli::parse_duration)]
     pub resync_interval: Duration,
     /// Reconciles running at once.

@@ -221,8 +221,8 @@ async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_wri
     let before = env.emulator.admin().calls(0).last().map_or(0, |c| c.seq);
     let namespace_gets_before = namespace_gets();
     tokio::time::sleep(resync + Duration::from_secs(1)).await;
-    // Every object is looked at again in a period; the namespaceSelector check reads watched
-    // labels, so no GET of the Namespace per object (kubectl's applies GET it, hence here).
+    // The namespaceSelector check reads watched labels, so no GET of the Namespace per object
+    // (kubectl's applies GET it, hence the allowance).
     let namespace_gets = namespace_gets() - namespace_gets_before;
     assert!(
         namespace_gets < 10,

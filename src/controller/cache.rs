@@ -63,7 +63,8 @@ struct KeyEntry {
 }
 
 struct Snapshot {
-    grants: Vec<Grant>,
+    /// Shared with every reader: a reconcile takes a reference, not a copy of the key's grants.
+    grants: Arc<Vec<Grant>>,
     fetched: Instant,
     stale: bool,
 }
@@ -87,7 +88,7 @@ impl KeyCache {
         max_age: Duration,
         page_size: u32,
         metrics: &crate::metrics::Metrics,
-    ) -> Result<(Vec<Grant>, bool), KmsError> {
+    ) -> Result<(Arc<Vec<Grant>>, bool), KmsError> {
         let entry = self.entry(key);
         let mut snapshot = entry.grants.lock().await;
         if let Some(current) = snapshot
@@ -95,11 +96,11 @@ impl KeyCache {
             .filter(|s| !s.stale && s.fetched.elapsed() < max_age)
         {
             metrics.cache_lookup(true);
-            return Ok((current.grants.clone(), false));
+            return Ok((Arc::clone(&current.grants), false));
         }
         metrics.cache_lookup(false);
         let grants = match client.list_all_grants(&key.key_id, page_size).await {
-            Ok(grants) => grants,
+            Ok(grants) => Arc::new(grants),
             Err(err) => {
                 // Whatever we held may be wrong now (a key gone, an account changed).
                 if let Some(current) = snapshot.as_mut() {
@@ -109,7 +110,7 @@ impl KeyCache {
             }
         };
         *snapshot = Some(Snapshot {
-            grants: grants.clone(),
+            grants: Arc::clone(&grants),
             fetched: Instant::now(),
             stale: false,
         });
@@ -137,7 +138,7 @@ impl KeyCache {
                     .any(|(known, listed)| !agrees(known, listed))
         });
         *snapshot = Some(Snapshot {
-            grants,
+            grants: Arc::new(grants),
             fetched: Instant::now(),
             stale: false,
         });
@@ -148,8 +149,9 @@ impl KeyCache {
     pub async fn insert(&self, key: &KeyRef, grant: Grant) {
         let entry = self.entry(key);
         if let Some(snapshot) = entry.grants.lock().await.as_mut() {
-            snapshot.grants.retain(|g| g.grant_id != grant.grant_id);
-            snapshot.grants.push(grant);
+            let grants = Arc::make_mut(&mut snapshot.grants);
+            grants.retain(|g| g.grant_id != grant.grant_id);
+            grants.push(grant);
         }
     }
 
@@ -157,7 +159,7 @@ impl KeyCache {
     pub async fn remove(&self, key: &KeyRef, grant_id: &str) {
         let entry = self.entry(key);
         if let Some(snapshot) = entry.grants.lock().await.as_mut() {
-            snapshot.grants.retain(|g| g.grant_id != grant_id);
+            Arc::make_mut(&mut snapshot.grants).retain(|g| g.grant_id != grant_id);
         }
     }
 
@@ -176,6 +178,29 @@ impl KeyCache {
             .lock()
             .expect("cache lock")
             .retain(|key, _| key.provider != provider);
+    }
+
+    /// Describes the key when its description is due (as [`Self::key_info`] would); true when
+    /// its state differs from the one described before.
+    pub async fn key_state_changed(
+        &self,
+        client: &KmsClient,
+        key: &KeyRef,
+        max_age: Duration,
+    ) -> Result<bool, KmsError> {
+        let entry = self.entry(key);
+        let mut cached = entry.info.lock().await;
+        let before = match cached.as_ref() {
+            Some((info, at)) if info.state == KeyState::Enabled && at.elapsed() < max_age => {
+                return Ok(false);
+            }
+            Some((info, _)) => Some(info.state.clone()),
+            None => None,
+        };
+        let info = client.describe_key(&key.key_id).await?;
+        let changed = before.is_some_and(|state| state != info.state);
+        *cached = Some((info, Instant::now()));
+        Ok(changed)
     }
 
     /// The key's description, from `describe-key` at most once per `max_age`. Only an enabled key

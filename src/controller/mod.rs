@@ -39,7 +39,7 @@ use crate::metrics::Metrics;
 /// How the controllers pace themselves.
 #[derive(Clone)]
 pub struct Settings {
-    /// How often every key is listed to detect drift, and every object re-checked.
+    /// How often every key in use is listed to detect drift (Ready objects: see `ready_recheck`).
     pub resync: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -90,11 +90,6 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// The resync interval ±10 %, so objects created together do not stay in lockstep.
-    pub fn jittered_resync(&self) -> Duration {
-        self.resync.mul_f64(0.9 + 0.2 * fastrand::f64())
-    }
-
     /// A grant snapshot is reused for this long. The drift detector refreshes every key once per
     /// resync, so object reconciles in between never list.
     fn snapshot_max_age(&self) -> Duration {
@@ -108,6 +103,16 @@ impl Settings {
     /// `status.lastSyncTime` is rewritten at least this often even when nothing changed.
     fn sync_time_refresh(&self) -> Duration {
         (self.resync * 10).max(Duration::from_secs(3600))
+    }
+
+    /// A Ready object is reconciled again after this long (+0–10 %) even when nothing woke it,
+    /// which refreshes its `lastSyncTime`. In between, the drift detector watches its key (grants
+    /// listed every resync, state described every four) and wakes it on a change, as do its own
+    /// changes, its provider config's and its namespace's labels: an idle resync costs K lists,
+    /// not N reconciles.
+    fn ready_recheck(&self) -> Duration {
+        self.sync_time_refresh()
+            .mul_f64(1.0 + 0.1 * fastrand::f64())
     }
 }
 
@@ -297,6 +302,8 @@ pub async fn run(
         grant_store.clone(),
     );
     metrics.read_status_from(grant_store.clone(), provider_store.clone());
+    // Objects to reconcile now: on keys whose grants or state changed, in relabelled namespaces.
+    let (drift_tx, drift_rx) = mpsc::unbounded_channel::<ObjectRef<KmsGrant>>();
     let ctx = Arc::new(Context {
         recorder: Events::new(client.clone(), reporter),
         keys: cache::KeyCache::default(),
@@ -310,7 +317,11 @@ pub async fn run(
             ..Backoff::default()
         },
         metrics,
-        namespaces: namespaces::NamespaceLabels::new(client.clone()),
+        namespaces: namespaces::NamespaceLabels::new(
+            client.clone(),
+            grant_store.clone(),
+            drift_tx.clone(),
+        ),
         client: client.clone(),
         cluster,
         fence: settings.fence.clone(),
@@ -363,7 +374,6 @@ pub async fn run(
             }
         });
 
-    let (drift_tx, drift_rx) = mpsc::unbounded_channel::<ObjectRef<KmsGrant>>();
     let grant_controller = grant_controller
         // A provider config changing (becoming Ready, say) wakes the grants that use it.
         .watches(
@@ -480,7 +490,8 @@ fn forget_deleted(ctx: &Context) {
     }
 }
 
-/// Lists every key in use once per resync; wakes the objects on keys whose grants changed.
+/// Lists every key in use once per resync (and describes it when its description is due); wakes
+/// the objects on keys whose grants or state changed.
 async fn drift_detector(
     ctx: Arc<Context>,
     wake: mpsc::UnboundedSender<ObjectRef<KmsGrant>>,
@@ -498,19 +509,23 @@ async fn drift_detector(
                 let Some(provider) = ctx.providers.get(&key.provider) else {
                     continue;
                 };
-                match ctx
+                let grants = ctx
                     .keys
                     .refresh(&provider.client, &key, ctx.settings.page_size)
-                    .await
-                {
-                    Ok(true) => {
-                        tracing::debug!(key = %key.key_id, objects = objects.len(), "grants changed on key");
+                    .await;
+                let state = ctx
+                    .keys
+                    .key_state_changed(&provider.client, &key, ctx.settings.key_info_max_age())
+                    .await;
+                match (grants, state) {
+                    (Ok(false), Ok(false)) => {}
+                    (Ok(grants), Ok(state)) => {
+                        tracing::debug!(key = %key.key_id, objects = objects.len(), grants, state, "key changed");
                         for object in objects {
                             let _ = wake.send(object);
                         }
                     }
-                    Ok(false) => {}
-                    Err(err) => {
+                    (Err(err), _) | (_, Err(err)) => {
                         tracing::debug!(key = %key.key_id, error = %err, "drift check failed")
                     }
                 }
