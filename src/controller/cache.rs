@@ -65,6 +65,8 @@ struct KeyEntry {
 struct Snapshot {
     /// Shared with every reader: a reconcile takes a reference, not a copy of the key's grants.
     grants: Arc<Vec<Grant>>,
+    /// When the walk that produced it started, and when it ended.
+    started: Instant,
     fetched: Instant,
     stale: bool,
 }
@@ -79,8 +81,10 @@ impl KeyCache {
             .clone()
     }
 
-    /// The key's grants, listed at most once per `max_age` whoever asks (`Duration::ZERO`: list
-    /// now). The flag says whether they were listed by this call.
+    /// The key's grants, listed at most once per `max_age` whoever asks (`Duration::ZERO`: a
+    /// walk that starts after this call). The flag says whether they come from such a walk: by
+    /// this call, or by another reader's that started after this one asked (concurrent readers
+    /// needing a fresh list share one walk).
     pub async fn grants(
         &self,
         client: &KmsClient,
@@ -90,15 +94,20 @@ impl KeyCache {
         metrics: &crate::metrics::Metrics,
     ) -> Result<(Arc<Vec<Grant>>, bool), KmsError> {
         let entry = self.entry(key);
+        let asked = Instant::now();
         let mut snapshot = entry.grants.lock().await;
-        if let Some(current) = snapshot
-            .as_ref()
-            .filter(|s| !s.stale && s.fetched.elapsed() < max_age)
-        {
-            metrics.cache_lookup(true);
-            return Ok((Arc::clone(&current.grants), false));
+        if let Some(current) = snapshot.as_ref().filter(|s| !s.stale) {
+            if started_after(current, asked) {
+                metrics.cache_lookup(true);
+                return Ok((Arc::clone(&current.grants), true));
+            }
+            if current.fetched.elapsed() < max_age {
+                metrics.cache_lookup(true);
+                return Ok((Arc::clone(&current.grants), false));
+            }
         }
         metrics.cache_lookup(false);
+        let started = Instant::now();
         let grants = match client.list_all_grants(&key.key_id, page_size).await {
             Ok(grants) => Arc::new(grants),
             Err(err) => {
@@ -111,6 +120,7 @@ impl KeyCache {
         };
         *snapshot = Some(Snapshot {
             grants: Arc::clone(&grants),
+            started,
             fetched: Instant::now(),
             stale: false,
         });
@@ -126,6 +136,7 @@ impl KeyCache {
     ) -> Result<bool, KmsError> {
         let entry = self.entry(key);
         let mut snapshot = entry.grants.lock().await;
+        let started = Instant::now();
         let mut grants = client.list_all_grants(&key.key_id, page_size).await?;
         grants.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
         let changed = snapshot.as_ref().is_none_or(|previous| {
@@ -139,6 +150,7 @@ impl KeyCache {
         });
         *snapshot = Some(Snapshot {
             grants: Arc::new(grants),
+            started,
             fetched: Instant::now(),
             stale: false,
         });
@@ -226,6 +238,11 @@ impl KeyCache {
         *cached = Some((info.clone(), Instant::now()));
         Ok(info)
     }
+}
+
+/// A walk that started after `asked` saw everything written before it.
+fn started_after(snapshot: &Snapshot, asked: Instant) -> bool {
+    snapshot.started >= asked
 }
 
 /// Whether what we knew of a grant still holds for the listed one. A grant we created is known
