@@ -977,8 +977,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // The commit measured: taken before the runs, as the tree may move on while they last.
     let commit = command_output("git", &["rev-parse", "--short", "HEAD"]);
-    let dirty =
-        !command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    // The doc itself does not count: an earlier invocation (--append) may just have written it.
+    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"])
+        .lines()
+        .any(|line| line.get(3..) != Some(args.doc.as_str()));
     let client = kmsgrant::process::kube_client(Some(args.kubeconfig.clone()), None).await?;
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
         Api::all(client.clone());
