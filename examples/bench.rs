@@ -33,7 +33,10 @@ struct Args {
     /// The operator binary to run.
     #[arg(long)]
     operator: PathBuf,
-    /// Runs as GRANTS/KEYS, one after the other (e.g. 1000/10,10000/100).
+    /// Runs as GRANTS/KEYS, one after the other (e.g. 1000/10,10000/100); a run may name its
+    /// own scenarios after a colon, joined by `+` (e.g. 1000/10:converge,10000/100).
+    /// For the scale target (the rate at 10,000 on 100 keys against the rate at 1,000 on 10) the
+    /// first run is the reference.
     #[arg(long, value_delimiter = ',', default_value = "2000/20")]
     runs: Vec<String>,
     /// Emulator latency per KMS call.
@@ -70,6 +73,9 @@ struct Args {
     /// Append this invocation's section to the doc instead of rewriting it.
     #[arg(long)]
     append: bool,
+    /// The operator's --log-level (its log is kept in the temp directory, named in the JSON).
+    #[arg(long, default_value = "warn")]
+    log_level: String,
     /// Give up on a scenario after this many seconds.
     #[arg(long, default_value_t = 1800)]
     timeout: u64,
@@ -360,8 +366,7 @@ impl Run<'_> {
 
     async fn steady(&self) -> anyhow::Result<Value> {
         let resync = Duration::from_secs(self.args.resync);
-        // The first drift pass after converging fills in what only a listing tells.
-        tokio::time::sleep(resync + Duration::from_secs(1)).await;
+        // Periods start right after converging: the first drift pass is one of them.
         let mut periods = Vec::new();
         for _ in 0..self.args.steady_periods {
             let figures = self
@@ -511,6 +516,7 @@ async fn run_one(
     grants: usize,
     keys: usize,
     index: usize,
+    scenario_names: &[String],
 ) -> anyhow::Result<Value> {
     anyhow::ensure!(
         keys > 0 && grants.div_ceil(keys) <= 100,
@@ -579,7 +585,7 @@ async fn run_one(
         .args(["--namespace", &namespace, "--secret-namespace", &namespace])
         .args(["--resync-interval", &format!("{}s", args.resync)])
         .args(["--concurrency", &args.concurrency.to_string()])
-        .args(["--admin-address", &admin, "--log-level", "warn"])
+        .args(["--admin-address", &admin, "--log-level", &args.log_level])
         .stdout(file.try_clone()?)
         .stderr(file)
         .stdin(Stdio::null())
@@ -618,8 +624,28 @@ async fn run_one(
             }
         })
     };
-    // Let the operator start and verify its provider config.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The objects arrive once the operator has verified its provider config, as they would in a
+    // cluster where the operator runs already (earlier ones would first say ProviderConfigNotReady).
+    let configs = Api::<kmsgrant::api::KmsProviderConfig>::all(client.clone());
+    let waiting = Instant::now();
+    loop {
+        let ready = configs.get_opt(&namespace).await?.is_some_and(|c| {
+            c.status.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == kmsgrant::api::ConditionStatus::True)
+            })
+        });
+        if ready {
+            break;
+        }
+        anyhow::ensure!(
+            waiting.elapsed() < Duration::from_secs(120),
+            "the operator did not verify provider config {namespace} within 120 s (log: {})",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let run = Run {
         args,
         client: client.clone(),
@@ -633,7 +659,7 @@ async fn run_one(
         apply,
     };
     let mut scenarios = Vec::new();
-    for scenario in &args.scenarios {
+    for scenario in scenario_names {
         eprintln!("bench: {grants} grants on {keys} keys: {scenario}");
         let figures = match scenario.as_str() {
             "converge" => run.measured("converge", || run.converge(&key_ids)).await?,
@@ -807,13 +833,154 @@ fn table(report: &Value, args: &Args) -> String {
     out
 }
 
+fn scenario<'a>(run: &'a Value, name: &str) -> Option<&'a Value> {
+    run["scenarios"]
+        .as_array()?
+        .iter()
+        .find(|s| s["scenario"] == name)
+}
+
+/// Status writes of a scenario: the API server's count of PATCH and APPLY on kmsgrants/status.
+fn status_writes(s: &Value) -> u64 {
+    ["PATCH kmsgrants/status", "APPLY kmsgrants/status"]
+        .iter()
+        .filter_map(|k| s["kube_requests"][k].as_u64())
+        .sum()
+}
+
+/// The issue's targets, each with the figure it is judged on and whether it is met.
+fn targets(report: &Value, args: &Args) -> String {
+    let mut out = String::new();
+    let mark = |met: bool| if met { "met" } else { "**not met**" };
+    let throttle_rate = if args.throttle > 0.0 {
+        args.throttle.min(args.rate_limit)
+    } else {
+        args.rate_limit
+    };
+    let runs: Vec<&Value> = report["runs"].as_array().into_iter().flatten().collect();
+    let first_rate = runs
+        .first()
+        .and_then(|r| scenario(r, "converge"))
+        .map(|c| f(c, "grants_per_second"));
+    let _ = writeln!(
+        out,
+        "
+### Targets
+"
+    );
+    for (index, run) in runs.iter().enumerate() {
+        let (n, k) = (
+            run["grants"].as_u64().unwrap_or(0),
+            run["keys"].as_u64().unwrap_or(0),
+        );
+        let mut line = |what: String, met: bool| {
+            let _ = writeln!(out, "- {n}/{k}: {what}: {}", mark(met));
+        };
+        if let Some(c) = scenario(run, "converge") {
+            let bound = f(c, "floor") / throttle_rate;
+            let ratio = f(c, "seconds") / bound;
+            line(
+                format!(
+                    "converge {:.1} s ≤ 1.1 × the throttle bound {bound:.1} s ({ratio:.2} ×)",
+                    f(c, "seconds")
+                ),
+                ratio <= 1.1,
+            );
+            let (calls, floor) = (f(c, "kms_calls_total"), f(c, "floor"));
+            line(
+                format!(
+                    "converge KMS calls {calls:.0} ≤ 1.02 × the floor {floor:.0} ({:.3} ×)",
+                    calls / floor
+                ),
+                calls <= 1.02 * floor,
+            );
+            let writes = status_writes(c);
+            line(
+                format!("converge status writes {writes} for {n} objects (one per object)"),
+                writes <= n,
+            );
+            if index > 0
+                && let Some(first) = first_rate
+            {
+                let rate = f(c, "grants_per_second");
+                line(
+                    format!(
+                        "converge rate {rate:.1} grants/s ≥ 0.8 × the first run's {first:.1} ({:.2} ×)",
+                        rate / first
+                    ),
+                    rate >= 0.8 * first,
+                );
+            }
+        }
+        if let Some(s) = scenario(run, "steady") {
+            let kms_writes = s["kms_writes"].as_u64().unwrap_or(0);
+            let kube = f(s, "kube_writes_per_period");
+            let lists = f(s, "lists_per_period");
+            let cpu = f(s, "cpu_seconds_per_period");
+            line(
+                format!(
+                    "steady: {kms_writes} KMS writes, {kube:.1} kube writes and {lists:.1} lists (≤ {k}) per period"
+                ),
+                kms_writes == 0 && kube == 0.0 && lists <= k as f64,
+            );
+            line(
+                format!("steady: operator CPU per idle resync {cpu:.2} s ≤ 1 s"),
+                cpu <= 1.0,
+            );
+        }
+        if let Some(d) = scenario(run, "drift") {
+            let seconds = f(d, "seconds");
+            line(
+                format!(
+                    "drift repaired in {seconds:.1} s, within one resync ({} s)",
+                    args.resync
+                ),
+                seconds <= args.resync as f64,
+            );
+        }
+        for name in ["change", "delete"] {
+            if let Some(s) = scenario(run, name) {
+                let (calls, floor) = (f(s, "kms_calls_total"), f(s, "floor"));
+                line(
+                    format!(
+                        "{name} KMS calls {calls:.0} against the floor {floor:.0} ({:.3} ×)",
+                        calls / floor
+                    ),
+                    calls <= 1.02 * floor,
+                );
+            }
+        }
+        let worst = run["scenarios"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| f(s, "kms_throttled_share"))
+            .fold(0.0, f64::max);
+        line(
+            format!(
+                "throttled answers ≤ 2 % of calls in every scenario (worst {:.2} %)",
+                100.0 * worst
+            ),
+            worst <= 0.02,
+        );
+        let rss = f(run, "operator_peak_rss_mib");
+        line(
+            format!("operator peak RSS {rss:.0} MiB ≤ 64 MiB"),
+            rss <= 64.0,
+        );
+    }
+    out
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // The commit measured: taken before the runs, as the tree may move on while they last.
     let commit = command_output("git", &["rev-parse", "--short", "HEAD"]);
-    let dirty =
-        !command_output("git", &["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    // The doc itself does not count: an earlier invocation (--append) may just have written it.
+    let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"])
+        .lines()
+        .any(|line| line.get(3..) != Some(args.doc.as_str()));
     let client = kmsgrant::process::kube_client(Some(args.kubeconfig.clone()), None).await?;
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
         Api::all(client.clone());
@@ -829,8 +996,14 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut runs = Vec::new();
     for (index, spec) in args.runs.iter().enumerate() {
-        let (n, k) = spec.split_once('/').context("a run is GRANTS/KEYS")?;
-        runs.push(run_one(&args, &client, n.parse()?, k.parse()?, index).await?);
+        let (size, own) = match spec.split_once(':') {
+            Some((size, own)) => (size, own.split('+').map(str::to_owned).collect()),
+            None => (spec.as_str(), args.scenarios.clone()),
+        };
+        let (n, k) = size
+            .split_once('/')
+            .context("a run is GRANTS/KEYS[:SCENARIO+...]")?;
+        runs.push(run_one(&args, &client, n.parse()?, k.parse()?, index, &own).await?);
     }
     let report = json!({
         "commit": commit, "dirty": dirty,
@@ -845,7 +1018,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
-    let table = table(&report, &args);
+    let table = table(&report, &args) + &targets(&report, &args);
     println!("{table}");
     if !args.doc.is_empty() {
         let mut doc = String::new();

@@ -17,7 +17,8 @@ pub struct RunArgs {
     /// Kubeconfig context to use (default: the current one).
     #[arg(long, env = "KMSGRANT_CONTEXT")]
     pub context: Option<String>,
-    /// How often every key is listed to detect drift and every object re-checked (e.g. 30s, 5m).
+    /// How often every key in use is listed to detect drift (e.g. 30s, 5m); a Ready object is
+    /// re-checked when something it depends on changes, at the latest after ten intervals.
     #[arg(long, env = "KMSGRANT_RESYNC_INTERVAL", default_value = "5m", value_parser = crate::cli::parse_duration)]
     pub resync_interval: Duration,
     /// Reconciles running at once.
@@ -259,9 +260,11 @@ async fn operate(
     }
 
     let lost = Arc::new(AtomicBool::new(false));
+    // Said once, when the lease is lost (never without leader election).
+    let lost_notice = Arc::new(tokio::sync::Notify::new());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let watcher = {
-        let (lost, shutdown) = (lost.clone(), shutdown.clone());
+        let (lost, lost_notice, shutdown) = (lost.clone(), lost_notice.clone(), shutdown.clone());
         let holding = async {
             match &elector {
                 Some(elector) => elector.hold().await,
@@ -271,7 +274,10 @@ async fn operate(
         async move {
             tokio::select! {
                 () = shutdown => {}
-                () = holding => lost.store(true, Ordering::Relaxed),
+                () = holding => {
+                    lost.store(true, Ordering::Relaxed);
+                    lost_notice.notify_one();
+                }
             }
             let _ = stop.send(());
         }
@@ -286,10 +292,10 @@ async fn operate(
                 // Leadership lost: reconciles stuck on an unreachable API server would hold a
                 // graceful shutdown forever. The fence already stops their KMS writes; give the
                 // others a moment, then exit so a restart comes back as a standby.
+                // Woken by the notice, not by polling: every wake of this task polls the
+                // controllers' whole future, so a 100 ms poll cost CPU on an idle operator.
                 () = async {
-                    while !lost.load(Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+                    lost_notice.notified().await;
                     tokio::time::sleep(Duration::from_secs(3)).await;
                 } => Ok(()),
             }

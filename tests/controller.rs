@@ -577,3 +577,66 @@ async fn open_telekom_cloud_signing_variant_works_end_to_end() {
     assert_eq!(signed.len(), 1);
     assert_eq!(env.emulator.admin().grant_count(&key), Some(1));
 }
+
+/// A Ready object is not reconciled every resync (the resync lists keys, not objects), yet it
+/// follows what it depends on: its namespace losing the selector's label, and its key being
+/// disabled, each show in its conditions within a few resync periods, and both recover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ready_object_follows_its_namespace_labels_and_its_key_state() {
+    let mut env = Env::new("follows", EmulatorConfig::for_tests(), "3s").await;
+    let key = env.new_key("followed");
+    kubectl_ok(
+        &["label", "namespace", &env.namespace, "kms-grants=allowed"],
+        None,
+    );
+    env.apply(
+        &env.provider_config(
+            json!({"namespaceSelector": {"matchLabels": {"kms-grants": "allowed"}}}),
+        ),
+    );
+    env.start_operator();
+    env.apply(&env.grant("follower", &key, json!({})));
+    env.wait_for("follower", "condition=Ready", 60);
+
+    let stalled_reason = r#"jsonpath={.status.conditions[?(@.type=="Stalled")].reason}"#;
+    kubectl_ok(
+        &[
+            "label",
+            "namespace",
+            &env.namespace,
+            "kms-grants=denied",
+            "--overwrite",
+        ],
+        None,
+    );
+    env.wait_for(
+        "follower",
+        &format!("{stalled_reason}=NamespaceNotAllowed"),
+        30,
+    );
+    kubectl_ok(
+        &[
+            "label",
+            "namespace",
+            &env.namespace,
+            "kms-grants=allowed",
+            "--overwrite",
+        ],
+        None,
+    );
+    // A Stalled object is retried on the stalled interval; the relabel wakes it at once.
+    env.wait_for("follower", "condition=Ready", 30);
+
+    env.emulator
+        .admin()
+        .set_key_state(&key, KeyState::Disabled)
+        .unwrap();
+    // The key is described again every four resyncs (12 s here).
+    let ready_reason = r#"jsonpath={.status.conditions[?(@.type=="Ready")].reason}"#;
+    env.wait_for("follower", &format!("{ready_reason}=KeyDisabled"), 45);
+    env.emulator
+        .admin()
+        .set_key_state(&key, KeyState::Enabled)
+        .unwrap();
+    env.wait_for("follower", "condition=Ready", 45);
+}

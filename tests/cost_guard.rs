@@ -1,15 +1,75 @@
 //! Regression guard on what converging and idling cost: call counts against the floor, never
-//! times. 200 grants on 4 keys must take 200 creates, one describe per key and about one list
-//! walk per key; a steady resync period must write nothing, neither to KMS nor to Kubernetes.
+//! times. 200 grants on 4 keys must take 200 creates, one describe per key, about one list walk
+//! per key and one status write per object; the resync period right after converging must
+//! write nothing, neither to KMS nor to Kubernetes.
 
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::{StreamExt, TryStreamExt};
 use kms_emulator::EmulatorConfig;
+use kmsgrant::api::{KmsGrant, KmsGrantStatus};
+use kube::api::Api;
+use kube::runtime::watcher;
 use serde_json::{Value, json};
 use support::{Env, kubectl_ok};
+
+/// Status writes per object, as a watch of the namespace sees them: every version whose status
+/// differs from the object's previous version (a write that changes nothing makes no version).
+#[derive(Default)]
+struct StatusWrites {
+    last: HashMap<String, Option<KmsGrantStatus>>,
+    writes: HashMap<String, usize>,
+}
+
+impl StatusWrites {
+    fn total(&self) -> usize {
+        self.writes.values().sum()
+    }
+}
+
+async fn watch_status_writes(namespace: &str) -> Arc<Mutex<StatusWrites>> {
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(support::kubeconfig()).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    let api: Api<KmsGrant> = Api::namespaced(client, namespace);
+    let seen = Arc::new(Mutex::new(StatusWrites::default()));
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let shared = Arc::clone(&seen);
+    tokio::spawn(async move {
+        let mut ready_tx = Some(ready_tx);
+        let mut stream = watcher(api, watcher::Config::default()).boxed();
+        while let Ok(Some(event)) = stream.try_next().await {
+            let object = match event {
+                watcher::Event::Apply(o) | watcher::Event::InitApply(o) => o,
+                watcher::Event::InitDone => {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            let name = object.metadata.name.clone().unwrap_or_default();
+            let mut seen = shared.lock().unwrap();
+            let previous = seen.last.insert(name.clone(), object.status.clone());
+            if previous.flatten() != object.status {
+                *seen.writes.entry(name).or_default() += 1;
+            }
+        }
+    });
+    ready_rx.await.expect("the watch of the namespace started");
+    seen
+}
 
 const GRANTS: usize = 200;
 const KEYS: usize = 4;
@@ -77,6 +137,7 @@ async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_wri
     env.start_operator();
     // The provider config verifies (user-quotas) before the objects arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let status_writes = watch_status_writes(&env.namespace).await;
     env.emulator.admin().clear_stats();
     let items: Vec<Value> = (0..GRANTS)
         .map(|i| env.grant(&format!("g{i:03}"), &keys[i % KEYS], json!({})))
@@ -142,14 +203,26 @@ async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_wri
             .collect::<Vec<_>>()
     );
 
-    // Let the first drift pass fill in what only a listing tells, then watch one whole period.
-    tokio::time::sleep(resync * 2).await;
+    // One status write per object to converge: the one that records its grant and Ready.
+    {
+        let seen = status_writes.lock().unwrap();
+        let repeated: BTreeMap<&String, &usize> =
+            seen.writes.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            repeated.is_empty(),
+            "objects whose status was written more than once to converge ({} writes for {GRANTS} objects): {repeated:?}",
+            seen.total()
+        );
+    }
+
+    // The whole period right after converging, first drift pass included, writes nothing.
+    let status_writes_before = status_writes.lock().unwrap().total();
     let before_kube = written_objects(&env);
     let before = env.emulator.admin().calls(0).last().map_or(0, |c| c.seq);
     let namespace_gets_before = namespace_gets();
     tokio::time::sleep(resync + Duration::from_secs(1)).await;
-    // Every object is looked at again in a period; the namespaceSelector check reads watched
-    // labels, so no GET of the Namespace per object (kubectl's applies GET it, hence here).
+    // The namespaceSelector check reads watched labels, so no GET of the Namespace per object
+    // (kubectl's applies GET it, hence the allowance).
     let namespace_gets = namespace_gets() - namespace_gets_before;
     assert!(
         namespace_gets < 10,
@@ -175,6 +248,11 @@ async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_wri
     assert!(
         changed.is_empty(),
         "Kubernetes writes in a steady period: {changed:?}"
+    );
+    assert_eq!(
+        status_writes.lock().unwrap().total(),
+        status_writes_before,
+        "status writes in a steady period"
     );
 }
 

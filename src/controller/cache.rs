@@ -63,7 +63,10 @@ struct KeyEntry {
 }
 
 struct Snapshot {
-    grants: Vec<Grant>,
+    /// Shared with every reader: a reconcile takes a reference, not a copy of the key's grants.
+    grants: Arc<Vec<Grant>>,
+    /// When the walk that produced it started, and when it ended.
+    started: Instant,
     fetched: Instant,
     stale: bool,
 }
@@ -78,8 +81,10 @@ impl KeyCache {
             .clone()
     }
 
-    /// The key's grants, listed at most once per `max_age` whoever asks (`Duration::ZERO`: list
-    /// now). The flag says whether they were listed by this call.
+    /// The key's grants, listed at most once per `max_age` whoever asks (`Duration::ZERO`: a
+    /// walk that starts after this call). The flag says whether they come from such a walk: by
+    /// this call, or by another reader's that started after this one asked (concurrent readers
+    /// needing a fresh list share one walk).
     pub async fn grants(
         &self,
         client: &KmsClient,
@@ -87,19 +92,24 @@ impl KeyCache {
         max_age: Duration,
         page_size: u32,
         metrics: &crate::metrics::Metrics,
-    ) -> Result<(Vec<Grant>, bool), KmsError> {
+    ) -> Result<(Arc<Vec<Grant>>, bool), KmsError> {
         let entry = self.entry(key);
+        let asked = Instant::now();
         let mut snapshot = entry.grants.lock().await;
-        if let Some(current) = snapshot
-            .as_ref()
-            .filter(|s| !s.stale && s.fetched.elapsed() < max_age)
-        {
-            metrics.cache_lookup(true);
-            return Ok((current.grants.clone(), false));
+        if let Some(current) = snapshot.as_ref().filter(|s| !s.stale) {
+            if started_after(current, asked) {
+                metrics.cache_lookup(true);
+                return Ok((Arc::clone(&current.grants), true));
+            }
+            if current.fetched.elapsed() < max_age {
+                metrics.cache_lookup(true);
+                return Ok((Arc::clone(&current.grants), false));
+            }
         }
         metrics.cache_lookup(false);
+        let started = Instant::now();
         let grants = match client.list_all_grants(&key.key_id, page_size).await {
-            Ok(grants) => grants,
+            Ok(grants) => Arc::new(grants),
             Err(err) => {
                 // Whatever we held may be wrong now (a key gone, an account changed).
                 if let Some(current) = snapshot.as_mut() {
@@ -109,7 +119,8 @@ impl KeyCache {
             }
         };
         *snapshot = Some(Snapshot {
-            grants: grants.clone(),
+            grants: Arc::clone(&grants),
+            started,
             fetched: Instant::now(),
             stale: false,
         });
@@ -126,15 +137,21 @@ impl KeyCache {
     ) -> Result<(bool, Vec<Grant>), KmsError> {
         let entry = self.entry(key);
         let mut snapshot = entry.grants.lock().await;
+        let started = Instant::now();
         let mut grants = client.list_all_grants(&key.key_id, page_size).await?;
         grants.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
         let changed = snapshot.as_ref().is_none_or(|previous| {
-            let mut before = previous.grants.clone();
+            let mut before: Vec<&Grant> = previous.grants.iter().collect();
             before.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
-            before != grants
+            before.len() != grants.len()
+                || before
+                    .iter()
+                    .zip(&grants)
+                    .any(|(known, listed)| !agrees(known, listed))
         });
         *snapshot = Some(Snapshot {
-            grants: grants.clone(),
+            grants: Arc::new(grants.clone()),
+            started,
             fetched: Instant::now(),
             stale: false,
         });
@@ -146,15 +163,16 @@ impl KeyCache {
     pub async fn snapshot(&self, key: &KeyRef) -> Option<Vec<Grant>> {
         let entry = self.entries.lock().expect("cache lock").get(key).cloned()?;
         let snapshot = entry.grants.lock().await;
-        snapshot.as_ref().map(|s| s.grants.clone())
+        snapshot.as_ref().map(|s| s.grants.as_ref().clone())
     }
 
     /// Records a grant we created, so the next reader sees it without listing.
     pub async fn insert(&self, key: &KeyRef, grant: Grant) {
         let entry = self.entry(key);
         if let Some(snapshot) = entry.grants.lock().await.as_mut() {
-            snapshot.grants.retain(|g| g.grant_id != grant.grant_id);
-            snapshot.grants.push(grant);
+            let grants = Arc::make_mut(&mut snapshot.grants);
+            grants.retain(|g| g.grant_id != grant.grant_id);
+            grants.push(grant);
         }
     }
 
@@ -162,7 +180,7 @@ impl KeyCache {
     pub async fn remove(&self, key: &KeyRef, grant_id: &str) {
         let entry = self.entry(key);
         if let Some(snapshot) = entry.grants.lock().await.as_mut() {
-            snapshot.grants.retain(|g| g.grant_id != grant_id);
+            Arc::make_mut(&mut snapshot.grants).retain(|g| g.grant_id != grant_id);
         }
     }
 
@@ -181,6 +199,29 @@ impl KeyCache {
             .lock()
             .expect("cache lock")
             .retain(|key, _| key.provider != provider);
+    }
+
+    /// Describes the key when its description is due (as [`Self::key_info`] would); true when
+    /// its state differs from the one described before.
+    pub async fn key_state_changed(
+        &self,
+        client: &KmsClient,
+        key: &KeyRef,
+        max_age: Duration,
+    ) -> Result<bool, KmsError> {
+        let entry = self.entry(key);
+        let mut cached = entry.info.lock().await;
+        let before = match cached.as_ref() {
+            Some((info, at)) if info.state == KeyState::Enabled && at.elapsed() < max_age => {
+                return Ok(false);
+            }
+            Some((info, _)) => Some(info.state.clone()),
+            None => None,
+        };
+        let info = client.describe_key(&key.key_id).await?;
+        let changed = before.is_some_and(|state| state != info.state);
+        *cached = Some((info, Instant::now()));
+        Ok(changed)
     }
 
     /// The key's description, from `describe-key` at most once per `max_age`. Only an enabled key
@@ -208,11 +249,71 @@ impl KeyCache {
     }
 }
 
+/// A walk that started after `asked` saw everything written before it.
+fn started_after(snapshot: &Snapshot, asked: Instant) -> bool {
+    snapshot.started >= asked
+}
+
+/// Whether what we knew of a grant still holds for the listed one. A grant we created is known
+/// from the create answer (its ID) and our request: the cloud's own fields (issuing principal,
+/// creation date) arrive with the first listing and are no change; neither is another order of
+/// the operations or an unreported grantee type.
+fn agrees(known: &Grant, listed: &Grant) -> bool {
+    known.grant_id == listed.grant_id
+        && known.key_id == listed.key_id
+        && known.grantee_principal == listed.grantee_principal
+        && known.grantee_type() == listed.grantee_type()
+        && known.operation_set() == listed.operation_set()
+        && known.name == listed.name
+        && known.retiring_principal == listed.retiring_principal
+        && learned(&known.issuing_principal, &listed.issuing_principal)
+        && learned(&known.created_at_millis, &listed.created_at_millis)
+}
+
+/// Known and the same, or not known yet.
+fn learned<T: PartialEq>(known: &Option<T>, listed: &Option<T>) -> bool {
+    known.is_none() || known == listed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use kms_emulator::{Emulator, EmulatorConfig, FaultSettings, NewKey};
     use kmsgrant_kms::{ClientConfig, Credentials, Project};
+
+    #[test]
+    fn a_created_grant_agrees_with_its_first_listing() {
+        let created = Grant {
+            key_id: "k".into(),
+            grant_id: "g".into(),
+            grantee_principal: "p".into(),
+            grantee_principal_type: Some("user".into()),
+            operations: vec!["describe-key".into(), "encrypt-datakey".into()],
+            issuing_principal: None,
+            created_at_millis: None,
+            name: Some("n".into()),
+            retiring_principal: None,
+        };
+        let listed = Grant {
+            grantee_principal_type: None,
+            operations: vec!["encrypt-datakey".into(), "describe-key".into()],
+            issuing_principal: Some("i".into()),
+            created_at_millis: Some(1_497_341_531_000),
+            ..created.clone()
+        };
+        assert!(agrees(&created, &listed));
+        assert!(agrees(&listed, &listed.clone()));
+        let later = Grant {
+            created_at_millis: Some(1_497_341_532_000),
+            ..listed.clone()
+        };
+        assert!(!agrees(&listed, &later));
+        let narrower = Grant {
+            operations: vec!["describe-key".into()],
+            ..listed.clone()
+        };
+        assert!(!agrees(&listed, &narrower));
+    }
 
     #[tokio::test]
     async fn concurrent_readers_of_one_key_share_one_describe_key() {

@@ -113,7 +113,7 @@ fn delay(ctx: &Context, object: &ObjectRef<KmsGrant>, requeue: Requeue) -> Durat
     match requeue {
         Requeue::Resync => {
             ctx.backoff.reset(object);
-            ctx.settings.jittered_resync()
+            ctx.settings.ready_recheck()
         }
         Requeue::StalledRetry => {
             ctx.backoff.reset(object);
@@ -437,7 +437,7 @@ impl Work<'_> {
         provider: &Provider,
         key: &KeyRef,
         max_age: Duration,
-    ) -> Result<(Vec<Grant>, bool), Failure> {
+    ) -> Result<(Arc<Vec<Grant>>, bool), Failure> {
         let ctx = self.ctx;
         Ok(ctx
             .keys
@@ -476,7 +476,7 @@ impl Work<'_> {
                 .list(provider, &other, self.ctx.settings.snapshot_max_age())
                 .await
             {
-                Ok((listed, _)) => grants.extend(listed),
+                Ok((listed, _)) => grants.extend(listed.iter().cloned()),
                 Err(Failure::Kms(err))
                     if err.reason == ErrorReason::KeyNotFound && answered_by_kms(&err) => {}
                 Err(err) => return Err(err),
@@ -545,7 +545,7 @@ impl Work<'_> {
             Err(Failure::Kms(err))
                 if err.reason == ErrorReason::KeyNotFound && answered_by_kms(&err) =>
             {
-                Vec::new()
+                Arc::default()
             }
             Err(err) => return Err(err),
         };
@@ -881,7 +881,7 @@ async fn list_fresh(
     ctx: &Context,
     provider: &Provider,
     key: &KeyRef,
-) -> Result<Option<Vec<Grant>>, Failure> {
+) -> Result<Option<Arc<Vec<Grant>>>, Failure> {
     match ctx
         .keys
         .grants(

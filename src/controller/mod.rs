@@ -17,13 +17,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event as EventsV1;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::Api;
+use kube::api::PostParams;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
 
 pub use cache::KeyRef;
@@ -39,7 +43,7 @@ use crate::metrics::Metrics;
 /// How the controllers pace themselves.
 #[derive(Clone)]
 pub struct Settings {
-    /// How often every key is listed to detect drift, and every object re-checked.
+    /// How often every key in use is listed to detect drift (Ready objects: see `ready_recheck`).
     pub resync: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -93,11 +97,6 @@ impl Default for Settings {
 }
 
 impl Settings {
-    /// The resync interval ±10 %, so objects created together do not stay in lockstep.
-    pub fn jittered_resync(&self) -> Duration {
-        self.resync.mul_f64(0.9 + 0.2 * fastrand::f64())
-    }
-
     /// A grant snapshot is reused for this long. The drift detector refreshes every key once per
     /// resync, so object reconciles in between never list.
     fn snapshot_max_age(&self) -> Duration {
@@ -111,6 +110,16 @@ impl Settings {
     /// `status.lastSyncTime` is rewritten at least this often even when nothing changed.
     fn sync_time_refresh(&self) -> Duration {
         (self.resync * 10).max(Duration::from_secs(3600))
+    }
+
+    /// A Ready object is reconciled again after this long (+0–10 %) even when nothing woke it,
+    /// which refreshes its `lastSyncTime`. In between, the drift detector watches its key (grants
+    /// listed every resync, state described every four) and wakes it on a change, as do its own
+    /// changes, its provider config's and its namespace's labels: an idle resync costs K lists,
+    /// not N reconciles.
+    fn ready_recheck(&self) -> Duration {
+        self.sync_time_refresh()
+            .mul_f64(1.0 + 0.1 * fastrand::f64())
     }
 }
 
@@ -132,11 +141,71 @@ impl ReconcileError {
     }
 }
 
+/// Publishes events. Warnings go through kube's recorder, which folds a repeat (the same reason
+/// on the same object within six minutes) into a series. Normal events each record one action
+/// (a grant created, adopted, revoked) that does not repeat, so they are posted directly: the
+/// recorder would keep every one of them for six minutes and scan them all on each publish,
+/// which at 10,000 objects is memory and time that grow with N.
+struct Events {
+    recorder: Recorder,
+    client: Client,
+    reporter: Reporter,
+}
+
+impl Events {
+    fn new(client: Client, reporter: Reporter) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            client,
+            reporter,
+        }
+    }
+
+    async fn publish(&self, event: &Event, regarding: &ObjectReference) -> Result<(), kube::Error> {
+        if event.type_ == EventType::Warning {
+            return self.recorder.publish(event, regarding).await;
+        }
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let namespace = regarding.namespace.as_deref().unwrap_or("default");
+        let controller = &self.reporter.controller;
+        let posted = EventsV1 {
+            metadata: ObjectMeta {
+                namespace: Some(namespace.to_owned()),
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name.as_deref().unwrap_or(controller),
+                    now.as_nanosecond()
+                )),
+                ..ObjectMeta::default()
+            },
+            action: Some(event.action.clone()),
+            reason: Some(event.reason.clone()),
+            note: event.note.clone(),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(regarding.clone()),
+            related: event.secondary.clone(),
+            reporting_controller: Some(controller.clone()),
+            reporting_instance: Some(
+                self.reporter
+                    .instance
+                    .clone()
+                    .unwrap_or_else(|| controller.clone()),
+            ),
+            type_: Some("Normal".into()),
+            ..EventsV1::default()
+        };
+        Api::<EventsV1>::namespaced(self.client.clone(), namespace)
+            .create(&PostParams::default(), &posted)
+            .await
+            .map(|_| ())
+    }
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     client: Client,
     settings: Settings,
-    recorder: Recorder,
+    recorder: Events,
     keys: cache::KeyCache,
     providers: provider::ProviderRegistry,
     provider_configs: Store<KmsProviderConfig>,
@@ -240,14 +309,21 @@ pub async fn run(
     tracing::info!(cluster = %cluster, "grant identities are k8s/{cluster}/<namespace>/<name>");
     let provider_controller = Controller::new(configs.clone(), selected.clone());
     let provider_store = provider_controller.store();
-    let grant_controller = Controller::new(grants, selected.clone());
-    let grant_store = grant_controller.store();
+    // The grant cache holds every selected object: without what the controller never reads
+    // (managedFields, kubectl's last-applied copy of the object) it costs a fraction.
+    let (grant_store, grant_writer) = reflector::store();
+    let grant_controller = Controller::for_stream(
+        reflector(grant_writer, watcher(grants, selected.clone()).modify(slim)).applied_objects(),
+        grant_store.clone(),
+    );
     let policy_controller =
         Controller::new(Api::<KmsKeyPolicy>::all(client.clone()), selected.clone());
     let policy_store = policy_controller.store();
     metrics.read_status_from(grant_store.clone(), provider_store.clone());
+    // Objects to reconcile now: on keys whose grants or state changed, in relabelled namespaces.
+    let (drift_tx, drift_rx) = mpsc::unbounded_channel::<ObjectRef<KmsGrant>>();
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: Events::new(client.clone(), reporter),
         keys: cache::KeyCache::default(),
         providers: provider::ProviderRegistry::new(provider_store.clone()),
         provider_configs: provider_store.clone(),
@@ -259,7 +335,11 @@ pub async fn run(
             ..Backoff::default()
         },
         metrics,
-        namespaces: namespaces::NamespaceLabels::new(client.clone()),
+        namespaces: namespaces::NamespaceLabels::new(
+            client.clone(),
+            grant_store.clone(),
+            drift_tx.clone(),
+        ),
         client: client.clone(),
         cluster,
         fence: settings.fence.clone(),
@@ -351,7 +431,6 @@ pub async fn run(
             }
         });
 
-    let (drift_tx, drift_rx) = mpsc::unbounded_channel::<ObjectRef<KmsGrant>>();
     let grant_controller = grant_controller
         // A provider config changing (becoming Ready, say) wakes the grants that use it.
         .watches(
@@ -400,6 +479,15 @@ pub async fn run(
     );
     tracing::info!("controllers stopped");
     Ok(())
+}
+
+/// Drops from a cached object what the controller never reads.
+fn slim(grant: &mut KmsGrant) {
+    let meta = grant.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
 }
 
 /// The configured cluster name, else the UID of `kube-system`: two clusters installed with
@@ -474,9 +562,10 @@ fn forget_deleted(ctx: &Context) {
     }
 }
 
-/// Lists every key in use (and every key a KmsKeyPolicy audits) once per resync; wakes the
-/// objects on keys whose grants changed; audits each key from the same list (no further KMS
-/// call) for the `unmanaged_grants` gauges and the KmsKeyPolicies, which it wakes.
+/// Lists every key in use (and every key a KmsKeyPolicy audits) once per resync, and describes
+/// a key in use when its description is due; wakes the objects on keys whose grants or state
+/// changed; audits each key from the same list (no further KMS call) for the
+/// `unmanaged_grants` gauges and the KmsKeyPolicies, which it wakes.
 async fn drift_detector(
     ctx: Arc<Context>,
     wake: mpsc::UnboundedSender<ObjectRef<KmsGrant>>,
@@ -556,8 +645,19 @@ async fn drift_pass(
             .await;
         let grants = match listed {
             Ok((changed, grants)) => {
-                if changed {
-                    tracing::debug!(key = %key.key_id, objects = objects.len(), "grants changed on key");
+                // The key's state (enabled, disabled, pending deletion) matters to the objects on
+                // it only; it is described when its description is due.
+                let state_changed = !objects.is_empty()
+                    && ctx
+                        .keys
+                        .key_state_changed(&provider.client, &key, ctx.settings.key_info_max_age())
+                        .await
+                        .unwrap_or_else(|err| {
+                            tracing::debug!(key = %key.key_id, error = %err, "key state check failed");
+                            false
+                        });
+                if changed || state_changed {
+                    tracing::debug!(key = %key.key_id, objects = objects.len(), grants = changed, state = state_changed, "key changed");
                     for object in objects {
                         let _ = wake.send(object);
                     }

@@ -414,6 +414,24 @@ pub fn requeue(outcome: &Outcome) -> Requeue {
     }
 }
 
+/// Whether `status` says something `previous` (the object's current status) does not. The
+/// create answer carries only the grant's ID, so `issuingPrincipal` and `createdAt` of a grant
+/// we created are known from the next listing of its key: filling them in for the same grant is
+/// no reason to write by itself (it would cost every object a second write after converging);
+/// they go with the next write that is made anyway, at the latest the `lastSyncTime` refresh.
+pub fn status_changed(status: &KmsGrantStatus, previous: &KmsGrantStatus) -> bool {
+    let mut compared = status.clone();
+    if compared.grant_id == previous.grant_id {
+        if previous.issuing_principal.is_none() {
+            compared.issuing_principal = None;
+        }
+        if previous.created_at.is_none() {
+            compared.created_at = None;
+        }
+    }
+    compared != *previous
+}
+
 /// A KMS failure during deletion, as the condition that says deletion waits.
 pub fn cleanup_failure_outcome(err: &KmsError) -> Outcome {
     match failure_outcome(err) {
@@ -1253,5 +1271,38 @@ mod tests {
             matches!(&refused, Outcome::Stalled { message, .. } if message.starts_with("cannot clean up: "))
         );
         assert_eq!(cleanup_requeue(&refused), Requeue::Backoff);
+    }
+
+    fn written(grant_id: &str) -> KmsGrantStatus {
+        KmsGrantStatus {
+            grant_id: Some(grant_id.into()),
+            key_id: Some("k".into()),
+            ..KmsGrantStatus::default()
+        }
+    }
+
+    #[test]
+    fn what_only_a_listing_tells_is_no_reason_to_write_for_the_same_grant() {
+        let after_create = written("a");
+        let listed = KmsGrantStatus {
+            issuing_principal: Some("p".into()),
+            created_at: Some("2026-01-01T00:00:00Z".into()),
+            ..written("a")
+        };
+        assert!(!status_changed(&listed, &after_create));
+        // Once known, a different value is a change.
+        let other = KmsGrantStatus {
+            created_at: Some("2026-01-02T00:00:00Z".into()),
+            ..listed.clone()
+        };
+        assert!(status_changed(&other, &listed));
+        // Another grant is a change, with whatever it brings.
+        assert!(status_changed(
+            &KmsGrantStatus {
+                grant_id: Some("b".into()),
+                ..listed.clone()
+            },
+            &after_create
+        ));
     }
 }

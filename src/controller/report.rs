@@ -7,8 +7,13 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use std::time::Duration;
+
+use kube::runtime::reflector::ObjectRef;
+
 use super::conditions::{Outcome, conditions, now_rfc3339, reasons};
 use super::grant::FINALIZER;
+use super::plan;
 use super::{Context, ReconcileError};
 use crate::api::{KmsGrant, KmsGrantStatus};
 
@@ -61,7 +66,7 @@ where
 
 /// The one status writer: the whole status by server-side apply under [`FIELD_MANAGER`], so a
 /// field left out (a stale `createdAt`, a finished `supersededGrant`) is removed. Skipped when
-/// nothing changed and `lastSyncTime` is recent.
+/// nothing changed (see [`plan::status_changed`]) and `lastSyncTime` is recent.
 pub(super) async fn write_status(
     object: &KmsGrant,
     ctx: &Context,
@@ -82,7 +87,7 @@ pub(super) async fn write_status(
             jiff::Timestamp::now().duration_since(t).as_secs()
                 < ctx.settings.sync_time_refresh().as_secs() as i64
         });
-    if status == previous && sync_is_recent {
+    if !plan::status_changed(&status, &previous) && sync_is_recent {
         return Ok(());
     }
     status.last_sync_time = Some(now);
@@ -91,7 +96,7 @@ pub(super) async fn write_status(
         "kind": "KmsGrant",
         "status": status,
     });
-    api(object, &ctx.client)
+    let written = api(object, &ctx.client)
         .patch_status(
             &object.name_any(),
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -99,7 +104,29 @@ pub(super) async fn write_status(
         )
         .await
         .map_err(ReconcileError::Kube)?;
+    until_cached(ctx, object, &written).await;
     Ok(())
+}
+
+/// Waits, briefly, until the object cache holds the status just written. The next reconcile of
+/// the object (often already queued by the watch event of our own finalizer patch) starts from
+/// the cached object; from the version before this write it would write the same status again
+/// and, before a grant was recorded, report the grant it just created as adopted.
+async fn until_cached(ctx: &Context, object: &KmsGrant, written: &KmsGrant) {
+    let object_ref = ObjectRef::from_obj(object);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match ctx.grants.get(&object_ref) {
+            Some(cached) if cached.status != written.status => {}
+            // Cached, or gone from the cache (deleted, or no longer selected).
+            _ => return,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::debug!("the object cache does not show the status written yet");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A Warning event when the object enters a failing state (once per transition, not per retry).
