@@ -1,6 +1,9 @@
 //! The chaos soak: KmsGrants under churn while replicas are killed, the leader's API traffic
-//! stalls, one replica's clock is skewed, and the KMS misbehaves; the identity invariants are
-//! checked throughout and at the end.
+//! stalls, one replica's clock is skewed, the API server restarts once, and the KMS misbehaves;
+//! the identity invariants are checked throughout and at the end.
+//!
+//! It runs on a control plane of its own (not the one `scripts/test` shares), so that it can
+//! restart its kube-apiserver while etcd keeps the data.
 //!
 //! In the suite it runs short (`KMSGRANT_SOAK_MINUTES`, default 1.5 min of chaos, 150 grants);
 //! `scripts/soak MINUTES` runs the long version (1,000 grants) and writes the table to
@@ -112,6 +115,8 @@ struct Observations {
     kills: usize,
     stalls: usize,
     restarts: usize,
+    /// (local ms when kube-apiserver was stopped, local ms when it answered /readyz again).
+    api_restarts: Vec<(u64, u64)>,
     fault_phases: BTreeMap<&'static str, usize>,
 }
 
@@ -123,7 +128,10 @@ async fn chaos_soak_keeps_every_identity_invariant() {
     let churn_per_second = setting("KMSGRANT_SOAK_CHURN", if long { 5.0 } else { 3.0 });
     let outage = Duration::from_secs(if long { 60 } else { 10 });
     let chaos_for = Duration::from_secs_f64(minutes * 60.0);
+    // The API server restarts once, this far into the chaos.
+    let api_restart_after = chaos_for.mul_f64(0.4);
     let started = Instant::now();
+    let control_plane = support::own_control_plane();
 
     // Room above 100 per key: replacements create first, and churn re-creates deleted names.
     let env = Env::new(
@@ -259,7 +267,10 @@ async fn chaos_soak_keeps_every_identity_invariant() {
         let proxy_stalled = Arc::new(AtomicBool::new(false));
         let proxy = Arc::new(proxy);
         let proxy_for_chaos = proxy.clone();
+        let control_plane = control_plane.clone();
         tokio::spawn(async move {
+            let chaos_started = Instant::now();
+            let mut api_restarted = false;
             let inject = |operation: &str, rate: f64, error: InjectedError| FaultSettings {
                 errors: BTreeMap::from([(operation.to_owned(), ErrorInjection { rate, error })]),
                 ..FaultSettings::default()
@@ -274,6 +285,18 @@ async fn chaos_soak_keeps_every_identity_invariant() {
                 tokio::time::sleep(Duration::from_secs(wait)).await;
                 if stop.load(Ordering::Relaxed) {
                     break;
+                }
+                if !api_restarted && chaos_started.elapsed() >= api_restart_after {
+                    // kube-apiserver stops and starts again (etcd kept), as in a control plane
+                    // upgrade: every watch and the lease renewals fail until it is back.
+                    api_restarted = true;
+                    let from = now_ms();
+                    let dir = control_plane.clone();
+                    tokio::task::spawn_blocking(move || support::restart_api_server(&dir))
+                        .await
+                        .unwrap();
+                    obs.lock().unwrap().api_restarts.push((from, now_ms()));
+                    continue;
                 }
                 round += 1;
                 match round % 9 {
@@ -408,17 +431,19 @@ async fn chaos_soak_keeps_every_identity_invariant() {
                         }
                     }
                     let mut restarted = 0;
+                    let mut largest: f64 = 0.0;
                     let mut replicas = replicas.lock().unwrap();
                     for replica in replicas.iter_mut() {
                         if replica.keep_alive() {
                             restarted += 1;
                         }
                         if let Some(rss) = replica.pid().and_then(rss_mib) {
-                            o.rss_max = o.rss_max.max(rss);
-                            if tick.is_multiple_of(10) {
-                                o.rss_samples.push((now_ms(), rss));
-                            }
+                            largest = largest.max(rss);
                         }
+                    }
+                    o.rss_max = o.rss_max.max(largest);
+                    if tick.is_multiple_of(10) && largest > 0.0 {
+                        o.rss_samples.push((now_ms(), largest));
                     }
                     o.restarts += restarted;
                 }
@@ -566,6 +591,30 @@ async fn chaos_soak_keeps_every_identity_invariant() {
         .filter(|at| o.outages.iter().any(|(from, to)| *at >= from && *at <= to))
         .count();
     let cross = o.cross_identity.len();
+    // The API server restart: how long it was away, and how long after it was back until the
+    // lease was held again (the first Lease change the sampler saw afterwards).
+    let api_restart = o
+        .api_restarts
+        .iter()
+        .map(|(from, to)| {
+            let held_again = o
+                .lease
+                .iter()
+                .find(|(seen, holder, _, _)| seen > to && !holder.is_empty())
+                .map(|(seen, _, _, _)| format!("{:.1} s", (seen - to) as f64 / 1000.0))
+                .unwrap_or_else(|| "never seen".into());
+            format!(
+                "1 (away {:.1} s; lease held again {held_again} after it was back)",
+                (to - from) as f64 / 1000.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let api_restart = if api_restart.is_empty() {
+        "0 (the chaos ended first)".to_owned()
+    } else {
+        api_restart
+    };
 
     let table = format!(
         "| invariant | count |\n| --- | --- |\n\
@@ -580,6 +629,7 @@ async fn chaos_soak_keeps_every_identity_invariant() {
          | churn operations (create, change, delete) | {churned} |\n\
          | replica kills / lost-lease exits and restarts | {} / {} |\n\
          | API stalls longer than the lease | {} |\n\
+         | kube-apiserver restarts (etcd kept) | {api_restart} |\n\
          | KMS fault phases | {} |\n\
          | KMS calls during outages ({} s each) | {outage_calls} |\n\
          | KMS writes in total | {} |\n\
@@ -624,12 +674,14 @@ async fn chaos_soak_keeps_every_identity_invariant() {
              leader election (lease {LEASE}), one behind a TCP proxy that stalls for 9 s, the \
              other with its lease clock {SKEW_SECONDS} s ahead; replicas SIGKILLed at random \
              ({}–60 s apart); KMS phases: latency spikes, 30 % 5xx, 429 storms, commit-then-drop \
-             on 10 % of writes, commit-then-5xx on 30 % of creates, a {} s outage; resync \
-             {RESYNC}. The API server is not restarted (not done yet).\n\n{table}\n\
+             on 10 % of writes, commit-then-5xx on 30 % of creates, a {} s outage; \
+             kube-apiserver restarted once, {:.0} % into the chaos (SIGTERM, then a new process on \
+             the same port; etcd and its data kept); resync {RESYNC}.\n\n{table}\n\
              RSS of a replica over time (MiB, sampled): {}\n",
             started.elapsed().as_secs_f64() / 60.0,
             if long { 5 } else { 3 },
             outage.as_secs(),
+            api_restart_after.as_secs_f64() * 100.0 / chaos_for.as_secs_f64(),
             rss.join(", ")
         );
         std::fs::write(&path, report).unwrap();
@@ -643,11 +695,19 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             non_leader_writes
         ),
         (0, 0, 0, 0, 0),
-        "invariants violated:\n{table}"
+        "invariants violated (control plane and its logs kept in {}; operator logs in {}):\n{table}",
+        control_plane.display(),
+        std::env::temp_dir().join("kmsgrant-e2e").display()
+    );
+    assert_eq!(
+        o.api_restarts.len(),
+        1,
+        "the API server was not restarted: the chaos ended before {api_restart_after:?}"
     );
     for replica in replicas.lock().unwrap().iter_mut() {
         if let Some(p) = replica.process.as_mut() {
             p.kill();
         }
     }
+    support::remove_own_control_plane(&control_plane);
 }
