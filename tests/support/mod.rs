@@ -15,30 +15,81 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub const REPO: &str = env!("CARGO_MANIFEST_DIR");
 pub const OPERATOR_BIN: &str = env!("CARGO_BIN_EXE_kmsgrant-operator");
 
+static KUBECONFIG: OnceLock<PathBuf> = OnceLock::new();
+
 /// The kubeconfig of the control plane this test process uses.
 pub fn kubeconfig() -> &'static Path {
-    static KUBECONFIG: OnceLock<PathBuf> = OnceLock::new();
     KUBECONFIG.get_or_init(|| {
         if let Some(path) = std::env::var_os("KMSGRANT_TEST_KUBECONFIG") {
             let path = PathBuf::from(path);
-            assert!(path.is_file(), "KMSGRANT_TEST_KUBECONFIG={} does not exist", path.display());
+            assert!(
+                path.is_file(),
+                "KMSGRANT_TEST_KUBECONFIG={} does not exist",
+                path.display()
+            );
             return path;
         }
-        let dir = std::env::temp_dir().join(format!("kmsgrant-test-{}", std::process::id()));
-        let output = Command::new(Path::new(REPO).join("scripts/control-plane"))
-            .arg("up")
-            .arg(&dir)
-            .args(["--owner-pid", &std::process::id().to_string()])
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("cannot run scripts/control-plane");
-        assert!(
-            output.status.success(),
-            "the local control plane did not start (scripts/control-plane up {}): see its messages above",
-            dir.display()
-        );
-        dir.join("kubeconfig")
+        start_control_plane("kmsgrant-test")
     })
+}
+
+/// Starts a control plane of this process's own in a temporary directory (stopped when the
+/// process exits) and returns its kubeconfig.
+fn start_control_plane(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+    let output = Command::new(Path::new(REPO).join("scripts/control-plane"))
+        .arg("up")
+        .arg(&dir)
+        .args(["--owner-pid", &std::process::id().to_string()])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cannot run scripts/control-plane");
+    assert!(
+        output.status.success(),
+        "the local control plane did not start (scripts/control-plane up {}): see its messages above",
+        dir.display()
+    );
+    dir.join("kubeconfig")
+}
+
+/// A control plane owned by this test process alone, even under `scripts/test` (whose shared one
+/// other test processes use), so that the test may restart its API server. Every helper here uses
+/// it from then on; call it before anything else talks to an API server. Returns its directory,
+/// for [`restart_api_server`].
+pub fn own_control_plane() -> PathBuf {
+    let kubeconfig = start_control_plane("kmsgrant-own");
+    let dir = kubeconfig.parent().unwrap().to_path_buf();
+    assert!(
+        KUBECONFIG.set(kubeconfig).is_ok(),
+        "own_control_plane() must come before anything uses the shared control plane"
+    );
+    dir
+}
+
+/// Restarts the kube-apiserver of a control plane from [`own_control_plane`] (SIGTERM, then a new
+/// process on the same port; etcd and its data stay up) and returns once it answers `/readyz`.
+pub fn restart_api_server(dir: &Path) {
+    let output = Command::new(Path::new(REPO).join("scripts/control-plane"))
+        .arg("restart-apiserver")
+        .arg(dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cannot run scripts/control-plane");
+    assert!(
+        output.status.success(),
+        "scripts/control-plane restart-apiserver {} failed: see its messages above",
+        dir.display()
+    );
+}
+
+/// Stops a control plane from [`own_control_plane`] and removes its directory (its etcd data and
+/// logs); a failing test returns before this and keeps them for a look.
+pub fn remove_own_control_plane(dir: &Path) {
+    let _ = Command::new(Path::new(REPO).join("scripts/control-plane"))
+        .arg("down")
+        .arg(dir)
+        .output();
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Runs kubectl against the test control plane.
