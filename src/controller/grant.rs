@@ -143,6 +143,10 @@ enum Failure {
 
 impl From<KmsError> for Failure {
     fn from(err: KmsError) -> Self {
+        if err.reason == ErrorReason::WriteFenced {
+            // Not sent: the lease was lost while the write waited (rate limit, retry).
+            return Self::NotLeader(crate::leader::NotLeader);
+        }
         Self::Kms(err)
     }
 }

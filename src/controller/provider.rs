@@ -309,7 +309,11 @@ async fn build(config: &KmsProviderConfig, ctx: &Context) -> Result<Provider, No
     {
         return Ok(current.provider);
     }
-    let client_config = client_config(spec, &secret, ctx.settings.allow_http).map_err(NotUsable)?;
+    let mut client_config =
+        client_config(spec, &secret, ctx.settings.allow_http).map_err(NotUsable)?;
+    // Every attempt of a write asks the leader fence, retries included.
+    let fence = ctx.fence.clone();
+    client_config.write_gate = Some(kmsgrant_kms::WriteGate::new(move || fence.check().is_ok()));
     let client = KmsClient::with_metrics(client_config, ctx.metrics.clone())
         .map_err(|e| NotUsable(kms_outcome(&e)))?;
     let provider = Provider {

@@ -320,6 +320,7 @@ impl KmsClient {
                         self.drop_token(*generation).await;
                         reauthenticated.store(true, Ordering::Relaxed);
                         let auth = self.auth_for_kms(call, &project_id).await?;
+                        self.may_send(call)?;
                         return self
                             .send(call, method.clone(), &url, body.as_deref(), &auth)
                             .await;
@@ -349,6 +350,9 @@ impl KmsClient {
             if !permit.waited.is_zero() {
                 self.inner.metrics.throttle_waited(permit.waited);
             }
+            // Asked after the wait for the bucket and before every attempt: a write never goes
+            // out after the caller lost the right to write.
+            self.may_send(call)?;
             let err = match attempt().await {
                 Ok(answer) => {
                     self.learned(|bucket| bucket.succeeded(permit));
@@ -374,6 +378,18 @@ impl KmsClient {
             tracing::debug!(call = %call, reason = err.reason.as_str(), attempt = attempts, ?backoff, "retrying KMS call");
             self.inner.metrics.retried(call, err.reason);
             tokio::time::sleep(backoff).await;
+        }
+    }
+
+    /// `Err(WriteFenced)` when `call` is a write and the write gate is closed.
+    fn may_send(&self, call: Call) -> Result<(), KmsError> {
+        match &self.inner.config.write_gate {
+            Some(gate) if call.is_write() && !gate.is_open() => Err(KmsError::new(
+                call,
+                ErrorReason::WriteFenced,
+                "not sent: this client may not write now (its write gate is closed)".to_owned(),
+            )),
+            _ => Ok(()),
         }
     }
 

@@ -36,6 +36,33 @@ pub struct ClientConfig {
     /// Largest answer body read; a larger one fails with `ResponseTooLarge` before it is held
     /// in memory. A full `list-grants` page of 100 grants is about 50 KiB.
     pub max_response_bytes: usize,
+    /// Asked before every attempt of a write (`create-grant`, `revoke-grant`, `retire-grant`),
+    /// retries included: a write whose first attempt was allowed is not re-sent once the gate
+    /// closes (a replica that lost its leader lease while its write waited for the rate limit or
+    /// a retry). `None`: always open.
+    pub write_gate: Option<WriteGate>,
+}
+
+/// Whether a write may be sent now; see [`ClientConfig::write_gate`].
+#[derive(Clone)]
+pub struct WriteGate(std::sync::Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl WriteGate {
+    /// A gate that is open while `open` returns true.
+    pub fn new(open: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(open))
+    }
+
+    /// Whether a write may be sent now.
+    pub fn is_open(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for WriteGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteGate")
+    }
 }
 
 /// The default for [`ClientConfig::max_response_bytes`]: 4 MiB, far above any answer KMS or IAM
@@ -59,6 +86,7 @@ impl ClientConfig {
             request_timeout: Duration::from_secs(15),
             retry: RetryPolicy::default(),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            write_gate: None,
         }
     }
 }

@@ -113,6 +113,9 @@ pub enum ErrorReason {
     /// A `list-grants` walk went on past what a key can hold (100 grants plus a page): the
     /// endpoint is looping or hostile.
     ListRunaway,
+    /// A write was not sent: the caller's write gate was closed (the replica lost its leader
+    /// lease while the write waited for the rate limit or a retry).
+    WriteFenced,
 }
 
 impl ErrorReason {
@@ -144,6 +147,7 @@ impl ErrorReason {
             Self::RedirectRefused => "RedirectRefused",
             Self::ResponseTooLarge => "ResponseTooLarge",
             Self::ListRunaway => "ListRunaway",
+            Self::WriteFenced => "WriteFenced",
         }
     }
 

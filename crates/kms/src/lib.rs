@@ -16,6 +16,7 @@ pub use client::{
 };
 pub use config::{
     ClientConfig, Credentials, DEFAULT_MAX_RESPONSE_BYTES, Project, RateLimitConfig, RetryPolicy,
+    WriteGate,
 };
 pub use error::{Call, ErrorClass, ErrorReason, KmsError};
 pub use secrecy::{ExposeSecret, SecretString};

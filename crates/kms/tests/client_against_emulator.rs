@@ -612,3 +612,48 @@ async fn both_signing_variants_are_accepted_by_the_emulator() {
     assert_eq!(err.reason, ErrorReason::InvalidCredentials);
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_write_is_not_re_sent_once_the_write_gate_closes() {
+    let emu = emulator(100).await;
+    let key = new_key(&emu, "gate");
+    // Open for the first attempt only, as a replica whose lease is lost while it waits to retry.
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut config = config(&emu, AuthMethod::AccessKey);
+    let counter = asked.clone();
+    config.write_gate = Some(kmsgrant_kms::WriteGate::new(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0
+    }));
+    let kms = KmsClient::new(config).unwrap();
+    // Reads never ask the gate.
+    assert_eq!(kms.list_all_grants(&key, 100).await.unwrap().len(), 0);
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // Every create is throttled: the first attempt goes out, the retry would.
+    emu.admin()
+        .set_faults(FaultSettings {
+            errors: BTreeMap::from([(
+                "create-grant".to_owned(),
+                ErrorInjection {
+                    rate: 1.0,
+                    error: InjectedError::Throttled,
+                },
+            )]),
+            ..FaultSettings::default()
+        })
+        .unwrap();
+    emu.admin().clear_stats();
+    let err = kms
+        .create_grant(&new_grant(&key, Some("fenced".into())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason, ErrorReason::WriteFenced, "{err}");
+    assert_eq!(err.class(), ErrorClass::Terminal);
+    let stats = emu.admin().stats();
+    assert_eq!(
+        stats.count("create-grant", "429"),
+        1,
+        "only the first attempt was sent"
+    );
+    assert_eq!(stats.total, 1);
+    assert_eq!(emu.admin().grant_count(&key), Some(0));
+}
