@@ -400,12 +400,17 @@ impl Node {
         Some(holder.rsplit_once('-')?.0.to_owned())
     }
 
+    /// The pod's IP; a pod that has just started (it may already hold the Lease) can run before
+    /// the kubelet reports its IP, so this waits for it.
     fn pod_ip(&self, namespace: &str, pod: &str) -> IpAddr {
-        self.get(&["-n", namespace, "get", "pod", pod])["status"]["podIP"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap()
+        let mut ip = None;
+        wait_until(&format!("pod {pod} to report its IP"), 60, || {
+            ip = self.get(&["-n", namespace, "get", "pod", pod])["status"]["podIP"]
+                .as_str()
+                .and_then(|ip| ip.parse().ok());
+            ip.is_some()
+        });
+        ip.expect("waited for it")
     }
 
     /// The host PID of a pod's operator container, from containerd.
