@@ -68,19 +68,6 @@ impl CrdArgs {
     }
 }
 
-/// A duration as people write it: `500ms`, `30s`, `5m`, `1m30s`, `1h`, or plain seconds.
-pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let text = text.trim();
-    if let Ok(seconds) = text.parse::<f64>() {
-        return std::time::Duration::try_from_secs_f64(seconds)
-            .map_err(|_| format!("{text:?} is out of range"));
-    }
-    let duration: jiff::SignedDuration = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 5m, 1m30s or 500ms"))?;
-    std::time::Duration::try_from(duration).map_err(|_| format!("{text:?} must not be negative"))
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -120,20 +107,32 @@ mod tests {
     #[test]
     fn durations_parse_with_units_and_name_the_problem_otherwise() {
         assert_eq!(
-            super::parse_duration("500ms"),
+            crate::process::parse_duration("500ms"),
             Ok(Duration::from_millis(500))
         );
-        assert_eq!(super::parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(super::parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(super::parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(super::parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(
+            crate::process::parse_duration("30s"),
+            Ok(Duration::from_secs(30))
+        );
+        assert_eq!(
+            crate::process::parse_duration("5m"),
+            Ok(Duration::from_secs(300))
+        );
+        assert_eq!(
+            crate::process::parse_duration("2"),
+            Ok(Duration::from_secs(2))
+        );
+        assert_eq!(
+            crate::process::parse_duration("1m30s"),
+            Ok(Duration::from_secs(90))
+        );
         assert!(
-            super::parse_duration("-5s")
+            crate::process::parse_duration("-5s")
                 .unwrap_err()
                 .contains("negative")
         );
         assert!(
-            super::parse_duration("soon")
+            crate::process::parse_duration("soon")
                 .unwrap_err()
                 .contains("not a duration")
         );

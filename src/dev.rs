@@ -44,7 +44,7 @@ pub struct DevArgs {
     )]
     pub emulator_listen: std::net::SocketAddr,
     /// Resync interval of the operator.
-    #[arg(long, env = "KMSGRANT_DEV_RESYNC_INTERVAL", default_value = "30s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "KMSGRANT_DEV_RESYNC_INTERVAL", default_value = "30s", value_parser = crate::process::parse_duration)]
     pub resync_interval: Duration,
     /// The script that builds and starts the local control plane (kube-apiserver and etcd).
     /// Default: `scripts/control-plane` of the checkout this binary was built from.

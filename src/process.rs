@@ -1,5 +1,5 @@
-//! What the long-running subcommands (`run`, `dev`) share: the Kubernetes client and the stop
-//! signal.
+//! What the long-running subcommands (`run`, `dev`) share: the Kubernetes client, the stop
+//! signal and how their duration flags are read.
 
 use std::path::PathBuf;
 
@@ -47,4 +47,17 @@ pub async fn shutdown_signal() {
         () = term => {}
     }
     tracing::info!("shutting down");
+}
+
+/// A duration as people write it: `500ms`, `30s`, `5m`, `1m30s`, `1h`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        return std::time::Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("{text:?} is out of range"));
+    }
+    let duration: jiff::SignedDuration = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s, 5m, 1m30s or 500ms"))?;
+    std::time::Duration::try_from(duration).map_err(|_| format!("{text:?} must not be negative"))
 }

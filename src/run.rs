@@ -19,19 +19,19 @@ pub struct RunArgs {
     pub context: Option<String>,
     /// How often every key in use is listed to detect drift (e.g. 30s, 5m); a Ready object is
     /// re-checked when something it depends on changes, at the latest after ten intervals.
-    #[arg(long, env = "KMSGRANT_RESYNC_INTERVAL", default_value = "5m", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "KMSGRANT_RESYNC_INTERVAL", default_value = "5m", value_parser = crate::process::parse_duration)]
     pub resync_interval: Duration,
     /// Reconciles running at once.
     #[arg(long, env = "KMSGRANT_CONCURRENCY", default_value_t = 8)]
     pub concurrency: u16,
     /// First retry delay of a failing object; doubles up to --backoff-max.
-    #[arg(long, env = "KMSGRANT_BACKOFF_MIN", default_value = "1s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "KMSGRANT_BACKOFF_MIN", default_value = "1s", value_parser = crate::process::parse_duration)]
     pub backoff_min: Duration,
     /// Longest retry delay of a failing object.
-    #[arg(long, env = "KMSGRANT_BACKOFF_MAX", default_value = "5m", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "KMSGRANT_BACKOFF_MAX", default_value = "5m", value_parser = crate::process::parse_duration)]
     pub backoff_max: Duration,
     /// How long a Stalled object waits before it is looked at again (changes wake it earlier).
-    #[arg(long, env = "KMSGRANT_STALLED_RETRY", default_value = "5m", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "KMSGRANT_STALLED_RETRY", default_value = "5m", value_parser = crate::process::parse_duration)]
     pub stalled_retry: Duration,
     /// Namespace whose Secrets hold provider credentials (the operator's own namespace). A
     /// KmsProviderConfig whose secretRef names another namespace is refused
@@ -43,7 +43,7 @@ pub struct RunArgs {
     )]
     pub secret_namespace: String,
     /// How often each KmsProviderConfig's credentials are checked with one `user-quotas` call.
-    #[arg(long, env = "KMSGRANT_PROVIDER_CHECK_INTERVAL", default_value = "1m", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "KMSGRANT_PROVIDER_CHECK_INTERVAL", default_value = "1m", value_parser = crate::process::parse_duration)]
     pub provider_check_interval: Duration,
     /// Failed checks in a row before a verified KmsProviderConfig is reported NotReady (with the
     /// default interval: 2 to 3 minutes of failure). Shorter failures change no status at all.
@@ -71,7 +71,7 @@ pub struct RunArgs {
     #[arg(long, env = "KMSGRANT_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
     /// How long a leader's lease lasts without renewal; a standby takes over after it.
-    #[arg(long, env = "KMSGRANT_LEASE_DURATION", default_value = "15s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "KMSGRANT_LEASE_DURATION", default_value = "15s", value_parser = crate::process::parse_duration)]
     pub lease_duration: Duration,
     /// The cluster part of every grant's name on the cloud (`k8s/<cluster>/<namespace>/<name>`):
     /// 1-63 letters, digits, `-` or `_`. Default: the UID of the kube-system namespace, unique

@@ -77,19 +77,7 @@ impl Shard {
     }
 
     fn get(&self, name: &str) -> Value {
-        serde_json::from_str(&kubectl_ok(
-            &[
-                "-n",
-                &self.namespace,
-                "get",
-                "kmsgrants",
-                name,
-                "-o",
-                "json",
-            ],
-            None,
-        ))
-        .unwrap()
+        support::get_grant(&self.namespace, name)
     }
 
     fn reason(&self, name: &str) -> String {

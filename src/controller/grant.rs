@@ -18,13 +18,10 @@ use super::plan::{
     self, Claim, DesiredGrant, Observed, Plan, Recorded, Requeue, answered_by_kms, failure_outcome,
 };
 use super::provider::Provider;
-use super::report;
+use super::report::{self, FINALIZER};
 use super::{Context, ReconcileError};
 use crate::api::{DeletionPolicy, GrantRef, KmsGrant, KmsGrantStatus, KmsProviderConfig};
 use kmsgrant_kms::{ErrorClass, ErrorReason, Grant, KmsError};
-
-/// The finalizer that makes deletion wait for the grant to be revoked or retired.
-pub const FINALIZER: &str = "kmsgrant.io/grant";
 
 #[tracing::instrument(name = "reconcile", skip_all, fields(
     kind = "KmsGrant",

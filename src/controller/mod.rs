@@ -32,10 +32,10 @@ use tokio::sync::mpsc;
 
 pub use cache::KeyRef;
 pub use conditions::{Outcome, reasons};
-pub use grant::FINALIZER;
 pub use plan::{DesiredGrant, Plan, plan};
 pub use provider::client_config;
 pub use report::FIELD_MANAGER;
+pub use report::FINALIZER;
 
 use crate::api::{KmsGrant, KmsKeyPolicy, KmsProviderConfig};
 use crate::metrics::Metrics;

@@ -259,8 +259,7 @@ pub fn admit_import<'a>(
     let Some(import) = spec.import_grant_id.as_deref() else {
         return Ok(None);
     };
-    let allowed =
-        selector.is_some_and(|s| super::provider::namespace_allowed(Some(s), namespace_labels));
+    let allowed = selector.is_some_and(|s| namespace_allowed(Some(s), namespace_labels));
     if allowed {
         Ok(Some(import))
     } else {
@@ -281,7 +280,7 @@ pub fn admit(
     namespace: &str,
     namespace_labels: &BTreeMap<String, String>,
 ) -> Option<Outcome> {
-    if !super::provider::namespace_allowed(config.namespace_selector.as_ref(), namespace_labels) {
+    if !namespace_allowed(config.namespace_selector.as_ref(), namespace_labels) {
         return Some(Outcome::Stalled {
             reason: reasons::NAMESPACE_NOT_ALLOWED,
             message: format!(
@@ -430,6 +429,20 @@ pub fn status_changed(status: &KmsGrantStatus, previous: &KmsGrantStatus) -> boo
         }
     }
     compared != *previous
+}
+
+/// Whether a namespace with these labels may use a provider config with this selector.
+pub fn namespace_allowed(
+    selector: Option<&LabelSelector>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let Some(selector) = selector else {
+        return true;
+    };
+    // The CRD schema rejects malformed expressions; one stored before that rule existed
+    // allows nothing rather than everything.
+    kube::core::Selector::try_from(selector.clone())
+        .is_ok_and(|selector| kube::core::SelectorExt::matches(&selector, labels))
 }
 
 /// A KMS failure during deletion, as the condition that says deletion waits.

@@ -6,7 +6,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -514,24 +513,11 @@ async fn write_status(
     Ok(())
 }
 
-/// Whether a namespace with these labels may use a provider config with this selector.
-pub fn namespace_allowed(
-    selector: Option<&LabelSelector>,
-    labels: &BTreeMap<String, String>,
-) -> bool {
-    let Some(selector) = selector else {
-        return true;
-    };
-    // The CRD schema rejects malformed expressions; one stored before that rule existed
-    // allows nothing rather than everything.
-    kube::core::Selector::try_from(selector.clone())
-        .is_ok_and(|selector| kube::core::SelectorExt::matches(&selector, labels))
-}
-
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
+    use super::super::plan::namespace_allowed;
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

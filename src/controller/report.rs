@@ -12,7 +12,6 @@ use std::time::Duration;
 use kube::runtime::reflector::ObjectRef;
 
 use super::conditions::{Outcome, conditions, now_rfc3339, reasons};
-use super::grant::FINALIZER;
 use super::plan;
 use super::{Context, ReconcileError};
 use crate::api::{KmsGrant, KmsGrantStatus};
@@ -23,6 +22,9 @@ pub const FIELD_MANAGER: &str = "kmsgrant-operator";
 fn api(object: &KmsGrant, client: &kube::Client) -> Api<KmsGrant> {
     Api::namespaced(client.clone(), &object.namespace().unwrap_or_default())
 }
+
+/// The finalizer that makes deletion wait for the grant to be revoked or retired.
+pub const FINALIZER: &str = "kmsgrant.io/grant";
 
 pub(super) async fn set_finalizer(
     object: &KmsGrant,

@@ -302,19 +302,7 @@ impl Env {
     }
 
     pub fn get(&self, name: &str) -> serde_json::Value {
-        serde_json::from_str(&kubectl_ok(
-            &[
-                "-n",
-                &self.namespace,
-                "get",
-                "kmsgrants",
-                name,
-                "-o",
-                "json",
-            ],
-            None,
-        ))
-        .unwrap()
+        get_grant(&self.namespace, name)
     }
 
     /// Waits for a condition, e.g. `condition=Ready` or `jsonpath={.status.conditions[?(@.type=="Stalled")].reason}=KeyNotFound`.
@@ -588,4 +576,13 @@ pub async fn eventually(
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+/// The KmsGrant `name` in `namespace`, as JSON.
+pub fn get_grant(namespace: &str, name: &str) -> serde_json::Value {
+    serde_json::from_str(&kubectl_ok(
+        &["-n", namespace, "get", "kmsgrants", name, "-o", "json"],
+        None,
+    ))
+    .unwrap()
 }
