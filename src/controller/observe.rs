@@ -275,7 +275,9 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                 })
             };
             Ok(Observation::Live(
-                read.await.map_err(|err: KmsError| Stop::Kms(err)),
+                read.await
+                    .map(Box::new)
+                    .map_err(|err: KmsError| Stop::Kms(err)),
             ))
         }
     }

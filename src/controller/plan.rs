@@ -435,7 +435,7 @@ pub enum Observation {
     /// Deleted and held by our finalizer: the object's grants, listed afresh where they can be.
     Deleting(Result<Deleting, Stop>),
     /// Alive: the provider, the key and the grants on it, or why the object cannot go on.
-    Live(Result<Live, Stop>),
+    Live(Result<Box<Live>, Stop>),
 }
 
 /// Why a reconcile could not see everything it needs.
@@ -607,7 +607,7 @@ pub fn decide(object: &KmsGrant, observed: Observation) -> Decision {
     }
 }
 
-fn decide_live(object: &KmsGrant, seen: Result<Live, Stop>) -> Decision {
+fn decide_live(object: &KmsGrant, seen: Result<Box<Live>, Stop>) -> Decision {
     let mut status = object.status.clone().unwrap_or_default();
     let has_finalizer = object.finalizers().iter().any(|f| f == FINALIZER);
     let wants_finalizer =
@@ -623,7 +623,7 @@ fn decide_live(object: &KmsGrant, seen: Result<Live, Stop>) -> Decision {
         return decision;
     }
     let live = match seen {
-        Ok(live) => live,
+        Ok(live) => *live,
         Err(stop) => {
             decision.status = status;
             decision.ending = Ending::Outcome(match stop {
@@ -1453,5 +1453,395 @@ mod tests {
             },
             &after_create
         ));
+    }
+}
+
+/// One pass decided whole, from an object and what was observed.
+#[cfg(test)]
+mod decision_tests {
+    use super::*;
+    use crate::api::KmsGrant;
+    use kmsgrant_kms::{
+        Call, ClientConfig, Credentials, KeyInfo, KeyState, Project, signer::AccessKeyPair,
+    };
+
+    const KEY: &str = "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e";
+    const OLD_KEY: &str = "0d0466b0-e727-4d9c-b35d-f84bb474a37f";
+    const ACCOUNT: &str = "https://kms p1";
+    const MINE: &str = "k8s/c1/team-a/app";
+
+    fn object(extra: serde_json::Value) -> KmsGrant {
+        let mut value = serde_json::json!({
+            "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+            "metadata": {"name": "app", "namespace": "team-a", "uid": "uid-1",
+                         "finalizers": [FINALIZER], "generation": 1},
+            "spec": {"providerConfigRef": {"name": "default"}, "keyId": KEY,
+                     "granteePrincipal": "alice", "operations": ["describe-key"]}
+        });
+        merge(&mut value, extra);
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+        match (into, from) {
+            (serde_json::Value::Object(into), serde_json::Value::Object(from)) => {
+                for (k, v) in from {
+                    merge(into.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (into, from) => *into = from,
+        }
+    }
+
+    fn client() -> KmsClient {
+        let mut config = ClientConfig::new(
+            "http://127.0.0.1:9",
+            Project::Id("p1".into()),
+            Credentials::AccessKey {
+                keys: AccessKeyPair::new("ak", "sk"),
+                security_token: None,
+            },
+        );
+        config.allow_http = true;
+        KmsClient::new(config).unwrap()
+    }
+
+    fn key(key_id: &str) -> KeyRef {
+        KeyRef {
+            provider: "default".into(),
+            account: ACCOUNT.into(),
+            key_id: key_id.into(),
+        }
+    }
+
+    fn grant(id: &str, key_id: &str, name: &str, operations: &[&str]) -> Grant {
+        Grant {
+            key_id: key_id.into(),
+            grant_id: id.into(),
+            grantee_principal: "alice".into(),
+            grantee_principal_type: Some("user".into()),
+            operations: operations.iter().map(|s| s.to_string()).collect(),
+            issuing_principal: None,
+            created_at_millis: Some(1),
+            name: Some(name.into()),
+            retiring_principal: None,
+        }
+    }
+
+    fn enabled() -> Result<KeyInfo, KmsError> {
+        Ok(KeyInfo {
+            key_id: KEY.into(),
+            key_alias: "app".into(),
+            domain_id: "d".into(),
+            state: KeyState::Enabled,
+            default_key: false,
+        })
+    }
+
+    fn live(grants: Vec<Grant>, fresh: bool) -> Box<Live> {
+        Box::new(Live {
+            identity: Identity::new("c1", "team-a", "app", "uid-1"),
+            client: client(),
+            account: ACCOUNT.into(),
+            key: key(KEY),
+            key_info: enabled(),
+            import: None,
+            grants: Arc::new(grants),
+            fresh,
+            elsewhere: Vec::new(),
+            superseded_elsewhere: None,
+        })
+    }
+
+    /// Steps as short labels, to compare order.
+    fn steps(decision: &Decision) -> Vec<String> {
+        decision
+            .steps
+            .iter()
+            .map(|step| match step {
+                Step::ListAfresh(key) => format!("list {}", key.key_id),
+                Step::Create { key, why, .. } => format!("create on {} ({why:?})", key.key_id),
+                Step::Revoke { target, .. } => format!("revoke {}", target.grant_id),
+                Step::Remove { targets, .. } => format!(
+                    "remove {}",
+                    targets
+                        .iter()
+                        .map(|(g, how)| format!("{}:{how:?}", g.grant_id))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                Step::Keep(grant) => format!("keep {}", grant.grant_id),
+                Step::Supersede(old) => format!("supersede {}", old.grant_id),
+                Step::ForgetSuperseded => "forget superseded".into(),
+                Step::Tell((_, reason, _)) => format!("tell {reason}"),
+            })
+            .collect()
+    }
+
+    fn outcome_reason(decision: &Decision) -> Option<&'static str> {
+        match &decision.ending {
+            Ending::Outcome(outcome) => Some(outcome.reason()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_new_object_gets_its_finalizer_before_anything_is_written_on_kms() {
+        let new = object(serde_json::json!({"metadata": {"finalizers": []}}));
+        let decision = decide(&new, Observation::Live(Ok(live(vec![], true))));
+        assert_eq!(decision.finalizer, Some(true));
+        assert!(decision.steps.is_empty());
+        assert_eq!(decision.ending, Ending::Quiet);
+        assert_eq!(decision.requeue, Requeue::AwaitChange);
+    }
+
+    #[test]
+    fn an_object_holding_its_finalizer_creates_and_ends_in_sync() {
+        let decision = decide(
+            &object(serde_json::json!({})),
+            Observation::Live(Ok(live(vec![], false))),
+        );
+        assert_eq!(decision.finalizer, None);
+        assert_eq!(
+            steps(&decision),
+            ["create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (New)"]
+        );
+        assert_eq!(decision.ending, Ending::InSync);
+        assert_eq!(decision.requeue, Requeue::Resync);
+        assert_eq!(decision.account.as_deref(), Some(ACCOUNT));
+    }
+
+    #[test]
+    fn an_orphan_policy_drops_the_finalizer_and_still_converges() {
+        let orphan = object(serde_json::json!({"spec": {"deletionPolicy": "Orphan"}}));
+        let decision = decide(&orphan, Observation::Live(Ok(live(vec![], true))));
+        assert_eq!(decision.finalizer, Some(false));
+        assert_eq!(decision.steps.len(), 1);
+    }
+
+    #[test]
+    fn a_spec_change_creates_the_new_grant_before_it_revokes_the_old() {
+        let recorded = object(
+            serde_json::json!({"status": {"grantId": "old", "keyId": KEY, "account": ACCOUNT}}),
+        );
+        let old = grant("old", KEY, MINE, &["describe-key", "encrypt-datakey"]);
+        let decision = decide(&recorded, Observation::Live(Ok(live(vec![old], false))));
+        assert_eq!(
+            steps(&decision),
+            [
+                "create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (Replace { old: \"old\" })",
+                "revoke old"
+            ]
+        );
+        assert_eq!(decision.ending, Ending::InSync);
+    }
+
+    #[test]
+    fn a_key_change_creates_on_the_new_key_and_leaves_the_old_grant_to_the_next_pass() {
+        let moved = object(
+            serde_json::json!({"status": {"grantId": "old", "keyId": OLD_KEY, "account": ACCOUNT}}),
+        );
+        let mut seen = live(vec![], false);
+        seen.elsewhere = vec![grant("old", OLD_KEY, MINE, &["describe-key"])];
+        let decision = decide(&moved, Observation::Live(Ok(seen)));
+        assert_eq!(
+            steps(&decision),
+            [
+                "create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (Replace { old: \"old\" })",
+                "supersede old"
+            ]
+        );
+        assert_eq!(decision.ending, Ending::Replacing);
+        assert_eq!(decision.requeue, Requeue::Soon);
+    }
+
+    #[test]
+    fn the_pass_after_a_key_change_revokes_the_old_grant_and_forgets_it() {
+        let replacing = object(serde_json::json!({"status": {
+            "grantId": "new", "keyId": KEY, "account": ACCOUNT,
+            "supersededGrant": {"keyId": OLD_KEY, "grantId": "old"}}}));
+        let mut seen = live(vec![grant("new", KEY, MINE, &["describe-key"])], false);
+        seen.elsewhere = vec![grant("old", OLD_KEY, MINE, &["describe-key"])];
+        let decision = decide(&replacing, Observation::Live(Ok(seen)));
+        assert_eq!(
+            steps(&decision),
+            ["revoke old", "keep new", "forget superseded"]
+        );
+        assert_eq!(decision.ending, Ending::InSync);
+    }
+
+    #[test]
+    fn a_recorded_grant_missing_from_a_snapshot_is_listed_afresh_before_anything_is_written() {
+        let recorded = object(
+            serde_json::json!({"status": {"grantId": "gone", "keyId": KEY, "account": ACCOUNT}}),
+        );
+        let decision = decide(&recorded, Observation::Live(Ok(live(vec![], false))));
+        assert_eq!(
+            steps(&decision),
+            ["list bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e"]
+        );
+        assert_eq!(decision.ending, Ending::Quiet);
+        assert_eq!(decision.requeue, Requeue::Now);
+        // From a fresh list, the grant is gone: recreated.
+        let decision = decide(&recorded, Observation::Live(Ok(live(vec![], true))));
+        assert_eq!(
+            steps(&decision),
+            ["create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (Recreate)"]
+        );
+    }
+
+    #[test]
+    fn an_unusable_key_halts_with_its_condition_and_nothing_is_written_on_kms() {
+        let mut seen = live(vec![], true);
+        seen.key_info = Ok(KeyInfo {
+            state: KeyState::Disabled,
+            ..enabled().unwrap()
+        });
+        let decision = decide(&object(serde_json::json!({})), Observation::Live(Ok(seen)));
+        assert!(decision.steps.is_empty());
+        assert_eq!(outcome_reason(&decision), Some(reasons::KEY_DISABLED));
+        assert_eq!(decision.requeue, Requeue::Backoff);
+        let mut seen = live(vec![], true);
+        seen.key_info = Err(KmsError::new(
+            Call::DescribeKey,
+            ErrorReason::KeyNotFound,
+            "x",
+        ));
+        let decision = decide(&object(serde_json::json!({})), Observation::Live(Ok(seen)));
+        assert_eq!(outcome_reason(&decision), Some(reasons::KEY_NOT_FOUND));
+    }
+
+    #[test]
+    fn a_failed_read_becomes_the_objects_condition() {
+        let err = KmsError::new(Call::ListGrants, ErrorReason::ServiceUnavailable, "x");
+        let decision = decide(
+            &object(serde_json::json!({})),
+            Observation::Live(Err(Stop::Kms(err))),
+        );
+        assert!(decision.steps.is_empty());
+        assert_eq!(outcome_reason(&decision), Some(reasons::KMS_UNAVAILABLE));
+        assert_eq!(decision.requeue, Requeue::Backoff);
+    }
+
+    #[test]
+    fn a_replaced_grant_on_an_account_no_config_reaches_waits_once_the_new_grant_is_kept() {
+        let repointed = object(
+            serde_json::json!({"status": {"grantId": "old", "keyId": KEY, "account": "https://other p9"}}),
+        );
+        let mut seen = live(vec![grant("new", KEY, MINE, &["describe-key"])], false);
+        seen.superseded_elsewhere = Some(Place::Unreachable {
+            account: "https://other p9".into(),
+        });
+        let decision = decide(&repointed, Observation::Live(Ok(seen)));
+        assert_eq!(steps(&decision), ["keep new"]);
+        assert_eq!(
+            outcome_reason(&decision),
+            Some(reasons::GRANT_ACCOUNT_UNREACHABLE)
+        );
+        assert_eq!(
+            decision
+                .status
+                .superseded_grant
+                .map(|g| g.grant_id)
+                .as_deref(),
+            Some("old")
+        );
+    }
+
+    fn deleted(extra: serde_json::Value) -> KmsGrant {
+        let mut value =
+            serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}});
+        merge(&mut value, extra);
+        object(value)
+    }
+
+    fn place(account: &str, key_id: &str, recorded: Option<&str>) -> CleanupPlace {
+        CleanupPlace {
+            account: account.into(),
+            key_id: key_id.into(),
+            recorded_grant: recorded.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn deletion_removes_what_it_found_and_then_lets_the_object_go() {
+        let object = deleted(
+            serde_json::json!({"status": {"grantId": "g1", "keyId": KEY, "account": ACCOUNT}}),
+        );
+        let found = Deleting {
+            identity: Identity::new("c1", "team-a", "app", "uid-1"),
+            places: vec![(
+                place(ACCOUNT, KEY, Some("g1")),
+                Place::Listed {
+                    client: client(),
+                    key: key(KEY),
+                    grants: Arc::new(vec![
+                        grant("g1", KEY, MINE, &["describe-key"]),
+                        grant("theirs", KEY, "k8s/c1/team-b/app", &["describe-key"]),
+                    ]),
+                },
+            )],
+        };
+        let decision = decide(&object, Observation::Deleting(Ok(found)));
+        assert_eq!(steps(&decision), ["remove g1:Revoke"]);
+        assert_eq!(decision.finalizer, Some(false));
+        assert_eq!(decision.ending, Ending::Quiet);
+        assert_eq!(decision.pass, Pass::Deleting);
+    }
+
+    #[test]
+    fn deletion_waits_on_a_recorded_grant_no_config_reaches_keeping_the_finalizer() {
+        let object = deleted(
+            serde_json::json!({"status": {"grantId": "g1", "keyId": KEY, "account": "https://other p9"}}),
+        );
+        let found = Deleting {
+            identity: Identity::new("c1", "team-a", "app", "uid-1"),
+            places: vec![(
+                place("https://other p9", KEY, Some("g1")),
+                Place::Unreachable {
+                    account: "https://other p9".into(),
+                },
+            )],
+        };
+        let decision = decide(&object, Observation::Deleting(Ok(found)));
+        assert!(decision.steps.is_empty());
+        assert_eq!(decision.finalizer, None);
+        assert_eq!(
+            outcome_reason(&decision),
+            Some(reasons::GRANT_ACCOUNT_UNREACHABLE)
+        );
+        assert_eq!(decision.requeue, Requeue::Backoff);
+    }
+
+    #[test]
+    fn orphan_deletion_tells_what_it_left_and_a_failed_lookup_is_told_not_blocking() {
+        let object = deleted(serde_json::json!({
+            "spec": {"deletionPolicy": "Orphan"},
+            "status": {"grantId": "g1", "keyId": KEY, "account": ACCOUNT}}));
+        let err = KmsError::new(Call::ListGrants, ErrorReason::PermissionDenied, "x");
+        let found = Deleting {
+            identity: Identity::new("c1", "team-a", "app", "uid-1"),
+            places: vec![(
+                place(ACCOUNT, OLD_KEY, None),
+                Place::LookupFailed {
+                    key_id: OLD_KEY.into(),
+                    error: err,
+                },
+            )],
+        };
+        let decision = decide(&object, Observation::Deleting(Ok(found)));
+        assert_eq!(steps(&decision), ["tell GrantOrphaned"]);
+        assert_eq!(decision.events.len(), 1);
+        assert_eq!(decision.events[0].1, "CleanupLookupFailed");
+        assert_eq!(decision.finalizer, Some(false));
+    }
+
+    #[test]
+    fn nothing_is_done_for_an_object_never_stored_or_already_released() {
+        for observed in [Observation::Unstored, Observation::Released] {
+            let decision = decide(&object(serde_json::json!({})), observed);
+            assert_eq!(decision.pass, Pass::Idle);
+            assert!(decision.steps.is_empty() && decision.finalizer.is_none());
+        }
     }
 }

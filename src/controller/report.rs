@@ -50,9 +50,11 @@ pub(super) async fn write(
         object.namespace().unwrap_or_default(),
         object.name_any()
     );
+    if pass != Pass::Live {
+        ctx.metrics.object_condition(&key, None);
+    }
     if pass == Pass::Deleting {
         // What was done is told even when the rest has to wait, and before the object goes.
-        ctx.metrics.object_condition(&key, None);
         for (type_, reason, note) in events.drain(..) {
             ctx.recorder.tell(&regarding, type_, reason, note).await;
         }
