@@ -37,6 +37,9 @@ pub struct Audit {
     /// makes a new audit without any: each grant is tried at most once per listing, and a lost
     /// answer is judged by the next list, never by a blind second revoke.
     pub attempts: BTreeMap<String, Attempt>,
+    /// Whether the grants a `Report` policy would revoke were checked against every KmsGrant
+    /// since the listing (see `policy::act_on_undeclared`).
+    pub checked: bool,
 }
 
 /// What became of a revoke of an undeclared grant.
@@ -228,6 +231,7 @@ fn summarise(mut found: Vec<AuditedGrant>) -> Audit {
         other_cluster,
         reported: found,
         attempts: BTreeMap::new(),
+        checked: false,
     }
 }
 

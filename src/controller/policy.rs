@@ -212,22 +212,17 @@ async fn reconcile_policy(policy: &KmsKeyPolicy, ctx: &Context) -> Result<Action
                 sharded: ctx.settings.namespace.is_some() || ctx.settings.label_selector.is_some(),
             };
             let mode = policy.spec.undeclared_grants;
-            let (audit, held_back) = if mode == UndeclaredGrants::Revoke {
-                revoke_undeclared(policy, ctx, &key, audit, scope, &mut revoked).await
-            } else {
-                (audit, None)
-            };
+            let (audit, held_back) =
+                act_on_undeclared(policy, ctx, &key, audit, scope, &mut revoked).await;
             let grants = judge_undeclared(&policy.spec, &audit, scope);
             let revocable_count = grants.iter().filter(|g| revocable(g.action)).count() as u32;
-            if grants
+            if held_back.is_some() {
+                next = Some(retry_delay(ctx));
+            } else if grants
                 .iter()
                 .any(|g| g.action == Some(GrantAction::Revoking))
             {
-                next = Some(if held_back.is_some() {
-                    retry_delay(ctx)
-                } else {
-                    REVOKE_REQUEUE
-                });
+                next = Some(REVOKE_REQUEUE);
             }
             let revoked_before = policy
                 .status
@@ -253,7 +248,7 @@ async fn reconcile_policy(policy: &KmsKeyPolicy, ctx: &Context) -> Result<Action
                 }
             );
             if let Some(why) = held_back {
-                message.push_str(&format!("; revoking waits: {why}"));
+                message.push_str(&format!("; waiting: {why}"));
             }
             let status = KmsKeyPolicyStatus {
                 unmanaged_grants: Some(audit.unmanaged),
@@ -314,10 +309,12 @@ struct Revocation {
     detail: Option<String>,
 }
 
-/// Revokes the undeclared grants the policy's spec selects, at most [`MAX_REVOKES_PER_PASS`],
-/// each attempt recorded in the key's audit; returns the audit as it now stands, and why
-/// revoking is held back when it is.
-async fn revoke_undeclared(
+/// Acts on the undeclared grants as the policy's mode says. Both modes first confirm, from
+/// every KmsGrant there is, that the grants they would revoke are undeclared (a grant found
+/// declared leaves the report); `Report` stops there (once per listing), `Revoke` then revokes
+/// at most [`MAX_REVOKES_PER_PASS`], each attempt recorded in the key's audit. Returns the audit
+/// as it now stands, and why acting is held back when it is.
+async fn act_on_undeclared(
     policy: &KmsKeyPolicy,
     ctx: &Context,
     key: &KeyRef,
@@ -325,11 +322,19 @@ async fn revoke_undeclared(
     scope: Scope<'_>,
     done: &mut Vec<Revocation>,
 ) -> (Audit, Option<String>) {
+    let mode = policy.spec.undeclared_grants;
     let judged = judge_undeclared(&policy.spec, &audit, scope);
-    let candidates: Vec<AuditedGrant> = to_revoke(&judged, MAX_REVOKES_PER_PASS)
-        .into_iter()
-        .cloned()
-        .collect();
+    let candidates: Vec<AuditedGrant> = match mode {
+        UndeclaredGrants::Report if audit.checked => Vec::new(),
+        UndeclaredGrants::Report => judged
+            .into_iter()
+            .filter(|g| g.action == Some(GrantAction::WouldRevoke))
+            .collect(),
+        UndeclaredGrants::Revoke => to_revoke(&judged, MAX_REVOKES_PER_PASS)
+            .into_iter()
+            .cloned()
+            .collect(),
+    };
     if candidates.is_empty() {
         return (audit, None);
     }
@@ -337,12 +342,6 @@ async fn revoke_undeclared(
     if ctx.grants.wait_until_ready().now_or_never().is_none() {
         return (audit, Some("the KmsGrant cache is not synced yet".into()));
     }
-    if ctx.fence.check().is_err() {
-        return (audit, Some("this replica is not the leader".into()));
-    }
-    let Some(provider) = ctx.providers.get(&key.provider) else {
-        return (audit, Some("the provider config is not Ready".into()));
-    };
     let undeclared = match still_undeclared(ctx, key, &candidates, scope).await {
         Ok(undeclared) => undeclared,
         Err(err) => {
@@ -355,6 +354,8 @@ async fn revoke_undeclared(
             );
         }
     };
+    let leader = ctx.fence.check().is_ok();
+    let provider = ctx.providers.get(&key.provider);
     // Claimed in the key's audit before the call, so that no other reconcile sends it too; a
     // grant an object took meanwhile (a new import, a new object) leaves the report.
     let claimed: Vec<AuditedGrant> = {
@@ -377,6 +378,18 @@ async fn revoke_undeclared(
             }
             keep
         });
+        if mode == UndeclaredGrants::Report {
+            record.checked = true;
+            return (record.clone(), None);
+        }
+        if !leader || provider.is_none() {
+            let why = if leader {
+                "the provider config is not Ready"
+            } else {
+                "this replica is not the leader"
+            };
+            return (record.clone(), Some(why.into()));
+        }
         let mut claimed = Vec::new();
         for grant in candidates {
             if undeclared.contains(&grant.grant_id)
@@ -390,6 +403,9 @@ async fn revoke_undeclared(
             }
         }
         claimed
+    };
+    let Some(provider) = provider else {
+        return (audit, None);
     };
     let record = |grant_id: &str, attempt: Option<Attempt>| {
         if let Some(Ok(audit)) = ctx.audits.lock().expect("audit lock").get_mut(key) {
