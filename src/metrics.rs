@@ -453,6 +453,16 @@ impl Metrics {
             .insert(labels);
     }
 
+    /// A KmsKeyPolicy in Revoke mode uses this provider config: its counter exists from 0, so
+    /// that `increase()` sees the first revoke.
+    pub fn undeclared_grants_revocable_by(&self, provider: &str) {
+        self.undeclared_revoked
+            .get_or_create(&RevokedLabels {
+                provider: provider.to_owned(),
+            })
+            .inc_by(0);
+    }
+
     /// A KmsKeyPolicy revoked an undeclared grant.
     pub fn undeclared_grant_revoked(&self, provider: &str) {
         self.undeclared_revoked

@@ -212,6 +212,9 @@ async fn reconcile_policy(policy: &KmsKeyPolicy, ctx: &Context) -> Result<Action
                 sharded: ctx.settings.namespace.is_some() || ctx.settings.label_selector.is_some(),
             };
             let mode = policy.spec.undeclared_grants;
+            if mode == UndeclaredGrants::Revoke {
+                ctx.metrics.undeclared_grants_revocable_by(&key.provider);
+            }
             let (audit, held_back) =
                 act_on_undeclared(policy, ctx, &key, audit, scope, &mut revoked).await;
             let grants = judge_undeclared(&policy.spec, &audit, scope);
