@@ -219,8 +219,13 @@ async fn reconcile_policy(policy: &KmsKeyPolicy, ctx: &Context) -> Result<Action
                 act_on_undeclared(policy, ctx, &key, audit, scope, &mut revoked).await;
             let grants = judge_undeclared(&policy.spec, &audit, scope);
             let revocable_count = grants.iter().filter(|g| revocable(g.action)).count() as u32;
-            if held_back.is_some() {
-                next = Some(retry_delay(ctx));
+            if let Some(held) = &held_back {
+                // The cache or the lease settles soon; a refused KmsGrant list (RBAC) does not.
+                next = Some(if held.soon {
+                    retry_delay(ctx)
+                } else {
+                    ctx.settings.resync
+                });
             } else if grants
                 .iter()
                 .any(|g| g.action == Some(GrantAction::Revoking))
@@ -250,8 +255,8 @@ async fn reconcile_policy(policy: &KmsKeyPolicy, ctx: &Context) -> Result<Action
                         format!("{revocable_count} left to revoke, {revoked_total} revoked in all"),
                 }
             );
-            if let Some(why) = held_back {
-                message.push_str(&format!("; waiting: {why}"));
+            if let Some(held) = held_back {
+                message.push_str(&format!("; waiting: {}", held.why));
             }
             let status = KmsKeyPolicyStatus {
                 unmanaged_grants: Some(audit.unmanaged),
@@ -312,6 +317,23 @@ struct Revocation {
     detail: Option<String>,
 }
 
+/// Why acting on undeclared grants waits.
+struct HeldBack {
+    why: String,
+    /// Look again shortly (a cache syncing, the lease), else at the next resync (the API server
+    /// refused to list KmsGrants: RBAC, which does not fix itself in seconds).
+    soon: bool,
+}
+
+impl HeldBack {
+    fn soon(why: &str) -> Self {
+        Self {
+            why: why.to_owned(),
+            soon: true,
+        }
+    }
+}
+
 /// Acts on the undeclared grants as the policy's mode says. Both modes first confirm, from
 /// every KmsGrant there is, that the grants they would revoke are undeclared (a grant found
 /// declared leaves the report); `Report` stops there (once per listing), `Revoke` then revokes
@@ -324,7 +346,7 @@ async fn act_on_undeclared(
     audit: Audit,
     scope: Scope<'_>,
     done: &mut Vec<Revocation>,
-) -> (Audit, Option<String>) {
+) -> (Audit, Option<HeldBack>) {
     let mode = policy.spec.undeclared_grants;
     let judged = judge_undeclared(&policy.spec, &audit, scope);
     let candidates: Vec<AuditedGrant> = match mode {
@@ -343,7 +365,10 @@ async fn act_on_undeclared(
     }
     // Ownership is judged from every object: never before the cache holds them all.
     if ctx.grants.wait_until_ready().now_or_never().is_none() {
-        return (audit, Some("the KmsGrant cache is not synced yet".into()));
+        return (
+            audit,
+            Some(HeldBack::soon("the KmsGrant cache is not synced yet")),
+        );
     }
     let undeclared = match still_undeclared(ctx, key, &candidates, scope).await {
         Ok(undeclared) => undeclared,
@@ -351,9 +376,10 @@ async fn act_on_undeclared(
             tracing::warn!(policy = %policy.name_any(), error = %err, "cannot check the KmsGrants before revoking");
             return (
                 audit,
-                Some(format!(
-                    "cannot read the KmsGrants to confirm ownership: {err}"
-                )),
+                Some(HeldBack {
+                    why: format!("cannot read the KmsGrants to confirm ownership: {err}"),
+                    soon: false,
+                }),
             );
         }
     };
@@ -391,7 +417,7 @@ async fn act_on_undeclared(
             } else {
                 "this replica is not the leader"
             };
-            return (record.clone(), Some(why.into()));
+            return (record.clone(), Some(HeldBack::soon(why)));
         }
         let mut claimed = Vec::new();
         for grant in candidates {
@@ -432,7 +458,7 @@ async fn act_on_undeclared(
             Ok(()) => (Attempt::Revoked, None),
             Err(err) if err.reason == ErrorReason::WriteFenced => {
                 record(&grant.grant_id, None);
-                held_back = Some("this replica is not the leader".to_owned());
+                held_back = Some(HeldBack::soon("this replica is not the leader"));
                 continue;
             }
             // Gone, as KMS itself says: what was wanted.
