@@ -490,3 +490,55 @@ async fn lost_and_failed_revokes_are_judged_by_the_next_listing() {
     .await;
     kubectl_ok(&["delete", "kmskeypolicies.kmsgrant.io", &name], None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revokes_wait_for_the_provider_configs_rate_limit() {
+    let mut env = Env::new("exclusive-paced", EmulatorConfig::for_tests(), RESYNC).await;
+    let key = env.new_key("exclusive-paced");
+    // Two requests a second, no burst beyond one: eight revokes cannot take less than 3.5 s.
+    env.apply(&env.provider_config(json!({"rateLimit": {"requestsPerSecond": 2, "burst": 1}})));
+    let kms = kms_client(&env);
+    let from = last_seq(&env);
+    let made: BTreeSet<String> =
+        futures::future::join_all((0..8).map(|_| grant_by_hand(&kms, &key, "someone", None)))
+            .await
+            .into_iter()
+            .collect();
+    let port = free_port();
+    env.operator = Some(Operator::start_with(
+        &env.namespace,
+        RESYNC,
+        &["--admin-address", &format!("127.0.0.1:{port}")],
+    ));
+    let name = format!("{}-keypolicy", env.namespace);
+    env.apply(&key_policy(
+        &env,
+        &name,
+        &key,
+        json!({"undeclaredGrants": "Revoke"}),
+    ));
+    eventually(
+        "all eight are revoked",
+        Duration::from_secs(90),
+        async || on_key(&env, &key).is_empty(),
+    )
+    .await;
+    let revokes: Vec<u64> = env
+        .emulator
+        .admin()
+        .calls(from)
+        .into_iter()
+        .filter(|c| c.operation == "revoke-grant")
+        .map(|c| c.at_ms)
+        .collect();
+    assert_eq!(revokes.len(), made.len(), "one revoke each");
+    // A lower bound only: the limiter makes the revokes at least this slow, never faster.
+    let span = revokes.last().unwrap() - revokes.first().unwrap();
+    assert!(span >= 3000, "eight revokes in {span} ms at 2/s");
+    let waited = series(
+        &metrics(port).await,
+        "kmsgrant_kms_throttle_wait_seconds_total",
+    );
+    assert!(waited.is_some_and(|s| s > 0.0), "{waited:?}");
+    kubectl_ok(&["delete", "kmskeypolicies.kmsgrant.io", &name], None);
+}
