@@ -255,8 +255,7 @@ impl Metrics {
         let undeclared_revoked = Family::<RevokedLabels, Counter>::default();
         registry.register(
             "undeclared_grants_revoked",
-            "Undeclared grants revoked by KmsKeyPolicies in Revoke mode (or found already gone), \
-             by provider config",
+            "Undeclared grants revoked by KmsKeyPolicies in Revoke mode, by provider config",
             undeclared_revoked.clone(),
         );
         let undeclared_revoke_failures = Family::<RevokeFailureLabels, Counter>::default();

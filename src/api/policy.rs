@@ -136,7 +136,8 @@ pub struct KmsKeyPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocable_grants: Option<u32>,
 
-    /// How many grants this policy has revoked, in all.
+    /// How many grants this policy has revoked, in all (a grant KMS said was already gone is not
+    /// counted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_grants: Option<u32>,
 

@@ -240,7 +240,7 @@ async fn reconcile_policy(policy: &KmsKeyPolicy, ctx: &Context) -> Result<Action
             let revoked_total = revoked_before
                 + revoked
                     .iter()
-                    .filter(|r: &&Revocation| r.attempt == Attempt::Revoked)
+                    .filter(|r: &&Revocation| r.attempt == Attempt::Revoked && r.detail.is_none())
                     .count() as u32;
             let mut message = format!(
                 "{} grant(s) on key {} that no KmsGrant declares, {} of other clusters; {}",
@@ -313,7 +313,8 @@ async fn reconcile_policy(policy: &KmsKeyPolicy, ctx: &Context) -> Result<Action
 struct Revocation {
     grant: AuditedGrant,
     attempt: Attempt,
-    /// What KMS said, when it was not a plain success.
+    /// What KMS said, when it was not a plain success (for `Revoked`: the grant was already
+    /// gone, which is success but not counted as revoked by this policy).
     detail: Option<String>,
 }
 
@@ -400,10 +401,11 @@ async fn act_on_undeclared(
         record.reported.retain(|g| {
             let keep = !declared.contains(g.grant_id.as_str());
             if !keep {
-                match g.owner {
-                    GrantOwner::Unmanaged => record.unmanaged -= 1,
-                    GrantOwner::OtherCluster => record.other_cluster -= 1,
-                }
+                let count = match g.owner {
+                    GrantOwner::Unmanaged => &mut record.unmanaged,
+                    GrantOwner::OtherCluster => &mut record.other_cluster,
+                };
+                *count = count.saturating_sub(1);
             }
             keep
         });
@@ -478,8 +480,12 @@ async fn act_on_undeclared(
         };
         record(&grant.grant_id, Some(attempt));
         if attempt == Attempt::Revoked {
-            ctx.metrics.undeclared_grant_revoked(&key.provider);
             ctx.keys.remove(key, &grant.grant_id).await;
+        }
+        // Counted only when this revoke did it: a grant found already gone was revoked earlier
+        // (an answer lost, a list that raced the last revoke) or by someone else.
+        if attempt == Attempt::Revoked && detail.is_none() {
+            ctx.metrics.undeclared_grant_revoked(&key.provider);
         }
         tracing::info!(policy = %policy.name_any(), key = %key.key_id, grant = %grant.grant_id, outcome = ?attempt, "undeclared grant revoke");
         done.push(Revocation {
