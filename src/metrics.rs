@@ -725,6 +725,29 @@ mod tests {
     }
 
     #[test]
+    fn exclusive_mode_counts_revokes_per_provider_from_zero() {
+        let metrics = Metrics::new();
+        metrics.undeclared_grants_revocable_by("default");
+        let text = metrics.encode();
+        assert!(
+            text.contains("kmsgrant_undeclared_grants_revoked_total{provider=\"default\"} 0"),
+            "{text}"
+        );
+        metrics.undeclared_grant_revoked("default");
+        metrics.undeclared_grants_revocable_by("default");
+        metrics.undeclared_grant_revoke_failed("default", "PermissionDenied");
+        let text = metrics.encode();
+        assert!(
+            text.contains("kmsgrant_undeclared_grants_revoked_total{provider=\"default\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kmsgrant_undeclared_grant_revoke_failures_total{provider=\"default\",reason=\"PermissionDenied\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn kms_attempts_are_counted_by_operation_and_outcome() {
         let metrics = Metrics::new();
         metrics.attempt_finished(Call::CreateGrant, "ok", Duration::from_millis(3));
