@@ -215,9 +215,9 @@ async fn report_changes_nothing_and_revoke_removes_exactly_the_undeclared_grants
         (&trusted, "Allowed"),
         (&by_id, "Allowed"),
         (&foreign, "KeptOtherCluster"),
-        (&ghost, "KeptSharded"),
-        (&legacy, "KeptSharded"),
-        (&left, "KeptSharded"),
+        (&ghost, "KeptThisCluster"),
+        (&legacy, "KeptThisCluster"),
+        (&left, "KeptThisCluster"),
     ]
     .into_iter()
     .map(|(id, action)| (id.clone(), action.to_owned()))

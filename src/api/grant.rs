@@ -134,6 +134,18 @@ pub struct KmsGrantSpec {
     pub deletion_policy: DeletionPolicy,
 }
 
+impl KmsGrant {
+    /// Whether deletion must wait for the operator (its finalizer): unless the grant is to be
+    /// left (`Orphan`) and no replaced grant waits to be revoked.
+    pub fn wants_finalizer(&self) -> bool {
+        self.spec.deletion_policy != DeletionPolicy::Orphan
+            || self
+                .status
+                .as_ref()
+                .is_some_and(|s| s.superseded_grant.is_some())
+    }
+}
+
 impl KmsGrantSpec {
     /// The operations as a set: KMS may return them in any order, so they compare as sets.
     pub fn operation_set(&self) -> BTreeSet<Operation> {

@@ -91,6 +91,15 @@ pub struct KmsKeyPolicySpec {
     /// are counted and kept.
     #[serde(default)]
     pub revoke_other_clusters: bool,
+
+    /// Whether `Revoke` also removes grants named for a KmsGrant of this cluster
+    /// (`k8s/<this cluster>/...`, `kmsgrant-<uid>`) whose object does not exist: one an
+    /// `Orphan` deletion left. Default false, because such a grant is also what a cluster rebuilt
+    /// from Git holds until its KmsGrants are applied again (in whatever order GitOps applies
+    /// them). Honoured by an operator that watches every KmsGrant only; a sharded one cannot
+    /// tell an orphan from another shard's grant.
+    #[serde(default)]
+    pub revoke_orphans: bool,
 }
 
 /// What happens to grants on the key that no KmsGrant declares.
@@ -198,9 +207,10 @@ pub enum GrantAction {
     /// Another cluster's, and `spec.revokeOtherClusters` is false: stays.
     KeptOtherCluster,
     /// Named for a KmsGrant of this cluster (`k8s/<this cluster>/...` or `kmsgrant-<uid>`) that
-    /// this operator cannot see: a sharded operator (`--namespace`, `--label-selector`) cannot
-    /// tell it from another shard's, so it stays.
-    KeptSharded,
+    /// does not exist, or that a sharded operator cannot see: an `Orphan` deletion's grant, a
+    /// rebuilt cluster's before its KmsGrants are applied again, another shard's. It stays unless
+    /// `spec.revokeOrphans` is set (and the operator watches every KmsGrant).
+    KeptThisCluster,
     /// `Report` mode: `Revoke` would revoke it.
     WouldRevoke,
     /// `Revoke` mode: to be revoked (a pass revokes a bounded number).

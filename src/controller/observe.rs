@@ -27,11 +27,15 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
     let identity = Identity::new(&ctx.cluster, &namespace, &object.name_any(), &uid);
     let object_ref = ObjectRef::from_obj(object);
     let deleting = object.meta().deletion_timestamp.is_some();
+    let has_finalizer = object.finalizers().iter().any(|f| f == FINALIZER);
     if deleting {
         ctx.interest.forget(&object_ref);
-        if !object.finalizers().iter().any(|f| f == FINALIZER) {
+        if !has_finalizer {
             return Ok(Observation::Released);
         }
+    } else if !has_finalizer && object.wants_finalizer() {
+        // Nothing is read for a pass that only adds it.
+        return Ok(Observation::NeedsFinalizer);
     }
     let stopped = |stop: Stop| match deleting {
         true => Observation::Deleting(Err(stop)),

@@ -432,6 +432,9 @@ pub enum Observation {
     Unstored,
     /// Deleted and no longer held by our finalizer: nothing to do.
     Released,
+    /// Alive but without the finalizer it wants: nothing is read or written on KMS before
+    /// deletion is sure to wait for it.
+    NeedsFinalizer,
     /// Deleted and held by our finalizer: the object's grants, listed afresh where they can be.
     Deleting(Result<Deleting, Stop>),
     /// Alive: the provider, the key and the grants on it, or why the object cannot go on.
@@ -602,6 +605,12 @@ impl Decision {
 pub fn decide(object: &KmsGrant, observed: Observation) -> Decision {
     match observed {
         Observation::Unstored | Observation::Released => Decision::idle(),
+        // The finalizer's watch event brings the object back.
+        Observation::NeedsFinalizer => Decision {
+            pass: Pass::Live,
+            finalizer: Some(true),
+            ..Decision::idle()
+        },
         Observation::Deleting(seen) => decide_deletion(object, seen),
         Observation::Live(seen) => decide_live(object, seen),
     }
@@ -1588,11 +1597,16 @@ mod decision_tests {
     #[test]
     fn a_new_object_gets_its_finalizer_before_anything_is_written_on_kms() {
         let new = object(serde_json::json!({"metadata": {"finalizers": []}}));
-        let decision = decide(&new, Observation::Live(Ok(live(vec![], true))));
-        assert_eq!(decision.finalizer, Some(true));
-        assert!(decision.steps.is_empty());
-        assert_eq!(decision.ending, Ending::Quiet);
-        assert_eq!(decision.requeue, Requeue::AwaitChange);
+        for observed in [
+            Observation::NeedsFinalizer,
+            Observation::Live(Ok(live(vec![], true))),
+        ] {
+            let decision = decide(&new, observed);
+            assert_eq!(decision.finalizer, Some(true));
+            assert!(decision.steps.is_empty());
+            assert_eq!(decision.ending, Ending::Quiet);
+            assert_eq!(decision.requeue, Requeue::AwaitChange);
+        }
     }
 
     #[test]

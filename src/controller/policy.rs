@@ -68,16 +68,18 @@ pub fn grant_action(
     if grant.owner == GrantOwner::OtherCluster && !spec.revoke_other_clusters {
         return GrantAction::KeptOtherCluster;
     }
-    // A grant named for this cluster's KmsGrants whose object the audit did not find: a sharded
-    // operator cannot see every shard's objects (nor read a shortened or legacy name back), so
-    // it might be another shard's, or one being created.
-    if scope.sharded
-        && grant
-            .name
-            .as_deref()
-            .is_some_and(|name| names_this_cluster(name, scope.cluster))
+    // A grant named for this cluster's KmsGrants whose object the audit did not find: an
+    // orphan, or a rebuilt cluster's grant whose KmsGrant is not applied again yet (GitOps
+    // applies in no guaranteed order), or — for a sharded operator, which cannot see every
+    // shard's objects nor read a shortened or legacy name back — another shard's. Revoked only
+    // on the policy's word, and never by a shard.
+    if grant
+        .name
+        .as_deref()
+        .is_some_and(|name| names_this_cluster(name, scope.cluster))
+        && (scope.sharded || !spec.revoke_orphans)
     {
-        return GrantAction::KeptSharded;
+        return GrantAction::KeptThisCluster;
     }
     match (attempt, spec.undeclared_grants) {
         (Some(Attempt::Revoked), _) => GrantAction::Revoked,
@@ -839,6 +841,7 @@ mod tests {
                 grant_ids: vec![ID_A.to_uppercase()],
             }),
             revoke_other_clusters: other_clusters,
+            revoke_orphans: false,
         }
     }
 
@@ -900,7 +903,7 @@ mod tests {
     }
 
     #[test]
-    fn revoke_selects_exactly_the_undeclared_grants_not_allowed_and_of_this_cluster() {
+    fn revoke_selects_exactly_the_undeclared_grants_not_allowed_and_of_no_cluster() {
         use GrantAction::*;
         let revoke = spec(UndeclaredGrants::Revoke, false);
         assert_eq!(
@@ -912,10 +915,32 @@ mod tests {
                 ("allowed id", Allowed),
                 ("other cluster", KeptOtherCluster),
                 ("prefix cluster", KeptOtherCluster),
-                ("orphan", Revoking),
-                ("shortened", Revoking),
-                ("legacy", Revoking),
+                // A rebuilt cluster's grants look like this until its KmsGrants are back.
+                ("orphan", KeptThisCluster),
+                ("shortened", KeptThisCluster),
+                ("legacy", KeptThisCluster),
             ]
+        );
+    }
+
+    #[test]
+    fn this_clusters_orphans_go_only_on_the_policys_word_and_never_by_a_shard() {
+        use GrantAction::*;
+        let orphans = KmsKeyPolicySpec {
+            revoke_orphans: true,
+            ..spec(UndeclaredGrants::Revoke, false)
+        };
+        let of = |sharded| {
+            actions(&orphans, sharded)
+                .into_iter()
+                .filter(|(label, _)| ["orphan", "shortened", "legacy"].contains(label))
+                .map(|(_, action)| action)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(of(false), [Revoking, Revoking, Revoking]);
+        assert_eq!(
+            of(true),
+            [KeptThisCluster, KeptThisCluster, KeptThisCluster]
         );
     }
 
@@ -933,9 +958,9 @@ mod tests {
                 // Opted in: another cluster's grants go, whether sharded or not.
                 ("other cluster", Revoking),
                 ("prefix cluster", Revoking),
-                ("orphan", KeptSharded),
-                ("shortened", KeptSharded),
-                ("legacy", KeptSharded),
+                ("orphan", KeptThisCluster),
+                ("shortened", KeptThisCluster),
+                ("legacy", KeptThisCluster),
             ]
         );
     }
@@ -965,7 +990,7 @@ mod tests {
         };
         let judged = judge_undeclared(&report, &audit, scope);
         assert!(to_revoke(&judged, MAX_REVOKES_PER_PASS).is_empty());
-        assert_eq!(judged.iter().filter(|g| revocable(g.action)).count(), 5);
+        assert_eq!(judged.iter().filter(|g| revocable(g.action)).count(), 2);
     }
 
     #[test]
