@@ -27,7 +27,7 @@ use kmsgrant_kms::{ErrorClass, ErrorReason, Grant, KmsError};
     kind = "KmsGrant",
     namespace = object.metadata.namespace.as_deref().unwrap_or_default(),
     name = object.metadata.name.as_deref().unwrap_or_default(),
-    key = object.spec.key_id.as_str(),
+    key = object.spec.key_label(),
 ))]
 pub async fn reconcile(object: Arc<KmsGrant>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let started = std::time::Instant::now();
@@ -194,7 +194,11 @@ impl Work<'_> {
     async fn converge(&mut self, object_ref: &ObjectRef<KmsGrant>) -> Result<Outcome, Failure> {
         let admitted = self.admit(object_ref).await?;
         self.note_account_change(&admitted.account);
-        let desired = DesiredGrant::of(&self.object.spec, self.identity);
+        let desired = DesiredGrant {
+            // The spec's key, or the key its alias resolved to.
+            key_id: admitted.key.key_id.clone(),
+            ..DesiredGrant::of(&self.object.spec, self.identity)
+        };
         let next = self.decide(&admitted, &desired).await?;
         let keep = self.execute(next, &admitted, &desired).await?;
         self.record(&keep, &admitted.account);
@@ -216,7 +220,7 @@ impl Work<'_> {
 
     /// The provider, its guardrails and the key; [`Failure::Halted`] says why the object cannot
     /// go on.
-    async fn admit(&self, object_ref: &ObjectRef<KmsGrant>) -> Result<Admitted, Failure> {
+    async fn admit(&mut self, object_ref: &ObjectRef<KmsGrant>) -> Result<Admitted, Failure> {
         let ctx = self.ctx;
         let spec = &self.object.spec;
         let config_name = &spec.provider_config_ref.name;
@@ -236,22 +240,42 @@ impl Work<'_> {
         .map_err(Failure::Halted)?
         .map(str::to_owned);
         let account = account_of(&provider).await?;
+        let resolved = match spec.key_alias() {
+            Some(alias) => Some(self.resolve_alias(&provider, &account, alias).await?),
+            None => None,
+        };
         let key = KeyRef {
             provider: config_name.clone(),
             account: account.clone(),
-            key_id: spec.key_id.clone(),
+            key_id: match &resolved {
+                Some(info) => info.key_id.clone(),
+                None => spec.key_id.clone().unwrap_or_default(),
+            },
         };
-        ctx.interest.register(object_ref, &key);
-        let unusable = match ctx
-            .keys
-            .key_info(&provider.client, &key, ctx.settings.key_info_max_age())
-            .await
+        if self.status.grant_id.is_none() {
+            // status.keyId names the key in use, before a grant exists too.
+            self.status.key_id = Some(key.key_id.clone());
+        }
+        if let (Some(alias), Some(_)) = (spec.key_alias(), &resolved)
+            && let Some(outcome) =
+                plan::resolved_key_allowed(alias, &key.key_id, config_name, &provider.spec)
         {
-            Ok(info) => plan::key_usable(&key.key_id, &info),
-            Err(err) if err.reason == ErrorReason::KeyNotFound => {
-                Some(plan::key_not_found(&key.key_id))
-            }
-            Err(err) => return Err(err.into()),
+            return Err(Failure::Halted(outcome));
+        }
+        ctx.interest.register(object_ref, &key);
+        let unusable = match (spec.key_alias(), resolved) {
+            (Some(alias), Some(info)) => plan::alias_key_usable(alias, &info),
+            _ => match ctx
+                .keys
+                .key_info(&provider.client, &key, ctx.settings.key_info_max_age())
+                .await
+            {
+                Ok(info) => plan::key_usable(&key.key_id, &info),
+                Err(err) if err.reason == ErrorReason::KeyNotFound => {
+                    Some(plan::key_not_found(&key.key_id))
+                }
+                Err(err) => return Err(err.into()),
+            },
         };
         match unusable {
             Some(outcome) => Err(Failure::Halted(outcome)),
@@ -261,6 +285,30 @@ impl Work<'_> {
                 key,
                 import,
             }),
+        }
+    }
+
+    /// The key `spec.keyRef.alias` names, from the shared describe-key cache. An alias KMS does
+    /// not know halts the object with the grant it holds kept; so does any other failure.
+    async fn resolve_alias(
+        &self,
+        provider: &Provider,
+        account: &str,
+        alias: &str,
+    ) -> Result<kmsgrant_kms::KeyInfo, Failure> {
+        let config_name = &self.object.spec.provider_config_ref.name;
+        match super::keyref::resolve(self.ctx, provider, config_name, account, alias).await {
+            Ok(found) => Ok(found.info),
+            Err(err) if err.reason == ErrorReason::KeyNotFound && answered_by_kms(&err) => {
+                Err(Failure::Halted(plan::alias_not_found(
+                    alias,
+                    self.status
+                        .grant_id
+                        .as_ref()
+                        .and(self.status.key_id.as_deref()),
+                )))
+            }
+            Err(err) => Err(err.into()),
         }
     }
 
@@ -427,7 +475,8 @@ impl Work<'_> {
                 .status
                 .key_id
                 .clone()
-                .unwrap_or_else(|| self.object.spec.key_id.clone()),
+                .or_else(|| self.object.spec.key_id.clone())
+                .unwrap_or_default(),
             grant_id,
             account: None,
         })
@@ -747,14 +796,30 @@ async fn remove_grants(
         .as_deref()
         .filter(|id| status.grant_id.as_deref() == Some(*id));
     let claim = Claim { identity, import };
-    let places = plan::cleanup_places(
+    let spec_key = match (&object.spec.key_id, object.spec.key_alias()) {
+        (Some(key_id), _) => Some(key_id.clone()),
+        (None, Some(alias)) => {
+            cleanup_alias_key(
+                ctx,
+                current.as_ref().zip(current_account.as_deref()),
+                config_name,
+                alias,
+            )
+            .await
+        }
+        (None, None) => None,
+    }
+    .or_else(|| status.key_id.clone());
+    let mut places = plan::cleanup_places(
         policy,
         &status,
-        &object.spec.key_id,
+        spec_key.as_deref().unwrap_or_default(),
         current_account.as_deref(),
         config_name,
     )
     .map_err(Failure::Halted)?;
+    // An alias that never resolved names no key to look at.
+    places.retain(|place| !place.key_id.is_empty());
 
     for place in places {
         let provider = match (&current, &current_account) {
@@ -811,6 +876,25 @@ async fn remove_grants(
         ));
     }
     Ok(())
+}
+
+/// For deletion: the key an alias names now (from the cache, else one describe-key), where a
+/// create whose answer was lost may have left a grant that status does not record. `None` when it
+/// cannot be told; deletion then looks where status says.
+async fn cleanup_alias_key(
+    ctx: &Context,
+    current: Option<(&Provider, &str)>,
+    config_name: &str,
+    alias: &str,
+) -> Option<String> {
+    let (provider, account) = current?;
+    match super::keyref::resolve(ctx, provider, config_name, account, alias).await {
+        Ok(found) => Some(found.info.key_id),
+        Err(err) => {
+            tracing::debug!(alias, error = %err, "cannot resolve the alias for deletion");
+            None
+        }
+    }
 }
 
 /// Revokes or retires `targets` on one key. "Already gone" is believed only from a fresh list.

@@ -6,6 +6,7 @@ mod cache;
 mod conditions;
 mod grant;
 pub mod identity;
+mod keyref;
 mod namespaces;
 mod plan;
 mod policy;
@@ -595,6 +596,9 @@ async fn drift_pass(
     wake: &mpsc::UnboundedSender<ObjectRef<KmsGrant>>,
     wake_policies: &mpsc::UnboundedSender<ObjectRef<KmsKeyPolicy>>,
 ) {
+    // Aliases first: their answers describe the keys they name, which are then not described
+    // again.
+    keyref::refresh_aliases(ctx, wake).await;
     let mut keys: BTreeMap<KeyRef, Vec<ObjectRef<KmsGrant>>> = ctx.interest.keys();
     // Policies deleted since (they have no finalizer) are no longer audited.
     for policy in ctx.policies.policies() {

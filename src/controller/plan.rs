@@ -32,7 +32,8 @@ pub struct DesiredGrant {
 impl DesiredGrant {
     pub fn of(spec: &KmsGrantSpec, identity: &Identity) -> Self {
         Self {
-            key_id: spec.key_id.clone(),
+            // A key named by alias is resolved by the reconciler, which sets it.
+            key_id: spec.key_id.clone().unwrap_or_default(),
             name: identity.name.clone(),
             grantee_principal: spec.grantee_principal.clone(),
             grantee_principal_type: spec.grantee_principal_type,
@@ -288,14 +289,15 @@ pub fn admit(
             ),
         });
     }
+    // A key named by alias is checked once resolved (`resolved_key_allowed`).
     if let Some(allowed) = &config.allowed_key_ids
-        && !allowed.contains(&spec.key_id)
+        && let Some(key_id) = &spec.key_id
+        && !allowed.contains(key_id)
     {
         return Some(Outcome::Stalled {
             reason: reasons::KEY_NOT_ALLOWED,
             message: format!(
-                "key {} is not in allowedKeyIds of KmsProviderConfig {config_name:?}",
-                spec.key_id
+                "key {key_id} is not in allowedKeyIds of KmsProviderConfig {config_name:?}"
             ),
         });
     }
@@ -316,6 +318,63 @@ pub fn admit(
         }
     }
     None
+}
+
+/// The guardrail `allowedKeyIds` for the key an alias resolved to: `None` when allowed. The
+/// admission policy cannot resolve aliases, so this is the only check such a key gets. A grant the
+/// object already holds on another key stays there.
+pub fn resolved_key_allowed(
+    alias: &str,
+    key_id: &str,
+    config_name: &str,
+    config: &KmsProviderConfigSpec,
+) -> Option<Outcome> {
+    let allowed = config.allowed_key_ids.as_ref()?;
+    if allowed.iter().any(|k| k == key_id) {
+        return None;
+    }
+    Some(Outcome::Stalled {
+        reason: reasons::KEY_NOT_ALLOWED,
+        message: format!(
+            "spec.keyRef.alias {alias} resolves to key {key_id}, which is not in allowedKeyIds of KmsProviderConfig {config_name:?}; ask the platform team to allow it, or point the alias at an allowed key"
+        ),
+    })
+}
+
+/// The condition for an alias KMS does not know (`describe-key` answered "not found"). Aliases
+/// move (between the two `update-key-alias` calls of a move the alias names no key), so this is
+/// retried with backoff, and a grant the object holds (on `current_key`) is kept meanwhile.
+pub fn alias_not_found(alias: &str, current_key: Option<&str>) -> Outcome {
+    let kept = match current_key {
+        Some(key_id) => format!("; the grant on key {key_id} is kept meanwhile"),
+        None => String::new(),
+    };
+    Outcome::Progressing {
+        reason: reasons::ALIAS_NOT_FOUND,
+        message: format!(
+            "spec.keyRef.alias {alias} names no key in this project (describe-key: not found); create the alias with update-key-alias or create-key, or fix spec.keyRef.alias; retrying{kept}"
+        ),
+    }
+}
+
+/// Whether grants can be made on the key an alias resolved to: [`key_usable`], with a message
+/// that names the alias as well.
+pub fn alias_key_usable(alias: &str, info: &KeyInfo) -> Option<Outcome> {
+    let prefix = format!(
+        "spec.keyRef.alias {alias} resolves to key {}: ",
+        info.key_id
+    );
+    match key_usable(&info.key_id, info)? {
+        Outcome::Stalled { reason, message } => Some(Outcome::Stalled {
+            reason,
+            message: prefix + &message,
+        }),
+        Outcome::Progressing { reason, message } => Some(Outcome::Progressing {
+            reason,
+            message: prefix + &message,
+        }),
+        ready @ Outcome::Ready { .. } => Some(ready),
+    }
 }
 
 /// The condition for a key the project does not have.
@@ -1089,6 +1148,80 @@ mod tests {
             ErrorReason::KeyNotFound,
             Some("APIGW.0101")
         )));
+    }
+
+    #[test]
+    fn a_key_by_alias_is_checked_against_allowed_key_ids_once_resolved() {
+        let by_alias: KmsGrantSpec = serde_json::from_value(serde_json::json!({
+            "keyRef": {"alias": "alias/app"}, "granteePrincipal": "alice",
+            "operations": ["describe-key"]
+        }))
+        .unwrap();
+        let only_other = config(serde_json::json!({"allowedKeyIds": [OTHER_KEY]}));
+        // Before resolution nothing is known of the key: only namespace and operations count.
+        assert_eq!(
+            admit(&by_alias, "p", &only_other, "team-a", &BTreeMap::new()),
+            None
+        );
+        let refused = resolved_key_allowed("alias/app", KEY, "p", &only_other).unwrap();
+        assert_eq!(refused.reason(), reasons::KEY_NOT_ALLOWED);
+        assert_eq!(requeue(&refused), Requeue::StalledRetry);
+        for part in ["alias/app", KEY, "allowedKeyIds", "\"p\""] {
+            assert!(refused.message().contains(part), "{}", refused.message());
+        }
+        let allowed = config(serde_json::json!({"allowedKeyIds": [OTHER_KEY, KEY]}));
+        assert_eq!(resolved_key_allowed("alias/app", KEY, "p", &allowed), None);
+        assert_eq!(
+            resolved_key_allowed("alias/app", KEY, "p", &config(serde_json::json!({}))),
+            None
+        );
+    }
+
+    #[test]
+    fn an_unknown_alias_is_retried_and_keeps_the_grant_it_names() {
+        let waiting = alias_not_found("alias/app", Some(OTHER_KEY));
+        assert_eq!(waiting.reason(), reasons::ALIAS_NOT_FOUND);
+        assert!(!waiting.is_ready());
+        // An alias move passes through "no such alias": backoff, not the stalled interval.
+        assert_eq!(requeue(&waiting), Requeue::Backoff);
+        for part in ["spec.keyRef.alias alias/app", OTHER_KEY, "kept"] {
+            assert!(waiting.message().contains(part), "{}", waiting.message());
+        }
+        let new = alias_not_found("alias/app", None);
+        assert!(!new.message().contains("kept"), "{}", new.message());
+    }
+
+    #[test]
+    fn a_resolved_key_that_cannot_be_granted_is_reported_with_its_alias() {
+        let info = |state, alias: &str| KeyInfo {
+            key_id: KEY.into(),
+            key_alias: alias.into(),
+            domain_id: "d".into(),
+            state,
+            default_key: false,
+        };
+        assert_eq!(
+            alias_key_usable("alias/app", &info(KeyState::Enabled, "app")),
+            None
+        );
+        for (state, reason) in [
+            (KeyState::Disabled, reasons::KEY_DISABLED),
+            (KeyState::PendingDeletion, reasons::KEY_PENDING_DELETION),
+        ] {
+            let outcome = alias_key_usable("alias/app", &info(state, "app")).unwrap();
+            assert_eq!(outcome.reason(), reason);
+            assert_eq!(requeue(&outcome), Requeue::Backoff);
+            assert!(
+                outcome.message().starts_with(&format!(
+                    "spec.keyRef.alias alias/app resolves to key {KEY}: "
+                )),
+                "{}",
+                outcome.message()
+            );
+        }
+        let default =
+            alias_key_usable("alias/obs/default", &info(KeyState::Enabled, "obs/default")).unwrap();
+        assert_eq!(default.reason(), reasons::DEFAULT_KEY_NOT_GRANTABLE);
     }
 
     #[test]
