@@ -99,15 +99,19 @@ pub async fn refresh_aliases(ctx: &Context, wake: &mpsc::UnboundedSender<ObjectR
     if aliases.is_empty() {
         return;
     }
+    // Half a resync early: the alias is then always described in the pass in which (or before)
+    // the key it names falls due, and its answer describes that key, which is checked later in
+    // the same pass. Passes come once per resync, so this is still one call per window.
+    let due = ctx
+        .settings
+        .key_info_max_age()
+        .saturating_sub(ctx.settings.resync / 2);
     let mut changed_keys = HashSet::new();
     for (alias, objects) in aliases {
         let Some(provider) = ctx.providers.get(&alias.provider) else {
             continue;
         };
-        let answer = ctx
-            .keys
-            .alias_info(&provider.client, &alias, ctx.settings.key_info_max_age())
-            .await;
+        let answer = ctx.keys.alias_info(&provider.client, &alias, due).await;
         for (object, recorded_key, ready_reason) in objects {
             let ready = ready_reason.as_deref() == Some(reasons::GRANT_READY);
             let waiting = ready_reason.as_deref() == Some(reasons::ALIAS_NOT_FOUND);
