@@ -364,7 +364,7 @@ fn bad_grants(ns: &str) -> Vec<BadManifest> {
             manifest: set(
                 without("b5b", "/spec/keyId"),
                 "/spec/keyRef",
-                Some(json!({"alias": "app"})),
+                Some(json!({"alias": "application"})),
             ),
             expect: &["spec.keyRef.alias", "should match"],
         },
