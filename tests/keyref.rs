@@ -408,3 +408,86 @@ async fn describe_key_costs_at_most_one_call_per_alias_per_window() {
         assert!(metrics.contains(&series), "{series} missing");
     }
 }
+
+/// Switching a manifest between `keyId` and `keyRef` is a change of key like any other: nothing
+/// happens while both name the same key, a different key gets the grant first and the old one is
+/// revoked after, and deletion revokes the grant on the key the alias named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn switching_between_key_id_and_key_ref_is_a_key_change() {
+    let mut env = Env::new("alias-switch", EmulatorConfig::for_tests(), "5s").await;
+    let alpha = env.new_key("alpha");
+    let beta = env.new_key("beta");
+    env.start_operator();
+    env.apply(&env.grant("switch", &alpha, json!({})));
+    env.wait_for("switch", "condition=Ready", 60);
+    let first = str_at(&env.get("switch")["status"], "grantId").to_owned();
+
+    // The same key by alias: in sync, nothing written.
+    let before = last_seq(&env);
+    env.apply(&by_alias(&env, "switch", "alias/alpha"));
+    env.wait_for("switch", "jsonpath={.status.observedGeneration}=2", 60);
+    env.wait_for("switch", "condition=Ready", 30);
+    assert_eq!(str_at(&env.get("switch")["status"], "grantId"), first);
+    let calls = env.emulator.admin().calls(before);
+    assert!(
+        ok_calls(&calls, "create-grant").is_empty() && ok_calls(&calls, "revoke-grant").is_empty(),
+        "writes for a switch that names the same key"
+    );
+
+    // Another key by alias, then back to a key ID: each time create first, then revoke.
+    let mut previous = first;
+    for (manifest, key, generation) in [
+        (by_alias(&env, "switch", "alias/beta"), &beta, 3),
+        (env.grant("switch", &alpha, json!({})), &alpha, 4),
+    ] {
+        let before = last_seq(&env);
+        env.apply(&manifest);
+        env.wait_for(
+            "switch",
+            &format!("jsonpath={{.status.observedGeneration}}={generation}"),
+            60,
+        );
+        eventually(
+            "the grant on the new key",
+            Duration::from_secs(60),
+            async || {
+                let object = env.get("switch");
+                str_at(&object["status"], "keyId") == key.as_str()
+                    && object["status"]
+                        .get("supersededGrant")
+                        .is_none_or(Value::is_null)
+                    && condition(&object, "Ready").is_some_and(|c| c["status"] == "True")
+            },
+        )
+        .await;
+        let calls = env.emulator.admin().calls(before);
+        let created = ok_calls(&calls, "create-grant");
+        let revoked = ok_calls(&calls, "revoke-grant");
+        assert_eq!((created.len(), revoked.len()), (1, 1), "{calls:?}");
+        assert_eq!(created[0].key_id.as_deref(), Some(key.as_str()));
+        assert_eq!(revoked[0].grant_id.as_deref(), Some(previous.as_str()));
+        assert!(created[0].seq < revoked[0].seq, "revoked before created");
+        previous = str_at(&env.get("switch")["status"], "grantId").to_owned();
+    }
+
+    // By alias again, then deleted: the grant on the key the alias names is revoked.
+    env.apply(&by_alias(&env, "switch", "alias/alpha"));
+    env.wait_for("switch", "jsonpath={.status.observedGeneration}=5", 60);
+    env.wait_for("switch", "condition=Ready", 30);
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "delete",
+            "kmsgrant",
+            "switch",
+            "--wait=true",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert!(
+        env.emulator.admin().dump().grants.is_empty(),
+        "a grant was left behind"
+    );
+}
