@@ -51,20 +51,19 @@ type AliasUsers = BTreeMap<KeyRef, Vec<(ObjectRef<KmsGrant>, Option<String>, Opt
 /// The aliases the drift pass looks after: of the objects the controller admitted (registered on
 /// a key), those naming their key by alias, on the account they were admitted on.
 fn aliases_in_use(ctx: &Context) -> AliasUsers {
-    let registered = ctx
-        .interest
-        .by_object
-        .lock()
-        .expect("interest lock")
-        .clone();
     let mut aliases: AliasUsers = BTreeMap::new();
-    for object in ctx.grants.state() {
-        let Some(alias) = object.spec.key_alias() else {
-            continue;
-        };
-        if object.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
+    let objects = ctx.grants.state();
+    let by_alias: Vec<_> = objects
+        .iter()
+        .filter(|object| object.metadata.deletion_timestamp.is_none())
+        .filter_map(|object| Some((object, object.spec.key_alias()?)))
+        .collect();
+    if by_alias.is_empty() {
+        // No alias in use: nothing to look up, not even the interest map.
+        return aliases;
+    }
+    let registered = ctx.interest.by_object.lock().expect("interest lock");
+    for (object, alias) in by_alias {
         let object_ref = ObjectRef::from_obj(object.as_ref());
         let Some(key) = registered.get(&object_ref) else {
             continue;
