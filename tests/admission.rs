@@ -594,3 +594,53 @@ async fn the_shipped_example_is_refused_and_admitted_as_documented() {
     );
     admitted(&example);
 }
+
+/// `spec.importGrantId` is refused at `kubectl apply` where the config does not allow import for
+/// the namespace (importNamespaceSelector absent or not matching), as the controller would refuse
+/// it (ImportNotAllowed); a grant without it is not concerned.
+#[tokio::test]
+async fn an_import_outside_the_import_namespace_selector_is_refused_and_an_allowed_one_admitted() {
+    install_guardrails();
+    let importing = |ns: &str, config: &str| {
+        let mut manifest = grant(ns, "imported", config, KEY_A, &["describe-key"]);
+        manifest["spec"]["importGrantId"] = json!("7c9a1e4b".repeat(8));
+        manifest
+    };
+    let selective = config_name("import");
+    let closed = config_name("no-import");
+    for (config, guardrails) in [
+        (
+            &selective,
+            json!({"importNamespaceSelector": {"matchLabels": {"imports": "allowed"}}}),
+        ),
+        (&closed, json!({})),
+    ] {
+        kubectl_ok(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&provider_config(config, guardrails).to_string()),
+        );
+    }
+    let plain = scoped_namespace("admission-import", &[]);
+    let allowed = scoped_namespace("admission-import", &[("imports", "allowed")]);
+    for (ns, config) in [(&plain, &selective), (&allowed, &closed)] {
+        let message = refusal(&importing(ns, config)).await;
+        assert_names(
+            &message,
+            &[
+                "guardrail importNamespaceSelector",
+                "spec.importGrantId",
+                &format!("namespace {ns}"),
+                config,
+                "ImportNotAllowed",
+            ],
+        );
+    }
+    admitted(&importing(&allowed, &selective));
+    admitted(&grant(
+        &plain,
+        "plain",
+        &selective,
+        KEY_A,
+        &["describe-key"],
+    ));
+}

@@ -554,11 +554,26 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             .entry(grant.name.clone().unwrap_or_default())
             .or_default() += 1;
     }
-    let duplicates = per_identity.values().filter(|&&n| n > 1).count();
-    let leaks = grants
+    let duplicated: Vec<&String> = per_identity
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(name, _)| name)
+        .collect();
+    let duplicates = duplicated.len();
+    // Named, so that a violation can be followed through the operator's and the emulator's logs.
+    let leaked: Vec<String> = grants
         .iter()
         .filter(|g| !identities.contains(g.name.as_deref().unwrap_or_default()))
-        .count();
+        .map(|g| {
+            format!(
+                "{} ({}) on key {}",
+                g.grant_id,
+                g.name.as_deref().unwrap_or_default(),
+                g.key_id
+            )
+        })
+        .collect();
+    let leaks = leaked.len();
     let present: BTreeSet<&str> = grants.iter().map(|g| g.grant_id.as_str()).collect();
     let ready_without_grant = objects
         .iter()
@@ -728,9 +743,12 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             overlaps
         ),
         (0, 0, 0, 0, 0, 0),
-        "invariants violated (control plane and its logs kept in {}; operator logs in {}):\n{table}",
+        "invariants violated (control plane and its logs kept in {}; operator logs in {}):\n{table}\n\
+         duplicated identities (first 10): {:?}\nleaked grants (first 10): {:?}",
         control_plane.display(),
-        std::env::temp_dir().join("kmsgrant-e2e").display()
+        std::env::temp_dir().join("kmsgrant-e2e").display(),
+        duplicated.iter().take(10).collect::<Vec<_>>(),
+        leaked.iter().take(10).collect::<Vec<_>>()
     );
     assert_eq!(
         o.api_restarts.len(),

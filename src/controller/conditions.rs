@@ -44,6 +44,15 @@ impl Outcome {
         }
     }
 
+    /// The condition type this outcome sets to true.
+    pub fn condition_type(&self) -> &'static str {
+        match self {
+            Outcome::Ready { .. } => READY,
+            Outcome::Progressing { .. } => RECONCILING,
+            Outcome::Stalled { .. } => STALLED,
+        }
+    }
+
     pub fn is_ready(&self) -> bool {
         matches!(self, Self::Ready { .. })
     }

@@ -4,28 +4,27 @@
 mod audit;
 mod cache;
 mod conditions;
+mod execute;
 mod grant;
 pub mod identity;
 mod keyref;
 mod namespaces;
+mod observe;
 mod plan;
 mod policy;
 mod provider;
 mod report;
+mod scope;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::events::v1::Event as EventsV1;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::Api;
-use kube::api::PostParams;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -33,10 +32,10 @@ use tokio::sync::mpsc;
 
 pub use cache::KeyRef;
 pub use conditions::{Outcome, reasons};
+pub use plan::FINALIZER;
 pub use plan::{DesiredGrant, Plan, plan};
 pub use provider::client_config;
 pub use report::FIELD_MANAGER;
-pub use report::FINALIZER;
 
 use crate::api::{KmsGrant, KmsKeyPolicy, KmsProviderConfig};
 use crate::metrics::Metrics;
@@ -142,77 +141,17 @@ impl ReconcileError {
     }
 }
 
-/// Publishes events. Warnings go through kube's recorder, which folds a repeat (the same reason
-/// on the same object within six minutes) into a series. Normal events each record one action
-/// (a grant created, adopted, revoked) that does not repeat, so they are posted directly: the
-/// recorder would keep every one of them for six minutes and scan them all on each publish,
-/// which at 10,000 objects is memory and time that grow with N.
-struct Events {
-    recorder: Recorder,
-    client: Client,
-    reporter: Reporter,
-}
-
-impl Events {
-    fn new(client: Client, reporter: Reporter) -> Self {
-        Self {
-            recorder: Recorder::new(client.clone(), reporter.clone()),
-            client,
-            reporter,
-        }
-    }
-
-    async fn publish(&self, event: &Event, regarding: &ObjectReference) -> Result<(), kube::Error> {
-        if event.type_ == EventType::Warning {
-            return self.recorder.publish(event, regarding).await;
-        }
-        let now = k8s_openapi::jiff::Timestamp::now();
-        let namespace = regarding.namespace.as_deref().unwrap_or("default");
-        let controller = &self.reporter.controller;
-        let posted = EventsV1 {
-            metadata: ObjectMeta {
-                namespace: Some(namespace.to_owned()),
-                name: Some(format!(
-                    "{}.{:x}",
-                    regarding.name.as_deref().unwrap_or(controller),
-                    now.as_nanosecond()
-                )),
-                ..ObjectMeta::default()
-            },
-            action: Some(event.action.clone()),
-            reason: Some(event.reason.clone()),
-            note: event.note.clone(),
-            event_time: Some(MicroTime(now)),
-            regarding: Some(regarding.clone()),
-            related: event.secondary.clone(),
-            reporting_controller: Some(controller.clone()),
-            reporting_instance: Some(
-                self.reporter
-                    .instance
-                    .clone()
-                    .unwrap_or_else(|| controller.clone()),
-            ),
-            type_: Some("Normal".into()),
-            ..EventsV1::default()
-        };
-        Api::<EventsV1>::namespaced(self.client.clone(), namespace)
-            .create(&PostParams::default(), &posted)
-            .await
-            .map(|_| ())
-    }
-}
-
 /// Shared by every reconcile.
 pub struct Context {
     client: Client,
     settings: Settings,
-    recorder: Events,
+    recorder: report::Events,
     keys: cache::KeyCache,
     providers: provider::ProviderRegistry,
     provider_configs: Store<KmsProviderConfig>,
     grants: Store<KmsGrant>,
     interest: Interest,
-    backoff: Backoff,
+    backoff: report::Backoff,
     metrics: Arc<Metrics>,
     /// The cluster part of grant identities.
     cluster: String,
@@ -251,32 +190,6 @@ impl Interest {
             keys.entry(key.clone()).or_default().push(object.clone());
         }
         keys
-    }
-}
-
-/// Per-object exponential backoff: `min` doubling to `max`, reset on success.
-#[derive(Default)]
-struct Backoff {
-    failures: Mutex<HashMap<ObjectRef<KmsGrant>, u32>>,
-    min: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn next(&self, object: &ObjectRef<KmsGrant>) -> Duration {
-        let mut failures = self.failures.lock().expect("backoff lock");
-        let count = failures.entry(object.clone()).or_default();
-        let delay = self
-            .min
-            .saturating_mul(1u32 << (*count).min(20))
-            .min(self.max);
-        *count = count.saturating_add(1);
-        // ±20 % so objects failing together spread out.
-        delay.mul_f64(0.8 + 0.4 * fastrand::f64())
-    }
-
-    fn reset(&self, object: &ObjectRef<KmsGrant>) {
-        self.failures.lock().expect("backoff lock").remove(object);
     }
 }
 
@@ -324,17 +237,13 @@ pub async fn run(
     // Objects to reconcile now: on keys whose grants or state changed, in relabelled namespaces.
     let (drift_tx, drift_rx) = mpsc::unbounded_channel::<ObjectRef<KmsGrant>>();
     let ctx = Arc::new(Context {
-        recorder: Events::new(client.clone(), reporter),
+        recorder: report::Events::new(client.clone(), reporter),
         keys: cache::KeyCache::default(),
         providers: provider::ProviderRegistry::new(provider_store.clone()),
         provider_configs: provider_store.clone(),
         grants: grant_store.clone(),
         interest: Interest::default(),
-        backoff: Backoff {
-            min: settings.backoff_min,
-            max: settings.backoff_max,
-            ..Backoff::default()
-        },
+        backoff: report::Backoff::new(settings.backoff_min, settings.backoff_max),
         metrics,
         namespaces: namespaces::NamespaceLabels::new(
             client.clone(),
@@ -624,7 +533,7 @@ async fn drift_pass(
         if ctx.providers.get(&name).is_none() {
             continue;
         }
-        let Ok(account) = grant::account_of(&provider).await else {
+        let Ok(account) = provider::account_of(&provider).await else {
             continue;
         };
         for key_id in key_ids {

@@ -5,17 +5,26 @@
 //! an object owns the grants named for its identity (and, from older versions, for its UID), and
 //! a grant it imported by ID. Nothing else is ever adopted, revoked or retired.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::ResourceExt;
+use kube::runtime::events::EventType;
 
+use super::cache::KeyRef;
 use super::conditions::{Outcome, reasons};
 use super::identity::Identity;
+use super::scope::CleanupPlace;
 use crate::api::{
-    DeletionPolicy, GrantRef, GranteePrincipalType, KmsGrantSpec, KmsGrantStatus,
+    DeletionPolicy, GrantRef, GranteePrincipalType, KmsGrant, KmsGrantSpec, KmsGrantStatus,
     KmsProviderConfigSpec, Operation,
 };
-use kmsgrant_kms::{ErrorClass, ErrorReason, Grant, KeyInfo, KeyState, KmsError, NewGrant};
+use kmsgrant_kms::{
+    ErrorClass, ErrorReason, Grant, KeyInfo, KeyState, KmsClient, KmsError, NewGrant,
+};
+
+/// The finalizer that makes deletion wait for the grant to be revoked or retired.
+pub const FINALIZER: &str = "kmsgrant.io/grant";
 
 /// The grant an object wants: its spec, under its identity name.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,7 +41,7 @@ pub struct DesiredGrant {
 impl DesiredGrant {
     pub fn of(spec: &KmsGrantSpec, identity: &Identity) -> Self {
         Self {
-            // A key named by alias is resolved by the reconciler, which sets it.
+            // A key named by alias is resolved by `observe`, which sets it.
             key_id: spec.key_id.clone().unwrap_or_default(),
             name: identity.name.clone(),
             grantee_principal: spec.grantee_principal.clone(),
@@ -249,77 +258,6 @@ pub fn plan(
     }
 }
 
-/// What the provider config allows this object to do with `spec.importGrantId`.
-pub fn admit_import<'a>(
-    spec: &'a KmsGrantSpec,
-    config_name: &str,
-    selector: Option<&LabelSelector>,
-    namespace: &str,
-    namespace_labels: &BTreeMap<String, String>,
-) -> Result<Option<&'a str>, Outcome> {
-    let Some(import) = spec.import_grant_id.as_deref() else {
-        return Ok(None);
-    };
-    let allowed = selector.is_some_and(|s| namespace_allowed(Some(s), namespace_labels));
-    if allowed {
-        Ok(Some(import))
-    } else {
-        Err(Outcome::Stalled {
-            reason: reasons::IMPORT_NOT_ALLOWED,
-            message: format!(
-                "spec.importGrantId is set but KmsProviderConfig {config_name:?} does not allow import in namespace {namespace:?} (importNamespaceSelector); ask the platform team, or remove the field"
-            ),
-        })
-    }
-}
-
-/// The provider config's guardrails: `None` when the object may use it.
-pub fn admit(
-    spec: &KmsGrantSpec,
-    config_name: &str,
-    config: &KmsProviderConfigSpec,
-    namespace: &str,
-    namespace_labels: &BTreeMap<String, String>,
-) -> Option<Outcome> {
-    if !namespace_allowed(config.namespace_selector.as_ref(), namespace_labels) {
-        return Some(Outcome::Stalled {
-            reason: reasons::NAMESPACE_NOT_ALLOWED,
-            message: format!(
-                "namespace {namespace:?} does not match the namespaceSelector of KmsProviderConfig {config_name:?}; ask the platform team to allow it"
-            ),
-        });
-    }
-    // A key named by alias is checked once resolved (`resolved_key_allowed`).
-    if let Some(allowed) = &config.allowed_key_ids
-        && let Some(key_id) = &spec.key_id
-        && !allowed.contains(key_id)
-    {
-        return Some(Outcome::Stalled {
-            reason: reasons::KEY_NOT_ALLOWED,
-            message: format!(
-                "key {key_id} is not in allowedKeyIds of KmsProviderConfig {config_name:?}"
-            ),
-        });
-    }
-    if let Some(allowed) = &config.allowed_operations {
-        let refused: Vec<&str> = spec
-            .operations
-            .iter()
-            .filter(|op| !allowed.contains(op))
-            .map(|op| op.as_str())
-            .collect();
-        if !refused.is_empty() {
-            return Some(Outcome::Stalled {
-                reason: reasons::OPERATION_NOT_ALLOWED,
-                message: format!(
-                    "operations {refused:?} are not in allowedOperations of KmsProviderConfig {config_name:?}"
-                ),
-            });
-        }
-    }
-    None
-}
-
 /// The guardrail `allowedKeyIds` for the key an alias resolved to: `None` when allowed. The
 /// admission policy cannot resolve aliases, so this is the only check such a key gets. A grant the
 /// object already holds on another key stays there.
@@ -457,6 +395,10 @@ pub enum Requeue {
     Soon,
     /// Transient trouble: per-object exponential backoff.
     Backoff,
+    /// At once: the pass only prepared the next one (a list to take afresh).
+    Now,
+    /// When the object changes (its finalizer's watch event; nothing else to do).
+    AwaitChange,
 }
 
 pub fn requeue(outcome: &Outcome) -> Requeue {
@@ -490,20 +432,6 @@ pub fn status_changed(status: &KmsGrantStatus, previous: &KmsGrantStatus) -> boo
     compared != *previous
 }
 
-/// Whether a namespace with these labels may use a provider config with this selector.
-pub fn namespace_allowed(
-    selector: Option<&LabelSelector>,
-    labels: &BTreeMap<String, String>,
-) -> bool {
-    let Some(selector) = selector else {
-        return true;
-    };
-    // The CRD schema rejects malformed expressions; one stored before that rule existed
-    // allows nothing rather than everything.
-    kube::core::Selector::try_from(selector.clone())
-        .is_ok_and(|selector| kube::core::SelectorExt::matches(&selector, labels))
-}
-
 /// A KMS failure during deletion, as the condition that says deletion waits.
 pub fn cleanup_failure_outcome(err: &KmsError) -> Outcome {
     match failure_outcome(err) {
@@ -522,79 +450,6 @@ pub fn cleanup_requeue(outcome: &Outcome) -> Requeue {
         Requeue::Soon => Requeue::Soon,
         _ => Requeue::Backoff,
     }
-}
-
-/// One key on one account where deletion looks for the object's grants, with the grant that
-/// status records there, if any.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct CleanupPlace {
-    pub account: String,
-    pub key_id: String,
-    pub recorded_grant: Option<String>,
-}
-
-/// Where deletion looks: the recorded grant's account and key, the spec's key on the account the
-/// config reaches now (a create whose answer or status write was lost left a grant findable only
-/// by its name there), and a replaced grant's; one place per account and key. `Err` when status
-/// names a grant but no account is known for it (recorded by an older version, and the config
-/// that could tell is missing or not usable).
-pub fn cleanup_places(
-    policy: DeletionPolicy,
-    status: &KmsGrantStatus,
-    spec_key_id: &str,
-    current_account: Option<&str>,
-    config_name: &str,
-) -> Result<Vec<CleanupPlace>, Outcome> {
-    let recorded_account = status
-        .account
-        .clone()
-        .or_else(|| current_account.map(str::to_owned));
-    if recorded_account.is_none()
-        && (status.grant_id.is_some() || status.superseded_grant.is_some())
-    {
-        return Err(Outcome::Progressing {
-            reason: reasons::PROVIDER_CONFIG_NOT_READY,
-            message: format!(
-                "cannot clean up: KmsProviderConfig {config_name:?} is missing or not Ready"
-            ),
-        });
-    }
-    let mut places = Vec::new();
-    if policy != DeletionPolicy::Orphan {
-        if let (Some(account), Some(key_id)) = (&recorded_account, &status.key_id) {
-            places.push(CleanupPlace {
-                account: account.clone(),
-                key_id: key_id.clone(),
-                recorded_grant: status.grant_id.clone(),
-            });
-        }
-        if let Some(account) = current_account {
-            places.push(CleanupPlace {
-                account: account.to_owned(),
-                key_id: spec_key_id.to_owned(),
-                recorded_grant: None,
-            });
-        }
-    }
-    if let Some(old) = &status.superseded_grant
-        && let Some(account) = old.account.clone().or(recorded_account)
-    {
-        places.push(CleanupPlace {
-            account,
-            key_id: old.key_id.clone(),
-            recorded_grant: Some(old.grant_id.clone()),
-        });
-    }
-    places.sort();
-    // One place per account and key, keeping a recorded grant if any entry has one.
-    places.dedup_by(|later, earlier| {
-        let same = later.account == earlier.account && later.key_id == earlier.key_id;
-        if same && earlier.recorded_grant.is_none() {
-            earlier.recorded_grant = later.recorded_grant.take();
-        }
-        same
-    });
-    Ok(places)
 }
 
 /// What deletion removes from the cloud, from a fresh list of every key the object used.
@@ -623,6 +478,490 @@ pub fn cleanup_targets(
 /// it, never by a config's name.
 pub fn account(endpoint: &str, project_id: &str) -> String {
     format!("{} {project_id}", endpoint.trim_end_matches('/'))
+}
+
+// ---------------------------------------------------------------------------------------------
+// One reconcile's decision: from the object and what was observed, everything the pass does.
+// ---------------------------------------------------------------------------------------------
+
+/// What one reconcile saw before deciding (read by [`super::observe`]).
+pub enum Observation {
+    /// Never stored (no UID): nothing to do.
+    Unstored,
+    /// Deleted and no longer held by our finalizer: nothing to do.
+    Released,
+    /// Deleted and held by our finalizer: the object's grants, listed afresh where they can be.
+    Deleting(Result<Deleting, Stop>),
+    /// Alive: the provider, the key and the grants on it, or why the object cannot go on.
+    Live(Result<Box<Live>, Stop>),
+}
+
+/// Why a reconcile could not see everything it needs.
+#[derive(Debug)]
+pub enum Stop {
+    /// The object cannot go on now; the condition says why (not an error of the operator).
+    Halted(Outcome),
+    /// A KMS call failed.
+    Kms(KmsError),
+}
+
+/// An alive object's world.
+pub struct Live {
+    pub identity: Identity,
+    pub client: KmsClient,
+    /// The account the provider config reaches.
+    pub account: String,
+    /// The spec's key on that account, and its description.
+    pub key: KeyRef,
+    pub key_info: Result<KeyInfo, KmsError>,
+    /// `spec.importGrantId`, admitted by the guardrails.
+    pub import: Option<String>,
+    /// Every grant on the key, and whether they were listed in this reconcile.
+    pub grants: Arc<Vec<Grant>>,
+    pub fresh: bool,
+    /// Grants on keys the object used before on this account (a key change in progress).
+    pub elsewhere: Vec<Grant>,
+    /// The replaced grant on another account (the config was pointed elsewhere), seen there.
+    pub superseded_elsewhere: Option<Place>,
+}
+
+/// A deleted object's grants, place by place.
+pub struct Deleting {
+    pub identity: Identity,
+    pub places: Vec<(CleanupPlace, Place)>,
+}
+
+/// What was found on one key of one account, listed afresh.
+pub enum Place {
+    Listed {
+        client: KmsClient,
+        key: KeyRef,
+        grants: Arc<Vec<Grant>>,
+    },
+    /// KMS says the key does not exist: its grants went with it.
+    KeyGone,
+    /// No provider config reaches the account any more.
+    Unreachable { account: String },
+    /// The lookup cannot work (credentials, permissions) where only a lost answer could have
+    /// left a grant: told, and deletion goes on.
+    LookupFailed { key_id: String, error: KmsError },
+}
+
+/// An event to publish: type, reason, note.
+pub type PendingEvent = (EventType, &'static str, String);
+
+/// Which kind of pass, for how its end is reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Nothing to do.
+    Idle,
+    /// The object is alive: status and conditions tell where it stands.
+    Live,
+    /// The object is being deleted: the finalizer goes once its grants are gone.
+    Deleting,
+}
+
+/// A write on KMS (or on what the operator remembers of it), carried out in order by
+/// [`super::execute`]; the first that fails ends the sequence.
+pub enum Step {
+    /// The snapshot may be stale: the next reader of the key lists it afresh.
+    ListAfresh(KeyRef),
+    /// Create the desired grant and record it.
+    Create {
+        client: KmsClient,
+        key: KeyRef,
+        desired: DesiredGrant,
+        why: CreateWhy,
+    },
+    /// Revoke one of the object's grants (replaced, duplicate, on an old key or account).
+    Revoke {
+        client: KmsClient,
+        key: KeyRef,
+        target: GrantRef,
+    },
+    /// Revoke or retire what deletion removes on one key.
+    Remove {
+        client: KmsClient,
+        key: KeyRef,
+        targets: Vec<(GrantRef, DeletionPolicy)>,
+    },
+    /// Record the grant the object keeps.
+    Keep(Grant),
+    /// Record the grant being replaced on the old key (revoked in the next pass).
+    Supersede(GrantRef),
+    /// The replaced grant is gone: forget it.
+    ForgetSuperseded,
+    /// Tell people, once the steps before it are done.
+    Tell(PendingEvent),
+}
+
+/// Why a grant is created: it says so in the event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CreateWhy {
+    /// The object has none yet.
+    New,
+    /// Status named a grant the cloud no longer has (drift).
+    Recreate,
+    /// The spec changed: this one replaces `old`.
+    Replace { old: String },
+}
+
+/// How the pass ends when every step succeeded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Nothing to write to status.
+    Quiet,
+    /// Ready with the grant kept or created.
+    InSync,
+    /// Created the replacement on a new key; the old one goes in the next pass.
+    Replacing,
+    /// As decided.
+    Outcome(Outcome),
+}
+
+/// Everything one pass does, decided before anything is written.
+pub struct Decision {
+    pub pass: Pass,
+    /// The finalizer, when it must change; applied once the steps succeeded.
+    pub finalizer: Option<bool>,
+    pub steps: Vec<Step>,
+    /// The status the steps record into (written unless the pass ends quietly).
+    pub status: KmsGrantStatus,
+    /// The account grants are recorded on.
+    pub account: Option<String>,
+    pub ending: Ending,
+    pub requeue: Requeue,
+    /// Events decided up front (an adoption).
+    pub events: Vec<PendingEvent>,
+    /// What a failed KMS step means for the object.
+    pub on_failure: fn(&KmsError) -> Outcome,
+    /// When a failed pass is tried again.
+    pub retry: fn(&Outcome) -> Requeue,
+}
+
+impl Decision {
+    fn idle() -> Self {
+        Self {
+            pass: Pass::Idle,
+            finalizer: None,
+            steps: Vec::new(),
+            status: KmsGrantStatus::default(),
+            account: None,
+            ending: Ending::Quiet,
+            requeue: Requeue::AwaitChange,
+            events: Vec::new(),
+            on_failure: failure_outcome,
+            retry: requeue,
+        }
+    }
+}
+
+/// Decides one pass for `object` from what was observed.
+pub fn decide(object: &KmsGrant, observed: Observation) -> Decision {
+    match observed {
+        Observation::Unstored | Observation::Released => Decision::idle(),
+        Observation::Deleting(seen) => decide_deletion(object, seen),
+        Observation::Live(seen) => decide_live(object, seen),
+    }
+}
+
+fn decide_live(object: &KmsGrant, seen: Result<Box<Live>, Stop>) -> Decision {
+    let mut status = object.status.clone().unwrap_or_default();
+    let has_finalizer = object.finalizers().iter().any(|f| f == FINALIZER);
+    let wants_finalizer =
+        object.spec.deletion_policy != DeletionPolicy::Orphan || status.superseded_grant.is_some();
+    let mut decision = Decision {
+        pass: Pass::Live,
+        finalizer: (wants_finalizer != has_finalizer).then_some(wants_finalizer),
+        ..Decision::idle()
+    };
+    if wants_finalizer && !has_finalizer {
+        // Nothing is written on KMS before deletion is sure to wait for it; the finalizer's
+        // watch event brings the object back.
+        return decision;
+    }
+    let live = match seen {
+        Ok(live) => *live,
+        Err(stop) => {
+            decision.status = status;
+            decision.ending = Ending::Outcome(match stop {
+                Stop::Halted(outcome) => outcome,
+                Stop::Kms(err) => failure_outcome(&err),
+            });
+            decision.requeue = decision_requeue(&decision.ending);
+            return decision;
+        }
+    };
+    if status.grant_id.is_none() {
+        // status.keyId names the key in use, before a grant exists too.
+        status.key_id = Some(live.key.key_id.clone());
+    }
+    let unusable = match &live.key_info {
+        Ok(info) => match object.spec.key_alias() {
+            Some(alias) => alias_key_usable(alias, info),
+            None => key_usable(&live.key.key_id, info),
+        },
+        Err(err) if err.reason == ErrorReason::KeyNotFound => Some(key_not_found(&live.key.key_id)),
+        Err(err) => Some(failure_outcome(err)),
+    };
+    if let Some(outcome) = unusable {
+        decision.status = status;
+        decision.requeue = requeue(&outcome);
+        decision.ending = Ending::Outcome(outcome);
+        return decision;
+    }
+    replaced_by_account_change(&mut status, &live.account);
+    let desired = DesiredGrant {
+        // The spec's key, or the key its alias resolved to.
+        key_id: live.key.key_id.clone(),
+        ..DesiredGrant::of(&object.spec, &live.identity)
+    };
+    let claim = Claim {
+        identity: &live.identity,
+        import: live.import.as_deref(),
+    };
+    let recorded = recorded_grant(&status, &live.key.key_id);
+    let next = plan(
+        &desired,
+        claim,
+        Observed {
+            grants: &live.grants,
+            fresh: live.fresh,
+            elsewhere: &live.elsewhere,
+        },
+        Recorded {
+            grant: recorded.as_ref(),
+        },
+    );
+    let revoke = |target: &GrantRef| Step::Revoke {
+        client: live.client.clone(),
+        key: KeyRef {
+            key_id: target.key_id.clone(),
+            ..live.key.clone()
+        },
+        target: target.clone(),
+    };
+    let mut steps = Vec::new();
+    let mut ending = Ending::InSync;
+    match next {
+        Plan::ListAgain => {
+            steps.push(Step::ListAfresh(live.key.clone()));
+            decision.steps = steps;
+            decision.requeue = Requeue::Now;
+            return decision;
+        }
+        Plan::Refuse(outcome) => ending = Ending::Outcome(outcome),
+        Plan::InSync { keep, adopted } => {
+            decision.events.extend(adoption(adopted, &keep));
+            steps.push(Step::Keep(keep));
+        }
+        Plan::RevokeExtras {
+            keep,
+            adopted,
+            revoke: extras,
+        } => {
+            decision.events.extend(adoption(adopted, &keep));
+            steps.extend(extras.iter().map(revoke));
+            steps.push(Step::Keep(keep));
+        }
+        Plan::Create { replaces, recreate } => {
+            let why = match (replaces.first(), recreate) {
+                (_, true) => CreateWhy::Recreate,
+                (Some(old), false) => CreateWhy::Replace {
+                    old: old.grant_id.clone(),
+                },
+                (None, false) => CreateWhy::New,
+            };
+            steps.push(Step::Create {
+                client: live.client.clone(),
+                key: live.key.clone(),
+                desired: desired.clone(),
+                why,
+            });
+            match replaces.iter().find(|old| old.key_id != live.key.key_id) {
+                // The grant on the old key is found again only through status: record it, and
+                // revoke it (with any other) in the next pass.
+                Some(old_key) => {
+                    steps.push(Step::Supersede(old_key.clone()));
+                    ending = Ending::Replacing;
+                }
+                None => steps.extend(replaces.iter().map(revoke)),
+            }
+        }
+    }
+    if ending == Ending::InSync
+        && let Some(old) = &status.superseded_grant
+    {
+        match &live.superseded_elsewhere {
+            // Listed with the object's other grants and revoked, or gone.
+            None => steps.push(Step::ForgetSuperseded),
+            Some(Place::Listed {
+                client,
+                key,
+                grants,
+            }) => {
+                if let Some(grant) = grants
+                    .iter()
+                    .find(|g| g.grant_id == old.grant_id && claim.owns(g))
+                {
+                    steps.push(Step::Revoke {
+                        client: client.clone(),
+                        key: key.clone(),
+                        target: gref(grant),
+                    });
+                }
+                steps.push(Step::ForgetSuperseded);
+            }
+            Some(Place::KeyGone) => steps.push(Step::ForgetSuperseded),
+            Some(Place::Unreachable { account }) => {
+                ending = Ending::Outcome(unreachable_account(&old.grant_id, account));
+            }
+            Some(Place::LookupFailed { error, .. }) => {
+                ending = Ending::Outcome(failure_outcome(error));
+            }
+        }
+    }
+    decision.status = status;
+    decision.account = Some(live.account.clone());
+    decision.steps = steps;
+    decision.requeue = decision_requeue(&ending);
+    decision.ending = ending;
+    decision
+}
+
+/// When to come back after a pass that ends as decided.
+fn decision_requeue(ending: &Ending) -> Requeue {
+    match ending {
+        Ending::Quiet => Requeue::AwaitChange,
+        Ending::InSync => Requeue::Resync,
+        Ending::Replacing => Requeue::Soon,
+        Ending::Outcome(outcome) => requeue(outcome),
+    }
+}
+
+fn adoption(adopted: bool, grant: &Grant) -> Option<PendingEvent> {
+    adopted.then(|| {
+        (
+            EventType::Normal,
+            "GrantAdopted",
+            format!(
+                "adopted grant {} ({}) on key {}",
+                grant.grant_id,
+                grant.name.as_deref().unwrap_or_default(),
+                grant.key_id
+            ),
+        )
+    })
+}
+
+/// A grant recorded on another account (the config was pointed elsewhere) is replaced: it is
+/// revoked there once the new one is in place.
+pub fn replaced_by_account_change(status: &mut KmsGrantStatus, account: &str) {
+    if status.grant_id.is_some()
+        && status.account.as_deref().is_some_and(|a| a != account)
+        && status.superseded_grant.is_none()
+    {
+        status.superseded_grant = status.grant_id.clone().map(|grant_id| GrantRef {
+            key_id: status.key_id.clone().unwrap_or_default(),
+            grant_id,
+            account: status.account.clone(),
+        });
+        status.grant_id = None;
+    }
+}
+
+/// The grant status records, on the key it records (the spec's, from older versions).
+pub fn recorded_grant(status: &KmsGrantStatus, spec_key_id: &str) -> Option<GrantRef> {
+    status.grant_id.clone().map(|grant_id| GrantRef {
+        key_id: status
+            .key_id
+            .clone()
+            .unwrap_or_else(|| spec_key_id.to_owned()),
+        grant_id,
+        account: None,
+    })
+}
+
+/// The condition while a replaced grant waits on an account no config reaches.
+pub fn unreachable_account(grant_id: &str, account: &str) -> Outcome {
+    Outcome::Progressing {
+        reason: reasons::GRANT_ACCOUNT_UNREACHABLE,
+        message: format!(
+            "grant {grant_id} lives on account {account:?}, which no Ready KmsProviderConfig reaches any more; point one at it so the grant can be revoked there, or remove the finalizer {FINALIZER} to leave the grant in place"
+        ),
+    }
+}
+
+fn decide_deletion(object: &KmsGrant, seen: Result<Deleting, Stop>) -> Decision {
+    let status = object.status.clone().unwrap_or_default();
+    let mut decision = Decision {
+        pass: Pass::Deleting,
+        status: status.clone(),
+        on_failure: cleanup_failure_outcome,
+        retry: cleanup_requeue,
+        ..Decision::idle()
+    };
+    let deleting = match seen {
+        Ok(deleting) => deleting,
+        Err(stop) => {
+            let outcome = match stop {
+                Stop::Halted(outcome) => outcome,
+                Stop::Kms(err) => cleanup_failure_outcome(&err),
+            };
+            decision.requeue = cleanup_requeue(&outcome);
+            decision.ending = Ending::Outcome(outcome);
+            return decision;
+        }
+    };
+    let policy = object.spec.deletion_policy;
+    // An import counts only once it was adopted (it passed the guardrails then).
+    let import = object
+        .spec
+        .import_grant_id
+        .as_deref()
+        .filter(|id| status.grant_id.as_deref() == Some(*id));
+    let claim = Claim {
+        identity: &deleting.identity,
+        import,
+    };
+    for (place, seen) in deleting.places {
+        match seen {
+            Place::Listed {
+                client,
+                key,
+                grants,
+            } => decision.steps.push(Step::Remove {
+                targets: cleanup_targets(policy, claim, &grants, status.superseded_grant.as_ref()),
+                client,
+                key,
+            }),
+            Place::KeyGone => {}
+            Place::Unreachable { account } => {
+                if let Some(grant_id) = &place.recorded_grant {
+                    let outcome = unreachable_account(grant_id, &account);
+                    decision.requeue = cleanup_requeue(&outcome);
+                    decision.ending = Ending::Outcome(outcome);
+                    return decision;
+                }
+            }
+            Place::LookupFailed { key_id, error } => decision.events.push((
+                EventType::Warning,
+                "CleanupLookupFailed",
+                format!("could not check key {key_id} for a grant of this object: {error}"),
+            )),
+        }
+    }
+    if policy == DeletionPolicy::Orphan
+        && let Some(grant_id) = &status.grant_id
+    {
+        decision.steps.push(Step::Tell((
+            EventType::Normal,
+            "GrantOrphaned",
+            format!("left grant {grant_id} on the cloud"),
+        )));
+    }
+    decision.finalizer = Some(false);
+    decision
 }
 
 #[cfg(test)]
@@ -973,97 +1312,101 @@ mod tests {
         ));
     }
 
-    fn spec() -> KmsGrantSpec {
-        serde_json::from_value(serde_json::json!({
-            "keyId": KEY, "granteePrincipal": "alice", "operations": ["describe-key"],
-            "importGrantId": "h"
-        }))
-        .unwrap()
-    }
-
-    fn config(extra: serde_json::Value) -> KmsProviderConfigSpec {
-        let mut value = serde_json::json!({
-            "endpoint": "https://kms", "projectId": "p",
-            "auth": {"type": "AccessKey", "secretRef": {"namespace": "s", "name": "n"}}
-        });
-        value
-            .as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        serde_json::from_value(value).unwrap()
-    }
-
     #[test]
-    fn guardrails_refuse_namespace_key_and_operations_by_name() {
-        let labels = BTreeMap::from([("kms".to_owned(), "yes".to_owned())]);
-        let reason = |c: serde_json::Value, labels: &BTreeMap<String, String>| {
-            admit(&spec(), "default", &config(c), "team-a", labels).map(|o| o.reason())
+    fn a_key_by_alias_is_checked_against_allowed_key_ids_once_resolved() {
+        let config = |allowed: serde_json::Value| -> KmsProviderConfigSpec {
+            let mut value = serde_json::json!({
+                "endpoint": "https://kms", "projectId": "p",
+                "auth": {"type": "AccessKey", "secretRef": {"namespace": "s", "name": "n"}}
+            });
+            if !allowed.is_null() {
+                value["allowedKeyIds"] = allowed;
+            }
+            serde_json::from_value(value).unwrap()
         };
-        assert_eq!(reason(serde_json::json!({}), &BTreeMap::new()), None);
+        let only_other = config(serde_json::json!([OTHER_KEY]));
+        let refused = resolved_key_allowed("alias/app", KEY, "p", &only_other).unwrap();
+        assert_eq!(refused.reason(), reasons::KEY_NOT_ALLOWED);
+        assert_eq!(requeue(&refused), Requeue::StalledRetry);
+        for part in ["alias/app", KEY, "allowedKeyIds", "\"p\""] {
+            assert!(refused.message().contains(part), "{}", refused.message());
+        }
+        let allowed = config(serde_json::json!([OTHER_KEY, KEY]));
+        assert_eq!(resolved_key_allowed("alias/app", KEY, "p", &allowed), None);
         assert_eq!(
-            reason(
-                serde_json::json!({"namespaceSelector": {"matchLabels": {"kms": "yes"}}}),
-                &BTreeMap::new()
-            ),
-            Some(reasons::NAMESPACE_NOT_ALLOWED)
-        );
-        assert_eq!(
-            reason(
-                serde_json::json!({"namespaceSelector": {"matchLabels": {"kms": "yes"}}}),
-                &labels
-            ),
+            resolved_key_allowed("alias/app", KEY, "p", &config(serde_json::Value::Null)),
             None
         );
-        assert_eq!(
-            reason(serde_json::json!({"allowedKeyIds": [OTHER_KEY]}), &labels),
-            Some(reasons::KEY_NOT_ALLOWED)
-        );
-        assert_eq!(
-            reason(
-                serde_json::json!({"allowedOperations": ["encrypt-datakey"]}),
-                &labels
-            ),
-            Some(reasons::OPERATION_NOT_ALLOWED)
-        );
     }
 
     #[test]
-    fn import_is_off_unless_the_provider_config_allows_the_namespace() {
-        let spec = spec();
-        let labels = BTreeMap::from([("import".to_owned(), "yes".to_owned())]);
-        let selector: LabelSelector =
-            serde_json::from_value(serde_json::json!({"matchLabels": {"import": "yes"}})).unwrap();
+    fn an_unknown_alias_is_retried_and_keeps_the_grant_it_names() {
+        let waiting = alias_not_found("alias/app", Some(OTHER_KEY));
+        assert_eq!(waiting.reason(), reasons::ALIAS_NOT_FOUND);
+        assert!(!waiting.is_ready());
+        // An alias move passes through "no such alias": backoff, not the stalled interval.
+        assert_eq!(requeue(&waiting), Requeue::Backoff);
+        for part in ["spec.keyRef.alias alias/app", OTHER_KEY, "kept"] {
+            assert!(waiting.message().contains(part), "{}", waiting.message());
+        }
+        let new = alias_not_found("alias/app", None);
+        assert!(!new.message().contains("kept"), "{}", new.message());
+    }
+
+    #[test]
+    fn a_resolved_key_that_cannot_be_granted_is_reported_with_its_alias() {
+        let info = |state, alias: &str| KeyInfo {
+            key_id: KEY.into(),
+            key_alias: alias.into(),
+            domain_id: "d".into(),
+            state,
+            default_key: false,
+        };
         assert_eq!(
-            admit_import(&spec, "default", None, "team-a", &labels)
-                .unwrap_err()
-                .reason(),
-            reasons::IMPORT_NOT_ALLOWED
+            alias_key_usable("alias/app", &info(KeyState::Enabled, "app")),
+            None
         );
-        assert!(
-            admit_import(
-                &spec,
-                "default",
-                Some(&selector),
-                "team-a",
-                &BTreeMap::new()
-            )
-            .is_err()
+        for (state, reason) in [
+            (KeyState::Disabled, reasons::KEY_DISABLED),
+            (KeyState::PendingDeletion, reasons::KEY_PENDING_DELETION),
+        ] {
+            let outcome = alias_key_usable("alias/app", &info(state, "app")).unwrap();
+            assert_eq!(outcome.reason(), reason);
+            assert_eq!(requeue(&outcome), Requeue::Backoff);
+            assert!(
+                outcome.message().starts_with(&format!(
+                    "spec.keyRef.alias alias/app resolves to key {KEY}: "
+                )),
+                "{}",
+                outcome.message()
+            );
+        }
+        let default =
+            alias_key_usable("alias/obs/default", &info(KeyState::Enabled, "obs/default")).unwrap();
+        assert_eq!(default.reason(), reasons::DEFAULT_KEY_NOT_GRANTABLE);
+    }
+
+    #[test]
+    fn key_usability_names_the_state() {
+        let info = |state, alias: &str| KeyInfo {
+            key_id: KEY.into(),
+            key_alias: alias.into(),
+            domain_id: "d".into(),
+            state,
+            default_key: false,
+        };
+        assert_eq!(key_usable(KEY, &info(KeyState::Enabled, "a")), None);
+        let reason = |i: KeyInfo| key_usable(KEY, &i).unwrap().reason();
+        assert_eq!(reason(info(KeyState::Disabled, "a")), reasons::KEY_DISABLED);
+        assert_eq!(
+            reason(info(KeyState::PendingDeletion, "a")),
+            reasons::KEY_PENDING_DELETION
         );
         assert_eq!(
-            admit_import(&spec, "default", Some(&selector), "team-a", &labels),
-            Ok(Some("h"))
+            reason(info(KeyState::Enabled, "a/default")),
+            reasons::DEFAULT_KEY_NOT_GRANTABLE
         );
-        let everyone = LabelSelector::default();
-        assert_eq!(
-            admit_import(
-                &spec,
-                "default",
-                Some(&everyone),
-                "team-a",
-                &BTreeMap::new()
-            ),
-            Ok(Some("h"))
-        );
+        assert_eq!(key_not_found(KEY).reason(), reasons::KEY_NOT_FOUND);
     }
 
     fn error(call: Call, reason: ErrorReason, code: Option<&str>) -> KmsError {
@@ -1151,103 +1494,6 @@ mod tests {
     }
 
     #[test]
-    fn a_key_by_alias_is_checked_against_allowed_key_ids_once_resolved() {
-        let by_alias: KmsGrantSpec = serde_json::from_value(serde_json::json!({
-            "keyRef": {"alias": "alias/app"}, "granteePrincipal": "alice",
-            "operations": ["describe-key"]
-        }))
-        .unwrap();
-        let only_other = config(serde_json::json!({"allowedKeyIds": [OTHER_KEY]}));
-        // Before resolution nothing is known of the key: only namespace and operations count.
-        assert_eq!(
-            admit(&by_alias, "p", &only_other, "team-a", &BTreeMap::new()),
-            None
-        );
-        let refused = resolved_key_allowed("alias/app", KEY, "p", &only_other).unwrap();
-        assert_eq!(refused.reason(), reasons::KEY_NOT_ALLOWED);
-        assert_eq!(requeue(&refused), Requeue::StalledRetry);
-        for part in ["alias/app", KEY, "allowedKeyIds", "\"p\""] {
-            assert!(refused.message().contains(part), "{}", refused.message());
-        }
-        let allowed = config(serde_json::json!({"allowedKeyIds": [OTHER_KEY, KEY]}));
-        assert_eq!(resolved_key_allowed("alias/app", KEY, "p", &allowed), None);
-        assert_eq!(
-            resolved_key_allowed("alias/app", KEY, "p", &config(serde_json::json!({}))),
-            None
-        );
-    }
-
-    #[test]
-    fn an_unknown_alias_is_retried_and_keeps_the_grant_it_names() {
-        let waiting = alias_not_found("alias/app", Some(OTHER_KEY));
-        assert_eq!(waiting.reason(), reasons::ALIAS_NOT_FOUND);
-        assert!(!waiting.is_ready());
-        // An alias move passes through "no such alias": backoff, not the stalled interval.
-        assert_eq!(requeue(&waiting), Requeue::Backoff);
-        for part in ["spec.keyRef.alias alias/app", OTHER_KEY, "kept"] {
-            assert!(waiting.message().contains(part), "{}", waiting.message());
-        }
-        let new = alias_not_found("alias/app", None);
-        assert!(!new.message().contains("kept"), "{}", new.message());
-    }
-
-    #[test]
-    fn a_resolved_key_that_cannot_be_granted_is_reported_with_its_alias() {
-        let info = |state, alias: &str| KeyInfo {
-            key_id: KEY.into(),
-            key_alias: alias.into(),
-            domain_id: "d".into(),
-            state,
-            default_key: false,
-        };
-        assert_eq!(
-            alias_key_usable("alias/app", &info(KeyState::Enabled, "app")),
-            None
-        );
-        for (state, reason) in [
-            (KeyState::Disabled, reasons::KEY_DISABLED),
-            (KeyState::PendingDeletion, reasons::KEY_PENDING_DELETION),
-        ] {
-            let outcome = alias_key_usable("alias/app", &info(state, "app")).unwrap();
-            assert_eq!(outcome.reason(), reason);
-            assert_eq!(requeue(&outcome), Requeue::Backoff);
-            assert!(
-                outcome.message().starts_with(&format!(
-                    "spec.keyRef.alias alias/app resolves to key {KEY}: "
-                )),
-                "{}",
-                outcome.message()
-            );
-        }
-        let default =
-            alias_key_usable("alias/obs/default", &info(KeyState::Enabled, "obs/default")).unwrap();
-        assert_eq!(default.reason(), reasons::DEFAULT_KEY_NOT_GRANTABLE);
-    }
-
-    #[test]
-    fn key_usability_names_the_state() {
-        let info = |state, alias: &str| KeyInfo {
-            key_id: KEY.into(),
-            key_alias: alias.into(),
-            domain_id: "d".into(),
-            state,
-            default_key: false,
-        };
-        assert_eq!(key_usable(KEY, &info(KeyState::Enabled, "a")), None);
-        let reason = |i: KeyInfo| key_usable(KEY, &i).unwrap().reason();
-        assert_eq!(reason(info(KeyState::Disabled, "a")), reasons::KEY_DISABLED);
-        assert_eq!(
-            reason(info(KeyState::PendingDeletion, "a")),
-            reasons::KEY_PENDING_DELETION
-        );
-        assert_eq!(
-            reason(info(KeyState::Enabled, "a/default")),
-            reasons::DEFAULT_KEY_NOT_GRANTABLE
-        );
-        assert_eq!(key_not_found(KEY).reason(), reasons::KEY_NOT_FOUND);
-    }
-
-    #[test]
     fn deletion_removes_every_owned_grant_by_policy_and_orphan_keeps_all_but_the_replaced() {
         let identity = me();
         let claim = Claim {
@@ -1296,106 +1542,6 @@ mod tests {
     fn accounts_ignore_a_trailing_slash() {
         assert_eq!(account("https://kms/", "p"), account("https://kms", "p"));
         assert_ne!(account("https://kms", "p"), account("https://kms", "q"));
-    }
-
-    fn place(account: &str, key_id: &str, recorded: Option<&str>) -> CleanupPlace {
-        CleanupPlace {
-            account: account.into(),
-            key_id: key_id.into(),
-            recorded_grant: recorded.map(str::to_owned),
-        }
-    }
-
-    fn recorded_status(account: Option<&str>) -> KmsGrantStatus {
-        KmsGrantStatus {
-            grant_id: Some("g1".into()),
-            key_id: Some(KEY.into()),
-            account: account.map(str::to_owned),
-            ..KmsGrantStatus::default()
-        }
-    }
-
-    #[test]
-    fn cleanup_looks_once_on_the_recorded_key_keeping_the_recorded_grant() {
-        let places = cleanup_places(
-            DeletionPolicy::Revoke,
-            &recorded_status(Some("acct")),
-            KEY,
-            Some("acct"),
-            "p",
-        );
-        assert_eq!(places, Ok(vec![place("acct", KEY, Some("g1"))]));
-    }
-
-    #[test]
-    fn cleanup_of_an_object_without_status_looks_for_its_name_on_the_spec_key() {
-        let places = cleanup_places(
-            DeletionPolicy::Revoke,
-            &KmsGrantStatus::default(),
-            KEY,
-            Some("acct"),
-            "p",
-        );
-        assert_eq!(places, Ok(vec![place("acct", KEY, None)]));
-    }
-
-    #[test]
-    fn cleanup_after_a_repoint_looks_on_the_old_account_and_the_new_one() {
-        let places = cleanup_places(
-            DeletionPolicy::Revoke,
-            &recorded_status(Some("old")),
-            OTHER_KEY,
-            Some("new"),
-            "p",
-        )
-        .unwrap();
-        assert_eq!(
-            places,
-            vec![place("new", OTHER_KEY, None), place("old", KEY, Some("g1"))]
-        );
-    }
-
-    #[test]
-    fn orphan_cleanup_looks_only_where_a_replaced_grant_lives() {
-        let mut status = recorded_status(Some("acct"));
-        assert_eq!(
-            cleanup_places(DeletionPolicy::Orphan, &status, KEY, Some("acct"), "p"),
-            Ok(vec![])
-        );
-        status.superseded_grant = Some(GrantRef {
-            key_id: OTHER_KEY.into(),
-            grant_id: "g0".into(),
-            account: None,
-        });
-        assert_eq!(
-            cleanup_places(DeletionPolicy::Orphan, &status, KEY, Some("acct"), "p"),
-            Ok(vec![place("acct", OTHER_KEY, Some("g0"))])
-        );
-    }
-
-    #[test]
-    fn a_recorded_grant_on_an_unknown_account_waits_for_its_provider_config() {
-        let places = cleanup_places(
-            DeletionPolicy::Revoke,
-            &recorded_status(None),
-            KEY,
-            None,
-            "p",
-        );
-        assert!(
-            matches!(places, Err(Outcome::Progressing { reason, .. }) if reason == reasons::PROVIDER_CONFIG_NOT_READY)
-        );
-        // Nothing recorded and no config: nothing of the object's can be found, nothing to wait for.
-        assert_eq!(
-            cleanup_places(
-                DeletionPolicy::Revoke,
-                &KmsGrantStatus::default(),
-                KEY,
-                None,
-                "p"
-            ),
-            Ok(vec![])
-        );
     }
 
     #[test]
@@ -1450,5 +1596,468 @@ mod tests {
             },
             &after_create
         ));
+    }
+}
+
+/// One pass decided whole, from an object and what was observed.
+#[cfg(test)]
+mod decision_tests {
+    use super::*;
+    use crate::api::KmsGrant;
+    use kmsgrant_kms::{
+        Call, ClientConfig, Credentials, KeyInfo, KeyState, Project, signer::AccessKeyPair,
+    };
+
+    const KEY: &str = "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e";
+    const OLD_KEY: &str = "0d0466b0-e727-4d9c-b35d-f84bb474a37f";
+    const ACCOUNT: &str = "https://kms p1";
+    const MINE: &str = "k8s/c1/team-a/app";
+
+    fn object(extra: serde_json::Value) -> KmsGrant {
+        let mut value = serde_json::json!({
+            "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+            "metadata": {"name": "app", "namespace": "team-a", "uid": "uid-1",
+                         "finalizers": [FINALIZER], "generation": 1},
+            "spec": {"providerConfigRef": {"name": "default"}, "keyId": KEY,
+                     "granteePrincipal": "alice", "operations": ["describe-key"]}
+        });
+        merge(&mut value, extra);
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
+        match (into, from) {
+            (serde_json::Value::Object(into), serde_json::Value::Object(from)) => {
+                for (k, v) in from {
+                    merge(into.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (into, from) => *into = from,
+        }
+    }
+
+    fn client() -> KmsClient {
+        let mut config = ClientConfig::new(
+            "http://127.0.0.1:9",
+            Project::Id("p1".into()),
+            Credentials::AccessKey {
+                keys: AccessKeyPair::new("ak", "sk"),
+                security_token: None,
+            },
+        );
+        config.allow_http = true;
+        KmsClient::new(config).unwrap()
+    }
+
+    fn key(key_id: &str) -> KeyRef {
+        KeyRef {
+            provider: "default".into(),
+            account: ACCOUNT.into(),
+            key_id: key_id.into(),
+        }
+    }
+
+    fn grant(id: &str, key_id: &str, name: &str, operations: &[&str]) -> Grant {
+        Grant {
+            key_id: key_id.into(),
+            grant_id: id.into(),
+            grantee_principal: "alice".into(),
+            grantee_principal_type: Some("user".into()),
+            operations: operations.iter().map(|s| s.to_string()).collect(),
+            issuing_principal: None,
+            created_at_millis: Some(1),
+            name: Some(name.into()),
+            retiring_principal: None,
+        }
+    }
+
+    fn enabled() -> Result<KeyInfo, KmsError> {
+        Ok(KeyInfo {
+            key_id: KEY.into(),
+            key_alias: "app".into(),
+            domain_id: "d".into(),
+            state: KeyState::Enabled,
+            default_key: false,
+        })
+    }
+
+    fn live(grants: Vec<Grant>, fresh: bool) -> Box<Live> {
+        Box::new(Live {
+            identity: Identity::new("c1", "team-a", "app", "uid-1"),
+            client: client(),
+            account: ACCOUNT.into(),
+            key: key(KEY),
+            key_info: enabled(),
+            import: None,
+            grants: Arc::new(grants),
+            fresh,
+            elsewhere: Vec::new(),
+            superseded_elsewhere: None,
+        })
+    }
+
+    /// Steps as short labels, to compare order.
+    fn steps(decision: &Decision) -> Vec<String> {
+        decision
+            .steps
+            .iter()
+            .map(|step| match step {
+                Step::ListAfresh(key) => format!("list {}", key.key_id),
+                Step::Create { key, why, .. } => format!("create on {} ({why:?})", key.key_id),
+                Step::Revoke { target, .. } => format!("revoke {}", target.grant_id),
+                Step::Remove { targets, .. } => format!(
+                    "remove {}",
+                    targets
+                        .iter()
+                        .map(|(g, how)| format!("{}:{how:?}", g.grant_id))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                Step::Keep(grant) => format!("keep {}", grant.grant_id),
+                Step::Supersede(old) => format!("supersede {}", old.grant_id),
+                Step::ForgetSuperseded => "forget superseded".into(),
+                Step::Tell((_, reason, _)) => format!("tell {reason}"),
+            })
+            .collect()
+    }
+
+    fn outcome_reason(decision: &Decision) -> Option<&'static str> {
+        match &decision.ending {
+            Ending::Outcome(outcome) => Some(outcome.reason()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_new_object_gets_its_finalizer_before_anything_is_written_on_kms() {
+        let new = object(serde_json::json!({"metadata": {"finalizers": []}}));
+        let decision = decide(&new, Observation::Live(Ok(live(vec![], true))));
+        assert_eq!(decision.finalizer, Some(true));
+        assert!(decision.steps.is_empty());
+        assert_eq!(decision.ending, Ending::Quiet);
+        assert_eq!(decision.requeue, Requeue::AwaitChange);
+    }
+
+    #[test]
+    fn an_object_holding_its_finalizer_creates_and_ends_in_sync() {
+        let decision = decide(
+            &object(serde_json::json!({})),
+            Observation::Live(Ok(live(vec![], false))),
+        );
+        assert_eq!(decision.finalizer, None);
+        assert_eq!(
+            steps(&decision),
+            ["create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (New)"]
+        );
+        assert_eq!(decision.ending, Ending::InSync);
+        assert_eq!(decision.requeue, Requeue::Resync);
+        assert_eq!(decision.account.as_deref(), Some(ACCOUNT));
+    }
+
+    #[test]
+    fn an_orphan_policy_drops_the_finalizer_and_still_converges() {
+        let orphan = object(serde_json::json!({"spec": {"deletionPolicy": "Orphan"}}));
+        let decision = decide(&orphan, Observation::Live(Ok(live(vec![], true))));
+        assert_eq!(decision.finalizer, Some(false));
+        assert_eq!(decision.steps.len(), 1);
+    }
+
+    #[test]
+    fn a_spec_change_creates_the_new_grant_before_it_revokes_the_old() {
+        let recorded = object(
+            serde_json::json!({"status": {"grantId": "old", "keyId": KEY, "account": ACCOUNT}}),
+        );
+        let old = grant("old", KEY, MINE, &["describe-key", "encrypt-datakey"]);
+        let decision = decide(&recorded, Observation::Live(Ok(live(vec![old], false))));
+        assert_eq!(
+            steps(&decision),
+            [
+                "create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (Replace { old: \"old\" })",
+                "revoke old"
+            ]
+        );
+        assert_eq!(decision.ending, Ending::InSync);
+    }
+
+    #[test]
+    fn a_key_change_creates_on_the_new_key_and_leaves_the_old_grant_to_the_next_pass() {
+        let moved = object(
+            serde_json::json!({"status": {"grantId": "old", "keyId": OLD_KEY, "account": ACCOUNT}}),
+        );
+        let mut seen = live(vec![], false);
+        seen.elsewhere = vec![grant("old", OLD_KEY, MINE, &["describe-key"])];
+        let decision = decide(&moved, Observation::Live(Ok(seen)));
+        assert_eq!(
+            steps(&decision),
+            [
+                "create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (Replace { old: \"old\" })",
+                "supersede old"
+            ]
+        );
+        assert_eq!(decision.ending, Ending::Replacing);
+        assert_eq!(decision.requeue, Requeue::Soon);
+    }
+
+    #[test]
+    fn the_pass_after_a_key_change_revokes_the_old_grant_and_forgets_it() {
+        let replacing = object(serde_json::json!({"status": {
+            "grantId": "new", "keyId": KEY, "account": ACCOUNT,
+            "supersededGrant": {"keyId": OLD_KEY, "grantId": "old"}}}));
+        let mut seen = live(vec![grant("new", KEY, MINE, &["describe-key"])], false);
+        seen.elsewhere = vec![grant("old", OLD_KEY, MINE, &["describe-key"])];
+        let decision = decide(&replacing, Observation::Live(Ok(seen)));
+        assert_eq!(
+            steps(&decision),
+            ["revoke old", "keep new", "forget superseded"]
+        );
+        assert_eq!(decision.ending, Ending::InSync);
+    }
+
+    fn by_alias(extra: serde_json::Value) -> KmsGrant {
+        let mut object = object(extra);
+        object.spec.key_id = None;
+        object.spec.key_ref = Some(crate::api::KeyAliasRef {
+            alias: "alias/app".into(),
+        });
+        object
+    }
+
+    #[test]
+    fn an_alias_move_is_a_key_change_onto_the_key_observed() {
+        // The alias resolved to KEY (observe put it in `live.key`); status holds a grant on the
+        // key the alias named before.
+        let moved = by_alias(
+            serde_json::json!({"status": {"grantId": "old", "keyId": OLD_KEY, "account": ACCOUNT}}),
+        );
+        let mut seen = live(vec![], false);
+        seen.elsewhere = vec![grant("old", OLD_KEY, MINE, &["describe-key"])];
+        let decision = decide(&moved, Observation::Live(Ok(seen)));
+        assert_eq!(
+            steps(&decision),
+            [
+                "create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (Replace { old: \"old\" })",
+                "supersede old"
+            ]
+        );
+        assert_eq!(decision.ending, Ending::Replacing);
+        // Until the create is recorded, status still names the old grant on the old key.
+        assert_eq!(decision.status.key_id.as_deref(), Some(OLD_KEY));
+    }
+
+    #[test]
+    fn a_new_object_by_alias_records_the_resolved_key_and_names_the_alias_when_it_cannot_go_on() {
+        let new = by_alias(serde_json::json!({}));
+        let decision = decide(&new, Observation::Live(Ok(live(vec![], false))));
+        assert_eq!(
+            steps(&decision),
+            ["create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (New)"]
+        );
+        assert_eq!(decision.status.key_id.as_deref(), Some(KEY));
+        let mut seen = live(vec![], true);
+        seen.key_info = Ok(KeyInfo {
+            state: KeyState::PendingDeletion,
+            ..enabled().unwrap()
+        });
+        let decision = decide(&new, Observation::Live(Ok(seen)));
+        assert!(decision.steps.is_empty());
+        assert_eq!(
+            outcome_reason(&decision),
+            Some(reasons::KEY_PENDING_DELETION)
+        );
+        let Ending::Outcome(outcome) = &decision.ending else {
+            panic!("{:?}", decision.ending);
+        };
+        assert!(
+            outcome.message().contains("alias/app"),
+            "{}",
+            outcome.message()
+        );
+        // An alias KMS does not know (observed as a halt): nothing written, the grant kept.
+        let held = by_alias(
+            serde_json::json!({"status": {"grantId": "g", "keyId": KEY, "account": ACCOUNT}}),
+        );
+        let decision = decide(
+            &held,
+            Observation::Live(Err(Stop::Halted(alias_not_found("alias/app", Some(KEY))))),
+        );
+        assert!(decision.steps.is_empty());
+        assert_eq!(outcome_reason(&decision), Some(reasons::ALIAS_NOT_FOUND));
+        assert_eq!(decision.status.grant_id.as_deref(), Some("g"));
+        assert_eq!(decision.requeue, Requeue::Backoff);
+    }
+
+    #[test]
+    fn a_recorded_grant_missing_from_a_snapshot_is_listed_afresh_before_anything_is_written() {
+        let recorded = object(
+            serde_json::json!({"status": {"grantId": "gone", "keyId": KEY, "account": ACCOUNT}}),
+        );
+        let decision = decide(&recorded, Observation::Live(Ok(live(vec![], false))));
+        assert_eq!(
+            steps(&decision),
+            ["list bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e"]
+        );
+        assert_eq!(decision.ending, Ending::Quiet);
+        assert_eq!(decision.requeue, Requeue::Now);
+        // From a fresh list, the grant is gone: recreated.
+        let decision = decide(&recorded, Observation::Live(Ok(live(vec![], true))));
+        assert_eq!(
+            steps(&decision),
+            ["create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (Recreate)"]
+        );
+    }
+
+    #[test]
+    fn an_unusable_key_halts_with_its_condition_and_nothing_is_written_on_kms() {
+        let mut seen = live(vec![], true);
+        seen.key_info = Ok(KeyInfo {
+            state: KeyState::Disabled,
+            ..enabled().unwrap()
+        });
+        let decision = decide(&object(serde_json::json!({})), Observation::Live(Ok(seen)));
+        assert!(decision.steps.is_empty());
+        assert_eq!(outcome_reason(&decision), Some(reasons::KEY_DISABLED));
+        assert_eq!(decision.requeue, Requeue::Backoff);
+        let mut seen = live(vec![], true);
+        seen.key_info = Err(KmsError::new(
+            Call::DescribeKey,
+            ErrorReason::KeyNotFound,
+            "x",
+        ));
+        let decision = decide(&object(serde_json::json!({})), Observation::Live(Ok(seen)));
+        assert_eq!(outcome_reason(&decision), Some(reasons::KEY_NOT_FOUND));
+    }
+
+    #[test]
+    fn a_failed_read_becomes_the_objects_condition() {
+        let err = KmsError::new(Call::ListGrants, ErrorReason::ServiceUnavailable, "x");
+        let decision = decide(
+            &object(serde_json::json!({})),
+            Observation::Live(Err(Stop::Kms(err))),
+        );
+        assert!(decision.steps.is_empty());
+        assert_eq!(outcome_reason(&decision), Some(reasons::KMS_UNAVAILABLE));
+        assert_eq!(decision.requeue, Requeue::Backoff);
+    }
+
+    #[test]
+    fn a_replaced_grant_on_an_account_no_config_reaches_waits_once_the_new_grant_is_kept() {
+        let repointed = object(
+            serde_json::json!({"status": {"grantId": "old", "keyId": KEY, "account": "https://other p9"}}),
+        );
+        let mut seen = live(vec![grant("new", KEY, MINE, &["describe-key"])], false);
+        seen.superseded_elsewhere = Some(Place::Unreachable {
+            account: "https://other p9".into(),
+        });
+        let decision = decide(&repointed, Observation::Live(Ok(seen)));
+        assert_eq!(steps(&decision), ["keep new"]);
+        assert_eq!(
+            outcome_reason(&decision),
+            Some(reasons::GRANT_ACCOUNT_UNREACHABLE)
+        );
+        assert_eq!(
+            decision
+                .status
+                .superseded_grant
+                .map(|g| g.grant_id)
+                .as_deref(),
+            Some("old")
+        );
+    }
+
+    fn deleted(extra: serde_json::Value) -> KmsGrant {
+        let mut value =
+            serde_json::json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}});
+        merge(&mut value, extra);
+        object(value)
+    }
+
+    fn place(account: &str, key_id: &str, recorded: Option<&str>) -> CleanupPlace {
+        CleanupPlace {
+            account: account.into(),
+            key_id: key_id.into(),
+            recorded_grant: recorded.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn deletion_removes_what_it_found_and_then_lets_the_object_go() {
+        let object = deleted(
+            serde_json::json!({"status": {"grantId": "g1", "keyId": KEY, "account": ACCOUNT}}),
+        );
+        let found = Deleting {
+            identity: Identity::new("c1", "team-a", "app", "uid-1"),
+            places: vec![(
+                place(ACCOUNT, KEY, Some("g1")),
+                Place::Listed {
+                    client: client(),
+                    key: key(KEY),
+                    grants: Arc::new(vec![
+                        grant("g1", KEY, MINE, &["describe-key"]),
+                        grant("theirs", KEY, "k8s/c1/team-b/app", &["describe-key"]),
+                    ]),
+                },
+            )],
+        };
+        let decision = decide(&object, Observation::Deleting(Ok(found)));
+        assert_eq!(steps(&decision), ["remove g1:Revoke"]);
+        assert_eq!(decision.finalizer, Some(false));
+        assert_eq!(decision.ending, Ending::Quiet);
+        assert_eq!(decision.pass, Pass::Deleting);
+    }
+
+    #[test]
+    fn deletion_waits_on_a_recorded_grant_no_config_reaches_keeping_the_finalizer() {
+        let object = deleted(
+            serde_json::json!({"status": {"grantId": "g1", "keyId": KEY, "account": "https://other p9"}}),
+        );
+        let found = Deleting {
+            identity: Identity::new("c1", "team-a", "app", "uid-1"),
+            places: vec![(
+                place("https://other p9", KEY, Some("g1")),
+                Place::Unreachable {
+                    account: "https://other p9".into(),
+                },
+            )],
+        };
+        let decision = decide(&object, Observation::Deleting(Ok(found)));
+        assert!(decision.steps.is_empty());
+        assert_eq!(decision.finalizer, None);
+        assert_eq!(
+            outcome_reason(&decision),
+            Some(reasons::GRANT_ACCOUNT_UNREACHABLE)
+        );
+        assert_eq!(decision.requeue, Requeue::Backoff);
+    }
+
+    #[test]
+    fn orphan_deletion_tells_what_it_left_and_a_failed_lookup_is_told_not_blocking() {
+        let object = deleted(serde_json::json!({
+            "spec": {"deletionPolicy": "Orphan"},
+            "status": {"grantId": "g1", "keyId": KEY, "account": ACCOUNT}}));
+        let err = KmsError::new(Call::ListGrants, ErrorReason::PermissionDenied, "x");
+        let found = Deleting {
+            identity: Identity::new("c1", "team-a", "app", "uid-1"),
+            places: vec![(
+                place(ACCOUNT, OLD_KEY, None),
+                Place::LookupFailed {
+                    key_id: OLD_KEY.into(),
+                    error: err,
+                },
+            )],
+        };
+        let decision = decide(&object, Observation::Deleting(Ok(found)));
+        assert_eq!(steps(&decision), ["tell GrantOrphaned"]);
+        assert_eq!(decision.events.len(), 1);
+        assert_eq!(decision.events[0].1, "CleanupLookupFailed");
+        assert_eq!(decision.finalizer, Some(false));
+    }
+
+    #[test]
+    fn nothing_is_done_for_an_object_never_stored_or_already_released() {
+        for observed in [Observation::Unstored, Observation::Released] {
+            let decision = decide(&object(serde_json::json!({})), observed);
+            assert_eq!(decision.pass, Pass::Idle);
+            assert!(decision.steps.is_empty() && decision.finalizer.is_none());
+        }
     }
 }

@@ -225,7 +225,7 @@ async fn key_of(policy: &KmsKeyPolicy, ctx: &Context) -> Result<KeyRef, Outcome>
             ),
         });
     };
-    let account = super::grant::account_of(&provider)
+    let account = super::provider::account_of(&provider)
         .await
         .map_err(|err| super::plan::failure_outcome(&err))?;
     Ok(KeyRef {

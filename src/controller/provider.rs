@@ -38,6 +38,24 @@ pub struct Provider {
     pub fingerprint: String,
 }
 
+/// The account a provider reaches: its endpoint and its (resolved) project.
+pub(super) async fn account_of(provider: &Provider) -> Result<String, KmsError> {
+    let project_id = provider.client.project_id().await?;
+    Ok(super::plan::account(&provider.spec.endpoint, &project_id))
+}
+
+/// The provider configs as one KmsGrant's pass sees them (see [`ProviderRegistry::view`]).
+pub struct ProviderView {
+    /// The config the object names.
+    pub name: String,
+    pub exists: bool,
+    pub current: Option<Provider>,
+    /// The account `current` reaches, or why it could not be told.
+    pub account: Option<Result<String, KmsError>>,
+    /// Other accounts status records grants on, with a config reaching each (by name).
+    pub reaching: BTreeMap<String, (String, Provider)>,
+}
+
 /// One registered provider and what its checks said.
 #[derive(Clone)]
 struct Entry {
@@ -92,6 +110,65 @@ impl ProviderRegistry {
             .into_iter()
             .filter_map(|name| self.for_cleanup(&name).map(|provider| (name, provider)))
             .collect()
+    }
+
+    /// A provider built for an existing config that reaches `account`, with its config's name.
+    pub async fn for_account(&self, account: &str) -> Option<(String, Provider)> {
+        for (name, provider) in self.all() {
+            if account_of(&provider).await.is_ok_and(|a| a == account) {
+                return Some((name, provider));
+            }
+        }
+        None
+    }
+
+    /// What one KmsGrant's pass needs to know of provider configs: whether the named one exists
+    /// (in the cache, else asked of the API server), the client the object may use (verified;
+    /// for `cleanup`, the current one whatever its checks say), the account it reaches, and a
+    /// provider for each of `elsewhere` (accounts status records grants on) that another config
+    /// reaches.
+    pub async fn view(
+        &self,
+        client: &kube::Client,
+        name: &str,
+        cleanup: bool,
+        elsewhere: &[&str],
+    ) -> Result<ProviderView, kube::Error> {
+        let current = if cleanup {
+            self.for_cleanup(name)
+        } else {
+            self.get(name)
+        };
+        let exists = current.is_some()
+            || self
+                .configs
+                .get(&ObjectRef::<KmsProviderConfig>::new(name))
+                .is_some()
+            || Api::<KmsProviderConfig>::all(client.clone())
+                .get_opt(name)
+                .await?
+                .is_some();
+        let account = match &current {
+            Some(provider) => Some(account_of(provider).await),
+            None => None,
+        };
+        let here = account.as_ref().and_then(|a| a.as_ref().ok());
+        let mut reaching = BTreeMap::new();
+        for account in elsewhere {
+            if Some(*account) != here.map(String::as_str)
+                && !reaching.contains_key(*account)
+                && let Some(found) = self.for_account(account).await
+            {
+                reaching.insert((*account).to_owned(), found);
+            }
+        }
+        Ok(ProviderView {
+            name: name.to_owned(),
+            exists,
+            current,
+            account,
+            reaching,
+        })
     }
 
     fn current(&self, name: &str) -> Option<Entry> {
@@ -517,7 +594,7 @@ async fn write_status(
 mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
-    use super::super::plan::namespace_allowed;
+    use super::super::scope::namespace_allowed;
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {

@@ -1,18 +1,24 @@
-//! What the controller writes back to Kubernetes about a KmsGrant: its finalizer (the patch is
-//! shared with the provider configs), its status (one writer, server-side apply) and its events.
-//! No decisions here.
+//! The last step of a reconcile: tell Kubernetes what a pass did — the finalizer (the patch is
+//! shared with the provider configs), the status (one writer, server-side apply), the events —
+//! and when to come back (per-object backoff). No decisions here.
 
-use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
-use kube::{Resource, ResourceExt};
-use serde_json::json;
-
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events::v1::Event as EventsV1;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
 
 use super::conditions::{Outcome, conditions, now_rfc3339, reasons};
-use super::plan;
+use super::execute::Executed;
+use super::plan::{self, FINALIZER, Pass, Requeue};
 use super::{Context, ReconcileError};
 use crate::api::{KmsGrant, KmsGrantStatus};
 
@@ -23,15 +29,87 @@ fn api(object: &KmsGrant, client: &kube::Client) -> Api<KmsGrant> {
     Api::namespaced(client.clone(), &object.namespace().unwrap_or_default())
 }
 
-/// The finalizer that makes deletion wait for the grant to be revoked or retired.
-pub const FINALIZER: &str = "kmsgrant.io/grant";
-
-pub(super) async fn set_finalizer(
+/// Tells Kubernetes what the pass did to `object`; returns when to look again and the reason the
+/// pass ended with (for metrics).
+pub(super) async fn write(
     object: &KmsGrant,
     ctx: &Context,
-    present: bool,
-) -> Result<(), ReconcileError> {
-    patch_finalizer(&api(object, &ctx.client), object, FINALIZER, present).await
+    done: Executed,
+) -> Result<(Action, &'static str), ReconcileError> {
+    let Executed {
+        pass,
+        finalizer,
+        status,
+        mut events,
+        requeue,
+    } = done;
+    let object_ref = ObjectRef::from_obj(object);
+    let regarding = object.object_ref(&());
+    let key = format!(
+        "{}/{}",
+        object.namespace().unwrap_or_default(),
+        object.name_any()
+    );
+    if pass != Pass::Live {
+        ctx.metrics.object_condition(&key, None);
+    }
+    if pass == Pass::Deleting {
+        // What was done is told even when the rest has to wait, and before the object goes.
+        for (type_, reason, note) in events.drain(..) {
+            ctx.recorder.tell(&regarding, type_, reason, note).await;
+        }
+        if let Some((_, outcome)) = &status {
+            let note = outcome.message().to_owned();
+            ctx.recorder
+                .tell(&regarding, EventType::Warning, "CleanupFailed", note)
+                .await;
+        }
+    }
+    if let Some(present) = finalizer {
+        patch_finalizer(&api(object, &ctx.client), object, FINALIZER, present).await?;
+    }
+    let mut reason = match (pass, finalizer) {
+        (Pass::Idle, _) => "Idle",
+        (Pass::Deleting, _) => reasons::DELETING,
+        (Pass::Live, Some(true)) => "FinalizerAdded",
+        (Pass::Live, _) => "ListingAfresh",
+    };
+    if let Some((status, outcome)) = status {
+        // Status first (it records what was done on KMS), then what happened, for people.
+        write_status(object, ctx, status, &outcome).await?;
+        if pass == Pass::Live {
+            for (type_, reason, note) in events {
+                ctx.recorder.tell(&regarding, type_, reason, note).await;
+            }
+            if let Some(warning) = transition_warning(object, &outcome) {
+                let note = outcome.message().to_owned();
+                ctx.recorder
+                    .tell(&regarding, EventType::Warning, warning, note)
+                    .await;
+            }
+            ctx.metrics
+                .object_condition(&key, Some(outcome.condition_type()));
+            reason = outcome.reason();
+        }
+    }
+    let action = match requeue {
+        Requeue::AwaitChange => {
+            ctx.backoff.reset(&object_ref);
+            Action::await_change()
+        }
+        Requeue::Resync => {
+            ctx.backoff.reset(&object_ref);
+            Action::requeue(ctx.settings.ready_recheck())
+        }
+        Requeue::StalledRetry => {
+            ctx.backoff.reset(&object_ref);
+            Action::requeue(ctx.settings.stalled_retry)
+        }
+        Requeue::Now => Action::requeue(Duration::ZERO),
+        Requeue::Soon => Action::requeue(Duration::from_secs(1)),
+        Requeue::Backoff => Action::requeue(ctx.backoff.next(&object_ref)),
+    };
+    Ok((action, reason))
 }
 
 /// Adds or removes `finalizer` on any of the operator's objects, keeping the others'.
@@ -131,8 +209,9 @@ async fn until_cached(ctx: &Context, object: &KmsGrant, written: &KmsGrant) {
     }
 }
 
-/// A Warning event when the object enters a failing state (once per transition, not per retry).
-pub(super) async fn status_transition_event(object: &KmsGrant, ctx: &Context, outcome: &Outcome) {
+/// The Warning to publish when the object enters a failing state: once per transition, not per
+/// retry.
+fn transition_warning(object: &KmsGrant, outcome: &Outcome) -> Option<&'static str> {
     let previous_reason = object
         .status
         .as_ref()
@@ -143,61 +222,128 @@ pub(super) async fn status_transition_event(object: &KmsGrant, ctx: &Context, ou
         })
         .map(|c| c.reason.clone());
     if outcome.is_ready() || previous_reason.as_deref() == Some(outcome.reason()) {
-        return;
+        return None;
     }
     if matches!(outcome, Outcome::Progressing { reason, .. } if *reason == reasons::CREATING || *reason == reasons::REPLACING)
     {
-        return;
+        return None;
     }
-    publish(
-        object,
-        ctx,
-        EventType::Warning,
-        outcome.reason(),
-        outcome.message().to_owned(),
-    )
-    .await;
+    Some(outcome.reason())
 }
 
-pub(super) async fn publish(
-    object: &KmsGrant,
-    ctx: &Context,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(super::conditions::truncate_message(&note)),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(err) = ctx.recorder.publish(&event, &object.object_ref(&())).await {
-        tracing::warn!(error = %err, "cannot publish event");
+/// Publishes events. Warnings go through kube's recorder, which folds a repeat (the same reason
+/// on the same object within six minutes) into a series. Normal events each record one action
+/// (a grant created, adopted, revoked) that does not repeat, so they are posted directly: the
+/// recorder would keep every one of them for six minutes and scan them all on each publish,
+/// which at 10,000 objects is memory and time that grow with N.
+pub(super) struct Events {
+    recorder: Recorder,
+    client: Client,
+    reporter: Reporter,
+}
+
+impl Events {
+    pub(super) fn new(client: Client, reporter: Reporter) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            client,
+            reporter,
+        }
+    }
+
+    /// Publishes one event about `regarding`; a failure is logged, never fatal.
+    pub(super) async fn tell(
+        &self,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(super::conditions::truncate_message(&note)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = self.publish(&event, regarding).await {
+            tracing::warn!(error = %err, "cannot publish event");
+        }
+    }
+
+    pub(super) async fn publish(
+        &self,
+        event: &Event,
+        regarding: &ObjectReference,
+    ) -> Result<(), kube::Error> {
+        if event.type_ == EventType::Warning {
+            return self.recorder.publish(event, regarding).await;
+        }
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let namespace = regarding.namespace.as_deref().unwrap_or("default");
+        let controller = &self.reporter.controller;
+        let posted = EventsV1 {
+            metadata: ObjectMeta {
+                namespace: Some(namespace.to_owned()),
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name.as_deref().unwrap_or(controller),
+                    now.as_nanosecond()
+                )),
+                ..ObjectMeta::default()
+            },
+            action: Some(event.action.clone()),
+            reason: Some(event.reason.clone()),
+            note: event.note.clone(),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(regarding.clone()),
+            related: event.secondary.clone(),
+            reporting_controller: Some(controller.clone()),
+            reporting_instance: Some(
+                self.reporter
+                    .instance
+                    .clone()
+                    .unwrap_or_else(|| controller.clone()),
+            ),
+            type_: Some("Normal".into()),
+            ..EventsV1::default()
+        };
+        Api::<EventsV1>::namespaced(self.client.clone(), namespace)
+            .create(&PostParams::default(), &posted)
+            .await
+            .map(|_| ())
     }
 }
 
-/// A deletion that has to wait: a Warning event and the condition saying why; status otherwise
-/// unchanged.
-pub(super) async fn cleanup_blocked(
-    object: &KmsGrant,
-    ctx: &Context,
-    outcome: &Outcome,
-) -> Result<(), ReconcileError> {
-    publish(
-        object,
-        ctx,
-        EventType::Warning,
-        "CleanupFailed",
-        outcome.message().to_owned(),
-    )
-    .await;
-    write_status(
-        object,
-        ctx,
-        object.status.clone().unwrap_or_default(),
-        outcome,
-    )
-    .await
+/// Per-object exponential backoff: `min` doubling to `max`, reset on success.
+pub(super) struct Backoff {
+    failures: Mutex<HashMap<ObjectRef<KmsGrant>, u32>>,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(super) fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            failures: Mutex::default(),
+            min,
+            max,
+        }
+    }
+
+    pub(super) fn next(&self, object: &ObjectRef<KmsGrant>) -> Duration {
+        let mut failures = self.failures.lock().expect("backoff lock");
+        let count = failures.entry(object.clone()).or_default();
+        let delay = self
+            .min
+            .saturating_mul(1u32 << (*count).min(20))
+            .min(self.max);
+        *count = count.saturating_add(1);
+        // ±20 % so objects failing together spread out.
+        delay.mul_f64(0.8 + 0.4 * fastrand::f64())
+    }
+
+    pub(super) fn reset(&self, object: &ObjectRef<KmsGrant>) {
+        self.failures.lock().expect("backoff lock").remove(object);
+    }
 }

@@ -1,0 +1,336 @@
+//! The first step of a reconcile: read what the decision needs — the provider configs, the
+//! namespace's labels, the key and the grants on it, or, for a deleted object, its grants on every
+//! account and key it used. What may be read is decided first ([`scope`](super::scope)), so
+//! nothing outside an object's scope is ever listed or described for it; the grant lists and key
+//! descriptions come from the shared, single-flighted [`cache`](super::cache).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+
+use super::cache::KeyRef;
+use super::identity::Identity;
+use super::plan::{self, Deleting, FINALIZER, Live, Observation, Place, Stop, answered_by_kms};
+use super::scope::{self, Facts, Scope};
+use super::{Context, ReconcileError, keyref};
+use crate::api::KmsGrant;
+use kmsgrant_kms::{ErrorClass, ErrorReason, KeyState, KmsError};
+
+/// Everything one pass of `object` needs to decide; `Err` only when Kubernetes cannot be read.
+pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation, ReconcileError> {
+    let Some(uid) = object.uid() else {
+        return Ok(Observation::Unstored);
+    };
+    let namespace = object.namespace().unwrap_or_default();
+    let identity = Identity::new(&ctx.cluster, &namespace, &object.name_any(), &uid);
+    let object_ref = ObjectRef::from_obj(object);
+    let deleting = object.meta().deletion_timestamp.is_some();
+    if deleting {
+        ctx.interest.forget(&object_ref);
+        if !object.finalizers().iter().any(|f| f == FINALIZER) {
+            return Ok(Observation::Released);
+        }
+    }
+    let stopped = |stop: Stop| match deleting {
+        true => Observation::Deleting(Err(stop)),
+        false => Observation::Live(Err(stop)),
+    };
+    let spec = &object.spec;
+    let status = object.status.clone().unwrap_or_default();
+    let config_name = &spec.provider_config_ref.name;
+
+    // Provider configs: the one named, the account it reaches, and those reaching the accounts
+    // status records grants on.
+    let recorded_accounts: Vec<&str> = [
+        status.account.as_deref(),
+        status
+            .superseded_grant
+            .as_ref()
+            .and_then(|g| g.account.as_deref()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let view = ctx
+        .providers
+        .view(&ctx.client, config_name, deleting, &recorded_accounts)
+        .await
+        .map_err(ReconcileError::Kube)?;
+    let account = match view.account {
+        Some(Ok(account)) => Some(account),
+        Some(Err(err)) => return Ok(stopped(Stop::Kms(err))),
+        None => None,
+    };
+
+    // The namespace's labels, read only when a selector needs them.
+    let needs_labels = !deleting
+        && view.current.as_ref().is_some_and(|p| {
+            p.spec.namespace_selector.is_some()
+                || (spec.import_grant_id.is_some() && p.spec.import_namespace_selector.is_some())
+        });
+    let labels = match needs_labels {
+        true => ctx
+            .namespaces
+            .labels(&namespace)
+            .await
+            .map_err(ReconcileError::Kube)?,
+        false => BTreeMap::new(),
+    };
+
+    // What may be read.
+    let scope = scope::of(Facts {
+        spec,
+        status: &status,
+        deleting,
+        config_name,
+        config_exists: view.exists,
+        config: view
+            .current
+            .as_ref()
+            .zip(account.as_deref())
+            .map(|(p, a)| (&p.spec, a)),
+        namespace: &namespace,
+        namespace_labels: &labels,
+    });
+    let scope = match scope {
+        Ok(scope) => scope,
+        Err(outcome) => return Ok(stopped(Stop::Halted(outcome))),
+    };
+
+    // The cloud, within that scope.
+    let page_size = ctx.settings.page_size;
+    let metrics = &ctx.metrics;
+    match scope {
+        Scope::Deleting { mut places } => {
+            // A key named by alias: also where the alias points now (a create whose answer was
+            // lost after the alias moved left a grant that status does not record).
+            if let (Some(alias), Some(provider), Some(account)) =
+                (spec.key_alias(), &view.current, &account)
+                && let Ok(found) = keyref::resolve(ctx, provider, config_name, account, alias).await
+                && spec.deletion_policy != crate::api::DeletionPolicy::Orphan
+                && !places
+                    .iter()
+                    .any(|p| p.account == *account && p.key_id == found.info.key_id)
+            {
+                places.push(scope::CleanupPlace {
+                    account: account.clone(),
+                    key_id: found.info.key_id,
+                    recorded_grant: None,
+                });
+            }
+            let mut seen = Vec::with_capacity(places.len());
+            for place in places {
+                let via = match (&view.current, &account) {
+                    (Some(provider), Some(a)) if *a == place.account => {
+                        Some((view.name.clone(), provider.clone()))
+                    }
+                    _ => view.reaching.get(&place.account).cloned(),
+                };
+                let Some((name, provider)) = via else {
+                    let waits = place.recorded_grant.is_some();
+                    let account = place.account.clone();
+                    seen.push((place, Place::Unreachable { account }));
+                    if waits {
+                        // Deletion waits here; the places after it are looked at when it can.
+                        break;
+                    }
+                    continue;
+                };
+                let key = KeyRef {
+                    provider: name,
+                    account: place.account.clone(),
+                    key_id: place.key_id.clone(),
+                };
+                let listed = ctx
+                    .keys
+                    .grants(&provider.client, &key, Duration::ZERO, page_size, metrics)
+                    .await;
+                let found = match listed {
+                    Ok((grants, _)) => Place::Listed {
+                        client: provider.client.clone(),
+                        key,
+                        grants,
+                    },
+                    Err(err) if gone(&err) => Place::KeyGone,
+                    // Only a lost answer could have left a grant here; a lookup that cannot
+                    // work (credentials, permissions) must not block deletion forever.
+                    Err(err)
+                        if place.recorded_grant.is_none()
+                            && err.class() == ErrorClass::Terminal =>
+                    {
+                        Place::LookupFailed {
+                            key_id: key.key_id,
+                            error: err,
+                        }
+                    }
+                    Err(err) => return Ok(stopped(Stop::Kms(err))),
+                };
+                seen.push((place, found));
+            }
+            Ok(Observation::Deleting(Ok(Deleting {
+                identity,
+                places: seen,
+            })))
+        }
+        Scope::Live {
+            account,
+            import,
+            elsewhere: mut elsewhere_keys,
+            superseded,
+        } => {
+            let Some(provider) = view.current else {
+                unreachable!("a live scope has its provider");
+            };
+            let client = &provider.client;
+            // A key named by alias: its describe-key answers for the key too.
+            let resolved = match spec.key_alias() {
+                None => None,
+                Some(alias) => {
+                    match keyref::resolve(ctx, &provider, config_name, &account, alias).await {
+                        Ok(found) => Some(found.info),
+                        // The grant the object holds stays; nothing is read further.
+                        Err(err) if gone(&err) => {
+                            let kept = status.grant_id.as_ref().and(status.key_id.as_deref());
+                            return Ok(stopped(Stop::Halted(plan::alias_not_found(alias, kept))));
+                        }
+                        Err(err) => return Ok(stopped(Stop::Kms(err))),
+                    }
+                }
+            };
+            let key = KeyRef {
+                provider: config_name.clone(),
+                account: account.clone(),
+                key_id: match &resolved {
+                    Some(info) => info.key_id.clone(),
+                    None => spec.key_id.clone().unwrap_or_default(),
+                },
+            };
+            if let (Some(alias), Some(_)) = (spec.key_alias(), &resolved) {
+                // The guardrail the admission policy could not apply to an alias.
+                if let Some(outcome) =
+                    plan::resolved_key_allowed(alias, &key.key_id, config_name, &provider.spec)
+                {
+                    return Ok(stopped(Stop::Halted(outcome)));
+                }
+                elsewhere_keys.retain(|k| *k != key.key_id);
+            }
+            ctx.interest.register(&object_ref, &key);
+            let read = async {
+                let key_info = match resolved {
+                    Some(info) => Ok(info),
+                    None => {
+                        ctx.keys
+                            .key_info(client, &key, ctx.settings.key_info_max_age())
+                            .await
+                    }
+                };
+                let usable = matches!(&key_info, Ok(info) if info.state == KeyState::Enabled && !info.is_default_master_key());
+                if !usable {
+                    // The decision says why; nothing more is read from a key that cannot be used.
+                    return Ok(Live {
+                        identity,
+                        client: client.clone(),
+                        account,
+                        key,
+                        key_info,
+                        import,
+                        grants: Default::default(),
+                        fresh: false,
+                        elsewhere: Vec::new(),
+                        superseded_elsewhere: None,
+                    });
+                }
+                let snapshot_age = ctx.settings.snapshot_max_age();
+                let (mut grants, mut fresh) = ctx
+                    .keys
+                    .grants(client, &key, snapshot_age, page_size, metrics)
+                    .await?;
+                let mut elsewhere = Vec::new();
+                for key_id in elsewhere_keys {
+                    let other = KeyRef {
+                        key_id,
+                        ..key.clone()
+                    };
+                    match ctx
+                        .keys
+                        .grants(client, &other, snapshot_age, page_size, metrics)
+                        .await
+                    {
+                        Ok((listed, _)) => elsewhere.extend(listed.iter().cloned()),
+                        Err(err) if gone(&err) => {}
+                        Err(err) => return Err(err),
+                    }
+                }
+                // A snapshot is not believed about what status or the spec names and it lacks
+                // (a grant gone out of band, an import): it is listed afresh, sharing the walk
+                // with any other reader that needs the same.
+                let missing = [status.grant_id.as_deref(), import.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .any(|id| !grants.iter().chain(&elsewhere).any(|g| g.grant_id == id));
+                if missing && !fresh {
+                    (grants, fresh) = ctx
+                        .keys
+                        .grants(client, &key, Duration::ZERO, page_size, metrics)
+                        .await?;
+                }
+                let superseded_elsewhere = match superseded {
+                    None => None,
+                    Some((old_account, old_key)) => Some(match view.reaching.get(&old_account) {
+                        None => Place::Unreachable {
+                            account: old_account,
+                        },
+                        Some((name, provider)) => {
+                            let key = KeyRef {
+                                provider: name.clone(),
+                                account: old_account,
+                                key_id: old_key.clone(),
+                            };
+                            let listed = ctx
+                                .keys
+                                .grants(&provider.client, &key, Duration::ZERO, page_size, metrics)
+                                .await;
+                            match listed {
+                                Ok((grants, _)) => Place::Listed {
+                                    client: provider.client.clone(),
+                                    key,
+                                    grants,
+                                },
+                                Err(err) if gone(&err) => Place::KeyGone,
+                                // Told once the object's own grant is in place.
+                                Err(error) => Place::LookupFailed {
+                                    key_id: old_key,
+                                    error,
+                                },
+                            }
+                        }
+                    }),
+                };
+                Ok(Live {
+                    identity,
+                    client: client.clone(),
+                    account,
+                    key,
+                    key_info,
+                    import,
+                    grants,
+                    fresh,
+                    elsewhere,
+                    superseded_elsewhere,
+                })
+            };
+            Ok(Observation::Live(
+                read.await
+                    .map(Box::new)
+                    .map_err(|err: KmsError| Stop::Kms(err)),
+            ))
+        }
+    }
+}
+
+/// KMS itself says the key does not exist: its grants went with it.
+fn gone(err: &KmsError) -> bool {
+    err.reason == ErrorReason::KeyNotFound && answered_by_kms(err)
+}
