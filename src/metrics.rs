@@ -73,6 +73,17 @@ struct KeyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RevokedLabels {
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RevokeFailureLabels {
+    provider: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GrantLabels {
     namespace: String,
     name: String,
@@ -112,6 +123,8 @@ pub struct Metrics {
     provider_configs: Family<ConditionLabels, Gauge>,
     unmanaged_grants: Family<KeyLabels, Gauge>,
     other_cluster_grants: Family<KeyLabels, Gauge>,
+    undeclared_revoked: Family<RevokedLabels, Counter>,
+    undeclared_revoke_failures: Family<RevokeFailureLabels, Counter>,
     /// The keys the audit gauges have a series for.
     audited_keys: Mutex<std::collections::HashSet<KeyLabels>>,
     /// `Some` with `--per-object-metrics`.
@@ -239,6 +252,19 @@ impl Metrics {
              listing",
             other_cluster_grants.clone(),
         );
+        let undeclared_revoked = Family::<RevokedLabels, Counter>::default();
+        registry.register(
+            "undeclared_grants_revoked",
+            "Undeclared grants revoked by KmsKeyPolicies in Revoke mode, by provider config",
+            undeclared_revoked.clone(),
+        );
+        let undeclared_revoke_failures = Family::<RevokeFailureLabels, Counter>::default();
+        registry.register(
+            "undeclared_grant_revoke_failures",
+            "Revokes of undeclared grants that failed or whose answer was lost, by provider config \
+             and reason",
+            undeclared_revoke_failures.clone(),
+        );
         for condition in ["Ready", "Reconciling", "Stalled"] {
             objects.get_or_create(&ConditionLabels { condition }).set(0);
             provider_configs
@@ -277,6 +303,8 @@ impl Metrics {
             provider_configs,
             unmanaged_grants,
             other_cluster_grants,
+            undeclared_revoked,
+            undeclared_revoke_failures,
             audited_keys: Mutex::new(std::collections::HashSet::new()),
             per_object,
             sources: Mutex::new(None),
@@ -422,6 +450,35 @@ impl Metrics {
             .lock()
             .expect("metrics lock")
             .insert(labels);
+    }
+
+    /// A KmsKeyPolicy in Revoke mode uses this provider config: its counter exists from 0, so
+    /// that `increase()` sees the first revoke.
+    pub fn undeclared_grants_revocable_by(&self, provider: &str) {
+        self.undeclared_revoked
+            .get_or_create(&RevokedLabels {
+                provider: provider.to_owned(),
+            })
+            .inc_by(0);
+    }
+
+    /// A KmsKeyPolicy revoked an undeclared grant.
+    pub fn undeclared_grant_revoked(&self, provider: &str) {
+        self.undeclared_revoked
+            .get_or_create(&RevokedLabels {
+                provider: provider.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A KmsKeyPolicy's revoke of an undeclared grant failed; `reason` is a KMS error reason.
+    pub fn undeclared_grant_revoke_failed(&self, provider: &str, reason: &'static str) {
+        self.undeclared_revoke_failures
+            .get_or_create(&RevokeFailureLabels {
+                provider: provider.to_owned(),
+                reason,
+            })
+            .inc();
     }
 
     /// Drops the audit series of every key not in `keep` (provider, key): keys no longer in use.
@@ -663,6 +720,29 @@ mod tests {
         assert!(!text.contains("key-1"), "{text}");
         assert!(
             text.contains("kmsgrant_unmanaged_grants{provider=\"default\",key=\"key-2\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn exclusive_mode_counts_revokes_per_provider_from_zero() {
+        let metrics = Metrics::new();
+        metrics.undeclared_grants_revocable_by("default");
+        let text = metrics.encode();
+        assert!(
+            text.contains("kmsgrant_undeclared_grants_revoked_total{provider=\"default\"} 0"),
+            "{text}"
+        );
+        metrics.undeclared_grant_revoked("default");
+        metrics.undeclared_grants_revocable_by("default");
+        metrics.undeclared_grant_revoke_failed("default", "PermissionDenied");
+        let text = metrics.encode();
+        assert!(
+            text.contains("kmsgrant_undeclared_grants_revoked_total{provider=\"default\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kmsgrant_undeclared_grant_revoke_failures_total{provider=\"default\",reason=\"PermissionDenied\"} 1"),
             "{text}"
         );
     }

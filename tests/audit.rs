@@ -7,79 +7,14 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use kms_emulator::{CallRecord, EmulatorConfig};
+use kms_emulator::EmulatorConfig;
 use serde_json::{Value, json};
-use support::{Env, Operator, TEST_LABEL, eventually, kubectl_ok};
+use support::{
+    Env, Operator, TEST_LABEL, eventually, free_port, grant_by_hand, kms_client, kubectl_ok,
+    last_seq, lists, metrics, passes, series,
+};
 
 const RESYNC: &str = "4s";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn metrics(port: u16) -> String {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let Ok(response) = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/metrics"))
-        .timeout(Duration::from_secs(2))
-        .send()
-        .await
-    else {
-        return String::new();
-    };
-    response.text().await.unwrap_or_default()
-}
-
-/// The value of one series (None when absent).
-fn series(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(name_and_labels)
-            .and_then(|rest| rest.trim().split(' ').next()?.parse().ok())
-    })
-}
-
-fn kms_client(env: &Env) -> kmsgrant_kms::KmsClient {
-    let settings = env.emulator.config();
-    let mut config = kmsgrant_kms::ClientConfig::new(
-        env.emulator.base_url(),
-        kmsgrant_kms::Project::Id(settings.project_id.clone()),
-        kmsgrant_kms::Credentials::AccessKey {
-            keys: kmsgrant_kms::signer::AccessKeyPair::new(
-                &settings.access_key,
-                settings.secret_key.as_str(),
-            ),
-            security_token: None,
-        },
-    );
-    config.region = settings.region.clone();
-    config.allow_http = true;
-    kmsgrant_kms::KmsClient::new(config).unwrap()
-}
-
-async fn grant_by_hand(
-    kms: &kmsgrant_kms::KmsClient,
-    key: &str,
-    grantee: &str,
-    name: Option<&str>,
-) -> String {
-    kms.create_grant(&kmsgrant_kms::NewGrant {
-        key_id: key.to_owned(),
-        grantee_principal: grantee.to_owned(),
-        grantee_principal_type: kmsgrant::api::GranteePrincipalType::User,
-        operations: vec![
-            kmsgrant::api::Operation::DescribeKey,
-            kmsgrant::api::Operation::DecryptDatakey,
-        ],
-        name: name.map(str::to_owned),
-        retiring_principal: None,
-    })
-    .await
-    .unwrap()
-}
 
 /// A KmsKeyPolicy (cluster-scoped) that the test's operator sees.
 fn key_policy(env: &Env, name: &str, provider: &str, key: &str) -> Value {
@@ -145,69 +80,6 @@ fn found_events(name: &str) -> Vec<String> {
         .iter()
         .filter(|e| e["reason"] == "UnmanagedGrantFound")
         .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
-
-/// The drift passes in the call log after `after`: each pass lists every key once, within
-/// milliseconds, and passes are a resync apart. Waits for `passes` + 2 of them and returns the
-/// middle `passes` (the first and the last may be cut by the window), each as the KMS calls made
-/// from its first list to the next pass's first list, by operation and key.
-async fn passes(env: &Env, after: u64, passes: usize) -> Vec<BTreeMap<(String, String), usize>> {
-    let admin = env.emulator.admin();
-    let starts = |calls: &[CallRecord]| -> Vec<usize> {
-        let mut starts = Vec::new();
-        let mut last_list: Option<u64> = None;
-        for (i, call) in calls.iter().enumerate() {
-            if call.operation != "list-grants" {
-                continue;
-            }
-            if last_list.is_none_or(|at| call.at_ms > at + 1000) {
-                starts.push(i);
-            }
-            last_list = Some(call.at_ms);
-        }
-        starts
-    };
-    eventually(
-        &format!("{} drift passes", passes + 2),
-        Duration::from_secs(120),
-        async || starts(&admin.calls(after)).len() >= passes + 2,
-    )
-    .await;
-    let calls = admin.calls(after);
-    let starts = starts(&calls);
-    starts
-        .windows(2)
-        .skip(1)
-        .take(passes)
-        .map(|w| {
-            let mut by_call = BTreeMap::new();
-            for call in &calls[w[0]..w[1]] {
-                *by_call
-                    .entry((
-                        call.operation.clone(),
-                        call.key_id.clone().unwrap_or_default(),
-                    ))
-                    .or_default() += 1;
-            }
-            by_call
-        })
-        .collect()
-}
-
-fn last_seq(env: &Env) -> u64 {
-    env.emulator
-        .admin()
-        .calls(0)
-        .last()
-        .map(|c| c.seq)
-        .unwrap_or(0)
-}
-
-fn lists(pass: &BTreeMap<(String, String), usize>) -> BTreeMap<String, usize> {
-    pass.iter()
-        .filter(|((op, _), _)| op == "list-grants")
-        .map(|((_, key), n)| (key.clone(), *n))
         .collect()
 }
 

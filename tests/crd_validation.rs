@@ -523,6 +523,52 @@ fn bad_key_policies() -> Vec<BadManifest> {
             manifest: set(k("k3"), "/spec/providerConfigRef/name", Some(json!(""))),
             expect: &["spec.providerConfigRef.name"],
         },
+        BadManifest {
+            case: "key policy whose undeclaredGrants is neither Report nor Revoke",
+            manifest: set(k("k4"), "/spec/undeclaredGrants", Some(json!("Delete"))),
+            expect: &["spec.undeclaredGrants", "Unsupported value: \"Delete\""],
+        },
+        BadManifest {
+            case: "key policy allowing a grant ID that is not 64 hex digits",
+            manifest: set(
+                k("k5"),
+                "/spec/allowedGrants",
+                Some(json!({"grantIds": ["51f2"]})),
+            ),
+            expect: &["spec.allowedGrants.grantIds[0]", "should match"],
+        },
+        BadManifest {
+            case: "key policy allowing a grantee that is no principal",
+            manifest: set(
+                k("k6"),
+                "/spec/allowedGrants",
+                Some(json!({"grantees": ["everyone@example"]})),
+            ),
+            expect: &["spec.allowedGrants.grantees[0]", "should match"],
+        },
+        BadManifest {
+            case: "key policy allowing more than 100 grantees",
+            manifest: set(
+                k("k7"),
+                "/spec/allowedGrants",
+                Some(json!({"grantees": (0..101).map(|i| format!("user{i}")).collect::<Vec<_>>()})),
+            ),
+            expect: &["spec.allowedGrants.grantees", "must have at most 100 items"],
+        },
+        BadManifest {
+            case: "key policy allowing one grant ID twice",
+            manifest: set(
+                k("k8"),
+                "/spec/allowedGrants",
+                Some(json!({"grantIds": ["a".repeat(64), "a".repeat(64)]})),
+            ),
+            expect: &["spec.allowedGrants.grantIds[1]", "Duplicate value"],
+        },
+        BadManifest {
+            case: "key policy with revokeOtherClusters not a boolean",
+            manifest: set(k("k9"), "/spec/revokeOtherClusters", Some(json!("yes"))),
+            expect: &["spec.revokeOtherClusters", "must be of type boolean"],
+        },
     ]
 }
 
@@ -775,6 +821,32 @@ fn kubectl_get_shows_the_printer_columns() {
         );
     }
     kubectl_ok(&["delete", "kmspc", &name], None);
+
+    // A key policy: its mode shown, Report by default (the dry run), other clusters kept.
+    let name = format!("columns-{}", std::process::id());
+    kubectl_ok(&["create", "-f", "-"], Some(&key_policy(&name).to_string()));
+    let table = kubectl_ok(&["get", "kmskp", &name], None);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "KEY",
+            "MODE",
+            "UNMANAGED",
+            "OTHER-CLUSTERS",
+            "REVOCABLE",
+            "READY",
+            "AGE"
+        ]
+    );
+    assert!(lines.next().unwrap().contains(" Report "), "{table}");
+    let stored = get_json(&["get", "kmskp", &name]);
+    assert_eq!(stored["spec"]["undeclaredGrants"], "Report");
+    assert_eq!(stored["spec"]["revokeOtherClusters"], false);
+    assert!(stored["spec"].get("allowedGrants").is_none(), "{stored}");
+    kubectl_ok(&["delete", "kmskp", &name], None);
 }
 
 #[test]

@@ -296,6 +296,50 @@ async fn every_metric_a_dashboard_panel_or_alert_uses_is_exported() {
         .set_faults(FaultSettings::default())
         .unwrap();
     env.wait_for("watched", "condition=Ready", 60);
+    // The audit's gauges and exclusive mode's counters: a grant made by hand on the key, a
+    // KmsKeyPolicy in Revoke mode whose first revoke fails (503), then goes through.
+    support::grant_by_hand(&support::kms_client(&env), &key, "someone", None).await;
+    env.emulator
+        .admin()
+        .set_faults(FaultSettings {
+            errors: [(
+                "revoke-grant".to_owned(),
+                ErrorInjection {
+                    rate: 1.0,
+                    error: InjectedError::Unavailable,
+                },
+            )]
+            .into(),
+            ..FaultSettings::default()
+        })
+        .unwrap();
+    let policy = format!("{}-monitoring", env.namespace);
+    env.apply(&json!({
+        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsKeyPolicy",
+        "metadata": {"name": policy, "labels": {support::TEST_LABEL: env.namespace}},
+        "spec": {"providerConfigRef": {"name": env.provider}, "keyId": key,
+            "undeclaredGrants": "Revoke"}
+    }));
+    for (series, then) in [
+        (
+            "kmsgrant_undeclared_grant_revoke_failures_total{",
+            Some(FaultSettings::default()),
+        ),
+        ("kmsgrant_undeclared_grants_revoked_total{", None),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !scrape(&url).await.is_some_and(|t| {
+            t.lines()
+                .any(|l| l.starts_with(series) && !l.ends_with(" 0"))
+        }) {
+            assert!(Instant::now() < deadline, "{series} never counted");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if let Some(faults) = then {
+            env.emulator.admin().set_faults(faults).unwrap();
+        }
+    }
+    kubectl_ok(&["delete", "kmskeypolicies.kmsgrant.io", &policy], None);
     // The per-object series are read from the operator's caches at scrape time.
     let needle = format!(
         "kmsgrant_grant_ready{{namespace=\"{}\",name=\"watched\",condition=\"Ready\",reason=\"GrantReady\"}} 1",

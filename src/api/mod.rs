@@ -14,7 +14,10 @@ pub use grant::{
     DeletionPolicy, GrantRef, GranteePrincipalType, KeyAliasRef, KmsGrant, KmsGrantSpec,
     KmsGrantStatus, Operation, ProviderConfigRef,
 };
-pub use policy::{AuditedGrant, GrantOwner, KmsKeyPolicy, KmsKeyPolicySpec, KmsKeyPolicyStatus};
+pub use policy::{
+    AllowedGrants, AuditedGrant, GrantAction, GrantOwner, KmsKeyPolicy, KmsKeyPolicySpec,
+    KmsKeyPolicyStatus, UndeclaredGrants,
+};
 pub use provider::{
     AuthConfig, AuthType, KmsProviderConfig, KmsProviderConfigSpec, KmsProviderConfigStatus,
     RateLimit, SecretReference, SigningVariant,

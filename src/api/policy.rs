@@ -5,9 +5,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Condition, KEY_ID_PATTERN, ProviderConfigRef};
+use super::{Condition, GRANT_ID_PATTERN, KEY_ID_PATTERN, PRINCIPAL_PATTERN, ProviderConfigRef};
 
-/// Reports the grants on one KMS key that no KmsGrant declares.
+/// Reports (and, opted in, revokes) the grants on one KMS key that no KmsGrant declares.
 // Each `printcolumn(...)` repeats `type_ = ...`, which clippy mistakes for a duplicated attribute.
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -18,12 +18,18 @@ use super::{Condition, KEY_ID_PATTERN, ProviderConfigRef};
     status = "KmsKeyPolicyStatus",
     shortname = "kmskp",
     category = "kms",
-    doc = "KmsKeyPolicy audits one KMS key: its status lists the grants on the key that no KmsGrant declares (hand-made, left by other tools or orphaned) and counts those of other clusters, as the operator sees them at each resync.",
+    doc = "KmsKeyPolicy audits one KMS key: its status lists the grants on the key that no KmsGrant declares (hand-made, left by other tools or orphaned) and counts those of other clusters, as the operator sees them at each resync. With spec.undeclaredGrants Revoke it also revokes them, except the allow-listed ones.",
     printcolumn(
         name = "Key",
         type_ = "string",
         json_path = ".spec.keyId",
         description = "ID of the audited customer master key"
+    ),
+    printcolumn(
+        name = "Mode",
+        type_ = "string",
+        json_path = ".spec.undeclaredGrants",
+        description = "Report (list only) or Revoke (remove undeclared grants)"
     ),
     printcolumn(
         name = "Unmanaged",
@@ -36,6 +42,12 @@ use super::{Condition, KEY_ID_PATTERN, ProviderConfigRef};
         type_ = "integer",
         json_path = ".status.otherClusterGrants",
         description = "Grants named for another cluster's KmsGrants"
+    ),
+    printcolumn(
+        name = "Revocable",
+        type_ = "integer",
+        json_path = ".status.revocableGrants",
+        description = "Undeclared grants that Revoke removes (in Report mode: would remove)"
     ),
     printcolumn(
         name = "Ready",
@@ -60,6 +72,50 @@ pub struct KmsKeyPolicySpec {
     /// groups of 8-4-4-4-12).
     #[schemars(pattern(KEY_ID_PATTERN), length(min = 36, max = 36))]
     pub key_id: String,
+
+    /// What to do with the grants on the key that no KmsGrant declares. `Report` (the default,
+    /// a dry run): list them in status, each marked with what `Revoke` would do, and count those
+    /// it would remove (`status.revocableGrants`); nothing on KMS changes. `Revoke`: revoke them,
+    /// paced by the provider config's rate limit, one Event each; never a grant a KmsGrant owns,
+    /// one on `allowedGrants`, one named for another cluster (unless `revokeOtherClusters`), nor,
+    /// in a sharded operator, one named for this cluster's KmsGrants.
+    #[serde(default)]
+    pub undeclared_grants: UndeclaredGrants,
+
+    /// Undeclared grants that may stay on the key in `Revoke` mode, by grantee or by grant ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_grants: Option<AllowedGrants>,
+
+    /// Whether `Revoke` also removes grants named for another cluster's KmsGrants
+    /// (`k8s/<other cluster>/...`), which that cluster's operator manages. Default false: they
+    /// are counted and kept.
+    #[serde(default)]
+    pub revoke_other_clusters: bool,
+}
+
+/// What happens to grants on the key that no KmsGrant declares.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum UndeclaredGrants {
+    /// List them in status and Events; change nothing on KMS (a dry run of `Revoke`).
+    #[default]
+    Report,
+    /// Revoke those not allow-listed.
+    Revoke,
+}
+
+/// Undeclared grants that `Revoke` leaves in place.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AllowedGrants {
+    /// Grantee principals (user or account IDs, 1-64 letters and digits) whose grants stay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"), length(max = 100), inner(pattern(PRINCIPAL_PATTERN)))]
+    pub grantees: Vec<String>,
+
+    /// IDs of grants (64 hexadecimal characters) that stay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"), length(max = 100), inner(pattern(GRANT_ID_PATTERN)))]
+    pub grant_ids: Vec<String>,
 }
 
 /// What the last audit of the key found, written by the operator only.
@@ -74,6 +130,16 @@ pub struct KmsKeyPolicyStatus {
     /// Grants named for a KmsGrant of another cluster (`k8s/<other cluster>/...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub other_cluster_grants: Option<u32>,
+
+    /// Undeclared grants that `Revoke` removes, or in `Report` mode would remove (those whose
+    /// `action` is `WouldRevoke`, `Revoking`, `RevokeFailed` or `RevokeUnconfirmed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocable_grants: Option<u32>,
+
+    /// How many grants this policy has revoked, in all (a grant KMS said was already gone is not
+    /// counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_grants: Option<u32>,
 
     /// The grants counted above (at most 100; a key holds no more), unmanaged ones first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -119,6 +185,32 @@ pub struct AuditedGrant {
     /// `Unmanaged`: no KmsGrant declares it. `OtherCluster`: named for another cluster's
     /// KmsGrant.
     pub owner: GrantOwner,
+    /// What the policy does with it (see `spec.undeclaredGrants`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<GrantAction>,
+}
+
+/// What a KmsKeyPolicy does with an undeclared grant.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum GrantAction {
+    /// On `spec.allowedGrants`: stays.
+    Allowed,
+    /// Another cluster's, and `spec.revokeOtherClusters` is false: stays.
+    KeptOtherCluster,
+    /// Named for a KmsGrant of this cluster (`k8s/<this cluster>/...` or `kmsgrant-<uid>`) that
+    /// this operator cannot see: a sharded operator (`--namespace`, `--label-selector`) cannot
+    /// tell it from another shard's, so it stays.
+    KeptSharded,
+    /// `Report` mode: `Revoke` would revoke it.
+    WouldRevoke,
+    /// `Revoke` mode: to be revoked (a pass revokes a bounded number).
+    Revoking,
+    /// Revoked; gone from the list after the key's next listing.
+    Revoked,
+    /// The revoke failed (see the policy's Warning events); tried again after the next listing.
+    RevokeFailed,
+    /// The revoke's answer was lost; the next listing shows whether it took effect.
+    RevokeUnconfirmed,
 }
 
 /// Whose a reported grant is.

@@ -33,6 +33,24 @@ pub struct Audit {
     pub other_cluster: u32,
     /// The grants counted, unmanaged first, then by grant ID; at most [`MAX_LISTED`].
     pub reported: Vec<AuditedGrant>,
+    /// Revokes a KmsKeyPolicy attempted since the key was listed, by grant ID. A new listing
+    /// makes a new audit without any: each grant is tried at most once per listing, and a lost
+    /// answer is judged by the next list, never by a blind second revoke.
+    pub attempts: BTreeMap<String, Attempt>,
+    /// Whether the grants a `Report` policy would revoke were checked against every KmsGrant
+    /// since the listing (see `policy::act_on_undeclared`).
+    pub checked: bool,
+}
+
+/// What became of a revoke of an undeclared grant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// Revoked, or KMS said it was already gone.
+    Revoked,
+    /// Refused; tried again after the next listing.
+    Failed,
+    /// Sent, but the answer was lost (or is still awaited): the next listing tells.
+    Unconfirmed,
 }
 
 /// How one grant stands before the API server is asked about objects the cache lacks.
@@ -196,6 +214,7 @@ fn reported(grant: &Grant, owner: GrantOwner) -> AuditedGrant {
         created_at: grant.created_at_millis.and_then(millis_rfc3339),
         name: grant.name.clone(),
         owner,
+        action: None,
     }
 }
 
@@ -211,6 +230,8 @@ fn summarise(mut found: Vec<AuditedGrant>) -> Audit {
         unmanaged,
         other_cluster,
         reported: found,
+        attempts: BTreeMap::new(),
+        checked: false,
     }
 }
 
