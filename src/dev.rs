@@ -165,7 +165,7 @@ impl DevArgs {
             serde_saphyr::from_str(EXAMPLE_GRANT).expect("the shipped example parses");
         let key = NewKey {
             key_alias: "dev-demo".into(),
-            key_id: Some(example.spec.key_id.clone()),
+            key_id: example.spec.key_id.clone(),
             ..NewKey::default()
         };
         emulator
@@ -175,7 +175,7 @@ impl DevArgs {
         say(&format!(
             "KMS emulator on {} with key {}",
             emulator.base_url(),
-            example.spec.key_id
+            example.spec.key_label()
         ));
 
         install_crds(client).await?;
@@ -378,7 +378,7 @@ fn print_status(object: &KmsGrant) {
         object.metadata.namespace.as_deref().unwrap_or_default(),
         object.metadata.name.as_deref().unwrap_or_default()
     );
-    println!("  key        {}", object.spec.key_id);
+    println!("  key        {}", object.spec.key_label());
     println!("  grantee    {}", object.spec.grantee_principal);
     println!(
         "  operations {}",

@@ -227,6 +227,58 @@ async fn key_outside_allowed_key_ids_is_refused_and_an_allowed_key_admitted() {
     ));
 }
 
+/// A key named by alias cannot be resolved in the API server: its key check is skipped (the
+/// controller checks the resolved key), while its operations and namespace are checked as for any
+/// grant.
+#[tokio::test]
+async fn a_grant_naming_its_key_by_alias_skips_only_the_key_check() {
+    install_guardrails();
+    let config = config_name("alias");
+    kubectl_ok(
+        &["apply", "--server-side", "-f", "-"],
+        Some(
+            &provider_config(
+                &config,
+                json!({
+                    "allowedKeyIds": [KEY_A],
+                    "allowedOperations": ["describe-key"],
+                    "namespaceSelector": {"matchLabels": {"kms-grants": "allowed"}}
+                }),
+            )
+            .to_string(),
+        ),
+    );
+    let allowed = scoped_namespace("admission-alias", &[("kms-grants", "allowed")]);
+    let other = scoped_namespace("admission-alias-no", &[]);
+    let by_alias = |namespace: &str, name: &str, operations: &[&str]| {
+        let mut manifest = grant(namespace, name, &config, KEY_A, operations);
+        let spec = manifest["spec"].as_object_mut().unwrap();
+        spec.remove("keyId");
+        spec.insert("keyRef".into(), json!({"alias": "alias/anything"}));
+        manifest
+    };
+
+    let message = refusal(&by_alias(&allowed, "alias-ops", &["decrypt-datakey"])).await;
+    assert_names(
+        &message,
+        &[
+            "guardrail allowedOperations",
+            "decrypt-datakey",
+            "OperationNotAllowed",
+        ],
+    );
+    let message = refusal(&by_alias(&other, "alias-ns", &["describe-key"])).await;
+    assert_names(
+        &message,
+        &["guardrail namespaceSelector", &other, "NamespaceNotAllowed"],
+    );
+    admitted(&by_alias(&allowed, "alias-ok", &["describe-key"]));
+    // The same grant by a key ID outside allowedKeyIds is still refused.
+    let by_id = grant(&allowed, "id-not-ok", &config, KEY_B, &["describe-key"]);
+    let message = refusal(&by_id).await;
+    assert_names(&message, &["guardrail allowedKeyIds", KEY_B]);
+}
+
 #[tokio::test]
 async fn operations_outside_allowed_operations_are_refused_and_allowed_ones_admitted() {
     install_guardrails();

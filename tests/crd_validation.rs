@@ -197,6 +197,30 @@ fn minimal_grant_and_grant_with_every_operation_are_accepted() {
     );
     let stored = get_json(&["-n", &ns, "get", "kmsgrants", "every-operation"]);
     assert_eq!(stored["spec"]["operations"].as_array().unwrap().len(), 9);
+
+    // A key by alias instead of by ID; "alias/default" is a customer alias named "default", not
+    // a Default Master Key's ".../default".
+    for (name, alias) in [
+        ("by-alias", "alias/app"),
+        ("by-nested-alias", "alias/team-a/app:v2_x"),
+        ("by-alias-named-default", "alias/default"),
+    ] {
+        let by_alias = json!({
+            "apiVersion": "kmsgrant.io/v1alpha1",
+            "kind": "KmsGrant",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"keyRef": {"alias": alias}, "granteePrincipal": "abc", "operations": ["describe-key"]}
+        });
+        let out = create(&by_alias);
+        assert!(
+            out.status.success(),
+            "{alias}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stored = get_json(&["-n", &ns, "get", "kmsgrants", name]);
+        assert_eq!(stored["spec"]["keyRef"]["alias"], alias);
+        assert!(stored["spec"].get("keyId").is_none(), "{stored}");
+    }
 }
 
 #[test]
@@ -328,7 +352,48 @@ fn bad_grants(ns: &str) -> Vec<BadManifest> {
         BadManifest {
             case: "keyId missing",
             manifest: without("b5", "/spec/keyId"),
-            expect: &["spec.keyId", "Required value"],
+            expect: &["spec.keyId", "Required value", "spec.keyRef"],
+        },
+        BadManifest {
+            case: "keyId and keyRef both set",
+            manifest: with("b5a", "/spec/keyRef", json!({"alias": "alias/app"})),
+            expect: &["spec.keyRef", "spec.keyId", "mutually exclusive"],
+        },
+        BadManifest {
+            case: "keyRef alias without the alias/ prefix",
+            manifest: set(
+                without("b5b", "/spec/keyId"),
+                "/spec/keyRef",
+                Some(json!({"alias": "application"})),
+            ),
+            expect: &["spec.keyRef.alias", "should match"],
+        },
+        BadManifest {
+            case: "keyRef alias with a space",
+            manifest: set(
+                without("b5c", "/spec/keyId"),
+                "/spec/keyRef",
+                Some(json!({"alias": "alias/my app"})),
+            ),
+            expect: &["spec.keyRef.alias", "should match"],
+        },
+        BadManifest {
+            case: "keyRef alias of a Default Master Key",
+            manifest: set(
+                without("b5d", "/spec/keyId"),
+                "/spec/keyRef",
+                Some(json!({"alias": "alias/obs/default"})),
+            ),
+            expect: &["spec.keyRef.alias", "Default Master Keys"],
+        },
+        BadManifest {
+            case: "keyRef without alias",
+            manifest: set(
+                without("b5e", "/spec/keyId"),
+                "/spec/keyRef",
+                Some(json!({})),
+            ),
+            expect: &["spec.keyRef.alias", "Required value"],
         },
         BadManifest {
             case: "granteePrincipal missing",
@@ -719,6 +784,7 @@ fn kubectl_get_shows_the_printer_columns() {
         "NAMESPACE",
         "NAME",
         "KEY",
+        "ALIAS",
         "GRANTEE",
         "OPERATIONS",
         "READY",

@@ -6,7 +6,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Condition, GRANT_ID_PATTERN, KEY_ID_PATTERN, PRINCIPAL_PATTERN};
+use super::{Condition, GRANT_ID_PATTERN, KEY_ALIAS_PATTERN, KEY_ID_PATTERN, PRINCIPAL_PATTERN};
 // The wire enums are the client's own, with their schema, so the CRD and the client cannot drift.
 pub use kmsgrant_kms::{GranteePrincipalType, Operation};
 
@@ -32,6 +32,19 @@ pub use kmsgrant_kms::{GranteePrincipalType, Operation};
         type_ = "string",
         json_path = ".spec.keyId",
         description = "ID of the customer master key"
+    ),
+    printcolumn(
+        name = "Alias",
+        type_ = "string",
+        json_path = ".spec.keyRef.alias",
+        description = "Alias naming the key, when the key is given by alias"
+    ),
+    printcolumn(
+        name = "Key-In-Use",
+        type_ = "string",
+        json_path = ".status.keyId",
+        description = "The key the grant is on: spec.keyId, or the key spec.keyRef.alias resolved to",
+        priority = "1"
     ),
     printcolumn(
         name = "Grantee",
@@ -70,6 +83,20 @@ pub use kmsgrant_kms::{GranteePrincipalType, Operation};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.keyId) || has(self.keyRef)",
+        "message": "set spec.keyId (a key ID) or spec.keyRef (a key alias): one of them is required",
+        "fieldPath": ".keyId",
+        "reason": "FieldValueRequired"
+    },
+    {
+        "rule": "!(has(self.keyId) && has(self.keyRef))",
+        "message": "spec.keyId and spec.keyRef are mutually exclusive: set only one of them",
+        "fieldPath": ".keyRef",
+        "reason": "FieldValueForbidden"
+    }
+]))]
 pub struct KmsGrantSpec {
     /// The KmsProviderConfig (cluster-scoped) that says which KMS endpoint to use and with which
     /// credentials. Defaults to the one named `default`.
@@ -79,8 +106,16 @@ pub struct KmsGrantSpec {
     /// ID of the customer master key to grant on, for example
     /// `bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e` (36 characters: lower-case letters and digits in
     /// groups of 8-4-4-4-12). Default Master Keys (alias ending in `/default`) cannot be granted.
+    /// Exactly one of `keyId` and `keyRef` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(KEY_ID_PATTERN), length(min = 36, max = 36))]
-    pub key_id: String,
+    pub key_id: Option<String>,
+
+    /// The key by alias instead of by ID: the operator resolves it with `describe-key` and
+    /// follows the alias when it moves to another key (the grant is created on the new key before
+    /// the one on the old key is revoked). Exactly one of `keyId` and `keyRef` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_ref: Option<KeyAliasRef>,
 
     /// ID of the user (or, with `granteePrincipalType: domain`, the account) that receives the
     /// permissions: 1 to 64 letters and digits.
@@ -151,6 +186,38 @@ impl KmsGrantSpec {
     pub fn operation_set(&self) -> BTreeSet<Operation> {
         self.operations.iter().copied().collect()
     }
+
+    /// How the spec names its key, for logs and messages: the key ID, or the alias.
+    pub fn key_label(&self) -> &str {
+        match (&self.key_id, &self.key_ref) {
+            (Some(key_id), _) => key_id,
+            (None, Some(key_ref)) => &key_ref.alias,
+            (None, None) => "",
+        }
+    }
+
+    /// The alias the key is named by, when it is named by alias.
+    pub fn key_alias(&self) -> Option<&str> {
+        match (&self.key_id, &self.key_ref) {
+            (None, Some(key_ref)) => Some(&key_ref.alias),
+            _ => None,
+        }
+    }
+}
+
+/// A key named by its alias.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct KeyAliasRef {
+    /// The key's alias as `describe-key` takes it: `alias/` followed by the alias (1 to 255
+    /// letters, digits, `:`, `/`, `_` or `-`), for example `alias/app`. Aliases ending in
+    /// `/default` belong to Default Master Keys, which KMS never grants, and are refused.
+    #[schemars(pattern(KEY_ALIAS_PATTERN), length(min = 7, max = 261))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!self.matches('^alias/.*/default$')",
+        "message": "aliases ending in /default name Default Master Keys, which KMS never grants; name a customer master key",
+        "reason": "FieldValueInvalid"
+    }]))]
+    pub alias: String,
 }
 
 /// A reference to a cluster-scoped KmsProviderConfig.
@@ -189,8 +256,9 @@ pub struct KmsGrantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<String>,
 
-    /// The key the owned grant lives on (it differs from `spec.keyId` while a key change is
-    /// being carried out).
+    /// The key in use: the key the owned grant lives on, else the key the spec names (for
+    /// `spec.keyRef`, the key its alias resolved to). It differs from the spec's key while a key
+    /// change or an alias move is being carried out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
 

@@ -11,8 +11,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use grant::{
-    DeletionPolicy, GrantRef, GranteePrincipalType, KmsGrant, KmsGrantSpec, KmsGrantStatus,
-    Operation, ProviderConfigRef,
+    DeletionPolicy, GrantRef, GranteePrincipalType, KeyAliasRef, KmsGrant, KmsGrantSpec,
+    KmsGrantStatus, Operation, ProviderConfigRef,
 };
 pub use policy::{
     AllowedGrants, AuditedGrant, GrantAction, GrantOwner, KmsKeyPolicy, KmsKeyPolicySpec,
@@ -28,6 +28,8 @@ pub const GROUP: &str = "kmsgrant.io";
 
 /// KMS key IDs (`key_id`), from the API pages.
 pub const KEY_ID_PATTERN: &str = r"^[0-9a-z]{8}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{4}-[0-9a-z]{12}$";
+/// A key named by alias, as `describe-key` takes it: `alias/` and the KMS alias charset.
+pub const KEY_ALIAS_PATTERN: &str = r"^alias/[a-zA-Z0-9:/_-]{1,255}$";
 /// Grantee, retiring and issuing principals (user or account IDs), from the API pages.
 pub const PRINCIPAL_PATTERN: &str = r"^[a-zA-Z0-9]{1,64}$";
 /// Grant IDs (`grant_id`): 64 hexadecimal characters.

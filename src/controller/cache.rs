@@ -249,6 +249,77 @@ impl KeyCache {
     }
 }
 
+/// What `describe-key` by alias answered (see [`KeyCache::alias_info`]).
+#[derive(Clone, Debug)]
+pub struct AliasInfo {
+    /// The key the alias names, as described.
+    pub info: KeyInfo,
+    /// When described: what the alias named before, if it was known.
+    pub before: Option<KeyInfo>,
+    /// When described: the named key's remembered state differed from the one just described.
+    pub key_state_changed: bool,
+}
+
+impl KeyCache {
+    /// `describe-key` by alias: `alias.key_id` is `alias/<name>`, which describe-key takes in
+    /// place of an ID. Like [`Self::key_info`], at most once per `max_age` (single-flighted, only
+    /// an enabled key remembered). The answer describes the key the alias names as well, so it is
+    /// recorded for that key too: one call serves the alias and its key within the window. An
+    /// alias KMS does not know is forgotten.
+    pub async fn alias_info(
+        &self,
+        client: &KmsClient,
+        alias: &KeyRef,
+        max_age: Duration,
+    ) -> Result<AliasInfo, KmsError> {
+        let entry = self.entry(alias);
+        let asked = Instant::now();
+        let mut cached = entry.info.lock().await;
+        if let Some((info, at)) = cached.as_ref()
+            && (*at >= asked || (info.state == KeyState::Enabled && at.elapsed() < max_age))
+        {
+            return Ok(AliasInfo {
+                info: info.clone(),
+                before: None,
+                key_state_changed: false,
+            });
+        }
+        let before = cached.as_ref().map(|(info, _)| info.clone());
+        let info = match client.describe_key(&alias.key_id).await {
+            Ok(info) => info,
+            Err(err) => {
+                if err.reason == kmsgrant_kms::ErrorReason::KeyNotFound {
+                    *cached = None;
+                }
+                return Err(err);
+            }
+        };
+        let at = Instant::now();
+        *cached = Some((info.clone(), at));
+        drop(cached);
+        let key = KeyRef {
+            key_id: info.key_id.clone(),
+            ..alias.clone()
+        };
+        let key_entry = self.entry(&key);
+        let mut key_cached = key_entry.info.lock().await;
+        let key_state_changed = key_cached
+            .as_ref()
+            .is_some_and(|(known, _)| known.state != info.state);
+        if key_cached
+            .as_ref()
+            .is_none_or(|(_, known_at)| *known_at < at)
+        {
+            *key_cached = Some((info.clone(), at));
+        }
+        Ok(AliasInfo {
+            info,
+            before,
+            key_state_changed,
+        })
+    }
+}
+
 /// A walk that started after `asked` saw everything written before it.
 fn started_after(snapshot: &Snapshot, asked: Instant) -> bool {
     snapshot.started >= asked

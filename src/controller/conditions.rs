@@ -75,6 +75,8 @@ pub mod reasons {
     pub const KEY_NOT_ALLOWED: &str = "KeyNotAllowed";
     pub const OPERATION_NOT_ALLOWED: &str = "OperationNotAllowed";
     pub const KEY_NOT_FOUND: &str = "KeyNotFound";
+    /// `spec.keyRef.alias` names no key (yet, or any more).
+    pub const ALIAS_NOT_FOUND: &str = "AliasNotFound";
     pub const DEFAULT_KEY_NOT_GRANTABLE: &str = "DefaultKeyNotGrantable";
     pub const KEY_DISABLED: &str = "KeyDisabled";
     pub const KEY_PENDING_DELETION: &str = "KeyPendingDeletion";

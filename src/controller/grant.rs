@@ -15,7 +15,7 @@ use crate::api::KmsGrant;
     kind = "KmsGrant",
     namespace = object.metadata.namespace.as_deref().unwrap_or_default(),
     name = object.metadata.name.as_deref().unwrap_or_default(),
-    key = object.spec.key_id.as_str(),
+    key = object.spec.key_label(),
 ))]
 pub async fn reconcile(object: Arc<KmsGrant>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let started = std::time::Instant::now();

@@ -7,6 +7,7 @@ mod conditions;
 mod execute;
 mod grant;
 pub mod identity;
+mod keyref;
 mod namespaces;
 mod observe;
 mod plan;
@@ -504,6 +505,9 @@ async fn drift_pass(
     wake: &mpsc::UnboundedSender<ObjectRef<KmsGrant>>,
     wake_policies: &mpsc::UnboundedSender<ObjectRef<KmsKeyPolicy>>,
 ) {
+    // Aliases first: their answers describe the keys they name, which are then not described
+    // again.
+    keyref::refresh_aliases(ctx, wake).await;
     let mut keys: BTreeMap<KeyRef, Vec<ObjectRef<KmsGrant>>> = ctx.interest.keys();
     // Policies deleted since (they have no finalizer) are no longer audited.
     for policy in ctx.policies.policies() {

@@ -12,9 +12,9 @@ use kube::{Resource, ResourceExt};
 
 use super::cache::KeyRef;
 use super::identity::Identity;
-use super::plan::{Deleting, FINALIZER, Live, Observation, Place, Stop, answered_by_kms};
+use super::plan::{self, Deleting, FINALIZER, Live, Observation, Place, Stop, answered_by_kms};
 use super::scope::{self, Facts, Scope};
-use super::{Context, ReconcileError};
+use super::{Context, ReconcileError, keyref};
 use crate::api::KmsGrant;
 use kmsgrant_kms::{ErrorClass, ErrorReason, KeyState, KmsError};
 
@@ -107,7 +107,23 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
     let page_size = ctx.settings.page_size;
     let metrics = &ctx.metrics;
     match scope {
-        Scope::Deleting { places } => {
+        Scope::Deleting { mut places } => {
+            // A key named by alias: also where the alias points now (a create whose answer was
+            // lost after the alias moved left a grant that status does not record).
+            if let (Some(alias), Some(provider), Some(account)) =
+                (spec.key_alias(), &view.current, &account)
+                && let Ok(found) = keyref::resolve(ctx, provider, config_name, account, alias).await
+                && spec.deletion_policy != crate::api::DeletionPolicy::Orphan
+                && !places
+                    .iter()
+                    .any(|p| p.account == *account && p.key_id == found.info.key_id)
+            {
+                places.push(scope::CleanupPlace {
+                    account: account.clone(),
+                    key_id: found.info.key_id,
+                    recorded_grant: None,
+                });
+            }
             let mut seen = Vec::with_capacity(places.len());
             for place in places {
                 let via = match (&view.current, &account) {
@@ -165,24 +181,55 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
         Scope::Live {
             account,
             import,
-            elsewhere: elsewhere_keys,
+            elsewhere: mut elsewhere_keys,
             superseded,
         } => {
             let Some(provider) = view.current else {
                 unreachable!("a live scope has its provider");
             };
             let client = &provider.client;
+            // A key named by alias: its describe-key answers for the key too.
+            let resolved = match spec.key_alias() {
+                None => None,
+                Some(alias) => {
+                    match keyref::resolve(ctx, &provider, config_name, &account, alias).await {
+                        Ok(found) => Some(found.info),
+                        // The grant the object holds stays; nothing is read further.
+                        Err(err) if gone(&err) => {
+                            let kept = status.grant_id.as_ref().and(status.key_id.as_deref());
+                            return Ok(stopped(Stop::Halted(plan::alias_not_found(alias, kept))));
+                        }
+                        Err(err) => return Ok(stopped(Stop::Kms(err))),
+                    }
+                }
+            };
             let key = KeyRef {
                 provider: config_name.clone(),
                 account: account.clone(),
-                key_id: spec.key_id.clone(),
+                key_id: match &resolved {
+                    Some(info) => info.key_id.clone(),
+                    None => spec.key_id.clone().unwrap_or_default(),
+                },
             };
+            if let (Some(alias), Some(_)) = (spec.key_alias(), &resolved) {
+                // The guardrail the admission policy could not apply to an alias.
+                if let Some(outcome) =
+                    plan::resolved_key_allowed(alias, &key.key_id, config_name, &provider.spec)
+                {
+                    return Ok(stopped(Stop::Halted(outcome)));
+                }
+                elsewhere_keys.retain(|k| *k != key.key_id);
+            }
             ctx.interest.register(&object_ref, &key);
             let read = async {
-                let key_info = ctx
-                    .keys
-                    .key_info(client, &key, ctx.settings.key_info_max_age())
-                    .await;
+                let key_info = match resolved {
+                    Some(info) => Ok(info),
+                    None => {
+                        ctx.keys
+                            .key_info(client, &key, ctx.settings.key_info_max_age())
+                            .await
+                    }
+                };
                 let usable = matches!(&key_info, Ok(info) if info.state == KeyState::Enabled && !info.is_default_master_key());
                 if !usable {
                     // The decision says why; nothing more is read from a key that cannot be used.

@@ -17,7 +17,7 @@ use super::identity::Identity;
 use super::scope::CleanupPlace;
 use crate::api::{
     DeletionPolicy, GrantRef, GranteePrincipalType, KmsGrant, KmsGrantSpec, KmsGrantStatus,
-    Operation,
+    KmsProviderConfigSpec, Operation,
 };
 use kmsgrant_kms::{
     ErrorClass, ErrorReason, Grant, KeyInfo, KeyState, KmsClient, KmsError, NewGrant,
@@ -41,7 +41,8 @@ pub struct DesiredGrant {
 impl DesiredGrant {
     pub fn of(spec: &KmsGrantSpec, identity: &Identity) -> Self {
         Self {
-            key_id: spec.key_id.clone(),
+            // A key named by alias is resolved by `observe`, which sets it.
+            key_id: spec.key_id.clone().unwrap_or_default(),
             name: identity.name.clone(),
             grantee_principal: spec.grantee_principal.clone(),
             grantee_principal_type: spec.grantee_principal_type,
@@ -254,6 +255,63 @@ pub fn plan(
     Plan::Create {
         recreate: recorded_missing && owned.is_empty(),
         replaces: owned.iter().map(|g| gref(g)).collect(),
+    }
+}
+
+/// The guardrail `allowedKeyIds` for the key an alias resolved to: `None` when allowed. The
+/// admission policy cannot resolve aliases, so this is the only check such a key gets. A grant the
+/// object already holds on another key stays there.
+pub fn resolved_key_allowed(
+    alias: &str,
+    key_id: &str,
+    config_name: &str,
+    config: &KmsProviderConfigSpec,
+) -> Option<Outcome> {
+    let allowed = config.allowed_key_ids.as_ref()?;
+    if allowed.iter().any(|k| k == key_id) {
+        return None;
+    }
+    Some(Outcome::Stalled {
+        reason: reasons::KEY_NOT_ALLOWED,
+        message: format!(
+            "spec.keyRef.alias {alias} resolves to key {key_id}, which is not in allowedKeyIds of KmsProviderConfig {config_name:?}; ask the platform team to allow it, or point the alias at an allowed key"
+        ),
+    })
+}
+
+/// The condition for an alias KMS does not know (`describe-key` answered "not found"). Aliases
+/// move (between the two `update-key-alias` calls of a move the alias names no key), so this is
+/// retried with backoff, and a grant the object holds (on `current_key`) is kept meanwhile.
+pub fn alias_not_found(alias: &str, current_key: Option<&str>) -> Outcome {
+    let kept = match current_key {
+        Some(key_id) => format!("; the grant on key {key_id} is kept meanwhile"),
+        None => String::new(),
+    };
+    Outcome::Progressing {
+        reason: reasons::ALIAS_NOT_FOUND,
+        message: format!(
+            "spec.keyRef.alias {alias} names no key in this project (describe-key: not found); create the alias with update-key-alias or create-key, or fix spec.keyRef.alias; retrying{kept}"
+        ),
+    }
+}
+
+/// Whether grants can be made on the key an alias resolved to: [`key_usable`], with a message
+/// that names the alias as well.
+pub fn alias_key_usable(alias: &str, info: &KeyInfo) -> Option<Outcome> {
+    let prefix = format!(
+        "spec.keyRef.alias {alias} resolves to key {}: ",
+        info.key_id
+    );
+    match key_usable(&info.key_id, info)? {
+        Outcome::Stalled { reason, message } => Some(Outcome::Stalled {
+            reason,
+            message: prefix + &message,
+        }),
+        Outcome::Progressing { reason, message } => Some(Outcome::Progressing {
+            reason,
+            message: prefix + &message,
+        }),
+        ready @ Outcome::Ready { .. } => Some(ready),
     }
 }
 
@@ -643,8 +701,15 @@ fn decide_live(object: &KmsGrant, seen: Result<Box<Live>, Stop>) -> Decision {
             return decision;
         }
     };
+    if status.grant_id.is_none() {
+        // status.keyId names the key in use, before a grant exists too.
+        status.key_id = Some(live.key.key_id.clone());
+    }
     let unusable = match &live.key_info {
-        Ok(info) => key_usable(&live.key.key_id, info),
+        Ok(info) => match object.spec.key_alias() {
+            Some(alias) => alias_key_usable(alias, info),
+            None => key_usable(&live.key.key_id, info),
+        },
         Err(err) if err.reason == ErrorReason::KeyNotFound => Some(key_not_found(&live.key.key_id)),
         Err(err) => Some(failure_outcome(err)),
     };
@@ -655,12 +720,16 @@ fn decide_live(object: &KmsGrant, seen: Result<Box<Live>, Stop>) -> Decision {
         return decision;
     }
     replaced_by_account_change(&mut status, &live.account);
-    let desired = DesiredGrant::of(&object.spec, &live.identity);
+    let desired = DesiredGrant {
+        // The spec's key, or the key its alias resolved to.
+        key_id: live.key.key_id.clone(),
+        ..DesiredGrant::of(&object.spec, &live.identity)
+    };
     let claim = Claim {
         identity: &live.identity,
         import: live.import.as_deref(),
     };
-    let recorded = recorded_grant(&status, &object.spec.key_id);
+    let recorded = recorded_grant(&status, &live.key.key_id);
     let next = plan(
         &desired,
         claim,
@@ -1253,6 +1322,80 @@ mod tests {
     }
 
     #[test]
+    fn a_key_by_alias_is_checked_against_allowed_key_ids_once_resolved() {
+        let config = |allowed: serde_json::Value| -> KmsProviderConfigSpec {
+            let mut value = serde_json::json!({
+                "endpoint": "https://kms", "projectId": "p",
+                "auth": {"type": "AccessKey", "secretRef": {"namespace": "s", "name": "n"}}
+            });
+            if !allowed.is_null() {
+                value["allowedKeyIds"] = allowed;
+            }
+            serde_json::from_value(value).unwrap()
+        };
+        let only_other = config(serde_json::json!([OTHER_KEY]));
+        let refused = resolved_key_allowed("alias/app", KEY, "p", &only_other).unwrap();
+        assert_eq!(refused.reason(), reasons::KEY_NOT_ALLOWED);
+        assert_eq!(requeue(&refused), Requeue::StalledRetry);
+        for part in ["alias/app", KEY, "allowedKeyIds", "\"p\""] {
+            assert!(refused.message().contains(part), "{}", refused.message());
+        }
+        let allowed = config(serde_json::json!([OTHER_KEY, KEY]));
+        assert_eq!(resolved_key_allowed("alias/app", KEY, "p", &allowed), None);
+        assert_eq!(
+            resolved_key_allowed("alias/app", KEY, "p", &config(serde_json::Value::Null)),
+            None
+        );
+    }
+
+    #[test]
+    fn an_unknown_alias_is_retried_and_keeps_the_grant_it_names() {
+        let waiting = alias_not_found("alias/app", Some(OTHER_KEY));
+        assert_eq!(waiting.reason(), reasons::ALIAS_NOT_FOUND);
+        assert!(!waiting.is_ready());
+        // An alias move passes through "no such alias": backoff, not the stalled interval.
+        assert_eq!(requeue(&waiting), Requeue::Backoff);
+        for part in ["spec.keyRef.alias alias/app", OTHER_KEY, "kept"] {
+            assert!(waiting.message().contains(part), "{}", waiting.message());
+        }
+        let new = alias_not_found("alias/app", None);
+        assert!(!new.message().contains("kept"), "{}", new.message());
+    }
+
+    #[test]
+    fn a_resolved_key_that_cannot_be_granted_is_reported_with_its_alias() {
+        let info = |state, alias: &str| KeyInfo {
+            key_id: KEY.into(),
+            key_alias: alias.into(),
+            domain_id: "d".into(),
+            state,
+            default_key: false,
+        };
+        assert_eq!(
+            alias_key_usable("alias/app", &info(KeyState::Enabled, "app")),
+            None
+        );
+        for (state, reason) in [
+            (KeyState::Disabled, reasons::KEY_DISABLED),
+            (KeyState::PendingDeletion, reasons::KEY_PENDING_DELETION),
+        ] {
+            let outcome = alias_key_usable("alias/app", &info(state, "app")).unwrap();
+            assert_eq!(outcome.reason(), reason);
+            assert_eq!(requeue(&outcome), Requeue::Backoff);
+            assert!(
+                outcome.message().starts_with(&format!(
+                    "spec.keyRef.alias alias/app resolves to key {KEY}: "
+                )),
+                "{}",
+                outcome.message()
+            );
+        }
+        let default =
+            alias_key_usable("alias/obs/default", &info(KeyState::Enabled, "obs/default")).unwrap();
+        assert_eq!(default.reason(), reasons::DEFAULT_KEY_NOT_GRANTABLE);
+    }
+
+    #[test]
     fn key_usability_names_the_state() {
         let info = |state, alias: &str| KeyInfo {
             key_id: KEY.into(),
@@ -1682,6 +1825,79 @@ mod decision_tests {
             ["revoke old", "keep new", "forget superseded"]
         );
         assert_eq!(decision.ending, Ending::InSync);
+    }
+
+    fn by_alias(extra: serde_json::Value) -> KmsGrant {
+        let mut object = object(extra);
+        object.spec.key_id = None;
+        object.spec.key_ref = Some(crate::api::KeyAliasRef {
+            alias: "alias/app".into(),
+        });
+        object
+    }
+
+    #[test]
+    fn an_alias_move_is_a_key_change_onto_the_key_observed() {
+        // The alias resolved to KEY (observe put it in `live.key`); status holds a grant on the
+        // key the alias named before.
+        let moved = by_alias(
+            serde_json::json!({"status": {"grantId": "old", "keyId": OLD_KEY, "account": ACCOUNT}}),
+        );
+        let mut seen = live(vec![], false);
+        seen.elsewhere = vec![grant("old", OLD_KEY, MINE, &["describe-key"])];
+        let decision = decide(&moved, Observation::Live(Ok(seen)));
+        assert_eq!(
+            steps(&decision),
+            [
+                "create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (Replace { old: \"old\" })",
+                "supersede old"
+            ]
+        );
+        assert_eq!(decision.ending, Ending::Replacing);
+        // Until the create is recorded, status still names the old grant on the old key.
+        assert_eq!(decision.status.key_id.as_deref(), Some(OLD_KEY));
+    }
+
+    #[test]
+    fn a_new_object_by_alias_records_the_resolved_key_and_names_the_alias_when_it_cannot_go_on() {
+        let new = by_alias(serde_json::json!({}));
+        let decision = decide(&new, Observation::Live(Ok(live(vec![], false))));
+        assert_eq!(
+            steps(&decision),
+            ["create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (New)"]
+        );
+        assert_eq!(decision.status.key_id.as_deref(), Some(KEY));
+        let mut seen = live(vec![], true);
+        seen.key_info = Ok(KeyInfo {
+            state: KeyState::PendingDeletion,
+            ..enabled().unwrap()
+        });
+        let decision = decide(&new, Observation::Live(Ok(seen)));
+        assert!(decision.steps.is_empty());
+        assert_eq!(
+            outcome_reason(&decision),
+            Some(reasons::KEY_PENDING_DELETION)
+        );
+        let Ending::Outcome(outcome) = &decision.ending else {
+            panic!("{:?}", decision.ending);
+        };
+        assert!(
+            outcome.message().contains("alias/app"),
+            "{}",
+            outcome.message()
+        );
+        // An alias KMS does not know (observed as a halt): nothing written, the grant kept.
+        let held = by_alias(
+            serde_json::json!({"status": {"grantId": "g", "keyId": KEY, "account": ACCOUNT}}),
+        );
+        let decision = decide(
+            &held,
+            Observation::Live(Err(Stop::Halted(alias_not_found("alias/app", Some(KEY))))),
+        );
+        assert!(decision.steps.is_empty());
+        assert_eq!(outcome_reason(&decision), Some(reasons::ALIAS_NOT_FOUND));
+        assert_eq!(decision.status.grant_id.as_deref(), Some("g"));
+        assert_eq!(decision.requeue, Requeue::Backoff);
     }
 
     #[test]

@@ -50,14 +50,15 @@ pub fn admit(
             ),
         });
     }
+    // A key named by alias is checked once resolved (`plan::resolved_key_allowed`).
     if let Some(allowed) = &config.allowed_key_ids
-        && !allowed.contains(&spec.key_id)
+        && let Some(key_id) = &spec.key_id
+        && !allowed.contains(key_id)
     {
         return Some(Outcome::Stalled {
             reason: reasons::KEY_NOT_ALLOWED,
             message: format!(
-                "key {} is not in allowedKeyIds of KmsProviderConfig {config_name:?}",
-                spec.key_id
+                "key {key_id} is not in allowedKeyIds of KmsProviderConfig {config_name:?}"
             ),
         });
     }
@@ -211,14 +212,22 @@ pub fn of(facts: Facts<'_>) -> Result<Scope, Outcome> {
         namespace,
         namespace_labels,
     } = facts;
+    // A key named by alias: the key status records (observe adds the alias's current key).
+    let spec_key = spec
+        .key_id
+        .as_deref()
+        .or(status.key_id.as_deref())
+        .unwrap_or_default();
     if deleting {
-        let places = cleanup_places(
+        let mut places = cleanup_places(
             spec.deletion_policy,
             status,
-            &spec.key_id,
+            spec_key,
             config.map(|(_, account)| account),
             config_name,
         )?;
+        // An alias that never resolved names no key to look at.
+        places.retain(|place| !place.key_id.is_empty());
         return Ok(Scope::Deleting { places });
     }
     if !config_exists {
@@ -254,7 +263,8 @@ pub fn of(facts: Facts<'_>) -> Result<Scope, Outcome> {
     {
         elsewhere.push(old.key_id.clone());
     }
-    elsewhere.retain(|k| *k != spec.key_id);
+    // For a key named by alias, observe drops the key it resolves to.
+    elsewhere.retain(|k| Some(k) != spec.key_id.as_ref());
     elsewhere.dedup();
     let superseded = match &status.superseded_grant {
         Some(old) => old
@@ -268,7 +278,11 @@ pub fn of(facts: Facts<'_>) -> Result<Scope, Outcome> {
             .as_deref()
             .filter(|a| status.grant_id.is_some() && *a != account)
             .map(|a| {
-                let key_id = status.key_id.clone().unwrap_or_else(|| spec.key_id.clone());
+                let key_id = status
+                    .key_id
+                    .clone()
+                    .or_else(|| spec.key_id.clone())
+                    .unwrap_or_default();
                 (a.to_owned(), key_id)
             }),
     };
@@ -306,6 +320,27 @@ mod tests {
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
         serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn a_key_by_alias_passes_the_key_check_until_resolved() {
+        let by_alias: KmsGrantSpec = serde_json::from_value(serde_json::json!({
+            "keyRef": {"alias": "alias/app"}, "granteePrincipal": "alice",
+            "operations": ["describe-key"]
+        }))
+        .unwrap();
+        let reason = |c: serde_json::Value| {
+            admit(&by_alias, "p", &config(c), "team-a", &BTreeMap::new()).map(|o| o.reason())
+        };
+        // Before resolution nothing is known of the key: only namespace and operations count.
+        assert_eq!(
+            reason(serde_json::json!({"allowedKeyIds": [OTHER_KEY]})),
+            None
+        );
+        assert_eq!(
+            reason(serde_json::json!({"allowedOperations": ["encrypt-datakey"]})),
+            Some(reasons::OPERATION_NOT_ALLOWED)
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub enum Operation {
     DisableKey,
     ScheduleKeyDeletion,
     CancelKeyDeletion,
+    UpdateKeyAlias,
     CreateGrant,
     ListGrants,
     RevokeGrant,
@@ -42,7 +43,7 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 13] = [
+    pub const ALL: [Operation; 14] = [
         Self::CreateKey,
         Self::DescribeKey,
         Self::ListKeys,
@@ -50,6 +51,7 @@ impl Operation {
         Self::DisableKey,
         Self::ScheduleKeyDeletion,
         Self::CancelKeyDeletion,
+        Self::UpdateKeyAlias,
         Self::CreateGrant,
         Self::ListGrants,
         Self::RevokeGrant,
@@ -67,6 +69,7 @@ impl Operation {
             Self::DisableKey => "disable-key",
             Self::ScheduleKeyDeletion => "schedule-key-deletion",
             Self::CancelKeyDeletion => "cancel-key-deletion",
+            Self::UpdateKeyAlias => "update-key-alias",
             Self::CreateGrant => "create-grant",
             Self::ListGrants => "list-grants",
             Self::RevokeGrant => "revoke-grant",
@@ -304,6 +307,10 @@ fn run_kms_call(
         Operation::CancelKeyDeletion => {
             let key_id = validation::key_only(&fields)?;
             shared.world().cancel_key_deletion(&key_id)
+        }
+        Operation::UpdateKeyAlias => {
+            let request = validation::update_key_alias(&fields)?;
+            shared.world().update_key_alias(&request)
         }
         Operation::CreateGrant => {
             let request = validation::create_grant(&fields)?;

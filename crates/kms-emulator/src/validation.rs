@@ -197,6 +197,29 @@ pub fn create_key(fields: &Fields) -> Result<CreateKey, KmsError> {
     })
 }
 
+/// `update-key-alias`: give the key `key_id` the alias `key_alias` (in place of its own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpdateKeyAlias {
+    pub key_id: String,
+    pub key_alias: String,
+}
+
+/// The fields are checked in the order of the API page: `key_id` (missing KMS.0204, malformed
+/// KMS.0205), then `key_alias` (missing KMS.0204; outside `^[a-zA-Z0-9:/_-]{1,255}$` or ending
+/// `/default` KMS.1101), then `sequence`.
+pub fn update_key_alias(fields: &Fields) -> Result<UpdateKeyAlias, KmsError> {
+    let key_id = key_id(fields)?;
+    let key_alias = required_string(fields, "key_alias")?;
+    if !is_name(key_alias) || key_alias.ends_with("/default") {
+        return Err(ErrorCode::InvalidAlias.into());
+    }
+    check_sequence(fields)?;
+    Ok(UpdateKeyAlias {
+        key_id,
+        key_alias: key_alias.to_owned(),
+    })
+}
+
 /// How `describe-key` names a key: by ID, `alias/<alias>`, or alias URN.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeyReference {

@@ -301,6 +301,50 @@ const SEED_LIST_GRANTS_RESPONSE: &str = r#"{
         "total":1
     }"#;
 
+/// The example of "Changing the Alias of a CMK" (kms_02_0026, `POST .../kms/update-key-alias`),
+/// from the Open Telekom Cloud API reference; the answer is exactly the example response.
+#[tokio::test]
+async fn update_key_alias_example_of_the_reference_page_reproduces() {
+    let h = Harness::start().await;
+    h.emulator
+        .admin()
+        .create_key(NewKey {
+            key_alias: "before".into(),
+            key_id: Some("bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let updated = h
+        .kms(
+            "update-key-alias",
+            example(
+                r#"{
+                    "key_alias": "test",
+                    "key_id": "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e"
+                }"#,
+            ),
+        )
+        .await;
+    assert_eq!(updated.status, StatusCode::OK, "{:?}", updated.body);
+    assert_eq!(
+        updated.body,
+        example(
+            r#"{
+                "key_info": {
+                    "key_id": "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e",
+                    "key_alias": "test"
+                 }
+            }"#
+        )
+    );
+    let described = h.kms("describe-key", json!({"key_id": "alias/test"})).await;
+    assert_eq!(
+        described.body["key_info"]["key_id"],
+        "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e"
+    );
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn grant_examples_of_the_seed_and_reference_pages_reproduce() {
     let h = Harness::start().await;
