@@ -139,7 +139,9 @@ impl Record {
                     CreateWhy::Replace { old } => (
                         EventType::Normal,
                         "GrantReplaced",
-                        format!("spec changed: created {grant_id}, revoking {old}"),
+                        format!(
+                            "created {grant_id} to replace {old}, which no longer matches the spec or the key it names"
+                        ),
                     ),
                     CreateWhy::New => (
                         EventType::Normal,

@@ -605,7 +605,7 @@ pub enum CreateWhy {
     New,
     /// Status named a grant the cloud no longer has (drift).
     Recreate,
-    /// The spec changed: this one replaces `old`.
+    /// The spec, or the key its alias names, changed: this one replaces `old`.
     Replace { old: String },
 }
 
