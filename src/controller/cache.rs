@@ -350,7 +350,6 @@ fn learned<T: PartialEq>(known: &Option<T>, listed: &Option<T>) -> bool {
 mod tests {
     use super::*;
     use kms_emulator::{Emulator, EmulatorConfig, FaultSettings, NewKey};
-    use kmsgrant_kms::{ClientConfig, Credentials, Project};
 
     #[test]
     fn a_created_grant_agrees_with_its_first_listing() {
@@ -404,21 +403,7 @@ mod tests {
             })
             .unwrap()
             .key_id;
-        let settings = emulator.config();
-        let mut config = ClientConfig::new(
-            emulator.base_url(),
-            Project::Id(settings.project_id.clone()),
-            Credentials::AccessKey {
-                keys: kmsgrant_kms_signer::AccessKeyPair::new(
-                    &settings.access_key,
-                    &settings.secret_key,
-                ),
-                security_token: None,
-            },
-        );
-        config.region = settings.region.clone();
-        config.allow_http = true;
-        let client = KmsClient::new(config).unwrap();
+        let client = super::super::test_support::emulator_client(&emulator);
         let cache = KeyCache::default();
         let key = KeyRef {
             provider: "p".into(),

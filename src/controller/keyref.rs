@@ -163,24 +163,10 @@ mod tests {
     use super::super::cache::KeyCache;
     use super::*;
     use kms_emulator::{Emulator, EmulatorConfig, FaultSettings, NewKey};
-    use kmsgrant_kms::{ClientConfig, Credentials, KeyState, KmsClient, Project};
+    use kmsgrant_kms::{KeyState, KmsClient};
 
     fn client(emulator: &kms_emulator::RunningEmulator) -> KmsClient {
-        let settings = emulator.config();
-        let mut config = ClientConfig::new(
-            emulator.base_url(),
-            Project::Id(settings.project_id.clone()),
-            Credentials::AccessKey {
-                keys: kmsgrant_kms_signer::AccessKeyPair::new(
-                    &settings.access_key,
-                    &settings.secret_key,
-                ),
-                security_token: None,
-            },
-        );
-        config.region = settings.region.clone();
-        config.allow_http = true;
-        KmsClient::new(config).unwrap()
+        super::super::test_support::emulator_client(emulator)
     }
 
     /// One describe-key by alias serves every concurrent reader of the alias and the key it

@@ -15,6 +15,8 @@ mod policy;
 mod provider;
 mod report;
 mod scope;
+#[cfg(test)]
+mod test_support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
