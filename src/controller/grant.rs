@@ -11,7 +11,7 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use super::cache::KeyRef;
+use super::cache::{self, KeyRef};
 use super::conditions::{Outcome, millis_rfc3339, reasons};
 use super::identity::Identity;
 use super::plan::{
@@ -777,7 +777,7 @@ async fn remove_grants(
             account: place.account.clone(),
             key_id: place.key_id.clone(),
         };
-        let listed = match list_fresh(ctx, &provider, &key).await {
+        let listed = match list_for_cleanup(ctx, &provider, &key, object).await {
             Ok(Some(listed)) => listed,
             Ok(None) => continue,
             // Only a lost answer could have left a grant here; a lookup that cannot work
@@ -895,6 +895,35 @@ async fn list_fresh(
         .await
     {
         Ok((grants, _)) => Ok(Some(grants)),
+        Err(err) if err.reason == ErrorReason::KeyNotFound && answered_by_kms(&err) => Ok(None),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// [`list_fresh`] for the cleanup of `object`: the objects being deleted on one key share one
+/// walk that started after they all were (see [`cache::KeyCache::grants_for_cleanup`]).
+async fn list_for_cleanup(
+    ctx: &Context,
+    provider: &Provider,
+    key: &KeyRef,
+    object: &KmsGrant,
+) -> Result<Option<Arc<Vec<Grant>>>, Failure> {
+    let Some(uid) = object.metadata.uid.as_deref() else {
+        return list_fresh(ctx, provider, key).await;
+    };
+    match ctx
+        .keys
+        .grants_for_cleanup(
+            &provider.client,
+            key,
+            uid,
+            || cache::deleting_on(&ctx.grants, &key.key_id),
+            ctx.settings.page_size,
+            &ctx.metrics,
+        )
+        .await
+    {
+        Ok(grants) => Ok(Some(grants)),
         Err(err) if err.reason == ErrorReason::KeyNotFound && answered_by_kms(&err) => Ok(None),
         Err(err) => Err(err.into()),
     }
