@@ -224,20 +224,44 @@ pub struct Context {
     key_policies: Store<KmsKeyPolicy>,
     /// What the last drift pass found on each audited key.
     audits: Mutex<HashMap<KeyRef, policy::AuditRecord>>,
+    /// Bumped after each event the grant cache has applied: what was read from the cache
+    /// before is still current while it has not moved.
+    grant_events: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Which objects use which key, so drift on a key wakes only them.
+/// Which objects use which key, so drift on a key wakes only them. One entry per object, so it
+/// is kept small: the object's name and namespace only (no resourceVersion or UID), and the key
+/// shared by every object on it.
 #[derive(Default)]
 struct Interest {
-    by_object: Mutex<HashMap<ObjectRef<KmsGrant>, KeyRef>>,
+    by_object: Mutex<HashMap<ObjectRef<KmsGrant>, Arc<KeyRef>>>,
+    /// The one copy of each key in use (pruned by [`Self::keys`]).
+    shared: Mutex<HashMap<KeyRef, Arc<KeyRef>>>,
 }
 
 impl Interest {
     fn register(&self, object: &ObjectRef<KmsGrant>, key: &KeyRef) {
-        self.by_object
-            .lock()
-            .expect("interest lock")
-            .insert(object.clone(), key.clone());
+        // KeyRef's equality looks at the account and the key, not at the config's name.
+        let same = |known: &KeyRef| known == key && known.provider == key.provider;
+        let mut by_object = self.by_object.lock().expect("interest lock");
+        if by_object.get(object).is_some_and(|known| same(known)) {
+            return;
+        }
+        let key = {
+            let mut shared = self.shared.lock().expect("interest lock");
+            match shared.get(key) {
+                Some(known) if same(known) => Arc::clone(known),
+                _ => Arc::clone(
+                    shared
+                        .entry(key.clone())
+                        .insert_entry(Arc::new(key.clone()))
+                        .get(),
+                ),
+            }
+        };
+        let mut bare = ObjectRef::new(&object.name);
+        bare.namespace = object.namespace.clone();
+        by_object.insert(bare, key);
     }
 
     fn forget(&self, object: &ObjectRef<KmsGrant>) {
@@ -245,9 +269,15 @@ impl Interest {
     }
 
     fn keys(&self) -> BTreeMap<KeyRef, Vec<ObjectRef<KmsGrant>>> {
+        self.shared
+            .lock()
+            .expect("interest lock")
+            .retain(|_, key| Arc::strong_count(key) > 1);
         let mut keys: BTreeMap<KeyRef, Vec<ObjectRef<KmsGrant>>> = BTreeMap::new();
         for (object, key) in self.by_object.lock().expect("interest lock").iter() {
-            keys.entry(key.clone()).or_default().push(object.clone());
+            keys.entry(KeyRef::clone(key))
+                .or_default()
+                .push(object.clone());
         }
         keys
     }
@@ -312,8 +342,14 @@ pub async fn run(
     // The grant cache holds every selected object: without what the controller never reads
     // (managedFields, kubectl's last-applied copy of the object) it costs a fraction.
     let (grant_store, grant_writer) = reflector::store();
+    let grant_events = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let applied = Arc::clone(&grant_events);
     let grant_controller = Controller::for_stream(
-        reflector(grant_writer, watcher(grants, selected.clone()).modify(slim)).applied_objects(),
+        reflector(grant_writer, watcher(grants, selected.clone()).modify(slim))
+            .inspect(move |_| {
+                applied.fetch_add(1, std::sync::atomic::Ordering::Release);
+            })
+            .applied_objects(),
         grant_store.clone(),
     );
     let policy_controller =
@@ -347,6 +383,7 @@ pub async fn run(
         policies: policy::PolicyInterest::default(),
         key_policies: policy_store.clone(),
         audits: Mutex::default(),
+        grant_events,
     });
 
     // Secrets changing (credentials rotated or fixed) wake the configs that use them.
@@ -634,6 +671,7 @@ async fn drift_pass(
     }
     let mut in_use = std::collections::HashSet::new();
     let mut records = HashMap::new();
+    let mut claims = None;
     for (key, objects) in keys {
         let Some(provider) = ctx.providers.get(&key.provider) else {
             continue;
@@ -678,8 +716,8 @@ async fn drift_pass(
             }
         };
         // What the objects claim, read after the list: an object created meanwhile counts.
-        let claims = audit::Claims::of(&ctx.cluster, &ctx.grants.state());
-        match audit::audit(&ctx.client, &grants, &claims).await {
+        let claims = claims_now(ctx, &mut claims);
+        match audit::audit(&ctx.client, &grants, claims).await {
             Ok(found) => {
                 ctx.metrics.key_audited(
                     &key.provider,
@@ -707,4 +745,18 @@ async fn drift_pass(
     for policy in audited.drain().flat_map(|(_, policies)| policies) {
         let _ = wake_policies.send(policy);
     }
+}
+
+/// What the cached objects claim now. Built from the whole cache, so read once per drift pass
+/// rather than once per key: built again only when the cache has applied an event since.
+fn claims_now<'a>(
+    ctx: &Context,
+    claims: &'a mut Option<(u64, audit::Claims)>,
+) -> &'a audit::Claims {
+    // Read before the cache: an event applied meanwhile shows as a later count next time.
+    let seen = ctx.grant_events.load(std::sync::atomic::Ordering::Acquire);
+    if claims.as_ref().is_none_or(|(at, _)| *at != seen) {
+        *claims = Some((seen, audit::Claims::of(&ctx.cluster, &ctx.grants.state())));
+    }
+    &claims.as_ref().expect("claims built above").1
 }
