@@ -100,10 +100,16 @@ async fn reconcile_object(
     };
     ctx.metrics
         .object_condition(&object_key(object), Some(condition));
-    Ok((
-        Action::requeue(delay(ctx, &object_ref, plan::requeue(&outcome))),
-        outcome.reason(),
-    ))
+    let action = match plan::requeue(&outcome) {
+        // No timer per Ready object in the controller's queue: the drift detector wakes it when
+        // its lastSyncTime is due (see `wake_sync_due`).
+        Requeue::Resync => {
+            ctx.backoff.reset(&object_ref);
+            Action::await_change()
+        }
+        requeue => Action::requeue(delay(ctx, &object_ref, requeue)),
+    };
+    Ok((action, outcome.reason()))
 }
 
 fn delay(ctx: &Context, object: &ObjectRef<KmsGrant>, requeue: Requeue) -> Duration {
