@@ -724,7 +724,12 @@ async fn cleanup(
             requeue,
         )));
     }
-    report::set_finalizer(object, ctx, false).await?;
+    match report::set_finalizer(object, ctx, false).await {
+        // Gone already: this reconcile ran from a cache that had not yet seen the earlier one
+        // release the object; what deletion waited for is done.
+        Err(ReconcileError::Kube(kube::Error::Api(status))) if status.is_not_found() => {}
+        result => result?,
+    }
     ctx.backoff.reset(&ObjectRef::from_obj(object));
     Ok(Action::await_change())
 }
