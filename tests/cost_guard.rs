@@ -1,7 +1,8 @@
 //! Regression guard on what converging and idling cost: call counts against the floor, never
 //! times. 200 grants on 4 keys must take 200 creates, one describe per key, about one list walk
 //! per key and one status write per object; the resync period right after converging must
-//! write nothing, neither to KMS nor to Kubernetes.
+//! write nothing, neither to KMS nor to Kubernetes; deleting them must take one revoke each and a
+//! few list walks per key, not one per object.
 
 mod support;
 
@@ -72,6 +73,10 @@ async fn watch_status_writes(namespace: &str) -> Arc<Mutex<StatusWrites>> {
 }
 
 const GRANTS: usize = 200;
+
+/// The tests take turns: each counts requests on the one API server (Namespace GETs) and its
+/// emulator's calls against the clock, which another test's work would disturb.
+static TURNS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const KEYS: usize = 4;
 
 fn count(calls: &[kms_emulator::CallRecord], operation: &str) -> usize {
@@ -124,6 +129,7 @@ fn namespace_gets() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_writes_nothing() {
+    let _turn = TURNS.lock().await;
     let resync = Duration::from_secs(15);
     let mut env = Env::new("cost-guard", EmulatorConfig::for_tests(), "15s").await;
     let keys: Vec<String> = (0..KEYS)
@@ -258,6 +264,7 @@ async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_wri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn objects_deleted_without_a_finalizer_leave_no_key_being_listed() {
+    let _turn = TURNS.lock().await;
     let resync = Duration::from_secs(4);
     let mut env = Env::new("cost-orphan", EmulatorConfig::for_tests(), "4s").await;
     let key = env.new_key("orphaned");
@@ -303,5 +310,92 @@ async fn objects_deleted_without_a_finalizer_leave_no_key_being_listed() {
         env.emulator.admin().grant_count(&key),
         Some(10),
         "Orphan keeps the grants"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_200_grants_on_4_keys_revokes_each_once_and_shares_the_lists() {
+    let _turn = TURNS.lock().await;
+    let resync = Duration::from_secs(15);
+    let mut env = Env::new("cost-delete", EmulatorConfig::for_tests(), "15s").await;
+    let keys: Vec<String> = (0..KEYS)
+        .map(|i| env.new_key(&format!("delete-{i}")))
+        .collect();
+    env.start_operator();
+    let items: Vec<Value> = (0..GRANTS)
+        .map(|i| env.grant(&format!("d{i:03}"), &keys[i % KEYS], json!({})))
+        .collect();
+    env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "wait",
+            "--for=condition=Ready",
+            "kmsgrants.kmsgrant.io",
+            "--all",
+            "--timeout=240s",
+        ],
+        None,
+    );
+    // KMS answers as a real cloud does, not at once: the deletions arrive while walks are in
+    // flight, as they do at scale.
+    env.emulator
+        .admin()
+        .set_faults(kms_emulator::FaultSettings {
+            latency_ms: 20,
+            ..kms_emulator::FaultSettings::default()
+        })
+        .unwrap();
+    let before = env.emulator.admin().calls(0).last().map_or(0, |c| c.seq);
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(support::kubeconfig()).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    // One request for all of them, as `kubectl delete` of a label or a GitOps prune would.
+    Api::<KmsGrant>::namespaced(client, &env.namespace)
+        .delete_collection(
+            &kube::api::DeleteParams::default(),
+            &kube::api::ListParams::default(),
+        )
+        .await
+        .unwrap();
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "wait",
+            "--for=delete",
+            "kmsgrants.kmsgrant.io",
+            "--all",
+            "--timeout=240s",
+        ],
+        None,
+    );
+    for key in &keys {
+        assert_eq!(env.emulator.admin().grant_count(key), Some(0), "key {key}");
+    }
+    let calls = env.emulator.admin().calls(before);
+    let (revokes, lists) = (count(&calls, "revoke-grant"), count(&calls, "list-grants"));
+    let start_ms = calls.first().map_or(0, |c| c.at_ms);
+    let periods = calls.last().map_or(0, |c| c.at_ms - start_ms) / resync.as_millis() as u64;
+    eprintln!(
+        "deleting {GRANTS} grants on {KEYS} keys: {revokes} revoke-grant, {lists} list-grants \
+         over {periods} resync periods, {} calls in all",
+        calls.len()
+    );
+    assert_eq!(revokes, GRANTS, "one revoke per object");
+    // Each deletion needs a list that started after it was asked for; the objects being deleted
+    // on a key share one, so a few walks per key (the deletions arrive over a moment, not at
+    // once), and the drift detector's one per key per period — not one per object.
+    let allowed = KEYS * (4 + periods as usize + 1);
+    assert!(
+        lists <= allowed,
+        "{lists} list-grants walks to delete {GRANTS} objects on {KEYS} keys (allowed {allowed})"
     );
 }

@@ -5,7 +5,7 @@
 //! reconciles wait for the walk in progress instead of starting their own), and updated in place
 //! by our own creates and revokes instead of being thrown away.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,6 +69,54 @@ struct Snapshot {
     started: Instant,
     fetched: Instant,
     stale: bool,
+    /// The objects (by UID) already being deleted when the last walk made for a cleanup
+    /// started, and when that was. Their cleanup asked for a fresh list before that walk, so the
+    /// snapshot (kept current by our own writes since, never served stale) is one for them: the
+    /// objects being deleted on a key share a list instead of walking it once each.
+    deleting: Arc<HashSet<String>>,
+    deleting_at: Option<Instant>,
+}
+
+/// How long the objects found deleting by a cleanup's walk are remembered (later walks, which
+/// do not look, carry them over): the objects of one mass deletion, not of every deletion since
+/// the process started. One still being deleted later just walks the key again.
+const DELETING_KEPT: Duration = Duration::from_secs(600);
+
+/// At most one walk of a key per this interval for cleanups: deletions arrive one watch event
+/// at a time, and when KMS answers faster than they arrive each would otherwise find the last
+/// walk started just before it was deleted and walk again. A cleanup that has to wait delays
+/// its object's deletion by at most this much, once.
+const CLEANUP_GATHER: Duration = Duration::from_secs(1);
+
+impl Snapshot {
+    /// A new walk's snapshot. Made for a cleanup it names the objects deleting now; otherwise it
+    /// started after the previous walk, so whatever was deleting then still counts.
+    fn after(
+        previous: Option<&Snapshot>,
+        grants: Arc<Vec<Grant>>,
+        started: Instant,
+        deleting: Option<HashSet<String>>,
+    ) -> Self {
+        let (deleting, deleting_at) = match (deleting, previous) {
+            (Some(now), _) => (Arc::new(now), Some(started)),
+            (None, Some(previous))
+                if previous
+                    .deleting_at
+                    .is_some_and(|at| at.elapsed() < DELETING_KEPT) =>
+            {
+                (Arc::clone(&previous.deleting), previous.deleting_at)
+            }
+            (None, _) => (Arc::default(), None),
+        };
+        Snapshot {
+            grants,
+            started,
+            fetched: Instant::now(),
+            stale: false,
+            deleting,
+            deleting_at,
+        }
+    }
 }
 
 impl KeyCache {
@@ -118,13 +166,69 @@ impl KeyCache {
                 return Err(err);
             }
         };
-        *snapshot = Some(Snapshot {
-            grants: Arc::clone(&grants),
+        *snapshot = Some(Snapshot::after(
+            snapshot.as_ref(),
+            Arc::clone(&grants),
             started,
-            fetched: Instant::now(),
-            stale: false,
-        });
+            None,
+        ));
         Ok((grants, true))
+    }
+
+    /// The key's grants as a fresh list for the cleanup of object `uid`, which is being deleted:
+    /// a walk that started after this call, or one that started when the object was already
+    /// being deleted (its cleanup had asked by then), kept current by our own writes since.
+    /// `deleting` names the objects being deleted now (on this key); it is read before a walk
+    /// starts, so that walk counts for every one of them.
+    pub async fn grants_for_cleanup(
+        &self,
+        client: &KmsClient,
+        key: &KeyRef,
+        uid: &str,
+        deleting: impl FnOnce() -> HashSet<String>,
+        page_size: u32,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Arc<Vec<Grant>>, KmsError> {
+        let entry = self.entry(key);
+        let asked = Instant::now();
+        let mut snapshot = loop {
+            let snapshot = entry.grants.lock().await;
+            if let Some(current) = snapshot.as_ref().filter(|s| !s.stale) {
+                if started_after(current, asked) || current.deleting.contains(uid) {
+                    metrics.cache_lookup(true);
+                    return Ok(Arc::clone(&current.grants));
+                }
+                // Others being deleted on this key meanwhile wait for the same walk.
+                if let Some(next) = current.deleting_at.map(|at| at + CLEANUP_GATHER)
+                    && next > Instant::now()
+                {
+                    drop(snapshot);
+                    tokio::time::sleep_until(next).await;
+                    continue;
+                }
+            }
+            break snapshot;
+        };
+        metrics.cache_lookup(false);
+        let mut deleting = deleting();
+        deleting.insert(uid.to_owned());
+        let started = Instant::now();
+        let grants = match client.list_all_grants(&key.key_id, page_size).await {
+            Ok(grants) => Arc::new(grants),
+            Err(err) => {
+                if let Some(current) = snapshot.as_mut() {
+                    current.stale = true;
+                }
+                return Err(err);
+            }
+        };
+        *snapshot = Some(Snapshot::after(
+            snapshot.as_ref(),
+            Arc::clone(&grants),
+            started,
+            Some(deleting),
+        ));
+        Ok(grants)
     }
 
     /// Lists the key now; true when anything differs from the previous snapshot, and the grants
@@ -149,12 +253,12 @@ impl KeyCache {
                     .zip(&grants)
                     .any(|(known, listed)| !agrees(known, listed))
         });
-        *snapshot = Some(Snapshot {
-            grants: Arc::new(grants.clone()),
+        *snapshot = Some(Snapshot::after(
+            snapshot.as_ref(),
+            Arc::new(grants.clone()),
             started,
-            fetched: Instant::now(),
-            stale: false,
-        });
+            None,
+        ));
         Ok((changed, grants))
     }
 
@@ -320,6 +424,30 @@ impl KeyCache {
     }
 }
 
+/// The UIDs of the cached objects being deleted now that may have a grant on `key_id` (their
+/// key, the one status records, or a superseded grant's): what a cleanup's walk of the key
+/// counts for.
+pub(super) fn deleting_on(
+    grants: &kube::runtime::reflector::Store<crate::api::KmsGrant>,
+    key_id: &str,
+) -> HashSet<String> {
+    grants
+        .state()
+        .iter()
+        .filter(|g| g.metadata.deletion_timestamp.is_some())
+        .filter(|g| {
+            g.spec.key_id.as_deref() == Some(key_id)
+                || g.status.as_ref().is_some_and(|s| {
+                    s.key_id.as_deref() == Some(key_id)
+                        || s.superseded_grant
+                            .as_ref()
+                            .is_some_and(|r| r.key_id == key_id)
+                })
+        })
+        .filter_map(|g| g.metadata.uid.clone())
+        .collect()
+}
+
 /// A walk that started after `asked` saw everything written before it.
 fn started_after(snapshot: &Snapshot, asked: Instant) -> bool {
     snapshot.started >= asked
@@ -383,6 +511,54 @@ mod tests {
             ..listed.clone()
         };
         assert!(!agrees(&listed, &narrower));
+    }
+
+    #[tokio::test]
+    async fn the_objects_being_deleted_on_a_key_share_one_fresh_list() {
+        let emulator = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
+        let admin = emulator.admin();
+        let key_id = admin
+            .create_key(NewKey {
+                key_alias: "deleting".into(),
+                ..NewKey::default()
+            })
+            .unwrap()
+            .key_id;
+        let client = super::super::test_support::emulator_client(&emulator);
+        let (cache, metrics) = (KeyCache::default(), crate::metrics::Metrics::default());
+        let key = KeyRef {
+            provider: "p".into(),
+            account: "emulator".into(),
+            key_id,
+        };
+        let set = |uids: &[&str]| uids.iter().map(|u| (*u).to_owned()).collect::<HashSet<_>>();
+        let lists = || admin.stats().count("list-grants", "200");
+        admin.clear_stats();
+        // "a" and "b" were both being deleted when "a"'s walk started: one walk for both.
+        let cleanup = |uid: &'static str, deleting: HashSet<String>| {
+            cache.grants_for_cleanup(&client, &key, uid, move || deleting, 100, &metrics)
+        };
+        cleanup("a", set(&["a", "b"])).await.unwrap();
+        cleanup("b", set(&["b"])).await.unwrap();
+        assert_eq!(lists(), 1);
+        // "c" was not: it needs a walk of its own, which waits for the deletions arriving
+        // meanwhile ("d") and counts for them too.
+        let started = Instant::now();
+        cleanup("c", set(&["c", "d"])).await.unwrap();
+        assert!(started.elapsed() > Duration::from_millis(500));
+        cleanup("d", set(&["d"])).await.unwrap();
+        assert_eq!(lists(), 2);
+        // A write whose outcome is unknown: nobody is served the snapshot without a new walk.
+        cache.invalidate(&key).await;
+        cleanup("d", set(&["d"])).await.unwrap();
+        assert_eq!(lists(), 3);
+        // A reader's walk keeps who was deleting: they still share it.
+        cache
+            .grants(&client, &key, Duration::ZERO, 100, &metrics)
+            .await
+            .unwrap();
+        cleanup("d", set(&["d"])).await.unwrap();
+        assert_eq!(lists(), 4);
     }
 
     #[tokio::test]

@@ -45,7 +45,7 @@ use crate::metrics::Metrics;
 /// How the controllers pace themselves.
 #[derive(Clone)]
 pub struct Settings {
-    /// How often every key in use is listed to detect drift (Ready objects: see `ready_recheck`).
+    /// How often every key in use is listed to detect drift (Ready objects: see `wake_sync_due`).
     pub resync: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -113,16 +113,6 @@ impl Settings {
     fn sync_time_refresh(&self) -> Duration {
         (self.resync * 10).max(Duration::from_secs(3600))
     }
-
-    /// A Ready object is reconciled again after this long (+0–10 %) even when nothing woke it,
-    /// which refreshes its `lastSyncTime`. In between, the drift detector watches its key (grants
-    /// listed every resync, state described every four) and wakes it on a change, as do its own
-    /// changes, its provider config's and its namespace's labels: an idle resync costs K lists,
-    /// not N reconciles.
-    fn ready_recheck(&self) -> Duration {
-        self.sync_time_refresh()
-            .mul_f64(1.0 + 0.1 * fastrand::f64())
-    }
 }
 
 /// Errors that stop a reconcile (KMS failures become conditions instead).
@@ -166,20 +156,44 @@ pub struct Context {
     key_policies: Store<KmsKeyPolicy>,
     /// What the last drift pass found on each audited key.
     audits: Mutex<HashMap<KeyRef, policy::AuditRecord>>,
+    /// Bumped after each event the grant cache has applied: what was read from the cache
+    /// before is still current while it has not moved.
+    grant_events: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Which objects use which key, so drift on a key wakes only them.
+/// Which objects use which key, so drift on a key wakes only them. One entry per object, so it
+/// is kept small: the object's name and namespace only (no resourceVersion or UID), and the key
+/// shared by every object on it.
 #[derive(Default)]
 struct Interest {
-    by_object: Mutex<HashMap<ObjectRef<KmsGrant>, KeyRef>>,
+    by_object: Mutex<HashMap<ObjectRef<KmsGrant>, Arc<KeyRef>>>,
+    /// The one copy of each key in use (pruned by [`Self::keys`]).
+    shared: Mutex<HashMap<KeyRef, Arc<KeyRef>>>,
 }
 
 impl Interest {
     fn register(&self, object: &ObjectRef<KmsGrant>, key: &KeyRef) {
-        self.by_object
-            .lock()
-            .expect("interest lock")
-            .insert(object.clone(), key.clone());
+        // KeyRef's equality looks at the account and the key, not at the config's name.
+        let same = |known: &KeyRef| known == key && known.provider == key.provider;
+        let mut by_object = self.by_object.lock().expect("interest lock");
+        if by_object.get(object).is_some_and(|known| same(known)) {
+            return;
+        }
+        let key = {
+            let mut shared = self.shared.lock().expect("interest lock");
+            match shared.get(key) {
+                Some(known) if same(known) => Arc::clone(known),
+                _ => Arc::clone(
+                    shared
+                        .entry(key.clone())
+                        .insert_entry(Arc::new(key.clone()))
+                        .get(),
+                ),
+            }
+        };
+        let mut bare = ObjectRef::new(&object.name);
+        bare.namespace = object.namespace.clone();
+        by_object.insert(bare, key);
     }
 
     fn forget(&self, object: &ObjectRef<KmsGrant>) {
@@ -187,9 +201,15 @@ impl Interest {
     }
 
     fn keys(&self) -> BTreeMap<KeyRef, Vec<ObjectRef<KmsGrant>>> {
+        self.shared
+            .lock()
+            .expect("interest lock")
+            .retain(|_, key| Arc::strong_count(key) > 1);
         let mut keys: BTreeMap<KeyRef, Vec<ObjectRef<KmsGrant>>> = BTreeMap::new();
         for (object, key) in self.by_object.lock().expect("interest lock").iter() {
-            keys.entry(key.clone()).or_default().push(object.clone());
+            keys.entry(KeyRef::clone(key))
+                .or_default()
+                .push(object.clone());
         }
         keys
     }
@@ -228,8 +248,14 @@ pub async fn run(
     // The grant cache holds every selected object: without what the controller never reads
     // (managedFields, kubectl's last-applied copy of the object) it costs a fraction.
     let (grant_store, grant_writer) = reflector::store();
+    let grant_events = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let applied = Arc::clone(&grant_events);
     let grant_controller = Controller::for_stream(
-        reflector(grant_writer, watcher(grants, selected.clone()).modify(slim)).applied_objects(),
+        reflector(grant_writer, watcher(grants, selected.clone()).modify(slim))
+            .inspect(move |_| {
+                applied.fetch_add(1, std::sync::atomic::Ordering::Release);
+            })
+            .applied_objects(),
         grant_store.clone(),
     );
     let policy_controller =
@@ -259,6 +285,7 @@ pub async fn run(
         policies: policy::PolicyInterest::default(),
         key_policies: policy_store.clone(),
         audits: Mutex::default(),
+        grant_events,
     });
 
     // Secrets changing (credentials rotated or fixed) wake the configs that use them.
@@ -474,6 +501,32 @@ fn forget_deleted(ctx: &Context) {
     }
 }
 
+/// Wakes the Ready objects whose `status.lastSyncTime` is due for its refresh (older than
+/// `sync_time_refresh`): a reconcile that finds nothing to change rewrites it then. Done here,
+/// once per resync, instead of a timer per object in the controller's queue (at 10,000 objects,
+/// megabytes that only ever fire once an hour). Not Ready objects keep their own retry timers.
+fn wake_sync_due(ctx: &Context, wake: &mpsc::UnboundedSender<ObjectRef<KmsGrant>>) {
+    let refresh = i64::try_from(ctx.settings.sync_time_refresh().as_secs()).unwrap_or(i64::MAX);
+    let now = jiff::Timestamp::now();
+    for object in ctx.grants.state() {
+        let Some(status) = object.status.as_ref() else {
+            continue;
+        };
+        let ready = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == conditions::READY && c.status == crate::api::ConditionStatus::True);
+        let due = status
+            .last_sync_time
+            .as_deref()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .is_none_or(|t| now.duration_since(t).as_secs() >= refresh);
+        if ready && due && object.metadata.deletion_timestamp.is_none() {
+            let _ = wake.send(ObjectRef::from_obj(object.as_ref()));
+        }
+    }
+}
+
 /// Lists every key in use (and every key a KmsKeyPolicy audits) once per resync, and describes
 /// a key in use when its description is due; wakes the objects on keys whose grants or state
 /// changed; audits each key from the same list (no further KMS call) for the
@@ -492,6 +545,7 @@ async fn drift_detector(
         loop {
             interval.tick().await;
             forget_deleted(&ctx);
+            wake_sync_due(&ctx, &wake);
             drift_pass(&ctx, &wake, &wake_policies).await;
         }
     };
@@ -549,6 +603,7 @@ async fn drift_pass(
     }
     let mut in_use = std::collections::HashSet::new();
     let mut records = HashMap::new();
+    let mut claims = None;
     for (key, objects) in keys {
         let Some(provider) = ctx.providers.get(&key.provider) else {
             continue;
@@ -593,8 +648,8 @@ async fn drift_pass(
             }
         };
         // What the objects claim, read after the list: an object created meanwhile counts.
-        let claims = audit::Claims::of(&ctx.cluster, &ctx.grants.state());
-        match audit::audit(&ctx.client, &grants, &claims).await {
+        let claims = claims_now(ctx, &mut claims);
+        match audit::audit(&ctx.client, &grants, claims).await {
             Ok(found) => {
                 ctx.metrics.key_audited(
                     &key.provider,
@@ -622,4 +677,18 @@ async fn drift_pass(
     for policy in audited.drain().flat_map(|(_, policies)| policies) {
         let _ = wake_policies.send(policy);
     }
+}
+
+/// What the cached objects claim now. Built from the whole cache, so read once per drift pass
+/// rather than once per key: built again only when the cache has applied an event since.
+fn claims_now<'a>(
+    ctx: &Context,
+    claims: &'a mut Option<(u64, audit::Claims)>,
+) -> &'a audit::Claims {
+    // Read before the cache: an event applied meanwhile shows as a later count next time.
+    let seen = ctx.grant_events.load(std::sync::atomic::Ordering::Acquire);
+    if claims.as_ref().is_none_or(|(at, _)| *at != seen) {
+        *claims = Some((seen, audit::Claims::of(&ctx.cluster, &ctx.grants.state())));
+    }
+    &claims.as_ref().expect("claims built above").1
 }

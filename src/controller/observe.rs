@@ -10,7 +10,7 @@ use std::time::Duration;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use super::cache::KeyRef;
+use super::cache::{self, KeyRef};
 use super::identity::Identity;
 use super::plan::{self, Deleting, FINALIZER, Live, Observation, Place, Stop, answered_by_kms};
 use super::scope::{self, Facts, Scope};
@@ -147,12 +147,21 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                     account: place.account.clone(),
                     key_id: place.key_id.clone(),
                 };
+                // The objects being deleted on one key share one walk that started after they
+                // all were (see `KeyCache::grants_for_cleanup`).
                 let listed = ctx
                     .keys
-                    .grants(&provider.client, &key, Duration::ZERO, page_size, metrics)
+                    .grants_for_cleanup(
+                        &provider.client,
+                        &key,
+                        &uid,
+                        || cache::deleting_on(&ctx.grants, &key.key_id),
+                        page_size,
+                        metrics,
+                    )
                     .await;
                 let found = match listed {
-                    Ok((grants, _)) => Place::Listed {
+                    Ok(grants) => Place::Listed {
                         client: provider.client.clone(),
                         key,
                         grants,

@@ -224,11 +224,15 @@ pub async fn reconcile(
     if config.meta().deletion_timestamp.is_some() {
         return release_when_unused(&config, &ctx).await;
     }
-    if !config.finalizers().iter().any(|f| f == FINALIZER) {
-        set_finalizer(&config, &ctx, true).await?;
-        // The patch wakes this config again, with the finalizer in place.
-        return Ok(Action::await_change());
-    }
+    let config = if config.finalizers().iter().any(|f| f == FINALIZER) {
+        config
+    } else {
+        match add_finalizer(&config, &ctx).await? {
+            // The patch wakes this config again, with the finalizer in place.
+            None => return Ok(Action::await_change()),
+            Some(current) => Arc::new(current),
+        }
+    };
     let settled_retry = ctx.settings.provider_check_interval;
     let outcome = match check(&config, &ctx).await {
         Checked::Ready(project_id) => {
@@ -504,6 +508,32 @@ async fn release_when_unused(
 
 /// How often a config whose deletion waits for its KmsGrants looks again.
 const IN_USE_RECHECK: Duration = Duration::from_secs(2);
+
+/// Adds our finalizer; `Some(config)` when the config read back from the API server had it
+/// already. A 409 means the cached copy is behind, most often behind our own patch: the Secret
+/// watch's first event queues the config again right after the reconcile that added the
+/// finalizer, and that second reconcile can start before the patch's watch event reaches the
+/// cache. Failing would hold the config back by the retry delay (5 s) for nothing; one GET
+/// tells what is true now.
+async fn add_finalizer(
+    config: &KmsProviderConfig,
+    ctx: &Context,
+) -> Result<Option<KmsProviderConfig>, ReconcileError> {
+    match set_finalizer(config, ctx, true).await {
+        Err(ReconcileError::Kube(kube::Error::Api(status))) if status.is_conflict() => {
+            let api = Api::<KmsProviderConfig>::all(ctx.client.clone());
+            let current = api
+                .get(&config.name_any())
+                .await
+                .map_err(ReconcileError::Kube)?;
+            if current.finalizers().iter().any(|f| f == FINALIZER) {
+                return Ok(Some(current));
+            }
+            set_finalizer(&current, ctx, true).await.map(|()| None)
+        }
+        result => result.map(|()| None),
+    }
+}
 
 async fn set_finalizer(
     config: &KmsProviderConfig,

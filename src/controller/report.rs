@@ -66,7 +66,13 @@ pub(super) async fn write(
         }
     }
     if let Some(present) = finalizer {
-        patch_finalizer(&api(object, &ctx.client), object, FINALIZER, present).await?;
+        match patch_finalizer(&api(object, &ctx.client), object, FINALIZER, present).await {
+            // Gone already: this pass ran from a cache that had not yet seen an earlier one
+            // release the object; what deletion waited for is done.
+            Err(ReconcileError::Kube(kube::Error::Api(status)))
+                if !present && status.is_not_found() => {}
+            result => result?,
+        }
     }
     let mut reason = match (pass, finalizer) {
         (Pass::Idle, _) => "Idle",
@@ -97,9 +103,11 @@ pub(super) async fn write(
             ctx.backoff.reset(&object_ref);
             Action::await_change()
         }
+        // No timer per Ready object in the controller's queue: the drift detector wakes it when
+        // its lastSyncTime is due (see `wake_sync_due`).
         Requeue::Resync => {
             ctx.backoff.reset(&object_ref);
-            Action::requeue(ctx.settings.ready_recheck())
+            Action::await_change()
         }
         Requeue::StalledRetry => {
             ctx.backoff.reset(&object_ref);
