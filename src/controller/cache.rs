@@ -75,6 +75,10 @@ struct Snapshot {
     /// objects being deleted on a key share a list instead of walking it once each.
     deleting: Arc<HashSet<String>>,
     deleting_at: Option<Instant>,
+    /// A reader's walk found the key other than we knew it (a grant revoked or made out of
+    /// band): the drift pass, whose own list would then look unchanged, still wakes the key's
+    /// objects.
+    unseen_change: bool,
 }
 
 /// How long the objects found deleting by a cleanup's walk are remembered (later walks, which
@@ -108,6 +112,8 @@ impl Snapshot {
             }
             (None, _) => (Arc::default(), None),
         };
+        let unseen_change =
+            previous.is_some_and(|p| p.unseen_change || differs(&p.grants, &grants));
         Snapshot {
             grants,
             started,
@@ -115,6 +121,7 @@ impl Snapshot {
             stale: false,
             deleting,
             deleting_at,
+            unseen_change,
         }
     }
 }
@@ -244,21 +251,13 @@ impl KeyCache {
         let started = Instant::now();
         let mut grants = client.list_all_grants(&key.key_id, page_size).await?;
         grants.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
-        let changed = snapshot.as_ref().is_none_or(|previous| {
-            let mut before: Vec<&Grant> = previous.grants.iter().collect();
-            before.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
-            before.len() != grants.len()
-                || before
-                    .iter()
-                    .zip(&grants)
-                    .any(|(known, listed)| !agrees(known, listed))
-        });
-        *snapshot = Some(Snapshot::after(
-            snapshot.as_ref(),
-            Arc::new(grants.clone()),
-            started,
-            None,
-        ));
+        let changed = snapshot
+            .as_ref()
+            .is_none_or(|previous| previous.unseen_change || differs(&previous.grants, &grants));
+        let mut next = Snapshot::after(snapshot.as_ref(), Arc::new(grants.clone()), started, None);
+        // Told now: the caller wakes the key's objects.
+        next.unseen_change = false;
+        *snapshot = Some(next);
         Ok((changed, grants))
     }
 
@@ -448,6 +447,21 @@ pub(super) fn deleting_on(
         .collect()
 }
 
+/// Whether a listing differs from what was known of the key (see [`agrees`]).
+fn differs(known: &[Grant], listed: &[Grant]) -> bool {
+    if known.len() != listed.len() {
+        return true;
+    }
+    let mut before: Vec<&Grant> = known.iter().collect();
+    before.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
+    let mut after: Vec<&Grant> = listed.iter().collect();
+    after.sort_by(|a, b| a.grant_id.cmp(&b.grant_id));
+    before
+        .iter()
+        .zip(&after)
+        .any(|(known, listed)| !agrees(known, listed))
+}
+
 /// A walk that started after `asked` saw everything written before it.
 fn started_after(snapshot: &Snapshot, asked: Instant) -> bool {
     snapshot.started >= asked
@@ -511,6 +525,61 @@ mod tests {
             ..listed.clone()
         };
         assert!(!agrees(&listed, &narrower));
+    }
+
+    /// A grant revoked out of band and first seen by a reader's walk (which replaces the
+    /// snapshot) is still a change for the drift pass, once: the key's objects are woken.
+    #[tokio::test]
+    async fn a_change_a_reader_saw_first_is_still_news_for_the_drift_pass() {
+        let emulator = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
+        let key_id = emulator
+            .admin()
+            .create_key(NewKey {
+                key_alias: "drift".into(),
+                ..NewKey::default()
+            })
+            .unwrap()
+            .key_id;
+        let client = super::super::test_support::emulator_client(&emulator);
+        let (cache, metrics) = (KeyCache::default(), crate::metrics::Metrics::default());
+        let key = KeyRef {
+            provider: "p".into(),
+            account: "emulator".into(),
+            key_id: key_id.clone(),
+        };
+        let grant_id = client
+            .create_grant(&kmsgrant_kms::NewGrant {
+                key_id,
+                grantee_principal: "13gg44z4g2sglzk0egw0u726zoyzvrs8".into(),
+                grantee_principal_type: crate::api::GranteePrincipalType::User,
+                operations: vec![crate::api::Operation::DescribeKey],
+                name: Some("by-hand".into()),
+                retiring_principal: None,
+            })
+            .await
+            .unwrap();
+        let (changed, _) = cache.refresh(&client, &key, 100).await.unwrap();
+        assert!(changed, "the first listing is news");
+        let (changed, _) = cache.refresh(&client, &key, 100).await.unwrap();
+        assert!(!changed);
+        // Out of band, then a reader lists first.
+        client.revoke_grant(&key.key_id, &grant_id).await.unwrap();
+        let (listed, _) = cache
+            .grants(&client, &key, Duration::ZERO, 100, &metrics)
+            .await
+            .unwrap();
+        assert!(listed.is_empty());
+        let (changed, _) = cache.refresh(&client, &key, 100).await.unwrap();
+        assert!(changed, "the drift pass must still wake the key's objects");
+        let (changed, _) = cache.refresh(&client, &key, 100).await.unwrap();
+        assert!(!changed, "told once");
+        // Our own writes are no news.
+        cache
+            .grants(&client, &key, Duration::ZERO, 100, &metrics)
+            .await
+            .unwrap();
+        let (changed, _) = cache.refresh(&client, &key, 100).await.unwrap();
+        assert!(!changed);
     }
 
     #[tokio::test]
