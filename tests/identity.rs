@@ -327,7 +327,7 @@ async fn import_writes_manifests_that_adopt_without_creating() {
     let mut env = Env::new("import", EmulatorConfig::for_tests(), "5s").await;
     env.apply(&env.provider_config(json!({"importNamespaceSelector": {}})));
     let key = env.new_key("import");
-    let kms = kms_client(&env);
+    let kms = support::kms_client(&env);
     let mut hand_made = BTreeSet::new();
     for i in 0..3 {
         let grant = kmsgrant_kms::NewGrant {
@@ -418,7 +418,7 @@ async fn import_of_another_objects_grant_is_refused() {
         "jsonpath={.status.conditions[?(@.type==\"Stalled\")].reason}=ImportRefused",
         60,
     );
-    let kms = kms_client(&env);
+    let kms = support::kms_client(&env);
     let hand = kms
         .create_grant(&kmsgrant_kms::NewGrant {
             key_id: key.clone(),
@@ -522,25 +522,6 @@ async fn delete_after_provider_repoint_revokes_on_the_old_account_or_says_why() 
         "the grant on the new account was not revoked"
     );
     other.shutdown().await;
-}
-
-fn kms_client(env: &Env) -> kmsgrant_kms::KmsClient {
-    let settings = env.emulator.config();
-    let mut config = kmsgrant_kms::ClientConfig::new(
-        env.emulator.base_url(),
-        kmsgrant_kms::Project::Id(settings.project_id.clone()),
-        kmsgrant_kms::Credentials::AccessKey {
-            keys: kmsgrant_kms::signer::AccessKeyPair::new(
-                &settings.access_key,
-                settings.secret_key.as_str(),
-            ),
-            security_token: None,
-        },
-    );
-    config.iam_endpoint = Some(env.emulator.base_url());
-    config.region = settings.region.clone();
-    config.allow_http = true;
-    kmsgrant_kms::KmsClient::new(config).unwrap()
 }
 
 /// Status is written whole by server-side apply: a field written during a replacement

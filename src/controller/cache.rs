@@ -162,23 +162,7 @@ impl KeyCache {
             }
         }
         metrics.cache_lookup(false);
-        let started = Instant::now();
-        let grants = match client.list_all_grants(&key.key_id, page_size).await {
-            Ok(grants) => Arc::new(grants),
-            Err(err) => {
-                // Whatever we held may be wrong now (a key gone, an account changed).
-                if let Some(current) = snapshot.as_mut() {
-                    current.stale = true;
-                }
-                return Err(err);
-            }
-        };
-        *snapshot = Some(Snapshot::after(
-            snapshot.as_ref(),
-            Arc::clone(&grants),
-            started,
-            None,
-        ));
+        let grants = walk(&mut snapshot, client, key, page_size, None).await?;
         Ok((grants, true))
     }
 
@@ -219,23 +203,7 @@ impl KeyCache {
         metrics.cache_lookup(false);
         let mut deleting = deleting();
         deleting.insert(uid.to_owned());
-        let started = Instant::now();
-        let grants = match client.list_all_grants(&key.key_id, page_size).await {
-            Ok(grants) => Arc::new(grants),
-            Err(err) => {
-                if let Some(current) = snapshot.as_mut() {
-                    current.stale = true;
-                }
-                return Err(err);
-            }
-        };
-        *snapshot = Some(Snapshot::after(
-            snapshot.as_ref(),
-            Arc::clone(&grants),
-            started,
-            Some(deleting),
-        ));
-        Ok(grants)
+        walk(&mut snapshot, client, key, page_size, Some(deleting)).await
     }
 
     /// Lists the key now; true when anything differs from the previous snapshot, and the grants
@@ -445,6 +413,35 @@ pub(super) fn deleting_on(
         })
         .filter_map(|g| g.metadata.uid.clone())
         .collect()
+}
+
+/// One paged `list-grants` walk of the key, stored as its snapshot (held locked by the caller,
+/// so concurrent readers wait for it). A failed walk marks what was held stale: it may be wrong
+/// now (a key gone, an account changed).
+async fn walk(
+    snapshot: &mut Option<Snapshot>,
+    client: &KmsClient,
+    key: &KeyRef,
+    page_size: u32,
+    deleting: Option<HashSet<String>>,
+) -> Result<Arc<Vec<Grant>>, KmsError> {
+    let started = Instant::now();
+    let grants = match client.list_all_grants(&key.key_id, page_size).await {
+        Ok(grants) => Arc::new(grants),
+        Err(err) => {
+            if let Some(current) = snapshot.as_mut() {
+                current.stale = true;
+            }
+            return Err(err);
+        }
+    };
+    *snapshot = Some(Snapshot::after(
+        snapshot.as_ref(),
+        Arc::clone(&grants),
+        started,
+        deleting,
+    ));
+    Ok(grants)
 }
 
 /// Whether a listing differs from what was known of the key (see [`agrees`]).

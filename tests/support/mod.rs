@@ -619,6 +619,7 @@ pub fn series(text: &str, name_and_labels: &str) -> Option<f64> {
     })
 }
 
+/// A client of the test's emulator (KMS and IAM), signed with its access key.
 pub fn kms_client(env: &Env) -> kmsgrant_kms::KmsClient {
     let settings = env.emulator.config();
     let mut config = kmsgrant_kms::ClientConfig::new(
@@ -632,6 +633,7 @@ pub fn kms_client(env: &Env) -> kmsgrant_kms::KmsClient {
             security_token: None,
         },
     );
+    config.iam_endpoint = Some(env.emulator.base_url());
     config.region = settings.region.clone();
     config.allow_http = true;
     kmsgrant_kms::KmsClient::new(config).unwrap()
