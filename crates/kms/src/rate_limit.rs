@@ -3,9 +3,15 @@
 //! The configured rate is a ceiling, not a promise: the cloud's gateway may throttle far below
 //! it. The bucket learns the real limit (AIMD): a 429 cuts the rate to what the cloud accepted in
 //! the last second (at most a multiplicative fraction of the current rate) and pauses everyone
-//! for `Retry-After`; a request that had to wait for the bucket and then succeeded raises the rate
-//! additively, never above the configured rate. Only one cut per "generation": the 429s of
-//! requests sent before the last cut say nothing about the new rate.
+//! for `Retry-After`; a request that had to wait for the bucket and then succeeded raises the rate,
+//! never above the configured rate. Only one cut per "generation": the 429s of requests sent
+//! before the last cut say nothing about the new rate, and callers still waiting for a token
+//! reserved before it take a new one at the new rate.
+//!
+//! The rise is a fraction of the rate per call, so a cloud that takes 5 requests a second is
+//! probed as gently as one that takes 500 (a throttle costs the same share of the calls): fast
+//! while well below the rate of the last cut (the cloud took more than that before), slowly near
+//! and above it, where the next throttle waits.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -19,8 +25,13 @@ use super::config::RateLimitConfig;
 const DECREASE: f64 = 0.9;
 /// ... and at most this fraction of the rate the cloud accepted in the last second.
 const ACCEPTED_MARGIN: f64 = 0.95;
-/// Added to the rate (requests per second) per second of paced successes.
-const INCREASE_PER_SECOND: f64 = 1.0;
+/// A paced success raises the rate by this fraction while below [`NEAR_CUT`] of the rate of the
+/// last cut ...
+const RISE_FAST: f64 = 0.005;
+/// ... and by this fraction near and above it: some hundreds of calls between two throttles,
+/// whatever the rate.
+const RISE_SLOW: f64 = 0.0002;
+const NEAR_CUT: f64 = 0.9;
 /// The learned rate never goes below this (or the configured rate, when lower).
 const MIN_RATE: f64 = 1.0;
 /// The window over which accepted requests are counted.
@@ -42,6 +53,8 @@ struct BucketState {
     generation: u64,
     /// When the requests that succeeded in the last [`WINDOW`] were answered.
     accepted: VecDeque<Instant>,
+    /// The rate in force when the cloud last throttled us (`None`: never).
+    last_cut_from: Option<f64>,
 }
 
 /// What [`TokenBucket::acquire`] hands back: report the outcome of the request with it.
@@ -65,6 +78,7 @@ impl TokenBucket {
                 updated: Instant::now(),
                 generation: 0,
                 accepted: VecDeque::new(),
+                last_cut_from: None,
             }),
         }
     }
@@ -80,27 +94,32 @@ impl TokenBucket {
         state.updated = now;
     }
 
-    /// Takes one token, sleeping until it is there.
+    /// Takes one token, sleeping until it is there. A token reserved before a cut is given up
+    /// when the caller wakes, and a new one taken at the new rate.
     pub async fn acquire(&self) -> Permit {
-        let (wait, generation) = {
-            let mut state = self.state.lock().expect("token bucket lock");
-            let now = Instant::now();
-            self.refill(&mut state, now);
-            // Reserve the token now, even if it is in the future: callers queue in order.
-            state.tokens -= 1.0;
-            let wait = if state.tokens >= 0.0 {
-                Duration::ZERO
-            } else {
-                Duration::from_secs_f64(-state.tokens / state.rate)
+        let mut waited = Duration::ZERO;
+        loop {
+            let (wait, generation) = {
+                let mut state = self.state.lock().expect("token bucket lock");
+                let now = Instant::now();
+                self.refill(&mut state, now);
+                // Reserve the token now, even if it is in the future: callers queue in order.
+                state.tokens -= 1.0;
+                let wait = if state.tokens >= 0.0 {
+                    Duration::ZERO
+                } else {
+                    Duration::from_secs_f64(-state.tokens / state.rate)
+                };
+                (wait, state.generation)
             };
-            (wait, state.generation)
-        };
-        if !wait.is_zero() {
+            if wait.is_zero() {
+                return Permit { waited, generation };
+            }
             tokio::time::sleep(wait).await;
-        }
-        Permit {
-            waited: wait,
-            generation,
+            waited += wait;
+            if self.state.lock().expect("token bucket lock").generation == generation {
+                return Permit { waited, generation };
+            }
         }
     }
 
@@ -118,7 +137,12 @@ impl TokenBucket {
         }
         if !permit.waited.is_zero() && state.rate < self.max_rate {
             self.refill(&mut state, now);
-            state.rate = (state.rate + INCREASE_PER_SECOND / state.rate).min(self.max_rate);
+            let rise = match state.last_cut_from {
+                Some(cut) if state.rate < cut * NEAR_CUT => RISE_FAST,
+                Some(_) => RISE_SLOW,
+                None => RISE_FAST,
+            };
+            state.rate = (state.rate * (1.0 + rise)).min(self.max_rate);
         }
     }
 
@@ -142,10 +166,12 @@ impl TokenBucket {
             if accepted > 0.0 {
                 rate = rate.min(accepted * ACCEPTED_MARGIN);
             }
+            state.last_cut_from = Some(state.rate);
             state.rate = rate.max(floor);
             state.generation += 1;
-            // Spend the burst: the bucket restarts empty at the new rate.
-            state.tokens = state.tokens.min(0.0);
+            // Spend the burst: the bucket restarts empty at the new rate. Tokens reserved before
+            // the cut are taken again by their callers (see `acquire`), so their debt goes.
+            state.tokens = 0.0;
         }
         if let Some(pause) = retry_after {
             // Nobody sends before the cloud said it would listen again.
@@ -281,7 +307,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_rate_climbs_back_additively_and_never_above_the_configured_rate() {
+    async fn the_rate_climbs_back_and_never_above_the_configured_rate() {
         let bucket = bucket(20.0, 20);
         let permit = bucket.acquire().await;
         bucket.throttled(permit, None);
@@ -320,5 +346,30 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cloud_far_slower_than_the_configured_rate_is_probed_gently() {
+        // 1,000 req/s configured against a cloud that takes 5: 300 calls (a minute) from 16
+        // workers. Only the requests in flight when the first throttle came back may be refused
+        // in a crowd (one per worker); after that, the rate settles without overshooting.
+        let bucket = Arc::new(bucket(1000.0, 1000));
+        let cloud = Arc::new(Mutex::new(Cloud::new(5.0)));
+        let (throttled, elapsed) = drive(
+            Arc::clone(&bucket),
+            cloud,
+            300,
+            16,
+            Duration::from_millis(20),
+        )
+        .await;
+        assert!(
+            throttled <= 16 + 6,
+            "{throttled} throttled answers for 300 calls"
+        );
+        // Within 1.1 × the throttle's bound of a minute.
+        assert!(elapsed <= Duration::from_secs(66), "{elapsed:?}");
+        let learned = bucket.rate();
+        assert!((4.0..=6.0).contains(&learned), "settled at {learned}");
     }
 }
