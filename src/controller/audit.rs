@@ -89,10 +89,10 @@ fn named_object(grant_name: &str, cluster: &str) -> Option<(String, String)> {
 /// What the objects in the cache claim, indexed once per pass for every key.
 pub struct Claims {
     cluster: String,
-    /// Identity and legacy names of every object.
-    names: HashSet<String>,
-    /// Grant IDs recorded in status.
-    recorded: HashSet<String>,
+    /// Identity and legacy names of every object (as [`fingerprint`]s).
+    names: HashSet<u64>,
+    /// Grant IDs recorded in status (as [`fingerprint`]s).
+    recorded: HashSet<u64>,
     /// `spec.importGrantId` → the identities of the objects importing it.
     imports: HashMap<String, Vec<Identity>>,
 }
@@ -112,11 +112,11 @@ impl Claims {
                 &object.name_any(),
                 &object.uid().unwrap_or_default(),
             );
-            if let Some(id) = object.status.as_ref().and_then(|s| s.grant_id.clone()) {
-                claims.recorded.insert(id);
+            if let Some(id) = object.status.as_ref().and_then(|s| s.grant_id.as_deref()) {
+                claims.recorded.insert(fingerprint(id));
             }
-            claims.names.insert(identity.name.clone());
-            claims.names.insert(identity.legacy_name.clone());
+            claims.names.insert(fingerprint(&identity.name));
+            claims.names.insert(fingerprint(&identity.legacy_name));
             if let Some(import) = &object.spec.import_grant_id {
                 claims
                     .imports
@@ -131,8 +131,8 @@ impl Claims {
     /// Whether some object owns the grant, as [`Claim::owns`] decides for each.
     fn owned(&self, grant: &Grant) -> bool {
         let name = grant.name.as_deref();
-        name.is_some_and(|n| self.names.contains(n))
-            || self.recorded.contains(&grant.grant_id)
+        name.is_some_and(|n| self.names.contains(&fingerprint(n)))
+            || self.recorded.contains(&fingerprint(&grant.grant_id))
             || self.imports.get(&grant.grant_id).is_some_and(|identities| {
                 identities.iter().any(|identity| {
                     Claim {
@@ -143,6 +143,17 @@ impl Claims {
                 })
             })
     }
+}
+
+/// A name or grant ID reduced to 64 bits: the claims of 10,000 objects take a fraction of the
+/// memory their strings would, once per drift pass. Two strings sharing one (odds about 1e-11 per
+/// pass at that scale) can only make a grant look owned: then it is neither reported nor, in
+/// exclusive mode, revoked — the safe side.
+fn fingerprint(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Sorts the key's grants out against the objects' claims; pure.

@@ -75,11 +75,22 @@ struct Snapshot {
     /// objects being deleted on a key share a list instead of walking it once each.
     deleting: Arc<HashSet<String>>,
     deleting_at: Option<Instant>,
+    /// Cleanups that came since the last walk made for one, were not counted by it, and were
+    /// told to wait for the next (see [`KeyCache::grants_for_cleanup`]).
+    cleanups_waiting: u32,
     /// A reader's walk found the key other than we knew it (a grant revoked or made out of
     /// band): the drift pass, whose own list would then look unchanged, still wakes the key's
     /// objects.
     unseen_change: bool,
+    /// Grants this process knew of that a later walk did not list: gone (revoked or retired out
+    /// of band, or by another process). The snapshot is believed about their absence without
+    /// another walk (see [`KeyCache::vanished`]).
+    vanished: Arc<HashSet<String>>,
 }
+
+/// At most this many vanished grants are remembered per key; beyond, the set starts again (a
+/// reader then lists afresh, as it would without it).
+const VANISHED_KEPT: usize = 10_000;
 
 /// How long the objects found deleting by a cleanup's walk are remembered (later walks, which
 /// do not look, carry them over): the objects of one mass deletion, not of every deletion since
@@ -88,9 +99,27 @@ const DELETING_KEPT: Duration = Duration::from_secs(600);
 
 /// At most one walk of a key per this interval for cleanups: deletions arrive one watch event
 /// at a time, and when KMS answers faster than they arrive each would otherwise find the last
-/// walk started just before it was deleted and walk again. A cleanup that has to wait delays
-/// its object's deletion by at most this much, once.
+/// walk started just before it was deleted and walk again.
 const CLEANUP_GATHER: Duration = Duration::from_secs(1);
+/// ... and per this interval once more than [`CLEANUP_CROWD`] cleanups wait for the next walk: a
+/// mass deletion, whose watch events take seconds to arrive, then shares a walk or two per key
+/// instead of one a second. A waiting cleanup is not idle: it removes what is known meanwhile.
+const CLEANUP_SETTLE: Duration = Duration::from_secs(10);
+const CLEANUP_CROWD: u32 = 16;
+
+/// The grants a cleanup goes on with (see [`KeyCache::grants_for_cleanup`]).
+#[derive(Debug)]
+pub enum ForCleanup {
+    /// From a walk that counts for the object: every grant it may have on the key is here.
+    Fresh(Arc<Vec<Grant>>),
+    /// Deletions on the key are still coming in: the grants as known (listed before the object
+    /// was deleted, kept current by our own writes since), to remove now; after `retry`, a walk
+    /// that counts for the object.
+    Known {
+        grants: Arc<Vec<Grant>>,
+        retry: Duration,
+    },
+}
 
 impl Snapshot {
     /// A new walk's snapshot. Made for a cleanup it names the objects deleting now; otherwise it
@@ -101,6 +130,7 @@ impl Snapshot {
         started: Instant,
         deleting: Option<HashSet<String>>,
     ) -> Self {
+        let made_for_cleanup = deleting.is_some();
         let (deleting, deleting_at) = match (deleting, previous) {
             (Some(now), _) => (Arc::new(now), Some(started)),
             (None, Some(previous))
@@ -114,6 +144,12 @@ impl Snapshot {
         };
         let unseen_change =
             previous.is_some_and(|p| p.unseen_change || differs(&p.grants, &grants));
+        let vanished = previous.map_or_else(Arc::default, |p| vanished_after(p, &grants));
+        // A walk made for cleanups counts for those waiting; a reader's does not.
+        let cleanups_waiting = match previous {
+            Some(previous) if !made_for_cleanup => previous.cleanups_waiting,
+            _ => 0,
+        };
         Snapshot {
             grants,
             started,
@@ -121,9 +157,31 @@ impl Snapshot {
             stale: false,
             deleting,
             deleting_at,
+            cleanups_waiting,
             unseen_change,
+            vanished,
         }
     }
+}
+
+/// What `previous` knew of (or knew had vanished) that `listed` lacks.
+fn vanished_after(previous: &Snapshot, listed: &[Grant]) -> Arc<HashSet<String>> {
+    let listed: HashSet<&str> = listed.iter().map(|g| g.grant_id.as_str()).collect();
+    let mut vanished: HashSet<String> = previous
+        .vanished
+        .iter()
+        .map(String::as_str)
+        .chain(previous.grants.iter().map(|g| g.grant_id.as_str()))
+        .filter(|id| !listed.contains(id))
+        .map(str::to_owned)
+        .collect();
+    if vanished.len() > VANISHED_KEPT {
+        vanished.clear();
+    }
+    if vanished.is_empty() && previous.vanished.is_empty() {
+        return Arc::clone(&previous.vanished);
+    }
+    Arc::new(vanished)
 }
 
 impl KeyCache {
@@ -166,11 +224,15 @@ impl KeyCache {
         Ok((grants, true))
     }
 
-    /// The key's grants as a fresh list for the cleanup of object `uid`, which is being deleted:
-    /// a walk that started after this call, or one that started when the object was already
-    /// being deleted (its cleanup had asked by then), kept current by our own writes since.
-    /// `deleting` names the objects being deleted now (on this key); it is read before a walk
-    /// starts, so that walk counts for every one of them.
+    /// The key's grants for the cleanup of object `uid`, which is being deleted. Fresh: from a
+    /// walk that started after this call, or one that started when the object was already being
+    /// deleted (its cleanup had asked by then), kept current by our own writes since. `deleting`
+    /// names the objects being deleted now (on this key); it is read before a walk starts, so
+    /// that walk counts for every one of them.
+    ///
+    /// The walks made for cleanups are spaced ([`CLEANUP_GATHER`], [`CLEANUP_SETTLE`]): a
+    /// cleanup that comes before the next may start is told the grants as known, and when to
+    /// ask again, instead of waiting.
     pub async fn grants_for_cleanup(
         &self,
         client: &KmsClient,
@@ -179,31 +241,38 @@ impl KeyCache {
         deleting: impl FnOnce() -> HashSet<String>,
         page_size: u32,
         metrics: &crate::metrics::Metrics,
-    ) -> Result<Arc<Vec<Grant>>, KmsError> {
+    ) -> Result<ForCleanup, KmsError> {
         let entry = self.entry(key);
         let asked = Instant::now();
-        let mut snapshot = loop {
-            let snapshot = entry.grants.lock().await;
-            if let Some(current) = snapshot.as_ref().filter(|s| !s.stale) {
-                if started_after(current, asked) || current.deleting.contains(uid) {
-                    metrics.cache_lookup(true);
-                    return Ok(Arc::clone(&current.grants));
-                }
-                // Others being deleted on this key meanwhile wait for the same walk.
-                if let Some(next) = current.deleting_at.map(|at| at + CLEANUP_GATHER)
-                    && next > Instant::now()
-                {
-                    drop(snapshot);
-                    tokio::time::sleep_until(next).await;
-                    continue;
-                }
+        let mut snapshot = entry.grants.lock().await;
+        if let Some(current) = snapshot.as_mut().filter(|s| !s.stale) {
+            if started_after(current, asked) || current.deleting.contains(uid) {
+                metrics.cache_lookup(true);
+                return Ok(ForCleanup::Fresh(Arc::clone(&current.grants)));
             }
-            break snapshot;
-        };
+            let gap = if current.cleanups_waiting >= CLEANUP_CROWD {
+                CLEANUP_SETTLE
+            } else {
+                CLEANUP_GATHER
+            };
+            if let Some(next) = current.deleting_at.map(|at| at + gap)
+                && let Some(retry) = next.checked_duration_since(Instant::now())
+                && !retry.is_zero()
+            {
+                metrics.cache_lookup(true);
+                current.cleanups_waiting += 1;
+                return Ok(ForCleanup::Known {
+                    grants: Arc::clone(&current.grants),
+                    retry,
+                });
+            }
+        }
         metrics.cache_lookup(false);
         let mut deleting = deleting();
         deleting.insert(uid.to_owned());
-        walk(&mut snapshot, client, key, page_size, Some(deleting)).await
+        walk(&mut snapshot, client, key, page_size, Some(deleting))
+            .await
+            .map(ForCleanup::Fresh)
     }
 
     /// Lists the key now; true when anything differs from the previous snapshot, and the grants
@@ -227,6 +296,19 @@ impl KeyCache {
         next.unseen_change = false;
         *snapshot = Some(next);
         Ok((changed, grants))
+    }
+
+    /// Whether every one of `grant_ids` was seen to vanish from the key: known to this process,
+    /// then not listed by a later walk. A snapshot that lacks them can be believed.
+    pub async fn vanished(&self, key: &KeyRef, grant_ids: &[&str]) -> bool {
+        let Some(entry) = self.entries.lock().expect("cache lock").get(key).cloned() else {
+            return false;
+        };
+        let snapshot = entry.grants.lock().await;
+        snapshot
+            .as_ref()
+            .filter(|s| !s.stale)
+            .is_some_and(|s| grant_ids.iter().all(|id| s.vanished.contains(*id)))
     }
 
     /// The grants as last listed (and updated by our own writes), without listing: `None` when
@@ -579,6 +661,63 @@ mod tests {
         assert!(!changed);
     }
 
+    /// The drift pass lists a key and finds a grant gone: the objects it wakes believe that
+    /// list instead of walking the key once each.
+    #[tokio::test]
+    async fn a_grant_a_walk_saw_vanish_is_believed_gone_without_another_walk() {
+        let emulator = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
+        let key_id = emulator
+            .admin()
+            .create_key(NewKey {
+                key_alias: "vanish".into(),
+                ..NewKey::default()
+            })
+            .unwrap()
+            .key_id;
+        let client = super::super::test_support::emulator_client(&emulator);
+        let key = KeyRef {
+            provider: "p".into(),
+            account: "emulator".into(),
+            key_id: key_id.clone(),
+        };
+        let cache = KeyCache::default();
+        let mut ids = Vec::new();
+        for name in ["one", "two"] {
+            let id = client
+                .create_grant(&kmsgrant_kms::NewGrant {
+                    key_id: key_id.clone(),
+                    grantee_principal: "13gg44z4g2sglzk0egw0u726zoyzvrs8".into(),
+                    grantee_principal_type: crate::api::GranteePrincipalType::User,
+                    operations: vec![crate::api::Operation::DescribeKey],
+                    name: Some(name.into()),
+                    retiring_principal: None,
+                })
+                .await
+                .unwrap();
+            ids.push(id);
+        }
+        // Never seen: nothing to believe.
+        assert!(!cache.vanished(&key, &[ids[0].as_str()]).await);
+        cache.refresh(&client, &key, 100).await.unwrap();
+        client.revoke_grant(&key_id, &ids[0]).await.unwrap();
+        assert!(
+            !cache.vanished(&key, &[ids[0].as_str()]).await,
+            "not walked since"
+        );
+        cache.refresh(&client, &key, 100).await.unwrap();
+        assert!(cache.vanished(&key, &[ids[0].as_str()]).await);
+        assert!(
+            !cache.vanished(&key, &[ids[1].as_str()]).await,
+            "still there"
+        );
+        assert!(!cache.vanished(&key, &["never-known"]).await);
+        // Still believed after a later walk; not once the snapshot is in doubt.
+        cache.refresh(&client, &key, 100).await.unwrap();
+        assert!(cache.vanished(&key, &[ids[0].as_str()]).await);
+        cache.invalidate(&key).await;
+        assert!(!cache.vanished(&key, &[ids[0].as_str()]).await);
+    }
+
     #[tokio::test]
     async fn the_objects_being_deleted_on_a_key_share_one_fresh_list() {
         let emulator = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
@@ -604,15 +743,31 @@ mod tests {
         let cleanup = |uid: &'static str, deleting: HashSet<String>| {
             cache.grants_for_cleanup(&client, &key, uid, move || deleting, 100, &metrics)
         };
-        cleanup("a", set(&["a", "b"])).await.unwrap();
-        cleanup("b", set(&["b"])).await.unwrap();
+        let fresh = |found: ForCleanup| matches!(found, ForCleanup::Fresh(_));
+        assert!(fresh(cleanup("a", set(&["a", "b"])).await.unwrap()));
+        assert!(fresh(cleanup("b", set(&["b"])).await.unwrap()));
         assert_eq!(lists(), 1);
-        // "c" was not: it needs a walk of its own, which waits for the deletions arriving
-        // meanwhile ("d") and counts for them too.
-        let started = Instant::now();
-        cleanup("c", set(&["c", "d"])).await.unwrap();
-        assert!(started.elapsed() > Duration::from_millis(500));
-        cleanup("d", set(&["d"])).await.unwrap();
+        // "c" was not, and the next walk is not due yet: it is told what is known, and when to
+        // ask again; it then walks, and that walk counts for the deletions arriving meanwhile.
+        let retry = match cleanup("c", set(&["c", "d"])).await.unwrap() {
+            ForCleanup::Known { retry, .. } => retry,
+            fresh => panic!("a walk a second after the last: {fresh:?}"),
+        };
+        assert!(retry <= CLEANUP_GATHER, "{retry:?}");
+        assert_eq!(lists(), 1);
+        tokio::time::sleep(retry).await;
+        assert!(fresh(cleanup("c", set(&["c", "d"])).await.unwrap()));
+        assert!(fresh(cleanup("d", set(&["d"])).await.unwrap()));
+        assert_eq!(lists(), 2);
+        // A crowd waiting (a mass deletion still arriving): the next walk waits longer, so that
+        // it counts for more of them.
+        let mut longest = Duration::ZERO;
+        for _ in 0..=CLEANUP_CROWD {
+            if let ForCleanup::Known { retry, .. } = cleanup("e", set(&["e"])).await.unwrap() {
+                longest = longest.max(retry);
+            }
+        }
+        assert!(longest > CLEANUP_GATHER, "{longest:?}");
         assert_eq!(lists(), 2);
         // A write whose outcome is unknown: nobody is served the snapshot without a new walk.
         cache.invalidate(&key).await;

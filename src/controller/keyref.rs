@@ -147,11 +147,9 @@ pub async fn refresh_aliases(ctx: &Context, wake: &mpsc::UnboundedSender<ObjectR
     if changed_keys.is_empty() {
         return;
     }
-    for (key, objects) in ctx.interest.keys() {
-        if changed_keys.contains(&key) {
-            for object in objects {
-                let _ = wake.send(object);
-            }
+    for key in changed_keys {
+        for object in ctx.interest.objects_on(&key) {
+            let _ = wake.send(object);
         }
     }
 }

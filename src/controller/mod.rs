@@ -200,18 +200,34 @@ impl Interest {
         self.by_object.lock().expect("interest lock").remove(object);
     }
 
-    fn keys(&self) -> BTreeMap<KeyRef, Vec<ObjectRef<KmsGrant>>> {
+    /// The keys in use and how many objects are on each. Counts, not the objects: the drift
+    /// pass needs the objects of a key only when it changed ([`Self::objects_on`]), and copying
+    /// every object's reference once per period is what memory peaks are made of at scale.
+    fn keys(&self) -> BTreeMap<KeyRef, usize> {
         self.shared
             .lock()
             .expect("interest lock")
             .retain(|_, key| Arc::strong_count(key) > 1);
-        let mut keys: BTreeMap<KeyRef, Vec<ObjectRef<KmsGrant>>> = BTreeMap::new();
-        for (object, key) in self.by_object.lock().expect("interest lock").iter() {
-            keys.entry(KeyRef::clone(key))
-                .or_default()
-                .push(object.clone());
+        let mut keys: BTreeMap<KeyRef, usize> = BTreeMap::new();
+        for key in self.by_object.lock().expect("interest lock").values() {
+            if let Some(count) = keys.get_mut(key.as_ref()) {
+                *count += 1;
+            } else {
+                keys.insert(KeyRef::clone(key), 1);
+            }
         }
         keys
+    }
+
+    /// The objects on `key` (on its account, whichever config reaches it).
+    fn objects_on(&self, key: &KeyRef) -> Vec<ObjectRef<KmsGrant>> {
+        self.by_object
+            .lock()
+            .expect("interest lock")
+            .iter()
+            .filter(|(_, known)| known.as_ref() == key)
+            .map(|(object, _)| object.clone())
+            .collect()
     }
 }
 
@@ -564,7 +580,7 @@ async fn drift_pass(
     // Aliases first: their answers describe the keys they name, which are then not described
     // again.
     keyref::refresh_aliases(ctx, wake).await;
-    let mut keys: BTreeMap<KeyRef, Vec<ObjectRef<KmsGrant>>> = ctx.interest.keys();
+    let mut keys: BTreeMap<KeyRef, usize> = ctx.interest.keys();
     // Policies deleted since (they have no finalizer) are no longer audited.
     for policy in ctx.policies.policies() {
         if ctx.key_policies.get(&policy).is_none() {
@@ -617,7 +633,7 @@ async fn drift_pass(
             Ok((changed, grants)) => {
                 // The key's state (enabled, disabled, pending deletion) matters to the objects on
                 // it only; it is described when its description is due.
-                let state_changed = !objects.is_empty()
+                let state_changed = objects > 0
                     && ctx
                         .keys
                         .key_state_changed(&provider.client, &key, ctx.settings.key_info_max_age())
@@ -627,8 +643,8 @@ async fn drift_pass(
                             false
                         });
                 if changed || state_changed {
-                    tracing::debug!(key = %key.key_id, objects = objects.len(), grants = changed, state = state_changed, "key changed");
-                    for object in objects {
+                    tracing::debug!(key = %key.key_id, objects, grants = changed, state = state_changed, "key changed");
+                    for object in ctx.interest.objects_on(&key) {
                         let _ = wake.send(object);
                     }
                 }

@@ -161,10 +161,16 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                     )
                     .await;
                 let found = match listed {
-                    Ok(grants) => Place::Listed {
+                    Ok(cache::ForCleanup::Fresh(grants)) => Place::Listed {
                         client: provider.client.clone(),
                         key,
                         grants,
+                    },
+                    Ok(cache::ForCleanup::Known { grants, retry }) => Place::Known {
+                        client: provider.client.clone(),
+                        key,
+                        grants,
+                        retry,
                     },
                     Err(err) if gone(&err) => Place::KeyGone,
                     // Only a lost answer could have left a grant here; a lookup that cannot
@@ -279,11 +285,17 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                 // A snapshot is not believed about what status or the spec names and it lacks
                 // (a grant gone out of band, an import): it is listed afresh, sharing the walk
                 // with any other reader that needs the same.
-                let missing = [status.grant_id.as_deref(), import.as_deref()]
+                // One a walk of this process saw vanish is believed gone (the drift pass found
+                // it so): no second walk per repaired object.
+                let missing: Vec<&str> = [status.grant_id.as_deref(), import.as_deref()]
                     .into_iter()
                     .flatten()
-                    .any(|id| !grants.iter().chain(&elsewhere).any(|g| g.grant_id == id));
-                if missing && !fresh {
+                    .filter(|id| !grants.iter().chain(&elsewhere).any(|g| g.grant_id == *id))
+                    .collect();
+                if !missing.is_empty() && !fresh && ctx.keys.vanished(&key, &missing).await {
+                    fresh = true;
+                }
+                if !missing.is_empty() && !fresh {
                     (grants, fresh) = ctx
                         .keys
                         .grants(client, &key, Duration::ZERO, page_size, metrics)

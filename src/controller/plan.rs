@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kube::ResourceExt;
 use kube::runtime::events::EventType;
@@ -124,7 +125,9 @@ impl Claim<'_> {
 pub struct Observed<'a> {
     /// Every grant on the desired key.
     pub grants: &'a [Grant],
-    /// Whether `grants` was listed in this reconcile (not from a snapshot).
+    /// Whether `grants` can be believed about what they lack: listed in this reconcile (not
+    /// from a snapshot), or what status names was seen to vanish by a walk (see
+    /// `KeyCache::vanished`).
     pub fresh: bool,
     /// Grants on keys the object used before (a key change in progress).
     pub elsewhere: &'a [Grant],
@@ -399,6 +402,8 @@ pub enum Requeue {
     Now,
     /// When the object changes (its finalizer's watch event; nothing else to do).
     AwaitChange,
+    /// After this long: what the pass waits for is due then (a cleanup's fresh list).
+    After(Duration),
 }
 
 pub fn requeue(outcome: &Outcome) -> Requeue {
@@ -519,7 +524,8 @@ pub struct Live {
     pub key_info: Result<KeyInfo, KmsError>,
     /// `spec.importGrantId`, admitted by the guardrails.
     pub import: Option<String>,
-    /// Every grant on the key, and whether they were listed in this reconcile.
+    /// Every grant on the key, and whether they can be believed about what they lack (see
+    /// [`Observed::fresh`]).
     pub grants: Arc<Vec<Grant>>,
     pub fresh: bool,
     /// Grants on keys the object used before on this account (a key change in progress).
@@ -540,6 +546,15 @@ pub enum Place {
         client: KmsClient,
         key: KeyRef,
         grants: Arc<Vec<Grant>>,
+    },
+    /// Deletions on the key are still coming in and the next walk of it is not due yet: the
+    /// grants as known, which may miss one whose create answer was lost. What they hold is
+    /// removed now; the object is released only after `retry`, from a fresh list.
+    Known {
+        client: KmsClient,
+        key: KeyRef,
+        grants: Arc<Vec<Grant>>,
+        retry: Duration,
     },
     /// KMS says the key does not exist: its grants went with it.
     KeyGone,
@@ -804,11 +819,19 @@ fn decide_live(object: &KmsGrant, seen: Result<Box<Live>, Stop>) -> Decision {
         match &live.superseded_elsewhere {
             // Listed with the object's other grants and revoked, or gone.
             None => steps.push(Step::ForgetSuperseded),
-            Some(Place::Listed {
-                client,
-                key,
-                grants,
-            }) => {
+            Some(
+                Place::Listed {
+                    client,
+                    key,
+                    grants,
+                }
+                | Place::Known {
+                    client,
+                    key,
+                    grants,
+                    ..
+                },
+            ) => {
                 if let Some(grant) = grants
                     .iter()
                     .find(|g| g.grant_id == old.grant_id && claim.owns(g))
@@ -933,6 +956,8 @@ fn decide_deletion(object: &KmsGrant, seen: Result<Deleting, Stop>) -> Decision 
         identity: &deleting.identity,
         import,
     };
+    let superseded = status.superseded_grant.as_ref();
+    let mut look_again = None;
     for (place, seen) in deleting.places {
         match seen {
             Place::Listed {
@@ -940,10 +965,23 @@ fn decide_deletion(object: &KmsGrant, seen: Result<Deleting, Stop>) -> Decision 
                 key,
                 grants,
             } => decision.steps.push(Step::Remove {
-                targets: cleanup_targets(policy, claim, &grants, status.superseded_grant.as_ref()),
+                targets: cleanup_targets(policy, claim, &grants, superseded),
                 client,
                 key,
             }),
+            Place::Known {
+                client,
+                key,
+                grants,
+                retry,
+            } => {
+                decision.steps.push(Step::Remove {
+                    targets: cleanup_targets(policy, claim, &grants, superseded),
+                    client,
+                    key,
+                });
+                look_again = look_again.max(Some(retry));
+            }
             Place::KeyGone => {}
             Place::Unreachable { account } => {
                 if let Some(grant_id) = &place.recorded_grant {
@@ -959,6 +997,11 @@ fn decide_deletion(object: &KmsGrant, seen: Result<Deleting, Stop>) -> Decision 
                 format!("could not check key {key_id} for a grant of this object: {error}"),
             )),
         }
+    }
+    if let Some(retry) = look_again {
+        // What is known is removed; the object stays until a fresh list says nothing is left.
+        decision.requeue = Requeue::After(retry);
+        return decision;
     }
     if policy == DeletionPolicy::Orphan
         && let Some(grant_id) = &status.grant_id
@@ -2017,6 +2060,34 @@ mod decision_tests {
         assert_eq!(decision.finalizer, Some(false));
         assert_eq!(decision.ending, Ending::Quiet);
         assert_eq!(decision.pass, Pass::Deleting);
+    }
+
+    #[test]
+    fn deletion_without_a_fresh_list_removes_what_is_known_and_keeps_the_object_until_one() {
+        let object = deleted(
+            serde_json::json!({"status": {"grantId": "g1", "keyId": KEY, "account": ACCOUNT}}),
+        );
+        let found = Deleting {
+            identity: Identity::new("c1", "team-a", "app", "uid-1"),
+            places: vec![(
+                place(ACCOUNT, KEY, Some("g1")),
+                Place::Known {
+                    client: client(),
+                    key: key(KEY),
+                    grants: Arc::new(vec![
+                        grant("g1", KEY, MINE, &["describe-key"]),
+                        grant("theirs", KEY, "k8s/c1/team-b/app", &["describe-key"]),
+                    ]),
+                    retry: Duration::from_secs(7),
+                },
+            )],
+        };
+        let decision = decide(&object, Observation::Deleting(Ok(found)));
+        assert_eq!(steps(&decision), ["remove g1:Revoke"]);
+        // A grant whose create answer was lost is found only by a fresh list: not released yet.
+        assert_eq!(decision.finalizer, None);
+        assert_eq!(decision.requeue, Requeue::After(Duration::from_secs(7)));
+        assert_eq!(decision.ending, Ending::Quiet);
     }
 
     #[test]

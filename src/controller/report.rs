@@ -114,6 +114,7 @@ pub(super) async fn write(
             Action::requeue(ctx.settings.stalled_retry)
         }
         Requeue::Now => Action::requeue(Duration::ZERO),
+        Requeue::After(wait) => Action::requeue(wait),
         Requeue::Soon => Action::requeue(Duration::from_secs(1)),
         Requeue::Backoff => Action::requeue(ctx.backoff.next(&object_ref)),
     };
