@@ -33,6 +33,10 @@ struct Args {
     /// The operator binary to run.
     #[arg(long)]
     operator: PathBuf,
+    /// How that binary was built, for the report (scripts/bench: `release`, the profile of the
+    /// image users run, unless told otherwise).
+    #[arg(long, default_value = "release")]
+    operator_profile: String,
     /// Runs as GRANTS/KEYS, one after the other (e.g. 1000/10,10000/100); a run may name its
     /// own scenarios after a colon, joined by `+` (e.g. 1000/10:converge,10000/100).
     /// For the scale target (the rate at 10,000 on 100 keys against the rate at 1,000 on 10) the
@@ -48,8 +52,10 @@ struct Args {
     /// The provider config's rateLimit.requestsPerSecond (and burst).
     #[arg(long, default_value_t = 1000.0)]
     rate_limit: f64,
-    /// The operator's resync interval, in seconds.
-    #[arg(long, default_value_t = 30)]
+    /// The operator's resync interval, in seconds (the operator's default is 300; shorter keeps
+    /// the steady and drift scenarios short, longer than a converge keeps its drift pass out of
+    /// the converge's calls).
+    #[arg(long, default_value_t = 60)]
     resync: u64,
     /// Steady periods (resyncs) to watch.
     #[arg(long, default_value_t = 5)]
@@ -1072,9 +1078,16 @@ async fn main() -> anyhow::Result<()> {
             args.concurrency,
             args.steady_periods
         );
+        let build = match args.operator_profile.as_str() {
+            "release" => "the release-profile binary (as in the image)".to_owned(),
+            "dev" | "debug" => {
+                "the dev-profile binary (dependencies optimised, our code not)".to_owned()
+            }
+            other => format!("the {other}-profile binary"),
+        };
         let _ = writeln!(
             doc,
-            "- the operator is the debug-profile binary (dependencies optimised, our code not), run as its own process: its CPU seconds and peak RSS come from /proc and are the operator's alone; the emulator and the harness run in the benchmark's process"
+            "- the operator is {build}, run as its own process: its CPU seconds and peak RSS come from /proc and are the operator's alone; the emulator and the harness run in the benchmark's process"
         );
         let _ = writeln!(
             doc,
