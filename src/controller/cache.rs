@@ -75,9 +75,11 @@ struct Snapshot {
     /// objects being deleted on a key share a list instead of walking it once each.
     deleting: Arc<HashSet<String>>,
     deleting_at: Option<Instant>,
-    /// Cleanups that came since the last walk made for one, were not counted by it, and were
-    /// told to wait for the next (see [`KeyCache::grants_for_cleanup`]).
-    cleanups_waiting: u32,
+    /// The objects (by UID) whose cleanup came since the last walk made for one, was not
+    /// counted by it, and was told to wait for the next (see [`KeyCache::grants_for_cleanup`]),
+    /// and since when the first of them waits.
+    waiting: HashSet<String>,
+    waiting_since: Option<Instant>,
     /// A reader's walk found the key other than we knew it (a grant revoked or made out of
     /// band): the drift pass, whose own list would then look unchanged, still wakes the key's
     /// objects.
@@ -97,24 +99,28 @@ const VANISHED_KEPT: usize = 10_000;
 /// the process started. One still being deleted later just walks the key again.
 const DELETING_KEPT: Duration = Duration::from_secs(600);
 
-/// At most one walk of a key per this interval for cleanups: deletions arrive one watch event
-/// at a time, and when KMS answers faster than they arrive each would otherwise find the last
-/// walk started just before it was deleted and walk again.
+/// At most one walk of a key per this interval for cleanups: deletions that trickle in (one
+/// `kubectl delete` after another) share a walk instead of each finding the last one started
+/// just before it was deleted.
 const CLEANUP_GATHER: Duration = Duration::from_secs(1);
-/// ... and per this interval once more than [`CLEANUP_CROWD`] cleanups wait for the next walk: a
-/// mass deletion, whose watch events take seconds to arrive, then shares a walk or two per key
-/// instead of one a second. A waiting cleanup is not idle: it removes what is known meanwhile.
-const CLEANUP_SETTLE: Duration = Duration::from_secs(10);
-const CLEANUP_CROWD: u32 = 16;
+/// A mass deletion's walk waits until every object being deleted on the key has come and
+/// removed the grants known for it (their cleanups go at the pace KMS takes revokes): one walk
+/// per key, not one per second of arrivals. An object that never comes (its cleanup blocked
+/// elsewhere) holds the others at most this long.
+const CLEANUP_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// The grants a cleanup goes on with (see [`KeyCache::grants_for_cleanup`]).
 #[derive(Debug)]
 pub enum ForCleanup {
     /// From a walk that counts for the object: every grant it may have on the key is here.
-    Fresh(Arc<Vec<Grant>>),
+    /// `wake`: the objects (UIDs) that were told to wait for this walk, to be woken now.
+    Fresh {
+        grants: Arc<Vec<Grant>>,
+        wake: Vec<String>,
+    },
     /// Deletions on the key are still coming in: the grants as known (listed before the object
-    /// was deleted, kept current by our own writes since), to remove now; after `retry`, a walk
-    /// that counts for the object.
+    /// was deleted, kept current by our own writes since), to remove now; then a walk that
+    /// counts for the object, which wakes it, or at the latest after `retry`.
     Known {
         grants: Arc<Vec<Grant>>,
         retry: Duration,
@@ -146,9 +152,11 @@ impl Snapshot {
             previous.is_some_and(|p| p.unseen_change || differs(&p.grants, &grants));
         let vanished = previous.map_or_else(Arc::default, |p| vanished_after(p, &grants));
         // A walk made for cleanups counts for those waiting; a reader's does not.
-        let cleanups_waiting = match previous {
-            Some(previous) if !made_for_cleanup => previous.cleanups_waiting,
-            _ => 0,
+        let (waiting, waiting_since) = match previous {
+            Some(previous) if !made_for_cleanup => {
+                (previous.waiting.clone(), previous.waiting_since)
+            }
+            _ => (HashSet::new(), None),
         };
         Snapshot {
             grants,
@@ -157,7 +165,8 @@ impl Snapshot {
             stale: false,
             deleting,
             deleting_at,
-            cleanups_waiting,
+            waiting,
+            waiting_since,
             unseen_change,
             vanished,
         }
@@ -230,9 +239,10 @@ impl KeyCache {
     /// names the objects being deleted now (on this key); it is read before a walk starts, so
     /// that walk counts for every one of them.
     ///
-    /// The walks made for cleanups are spaced ([`CLEANUP_GATHER`], [`CLEANUP_SETTLE`]): a
-    /// cleanup that comes before the next may start is told the grants as known, and when to
-    /// ask again, instead of waiting.
+    /// A walk made for cleanups waits for every object being deleted on the key to have come
+    /// (at most [`CLEANUP_WAIT_MAX`]) and starts at most once per [`CLEANUP_GATHER`]: a cleanup
+    /// that comes before is told the grants as known, to remove meanwhile, and is woken by the
+    /// walk (the caller wakes the UIDs a fresh answer names).
     pub async fn grants_for_cleanup(
         &self,
         client: &KmsClient,
@@ -245,34 +255,70 @@ impl KeyCache {
         let entry = self.entry(key);
         let asked = Instant::now();
         let mut snapshot = entry.grants.lock().await;
+        let mut deleting = Some(deleting);
+        let mut read_deleting = || deleting.take().map(|read| read()).unwrap_or_default();
+        let mut deleting_now = None;
         if let Some(current) = snapshot.as_mut().filter(|s| !s.stale) {
             if started_after(current, asked) || current.deleting.contains(uid) {
                 metrics.cache_lookup(true);
-                return Ok(ForCleanup::Fresh(Arc::clone(&current.grants)));
-            }
-            let gap = if current.cleanups_waiting >= CLEANUP_CROWD {
-                CLEANUP_SETTLE
-            } else {
-                CLEANUP_GATHER
-            };
-            if let Some(next) = current.deleting_at.map(|at| at + gap)
-                && let Some(retry) = next.checked_duration_since(Instant::now())
-                && !retry.is_zero()
-            {
-                metrics.cache_lookup(true);
-                current.cleanups_waiting += 1;
-                return Ok(ForCleanup::Known {
+                return Ok(ForCleanup::Fresh {
                     grants: Arc::clone(&current.grants),
-                    retry,
+                    wake: Vec::new(),
                 });
+            }
+            current.waiting.insert(uid.to_owned());
+            let since = *current.waiting_since.get_or_insert(asked);
+            let now = Instant::now();
+            let patience = (since + CLEANUP_WAIT_MAX).checked_duration_since(now);
+            if let Some(patience) = patience.filter(|left| !left.is_zero()) {
+                let found = read_deleting();
+                let others_coming = found
+                    .iter()
+                    .any(|u| !current.waiting.contains(u) && !current.deleting.contains(u));
+                let gathering = current
+                    .deleting_at
+                    .and_then(|at| (at + CLEANUP_GATHER).checked_duration_since(now))
+                    .filter(|left| !left.is_zero());
+                let retry = if others_coming {
+                    Some(patience)
+                } else {
+                    gathering
+                };
+                if let Some(retry) = retry {
+                    metrics.cache_lookup(true);
+                    return Ok(ForCleanup::Known {
+                        grants: Arc::clone(&current.grants),
+                        retry,
+                    });
+                }
+                deleting_now = Some(found);
             }
         }
         metrics.cache_lookup(false);
-        let mut deleting = deleting();
-        deleting.insert(uid.to_owned());
-        walk(&mut snapshot, client, key, page_size, Some(deleting))
-            .await
-            .map(ForCleanup::Fresh)
+        let mut counted = deleting_now.unwrap_or_else(read_deleting);
+        let waiting = snapshot
+            .as_mut()
+            .map(|s| (std::mem::take(&mut s.waiting), s.waiting_since.take()));
+        if let Some((waited, _)) = &waiting {
+            counted.extend(waited.iter().cloned());
+        }
+        counted.insert(uid.to_owned());
+        match walk(&mut snapshot, client, key, page_size, Some(counted)).await {
+            Ok(grants) => {
+                let wake = waiting
+                    .map(|(waited, _)| waited.into_iter().filter(|u| u != uid).collect())
+                    .unwrap_or_default();
+                Ok(ForCleanup::Fresh { grants, wake })
+            }
+            Err(err) => {
+                // Still waiting, for the walk the next of them makes.
+                if let (Some(current), Some((waited, since))) = (snapshot.as_mut(), waiting) {
+                    current.waiting = waited;
+                    current.waiting_since = since;
+                }
+                Err(err)
+            }
+        }
     }
 
     /// Lists the key now; true when anything differs from the previous snapshot, and the grants
@@ -743,43 +789,105 @@ mod tests {
         let cleanup = |uid: &'static str, deleting: HashSet<String>| {
             cache.grants_for_cleanup(&client, &key, uid, move || deleting, 100, &metrics)
         };
-        let fresh = |found: ForCleanup| matches!(found, ForCleanup::Fresh(_));
-        assert!(fresh(cleanup("a", set(&["a", "b"])).await.unwrap()));
-        assert!(fresh(cleanup("b", set(&["b"])).await.unwrap()));
-        assert_eq!(lists(), 1);
-        // "c" was not, and the next walk is not due yet: it is told what is known, and when to
-        // ask again; it then walks, and that walk counts for the deletions arriving meanwhile.
-        let retry = match cleanup("c", set(&["c", "d"])).await.unwrap() {
-            ForCleanup::Known { retry, .. } => retry,
-            fresh => panic!("a walk a second after the last: {fresh:?}"),
-        };
-        assert!(retry <= CLEANUP_GATHER, "{retry:?}");
-        assert_eq!(lists(), 1);
-        tokio::time::sleep(retry).await;
-        assert!(fresh(cleanup("c", set(&["c", "d"])).await.unwrap()));
-        assert!(fresh(cleanup("d", set(&["d"])).await.unwrap()));
-        assert_eq!(lists(), 2);
-        // A crowd waiting (a mass deletion still arriving): the next walk waits longer, so that
-        // it counts for more of them.
-        let mut longest = Duration::ZERO;
-        for _ in 0..=CLEANUP_CROWD {
-            if let ForCleanup::Known { retry, .. } = cleanup("e", set(&["e"])).await.unwrap() {
-                longest = longest.max(retry);
+        let fresh = |found: ForCleanup| match found {
+            ForCleanup::Fresh { mut wake, .. } => {
+                wake.sort();
+                wake
             }
-        }
-        assert!(longest > CLEANUP_GATHER, "{longest:?}");
+            known => panic!("a walk that counts for the object: {known:?}"),
+        };
+        let known = |found: ForCleanup| match found {
+            ForCleanup::Known { retry, .. } => retry,
+            fresh => panic!("the grants as known: {fresh:?}"),
+        };
+        assert!(fresh(cleanup("a", set(&["a", "b"])).await.unwrap()).is_empty());
+        assert!(fresh(cleanup("b", set(&["b"])).await.unwrap()).is_empty());
+        assert_eq!(lists(), 1);
+        // A mass deletion: "c", "d" and "e" are being deleted, "c" and "d" come first. They are
+        // told what is known (to revoke meanwhile), and wait for the last; its walk counts for
+        // all three and names the two to wake.
+        let everyone = || set(&["c", "d", "e"]);
+        let retry = known(cleanup("c", everyone()).await.unwrap());
+        assert!(retry > CLEANUP_GATHER, "woken, not polling: {retry:?}");
+        assert!(retry <= CLEANUP_WAIT_MAX, "{retry:?}");
+        known(cleanup("d", everyone()).await.unwrap());
+        // Asking again changes nothing while "e" has not come.
+        known(cleanup("c", everyone()).await.unwrap());
+        assert_eq!(lists(), 1);
+        tokio::time::sleep(CLEANUP_GATHER).await;
+        assert_eq!(fresh(cleanup("e", everyone()).await.unwrap()), ["c", "d"]);
         assert_eq!(lists(), 2);
+        assert!(fresh(cleanup("c", set(&["c", "d"])).await.unwrap()).is_empty());
+        assert!(fresh(cleanup("d", set(&["d"])).await.unwrap()).is_empty());
+        assert_eq!(lists(), 2);
+        // Deletions that trickle in: the last walk started under a second ago, so "f" (alone)
+        // waits out the rest of that second, then walks.
+        let retry = known(cleanup("f", set(&["f"])).await.unwrap());
+        assert!(retry <= CLEANUP_GATHER, "{retry:?}");
+        tokio::time::sleep(retry).await;
+        assert!(fresh(cleanup("f", set(&["f"])).await.unwrap()).is_empty());
+        assert_eq!(lists(), 3);
         // A write whose outcome is unknown: nobody is served the snapshot without a new walk.
         cache.invalidate(&key).await;
-        cleanup("d", set(&["d"])).await.unwrap();
-        assert_eq!(lists(), 3);
+        cleanup("f", set(&["f"])).await.unwrap();
+        assert_eq!(lists(), 4);
         // A reader's walk keeps who was deleting: they still share it.
         cache
             .grants(&client, &key, Duration::ZERO, 100, &metrics)
             .await
             .unwrap();
-        cleanup("d", set(&["d"])).await.unwrap();
-        assert_eq!(lists(), 4);
+        cleanup("f", set(&["f"])).await.unwrap();
+        assert_eq!(lists(), 5);
+    }
+
+    /// An object being deleted that never comes to the key (its cleanup blocked elsewhere)
+    /// holds the walk the others wait for only so long.
+    #[tokio::test]
+    async fn a_cleanup_waits_for_the_others_on_its_key_only_so_long() {
+        let emulator = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
+        let admin = emulator.admin();
+        let key_id = admin
+            .create_key(NewKey {
+                key_alias: "stuck".into(),
+                ..NewKey::default()
+            })
+            .unwrap()
+            .key_id;
+        let client = super::super::test_support::emulator_client(&emulator);
+        let (cache, metrics) = (KeyCache::default(), crate::metrics::Metrics::default());
+        let key = KeyRef {
+            provider: "p".into(),
+            account: "emulator".into(),
+            key_id,
+        };
+        let set = |uids: &[&str]| uids.iter().map(|u| (*u).to_owned()).collect::<HashSet<_>>();
+        let cleanup = |uid: &'static str, deleting: HashSet<String>| {
+            cache.grants_for_cleanup(&client, &key, uid, move || deleting, 100, &metrics)
+        };
+        // The first walk (nothing known yet) goes at once.
+        assert!(matches!(
+            cleanup("a", set(&["a"])).await.unwrap(),
+            ForCleanup::Fresh { .. }
+        ));
+        admin.clear_stats();
+        // "b" and "stuck" are deleted later; "stuck" never comes.
+        let retry = match cleanup("b", set(&["b", "stuck"])).await.unwrap() {
+            ForCleanup::Known { retry, .. } => retry,
+            fresh => panic!("waits for \"stuck\": {fresh:?}"),
+        };
+        assert!(retry > CLEANUP_WAIT_MAX / 2, "{retry:?}");
+        assert_eq!(admin.stats().count("list-grants", "200"), 0);
+        // Its patience spent (wound back rather than waited out).
+        let entry = cache.entry(&key);
+        let mut snapshot = entry.grants.lock().await;
+        let waiting_since = &mut snapshot.as_mut().unwrap().waiting_since;
+        *waiting_since = waiting_since.and_then(|since| since.checked_sub(retry));
+        drop(snapshot);
+        assert!(matches!(
+            cleanup("b", set(&["b", "stuck"])).await.unwrap(),
+            ForCleanup::Fresh { .. }
+        ));
+        assert_eq!(admin.stats().count("list-grants", "200"), 1);
     }
 
     #[tokio::test]

@@ -159,6 +159,28 @@ pub struct Context {
     /// Bumped after each event the grant cache has applied: what was read from the cache
     /// before is still current while it has not moved.
     grant_events: Arc<std::sync::atomic::AtomicU64>,
+    /// Objects to reconcile now (the drift detector's queue).
+    wake: mpsc::UnboundedSender<ObjectRef<KmsGrant>>,
+}
+
+impl Context {
+    /// Wakes the objects (by UID) whose cleanup waits for a walk that has now been made.
+    fn wake_deleting(&self, uids: &[String]) {
+        if uids.is_empty() {
+            return;
+        }
+        let uids: std::collections::HashSet<&str> = uids.iter().map(String::as_str).collect();
+        for object in self.grants.state() {
+            if object
+                .metadata
+                .uid
+                .as_deref()
+                .is_some_and(|uid| uids.contains(uid))
+            {
+                let _ = self.wake.send(ObjectRef::from_obj(object.as_ref()));
+            }
+        }
+    }
 }
 
 /// Which objects use which key, so drift on a key wakes only them. One entry per object, so it
@@ -302,6 +324,7 @@ pub async fn run(
         key_policies: policy_store.clone(),
         audits: Mutex::default(),
         grant_events,
+        wake: drift_tx.clone(),
     });
 
     // Secrets changing (credentials rotated or fixed) wake the configs that use them.

@@ -161,11 +161,14 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                     )
                     .await;
                 let found = match listed {
-                    Ok(cache::ForCleanup::Fresh(grants)) => Place::Listed {
-                        client: provider.client.clone(),
-                        key,
-                        grants,
-                    },
+                    Ok(cache::ForCleanup::Fresh { grants, wake }) => {
+                        ctx.wake_deleting(&wake);
+                        Place::Listed {
+                            client: provider.client.clone(),
+                            key,
+                            grants,
+                        }
+                    }
                     Ok(cache::ForCleanup::Known { grants, retry }) => Place::Known {
                         client: provider.client.clone(),
                         key,
