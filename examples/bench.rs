@@ -988,7 +988,9 @@ async fn main() -> anyhow::Result<()> {
     // The doc itself does not count: an earlier invocation (--append) may just have written it.
     let dirty = command_output("git", &["status", "--porcelain", "--untracked-files=no"])
         .lines()
-        .any(|line| line.get(3..) != Some(args.doc.as_str()));
+        // `XY path` with X or Y blank (the whole output comes trimmed): the path after the status.
+        .filter_map(|line| line.trim_start().split_once(' '))
+        .any(|(_, path)| path.trim_start() != args.doc.as_str());
     let client = kmsgrant::process::kube_client(Some(args.kubeconfig.clone()), None).await?;
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
         Api::all(client.clone());
@@ -1065,7 +1067,7 @@ async fn main() -> anyhow::Result<()> {
         );
         let _ = writeln!(
             doc,
-            "- machine: {} (shared: other builds and tests ran at the same time, so times are pessimistic)",
+            "- machine: {} (the load counts the run itself: the operator, the emulator, the harness and the API server share these CPUs)",
             report["machine"].as_str().unwrap_or_default()
         );
         let _ = writeln!(
