@@ -616,7 +616,43 @@ fn learned<T: PartialEq>(known: &Option<T>, listed: &Option<T>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kms_emulator::{Emulator, EmulatorConfig, FaultSettings, NewKey};
+    use kms_emulator::{Emulator, EmulatorConfig, FaultSettings, NewKey, RunningEmulator};
+
+    /// An emulator holding one key (aliased `alias`), a client of it, and the key as the cache
+    /// names it.
+    async fn emulator_with_key(alias: &str) -> (RunningEmulator, KmsClient, KeyRef) {
+        let emulator = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
+        let key_id = emulator
+            .admin()
+            .create_key(NewKey {
+                key_alias: alias.into(),
+                ..NewKey::default()
+            })
+            .unwrap()
+            .key_id;
+        let client = super::super::test_support::emulator_client(&emulator);
+        let key = KeyRef {
+            provider: "p".into(),
+            account: "emulator".into(),
+            key_id,
+        };
+        (emulator, client, key)
+    }
+
+    /// A grant named `name` made on `key` by hand (not by an object); its ID.
+    async fn grant_by_hand(client: &KmsClient, key: &KeyRef, name: &str) -> String {
+        client
+            .create_grant(&kmsgrant_kms::NewGrant {
+                key_id: key.key_id.clone(),
+                grantee_principal: "13gg44z4g2sglzk0egw0u726zoyzvrs8".into(),
+                grantee_principal_type: crate::api::GranteePrincipalType::User,
+                operations: vec![crate::api::Operation::DescribeKey],
+                name: Some(name.into()),
+                retiring_principal: None,
+            })
+            .await
+            .unwrap()
+    }
 
     #[test]
     fn a_created_grant_agrees_with_its_first_listing() {
@@ -656,33 +692,9 @@ mod tests {
     /// snapshot) is still a change for the drift pass, once: the key's objects are woken.
     #[tokio::test]
     async fn a_change_a_reader_saw_first_is_still_news_for_the_drift_pass() {
-        let emulator = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
-        let key_id = emulator
-            .admin()
-            .create_key(NewKey {
-                key_alias: "drift".into(),
-                ..NewKey::default()
-            })
-            .unwrap()
-            .key_id;
-        let client = super::super::test_support::emulator_client(&emulator);
+        let (_emulator, client, key) = emulator_with_key("drift").await;
         let (cache, metrics) = (KeyCache::default(), crate::metrics::Metrics::default());
-        let key = KeyRef {
-            provider: "p".into(),
-            account: "emulator".into(),
-            key_id: key_id.clone(),
-        };
-        let grant_id = client
-            .create_grant(&kmsgrant_kms::NewGrant {
-                key_id,
-                grantee_principal: "13gg44z4g2sglzk0egw0u726zoyzvrs8".into(),
-                grantee_principal_type: crate::api::GranteePrincipalType::User,
-                operations: vec![crate::api::Operation::DescribeKey],
-                name: Some("by-hand".into()),
-                retiring_principal: None,
-            })
-            .await
-            .unwrap();
+        let grant_id = grant_by_hand(&client, &key, "by-hand").await;
         let (changed, _) = cache.refresh(&client, &key, 100).await.unwrap();
         assert!(changed, "the first listing is news");
         let (changed, _) = cache.refresh(&client, &key, 100).await.unwrap();
@@ -711,41 +723,16 @@ mod tests {
     /// list instead of walking the key once each.
     #[tokio::test]
     async fn a_grant_a_walk_saw_vanish_is_believed_gone_without_another_walk() {
-        let emulator = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
-        let key_id = emulator
-            .admin()
-            .create_key(NewKey {
-                key_alias: "vanish".into(),
-                ..NewKey::default()
-            })
-            .unwrap()
-            .key_id;
-        let client = super::super::test_support::emulator_client(&emulator);
-        let key = KeyRef {
-            provider: "p".into(),
-            account: "emulator".into(),
-            key_id: key_id.clone(),
-        };
+        let (_emulator, client, key) = emulator_with_key("vanish").await;
         let cache = KeyCache::default();
-        let mut ids = Vec::new();
-        for name in ["one", "two"] {
-            let id = client
-                .create_grant(&kmsgrant_kms::NewGrant {
-                    key_id: key_id.clone(),
-                    grantee_principal: "13gg44z4g2sglzk0egw0u726zoyzvrs8".into(),
-                    grantee_principal_type: crate::api::GranteePrincipalType::User,
-                    operations: vec![crate::api::Operation::DescribeKey],
-                    name: Some(name.into()),
-                    retiring_principal: None,
-                })
-                .await
-                .unwrap();
-            ids.push(id);
-        }
+        let ids = [
+            grant_by_hand(&client, &key, "one").await,
+            grant_by_hand(&client, &key, "two").await,
+        ];
         // Never seen: nothing to believe.
         assert!(!cache.vanished(&key, &[ids[0].as_str()]).await);
         cache.refresh(&client, &key, 100).await.unwrap();
-        client.revoke_grant(&key_id, &ids[0]).await.unwrap();
+        client.revoke_grant(&key.key_id, &ids[0]).await.unwrap();
         assert!(
             !cache.vanished(&key, &[ids[0].as_str()]).await,
             "not walked since"
@@ -766,22 +753,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_objects_being_deleted_on_a_key_share_one_fresh_list() {
-        let emulator = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
+        let (emulator, client, key) = emulator_with_key("deleting").await;
         let admin = emulator.admin();
-        let key_id = admin
-            .create_key(NewKey {
-                key_alias: "deleting".into(),
-                ..NewKey::default()
-            })
-            .unwrap()
-            .key_id;
-        let client = super::super::test_support::emulator_client(&emulator);
         let (cache, metrics) = (KeyCache::default(), crate::metrics::Metrics::default());
-        let key = KeyRef {
-            provider: "p".into(),
-            account: "emulator".into(),
-            key_id,
-        };
         let set = |uids: &[&str]| uids.iter().map(|u| (*u).to_owned()).collect::<HashSet<_>>();
         let lists = || admin.stats().count("list-grants", "200");
         admin.clear_stats();
@@ -844,22 +818,9 @@ mod tests {
     /// holds the walk the others wait for only so long.
     #[tokio::test]
     async fn a_cleanup_waits_for_the_others_on_its_key_only_so_long() {
-        let emulator = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
+        let (emulator, client, key) = emulator_with_key("stuck").await;
         let admin = emulator.admin();
-        let key_id = admin
-            .create_key(NewKey {
-                key_alias: "stuck".into(),
-                ..NewKey::default()
-            })
-            .unwrap()
-            .key_id;
-        let client = super::super::test_support::emulator_client(&emulator);
         let (cache, metrics) = (KeyCache::default(), crate::metrics::Metrics::default());
-        let key = KeyRef {
-            provider: "p".into(),
-            account: "emulator".into(),
-            key_id,
-        };
         let set = |uids: &[&str]| uids.iter().map(|u| (*u).to_owned()).collect::<HashSet<_>>();
         let cleanup = |uid: &'static str, deleting: HashSet<String>| {
             cache.grants_for_cleanup(&client, &key, uid, move || deleting, 100, &metrics)
@@ -892,7 +853,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_readers_of_one_key_share_one_describe_key() {
-        let emulator = Emulator::start(EmulatorConfig::for_tests()).await.unwrap();
+        let (emulator, client, key) = emulator_with_key("shared").await;
         let admin = emulator.admin();
         // Slow answers, so every reader arrives while the first describe is in flight.
         admin
@@ -901,20 +862,7 @@ mod tests {
                 ..FaultSettings::default()
             })
             .unwrap();
-        let key_id = admin
-            .create_key(NewKey {
-                key_alias: "shared".into(),
-                ..NewKey::default()
-            })
-            .unwrap()
-            .key_id;
-        let client = super::super::test_support::emulator_client(&emulator);
         let cache = KeyCache::default();
-        let key = KeyRef {
-            provider: "p".into(),
-            account: "emulator".into(),
-            key_id,
-        };
         admin.clear_stats();
         let readers = (0..16).map(|_| cache.key_info(&client, &key, Duration::from_secs(60)));
         for info in futures::future::join_all(readers).await {

@@ -547,9 +547,10 @@ pub enum Place {
         key: KeyRef,
         grants: Arc<Vec<Grant>>,
     },
-    /// Deletions on the key are still coming in and the next walk of it is not due yet: the
-    /// grants as known, which may miss one whose create answer was lost. What they hold is
-    /// removed now; the object is released only after `retry`, from a fresh list.
+    /// Deletions on the key are still coming in, so the walk that counts for this one is not
+    /// made yet: the grants as known, which may miss one whose create answer was lost. What they
+    /// hold is removed now; the object is released only from a fresh list, when that walk wakes
+    /// it or at the latest after `retry`.
     Known {
         client: KmsClient,
         key: KeyRef,
@@ -959,29 +960,25 @@ fn decide_deletion(object: &KmsGrant, seen: Result<Deleting, Stop>) -> Decision 
     let superseded = status.superseded_grant.as_ref();
     let mut look_again = None;
     for (place, seen) in deleting.places {
+        if let Place::Known { retry, .. } = &seen {
+            look_again = look_again.max(Some(*retry));
+        }
         match seen {
             Place::Listed {
                 client,
                 key,
                 grants,
+            }
+            | Place::Known {
+                client,
+                key,
+                grants,
+                ..
             } => decision.steps.push(Step::Remove {
                 targets: cleanup_targets(policy, claim, &grants, superseded),
                 client,
                 key,
             }),
-            Place::Known {
-                client,
-                key,
-                grants,
-                retry,
-            } => {
-                decision.steps.push(Step::Remove {
-                    targets: cleanup_targets(policy, claim, &grants, superseded),
-                    client,
-                    key,
-                });
-                look_again = look_again.max(Some(retry));
-            }
             Place::KeyGone => {}
             Place::Unreachable { account } => {
                 if let Some(grant_id) = &place.recorded_grant {
@@ -2036,26 +2033,33 @@ mod decision_tests {
         }
     }
 
-    #[test]
-    fn deletion_removes_what_it_found_and_then_lets_the_object_go() {
+    /// Our grant "g1" and another object's on the key.
+    fn g1_and_theirs() -> Arc<Vec<Grant>> {
+        Arc::new(vec![
+            grant("g1", KEY, MINE, &["describe-key"]),
+            grant("theirs", KEY, "k8s/c1/team-b/app", &["describe-key"]),
+        ])
+    }
+
+    /// The decision for an object whose status records "g1", deleted, with `seen` on its key.
+    fn decide_deletion_of_g1(seen: Place) -> Decision {
         let object = deleted(
             serde_json::json!({"status": {"grantId": "g1", "keyId": KEY, "account": ACCOUNT}}),
         );
         let found = Deleting {
             identity: Identity::new("c1", "team-a", "app", "uid-1"),
-            places: vec![(
-                place(ACCOUNT, KEY, Some("g1")),
-                Place::Listed {
-                    client: client(),
-                    key: key(KEY),
-                    grants: Arc::new(vec![
-                        grant("g1", KEY, MINE, &["describe-key"]),
-                        grant("theirs", KEY, "k8s/c1/team-b/app", &["describe-key"]),
-                    ]),
-                },
-            )],
+            places: vec![(place(ACCOUNT, KEY, Some("g1")), seen)],
         };
-        let decision = decide(&object, Observation::Deleting(Ok(found)));
+        decide(&object, Observation::Deleting(Ok(found)))
+    }
+
+    #[test]
+    fn deletion_removes_what_it_found_and_then_lets_the_object_go() {
+        let decision = decide_deletion_of_g1(Place::Listed {
+            client: client(),
+            key: key(KEY),
+            grants: g1_and_theirs(),
+        });
         assert_eq!(steps(&decision), ["remove g1:Revoke"]);
         assert_eq!(decision.finalizer, Some(false));
         assert_eq!(decision.ending, Ending::Quiet);
@@ -2064,25 +2068,12 @@ mod decision_tests {
 
     #[test]
     fn deletion_without_a_fresh_list_removes_what_is_known_and_keeps_the_object_until_one() {
-        let object = deleted(
-            serde_json::json!({"status": {"grantId": "g1", "keyId": KEY, "account": ACCOUNT}}),
-        );
-        let found = Deleting {
-            identity: Identity::new("c1", "team-a", "app", "uid-1"),
-            places: vec![(
-                place(ACCOUNT, KEY, Some("g1")),
-                Place::Known {
-                    client: client(),
-                    key: key(KEY),
-                    grants: Arc::new(vec![
-                        grant("g1", KEY, MINE, &["describe-key"]),
-                        grant("theirs", KEY, "k8s/c1/team-b/app", &["describe-key"]),
-                    ]),
-                    retry: Duration::from_secs(7),
-                },
-            )],
-        };
-        let decision = decide(&object, Observation::Deleting(Ok(found)));
+        let decision = decide_deletion_of_g1(Place::Known {
+            client: client(),
+            key: key(KEY),
+            grants: g1_and_theirs(),
+            retry: Duration::from_secs(7),
+        });
         assert_eq!(steps(&decision), ["remove g1:Revoke"]);
         // A grant whose create answer was lost is found only by a fresh list: not released yet.
         assert_eq!(decision.finalizer, None);
