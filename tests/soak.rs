@@ -8,15 +8,22 @@
 //! In the suite it runs short (`KMSGRANT_SOAK_MINUTES`, default 1.5 min of chaos, 150 grants);
 //! `scripts/soak MINUTES` runs the long version (1,000 grants) and writes the table to
 //! `docs/reliability.md` (`KMSGRANT_SOAK_REPORT`).
+//!
+//! Every run prints its seed (`KMSGRANT_SOAK_SEED` replays the same churn and chaos choices) and
+//! keeps what a diagnosis needs in a folder it names (`KMSGRANT_SOAK_DIR`, default
+//! `$TMPDIR/kmsgrant-soak`): each replica's log, the emulator's whole call log and its final
+//! grants. A failing run names every broken identity with its grants and their call-log lines.
 
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use kms_emulator::{EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
+use kms_emulator::{CallRecord, EmulatorConfig, ErrorInjection, FaultSettings, InjectedError};
 use kmsgrant::api::KmsGrant;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
@@ -55,6 +62,8 @@ struct Replica {
     skew: i64,
     process: Option<Operator>,
     namespace: String,
+    /// The log of every process this replica ran, in order.
+    logs: Vec<PathBuf>,
 }
 
 impl Replica {
@@ -66,12 +75,9 @@ impl Replica {
         } else {
             vec![]
         };
-        self.process = Some(Operator::start_with_env(
-            &self.namespace,
-            RESYNC,
-            &flags,
-            &envs,
-        ));
+        let process = Operator::start_with_env(&self.namespace, RESYNC, &flags, &envs);
+        self.logs.push(process.log.clone());
+        self.process = Some(process);
     }
 
     fn pid(&self) -> Option<u32> {
@@ -108,6 +114,8 @@ struct Observations {
     writes: Vec<(u64, String)>,
     /// Calls of any kind, by arrival time.
     calls: Vec<u64>,
+    /// The emulator's whole call log, kept for the run's folder and for naming broken identities.
+    call_log: Vec<CallRecord>,
     outages: Vec<(u64, u64)>,
     cross_identity: BTreeSet<String>,
     rss_max: f64,
@@ -131,6 +139,19 @@ async fn chaos_soak_keeps_every_identity_invariant() {
     // The API server restarts once, this far into the chaos.
     let api_restart_after = chaos_for.mul_f64(0.4);
     let started = Instant::now();
+    let seed: u64 = std::env::var("KMSGRANT_SOAK_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    let run_dir = std::env::var_os("KMSGRANT_SOAK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("kmsgrant-soak"))
+        .join(format!("{}-seed-{seed}", now_ms() / 1000));
+    std::fs::create_dir_all(&run_dir).unwrap();
+    eprintln!(
+        "soak: seed {seed} (replay the same choices with KMSGRANT_SOAK_SEED={seed}); logs and the call log go to {}",
+        run_dir.display()
+    );
     let control_plane = support::own_control_plane();
 
     // Room above 100 per key: replacements create first, and churn re-creates deleted names.
@@ -172,12 +193,14 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             skew: 0,
             process: None,
             namespace: env.namespace.clone(),
+            logs: Vec::new(),
         },
         Replica {
             flags: election(&[]),
             skew: SKEW_SECONDS,
             process: None,
             namespace: env.namespace.clone(),
+            logs: Vec::new(),
         },
     ]));
     for replica in replicas.lock().unwrap().iter_mut() {
@@ -233,10 +256,11 @@ async fn chaos_soak_keeps_every_identity_invariant() {
         let apply = apply.clone();
         let mut next = initial;
         let mut live: Vec<String> = (0..initial).map(|i| format!("g{i}")).collect();
+        let mut rng = fastrand::Rng::with_seed(seed);
         tokio::spawn(async move {
             let mut ops = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                match fastrand::u8(0..3) {
+                match rng.u8(0..3) {
                     0 => {
                         let name = format!("g{next}");
                         next += 1;
@@ -250,14 +274,14 @@ async fn chaos_soak_keeps_every_identity_invariant() {
                         }
                     }
                     1 if !live.is_empty() => {
-                        let name = &live[fastrand::usize(0..live.len())];
-                        let ops_now = if fastrand::bool() { OPS_A } else { OPS_B };
-                        let key = &keys[fastrand::usize(0..KEYS)];
+                        let name = &live[rng.usize(0..live.len())];
+                        let ops_now = if rng.bool() { OPS_A } else { OPS_B };
+                        let key = &keys[rng.usize(0..KEYS)];
                         let object = manifest(name, key, ops_now);
                         let _ = api.patch(name, &apply, &Patch::Apply(&object)).await;
                     }
                     _ if !live.is_empty() => {
-                        let at = fastrand::usize(0..live.len());
+                        let at = rng.usize(0..live.len());
                         if api
                             .delete(&live[at], &DeleteParams::default())
                             .await
@@ -291,11 +315,12 @@ async fn chaos_soak_keeps_every_identity_invariant() {
                 ..FaultSettings::default()
             };
             let mut round = 0usize;
+            let mut rng = fastrand::Rng::with_seed(seed.wrapping_add(1));
             while !stop.load(Ordering::Relaxed) {
                 let wait = if long {
-                    fastrand::u64(5..=60)
+                    rng.u64(5..=60)
                 } else {
-                    fastrand::u64(3..=8)
+                    rng.u64(3..=8)
                 };
                 tokio::time::sleep(Duration::from_secs(wait)).await;
                 if stop.load(Ordering::Relaxed) {
@@ -316,7 +341,7 @@ async fn chaos_soak_keeps_every_identity_invariant() {
                 round += 1;
                 match round % 9 {
                     0 | 4 => {
-                        let which = fastrand::usize(0..2);
+                        let which = rng.usize(0..2);
                         if let Some(p) = replicas.lock().unwrap()[which].process.as_mut() {
                             p.kill();
                         }
@@ -445,6 +470,7 @@ async fn chaos_soak_keeps_every_identity_invariant() {
                             o.writes.push((call.at_ms, call.operation.clone()));
                         }
                     }
+                    o.call_log.extend(calls);
                     let mut restarted = 0;
                     let mut largest: f64 = 0.0;
                     let mut replicas = replicas.lock().unwrap();
@@ -560,20 +586,15 @@ async fn chaos_soak_keeps_every_identity_invariant() {
         .map(|(name, _)| name)
         .collect();
     let duplicates = duplicated.len();
-    // Named, so that a violation can be followed through the operator's and the emulator's logs.
-    let leaked: Vec<String> = grants
+    let leaked: BTreeSet<String> = grants
+        .iter()
+        .map(|g| g.name.clone().unwrap_or_default())
+        .filter(|name| !identities.contains(name))
+        .collect();
+    let leaks = grants
         .iter()
         .filter(|g| !identities.contains(g.name.as_deref().unwrap_or_default()))
-        .map(|g| {
-            format!(
-                "{} ({}) on key {}",
-                g.grant_id,
-                g.name.as_deref().unwrap_or_default(),
-                g.key_id
-            )
-        })
-        .collect();
-    let leaks = leaked.len();
+        .count();
     let present: BTreeSet<&str> = grants.iter().map(|g| g.grant_id.as_str()).collect();
     let ready_without_grant = objects
         .iter()
@@ -586,7 +607,25 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             })
         })
         .count();
-    let o = obs.lock().unwrap();
+    let mut o = obs.lock().unwrap();
+    // The calls made while settling belong to the story too.
+    let after = o.call_log.last().map_or(0, |c| c.seq);
+    let settling = env.emulator.admin().calls(after);
+    o.call_log.extend(settling);
+    // Every broken identity by name, with its grants and every call that touched them, so that a
+    // violation can be followed through the replicas' logs.
+    let broken: BTreeSet<&str> = duplicated
+        .iter()
+        .map(|name| name.as_str())
+        .chain(leaked.iter().map(String::as_str))
+        .collect();
+    let diagnosis = diagnose(&broken, &grants, &o.call_log, |name| {
+        if leaked.contains(name) {
+            "leaked: its object is gone"
+        } else {
+            "duplicated: more than one grant"
+        }
+    });
     // Writes by a non-leader: any write after a holder's fence closed and before the next
     // holder acquired (times in each holder's clock corrected by its known skew).
     let skew_of = |holder: &str, renew_ms: u64, seen_ms: u64| {
@@ -698,13 +737,21 @@ async fn chaos_soak_keeps_every_identity_invariant() {
         o.rss_max,
     );
     eprintln!("{table}");
+    let converged_seconds = converged_after.as_ref().ok().map(Duration::as_secs_f64);
+    keep_run(
+        &run_dir,
+        &replicas.lock().unwrap(),
+        &o.call_log,
+        &grants,
+        &diagnosis,
+    );
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(support::REPO)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
     if let Ok(path) = std::env::var("KMSGRANT_SOAK_REPORT") {
-        let commit = std::process::Command::new("git")
-            .args(["rev-parse", "--short", "HEAD"])
-            .current_dir(support::REPO)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default();
         let rss: Vec<String> = o
             .rss_samples
             .iter()
@@ -712,15 +759,15 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             .map(|(_, mib)| format!("{mib:.0}"))
             .collect();
         let report = format!(
-            "# Reliability: the chaos soak\n\n\
-             Written by `scripts/soak {minutes}` at commit `{commit}` in {:.1} min. Parameters: \
-             {initial} KmsGrants on {KEYS} keys, churn {churn_per_second}/s, two replicas with \
-             leader election (lease {LEASE}), one behind a TCP proxy that stalls for 9 s, the \
-             other with its lease clock {SKEW_SECONDS} s ahead; replicas SIGKILLed at random \
-             ({}–60 s apart); KMS phases: latency spikes, 30 % 5xx, 429 storms, commit-then-drop \
-             on 10 % of writes, commit-then-5xx on 30 % of creates, a {} s outage; \
-             kube-apiserver restarted once, {:.0} % into the chaos (SIGTERM, then a new process on \
-             the same port; etcd and its data kept); resync {RESYNC}.\n\n{table}\n\
+            "### Seed {seed}\n\n\
+             `KMSGRANT_SOAK_SEED={seed} scripts/soak {minutes}` at commit `{commit}`, {:.1} min in \
+             all. Parameters: {initial} KmsGrants on {KEYS} keys, churn {churn_per_second}/s, two \
+             replicas with leader election (lease {LEASE}), one behind a TCP proxy that stalls for \
+             9 s, the other with its lease clock {SKEW_SECONDS} s ahead; replicas SIGKILLed at \
+             random ({}–60 s apart); KMS phases: latency spikes, 30 % 5xx, 429 storms, \
+             commit-then-drop on 10 % of writes, commit-then-5xx on 30 % of creates, a {} s \
+             outage; kube-apiserver restarted once, {:.0} % into the chaos (SIGTERM, then a new \
+             process on the same port; etcd and its data kept); resync {RESYNC}.\n\n{table}\n\
              RSS of a replica over time (MiB, sampled): {}\n",
             started.elapsed().as_secs_f64() / 60.0,
             if long { 5 } else { 3 },
@@ -730,8 +777,33 @@ async fn chaos_soak_keeps_every_identity_invariant() {
         );
         std::fs::write(&path, report).unwrap();
     }
+    if let Ok(path) = std::env::var("KMSGRANT_SOAK_SUMMARY") {
+        // One line per run, which scripts/soak gathers into the table of runs.
+        let line = json!({
+            "seed": seed.to_string(), "minutes": minutes, "commit": commit,
+            "duplicates": duplicates, "leaks": leaks, "cross_identity": cross,
+            "ready_without_grant": ready_without_grant, "non_leader_writes": non_leader_writes,
+            "overlaps": overlaps, "converged_seconds": converged_seconds,
+            "two_resyncs_seconds": 2 * RESYNC_SECONDS, "objects": objects.len(),
+            "kills": o.kills, "leader_changes": changes, "writes": o.writes.len(),
+            "folder": run_dir.display().to_string(),
+        });
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        writeln!(file, "{line}").unwrap();
+    }
+    let kept = format!(
+        "seed {seed} (KMSGRANT_SOAK_SEED={seed} replays it); replica logs, the call log and the final grants in {}; control plane and its logs in {}",
+        run_dir.display(),
+        control_plane.display(),
+    );
     if let Err(problem) = &converged_after {
-        panic!("did not converge within {settle_limit:?} after chaos: {problem}\n{table}");
+        panic!(
+            "did not converge within {settle_limit:?} after chaos: {problem}\n{table}\n{diagnosis}\n{kept}"
+        );
     }
     assert_eq!(
         (
@@ -743,12 +815,8 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             overlaps
         ),
         (0, 0, 0, 0, 0, 0),
-        "invariants violated (control plane and its logs kept in {}; operator logs in {}):\n{table}\n\
-         duplicated identities (first 10): {:?}\nleaked grants (first 10): {:?}",
-        control_plane.display(),
-        std::env::temp_dir().join("kmsgrant-e2e").display(),
-        duplicated.iter().take(10).collect::<Vec<_>>(),
-        leaked.iter().take(10).collect::<Vec<_>>()
+        "invariants violated:\n{table}\n{diagnosis}\ncross-identity adoptions: {:?}\n{kept}",
+        o.cross_identity.iter().take(10).collect::<Vec<_>>(),
     );
     assert_eq!(
         o.api_restarts.len(),
@@ -761,4 +829,107 @@ async fn chaos_soak_keeps_every_identity_invariant() {
         }
     }
     support::remove_own_control_plane(&control_plane);
+    // A passing run in the suite leaves nothing behind; one by hand (with a report) keeps its
+    // folder for a look.
+    if std::env::var_os("KMSGRANT_SOAK_REPORT").is_none() {
+        let _ = std::fs::remove_dir_all(&run_dir);
+    }
+}
+
+/// For each broken identity: what is wrong, its grants (ID, key, creation date) and every call
+/// in the emulator's log that named it or one of its grants.
+fn diagnose(
+    broken: &BTreeSet<&str>,
+    grants: &[kms_emulator::Grant],
+    calls: &[CallRecord],
+    what: impl Fn(&str) -> &'static str,
+) -> String {
+    let mut text = String::new();
+    for name in broken {
+        let held: Vec<&kms_emulator::Grant> = grants
+            .iter()
+            .filter(|g| g.name.as_deref().unwrap_or_default() == *name)
+            .collect();
+        let ids: BTreeSet<&str> = held.iter().map(|g| g.grant_id.as_str()).collect();
+        text.push_str(&format!(
+            "identity {:?} ({}): {} grant(s)\n",
+            name,
+            what(name),
+            held.len()
+        ));
+        for grant in &held {
+            text.push_str(&format!(
+                "  grant {} on key {}, created {}\n",
+                grant.grant_id,
+                grant.key_id,
+                timestamp(grant.creation_date_ms)
+            ));
+        }
+        for call in calls.iter().filter(|c| {
+            (!name.is_empty() && c.grant_name.as_deref() == Some(*name))
+                || c.grant_id.as_deref().is_some_and(|id| ids.contains(id))
+        }) {
+            text.push_str(&format!("  call {}\n", call_line(call)));
+        }
+    }
+    if text.is_empty() {
+        text.push_str("no broken identity\n");
+    }
+    text
+}
+
+fn timestamp(ms: u64) -> String {
+    jiff::Timestamp::from_millisecond(ms as i64)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+fn call_line(call: &CallRecord) -> String {
+    let outcome = if call.dropped {
+        "committed, answer dropped".to_owned()
+    } else {
+        match call.error_code {
+            Some(code) => format!("{} {code}", call.status),
+            None => call.status.to_string(),
+        }
+    };
+    format!(
+        "#{} {} {} key {} grant {} name {}: {outcome}",
+        call.seq,
+        timestamp(call.at_ms),
+        call.operation,
+        call.key_id.as_deref().unwrap_or("-"),
+        call.grant_id.as_deref().unwrap_or("-"),
+        call.grant_name.as_deref().unwrap_or("-"),
+    )
+}
+
+/// Keeps what a diagnosis needs in `dir`: each replica's logs, the call log (one JSON object a
+/// line), the final grants and the diagnosis.
+fn keep_run(
+    dir: &Path,
+    replicas: &[Replica],
+    calls: &[CallRecord],
+    grants: &[kms_emulator::Grant],
+    diagnosis: &str,
+) {
+    for (i, replica) in replicas.iter().enumerate() {
+        for (start, log) in replica.logs.iter().enumerate() {
+            let kept = dir.join(format!("replica-{i}-start-{start}.log"));
+            if std::fs::rename(log, &kept).is_err() {
+                let _ = std::fs::copy(log, &kept);
+            }
+        }
+    }
+    let mut file = std::io::BufWriter::new(std::fs::File::create(dir.join("calls.jsonl")).unwrap());
+    for call in calls {
+        writeln!(file, "{}", serde_json::to_string(call).unwrap()).unwrap();
+    }
+    file.flush().unwrap();
+    std::fs::write(
+        dir.join("grants.json"),
+        serde_json::to_string_pretty(grants).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("diagnosis.txt"), diagnosis).unwrap();
 }

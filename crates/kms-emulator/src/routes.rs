@@ -154,6 +154,7 @@ async fn kms_call(
         dropped: false,
         key_id: None,
         grant_id: None,
+        grant_name: None,
         caller: None,
         peer: parts
             .extensions
@@ -278,6 +279,12 @@ fn run_kms_call(
         .get("grant_id")
         .and_then(Value::as_str)
         .map(str::to_owned);
+    if operation == Operation::CreateGrant {
+        record.grant_name = fields
+            .get("name")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+    }
     let now_ms = unix_ms(now);
     let answer = match operation {
         Operation::CreateKey => {
@@ -369,6 +376,7 @@ fn record_iam(shared: &Shared, operation: &str, status: StatusCode, caller: Opti
         dropped: false,
         key_id: None,
         grant_id: None,
+        grant_name: None,
         caller,
         peer: None,
         at_ms: unix_ms(SystemTime::now()),

@@ -25,6 +25,10 @@ pub struct CallRecord {
     pub key_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<String>,
+    /// The `name` a `create-grant` asked for: what ties a call to a grant identity even when the
+    /// call failed before a grant ID existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant_name: Option<String>,
     /// User ID of the authenticated caller.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller: Option<String>,
