@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use kube::ResourceExt;
 use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
 
 use super::conditions::millis_rfc3339;
 use super::identity::{self, Identity};
@@ -89,8 +90,11 @@ fn named_object(grant_name: &str, cluster: &str) -> Option<(String, String)> {
 /// What the objects in the cache claim, indexed once per pass for every key.
 pub struct Claims {
     cluster: String,
-    /// Identity and legacy names of every object (as [`fingerprint`]s).
-    names: HashSet<u64>,
+    /// The objects, as the cache held them (shared, not copied).
+    objects: Vec<Arc<KmsGrant>>,
+    /// Identity and legacy names of every object (as [`fingerprint`]s), to the object's place in
+    /// `objects`.
+    names: HashMap<u64, usize>,
     /// Grant IDs recorded in status (as [`fingerprint`]s).
     recorded: HashSet<u64>,
     /// `spec.importGrantId` → the identities of the objects importing it.
@@ -98,14 +102,15 @@ pub struct Claims {
 }
 
 impl Claims {
-    pub fn of(cluster: &str, objects: &[Arc<KmsGrant>]) -> Self {
+    pub fn of(cluster: &str, objects: Vec<Arc<KmsGrant>>) -> Self {
         let mut claims = Self {
             cluster: cluster.to_owned(),
-            names: HashSet::new(),
+            objects: Vec::new(),
+            names: HashMap::new(),
             recorded: HashSet::new(),
             imports: HashMap::new(),
         };
-        for object in objects {
+        for (index, object) in objects.iter().enumerate() {
             let identity = Identity::new(
                 cluster,
                 &object.namespace().unwrap_or_default(),
@@ -115,8 +120,10 @@ impl Claims {
             if let Some(id) = object.status.as_ref().and_then(|s| s.grant_id.as_deref()) {
                 claims.recorded.insert(fingerprint(id));
             }
-            claims.names.insert(fingerprint(&identity.name));
-            claims.names.insert(fingerprint(&identity.legacy_name));
+            claims.names.insert(fingerprint(&identity.name), index);
+            claims
+                .names
+                .insert(fingerprint(&identity.legacy_name), index);
             if let Some(import) = &object.spec.import_grant_id {
                 claims
                     .imports
@@ -125,13 +132,45 @@ impl Claims {
                     .push(identity);
             }
         }
+        claims.objects = objects;
         claims
+    }
+
+    /// The objects that hold a grant among `grants` (one key's listing) by their name that their
+    /// status does not record (as the owned grant or the one being replaced): a duplicate from
+    /// a lost answer, a create that landed after a crash or a spec change, a grant made by hand
+    /// with the object's identity. Their reconcile removes it, whatever the key's snapshot saw
+    /// before. An object whose own create is still being recorded shows here too; waking it
+    /// costs a reconcile from the snapshot and no KMS call.
+    pub fn unrecorded(&self, grants: &[Grant]) -> Vec<ObjectRef<KmsGrant>> {
+        let mut found: Vec<usize> = grants
+            .iter()
+            .filter_map(|grant| {
+                let index = *self.names.get(&fingerprint(grant.name.as_deref()?))?;
+                let status = self.objects[index].status.as_ref();
+                let recorded = status.is_some_and(|s| {
+                    s.grant_id.as_deref() == Some(grant.grant_id.as_str())
+                        || s.superseded_grant
+                            .as_ref()
+                            .is_some_and(|old| old.grant_id == grant.grant_id)
+                });
+                // Two names sharing a fingerprint (see there) only cost that object a reconcile,
+                // which matches names exactly.
+                (!recorded).then_some(index)
+            })
+            .collect();
+        found.sort_unstable();
+        found.dedup();
+        found
+            .into_iter()
+            .map(|index| ObjectRef::from_obj(self.objects[index].as_ref()))
+            .collect()
     }
 
     /// Whether some object owns the grant, as [`Claim::owns`] decides for each.
     fn owned(&self, grant: &Grant) -> bool {
         let name = grant.name.as_deref();
-        name.is_some_and(|n| self.names.contains(&fingerprint(n)))
+        name.is_some_and(|n| self.names.contains_key(&fingerprint(n)))
             || self.recorded.contains(&fingerprint(&grant.grant_id))
             || self.imports.get(&grant.grant_id).is_some_and(|identities| {
                 identities.iter().any(|identity| {
@@ -281,7 +320,7 @@ mod tests {
     }
 
     fn verdicts(grants: &[Grant], objects: &[Arc<KmsGrant>]) -> Vec<(String, Verdict)> {
-        judge(grants, &Claims::of("c1", objects))
+        judge(grants, &Claims::of("c1", objects.to_vec()))
             .into_iter()
             .map(|(g, v)| (g.grant_id, v))
             .collect()
@@ -343,6 +382,55 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    fn with_status(object: Arc<KmsGrant>, status: serde_json::Value) -> Arc<KmsGrant> {
+        let mut object = KmsGrant::clone(&object);
+        object.status = Some(serde_json::from_value(status).unwrap());
+        Arc::new(object)
+    }
+
+    #[test]
+    fn objects_holding_a_grant_their_status_does_not_record_are_found() {
+        let objects = [
+            with_status(
+                object("team-a", "x", "uid-1", None),
+                serde_json::json!({"grantId": "x-1", "supersededGrant": {"keyId": "k0", "grantId": "x-0"}}),
+            ),
+            // Never recorded a grant (its create's answer was lost).
+            object("team-a", "y", "uid-2", None),
+            with_status(
+                object("team-a", "z", "uid-3", None),
+                serde_json::json!({"grantId": "z-1"}),
+            ),
+        ];
+        let claims = Claims::of("c1", objects.to_vec());
+        let grants = [
+            grant("x-1", Some("k8s/c1/team-a/x")),
+            grant("x-0", Some("k8s/c1/team-a/x")),
+            // A duplicate of x, and a grant y holds without knowing.
+            grant("x-2", Some("k8s/c1/team-a/x")),
+            grant("y-1", Some("k8s/c1/team-a/y")),
+            grant("z-1", Some("k8s/c1/team-a/z")),
+            // Neither this cluster's objects nor names of them.
+            grant("other", Some("k8s/c2/team-a/z")),
+            grant("gone", Some("k8s/c1/team-a/gone")),
+            grant("unnamed", None),
+        ];
+        let found: Vec<String> = claims
+            .unrecorded(&grants)
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
+        assert_eq!(found, ["x", "y"]);
+        // A legacy name counts as the object's too.
+        let legacy = [grant("legacy", Some("kmsgrant-uid-3"))];
+        let found: Vec<String> = claims
+            .unrecorded(&legacy)
+            .into_iter()
+            .map(|o| o.name)
+            .collect();
+        assert_eq!(found, ["z"]);
     }
 
     #[test]

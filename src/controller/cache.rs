@@ -52,6 +52,11 @@ impl Ord for KeyRef {
 #[derive(Default)]
 pub struct KeyCache {
     entries: Mutex<HashMap<KeyRef, Arc<KeyEntry>>>,
+    /// Per key, the objects (namespace, name) that the last drift pass found holding a grant
+    /// there by their name that their status does not record (see `audit::Claims::unrecorded`):
+    /// their reconciles look at the key too, so that a grant on a key the object no longer
+    /// names is removed. Usually empty.
+    unrecorded: Mutex<HashMap<KeyRef, Vec<(String, String)>>>,
 }
 
 #[derive(Default)]
@@ -398,6 +403,63 @@ impl KeyCache {
             .lock()
             .expect("cache lock")
             .retain(|key, _| key.provider != provider);
+        self.unrecorded
+            .lock()
+            .expect("cache lock")
+            .retain(|key, _| key.provider != provider);
+    }
+
+    /// What a listing of `key` found: the objects holding a grant there that their status does
+    /// not record (replacing what an earlier listing found).
+    pub fn found_unrecorded(&self, key: &KeyRef, objects: Vec<(String, String)>) {
+        let mut unrecorded = self.unrecorded.lock().expect("cache lock");
+        if objects.is_empty() {
+            unrecorded.remove(key);
+        } else {
+            unrecorded.insert(key.clone(), objects);
+        }
+    }
+
+    /// The keys on which the last listing found a grant of object `namespace/name` that its
+    /// status does not record.
+    pub fn unrecorded_of(&self, namespace: &str, name: &str) -> Vec<KeyRef> {
+        self.unrecorded
+            .lock()
+            .expect("cache lock")
+            .iter()
+            .filter(|(_, objects)| objects.iter().any(|(ns, n)| ns == namespace && n == name))
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    /// For a cleanup: the keys whose snapshot holds a grant named one of `names`, or may hold
+    /// one that it does not show (a write of unknown outcome made it stale). Read from memory,
+    /// no KMS call: a grant of the object on a key it no longer names (a create whose answer
+    /// was lost, then a spec change) is found before the object goes.
+    pub async fn keys_naming(&self, names: &[&str]) -> Vec<KeyRef> {
+        let entries: Vec<(KeyRef, Arc<KeyEntry>)> = self
+            .entries
+            .lock()
+            .expect("cache lock")
+            .iter()
+            .map(|(key, entry)| (key.clone(), Arc::clone(entry)))
+            .collect();
+        let mut found = Vec::new();
+        for (key, entry) in entries {
+            let snapshot = entry.grants.lock().await;
+            let Some(snapshot) = snapshot.as_ref() else {
+                continue;
+            };
+            if snapshot.stale
+                || snapshot
+                    .grants
+                    .iter()
+                    .any(|g| g.name.as_deref().is_some_and(|n| names.contains(&n)))
+            {
+                found.push(key);
+            }
+        }
+        found
     }
 
     /// Describes the key when its description is due (as [`Self::key_info`] would); true when
@@ -717,6 +779,71 @@ mod tests {
             .unwrap();
         let (changed, _) = cache.refresh(&client, &key, 100).await.unwrap();
         assert!(!changed);
+    }
+
+    /// A cleanup finds the keys where the object may still hold a grant without listing them:
+    /// those whose snapshot names it, and those a lost answer made uncertain.
+    #[tokio::test]
+    async fn a_cleanup_finds_the_keys_whose_snapshot_names_the_object_or_may_hide_its_grant() {
+        let (emulator, client, named) = emulator_with_key("named").await;
+        let other = |alias: &str| KeyRef {
+            key_id: emulator
+                .admin()
+                .create_key(NewKey {
+                    key_alias: alias.into(),
+                    ..NewKey::default()
+                })
+                .unwrap()
+                .key_id,
+            ..named.clone()
+        };
+        let (unrelated, uncertain) = (other("unrelated"), other("uncertain"));
+        let cache = KeyCache::default();
+        grant_by_hand(&client, &named, "k8s/c/ns/x").await;
+        grant_by_hand(&client, &unrelated, "k8s/c/ns/y").await;
+        for key in [&named, &unrelated, &uncertain] {
+            cache.refresh(&client, key, 100).await.unwrap();
+        }
+        assert_eq!(
+            cache.keys_naming(&["k8s/c/ns/x"]).await,
+            vec![named.clone()]
+        );
+        // A create on `uncertain` whose answer was lost: its snapshot cannot tell.
+        cache.invalidate(&uncertain).await;
+        let mut found = cache.keys_naming(&["k8s/c/ns/x", "kmsgrant-uid"]).await;
+        found.sort();
+        let mut expected = vec![named.clone(), uncertain.clone()];
+        expected.sort();
+        assert_eq!(found, expected);
+        assert!(
+            cache
+                .keys_naming(&["k8s/c/ns/z"])
+                .await
+                .contains(&uncertain)
+        );
+    }
+
+    /// What the drift pass found unrecorded on a key stands until a later listing of that key
+    /// says otherwise, and a provider that changed forgets it.
+    #[test]
+    fn unrecorded_grants_are_remembered_per_key_until_the_next_listing() {
+        let cache = KeyCache::default();
+        let key = |key_id: &str| KeyRef {
+            provider: "p".into(),
+            account: "a".into(),
+            key_id: key_id.into(),
+        };
+        let x = ("ns".to_owned(), "x".to_owned());
+        cache.found_unrecorded(&key("k1"), vec![x.clone()]);
+        cache.found_unrecorded(&key("k2"), vec![x.clone(), ("ns".into(), "y".into())]);
+        let mut keys = cache.unrecorded_of("ns", "x");
+        keys.sort();
+        assert_eq!(keys, vec![key("k1"), key("k2")]);
+        assert_eq!(cache.unrecorded_of("other", "x"), vec![]);
+        cache.found_unrecorded(&key("k1"), Vec::new());
+        assert_eq!(cache.unrecorded_of("ns", "x"), vec![key("k2")]);
+        cache.forget_provider("p");
+        assert_eq!(cache.unrecorded_of("ns", "y"), vec![]);
     }
 
     /// The drift pass lists a key and finds a grant gone: the objects it wakes believe that

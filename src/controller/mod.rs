@@ -688,6 +688,21 @@ async fn drift_pass(
         };
         // What the objects claim, read after the list: an object created meanwhile counts.
         let claims = claims_now(ctx, &mut claims);
+        // An object holding a grant here that its status does not record (a duplicate, or a
+        // grant on a key it no longer names) is woken whatever the snapshot saw before: its
+        // reconcile looks at this key too and keeps one grant.
+        let unrecorded = claims.unrecorded(&grants);
+        for object in &unrecorded {
+            tracing::info!(key = %key.key_id, object = %object, "a grant named for the object is not the one its status records; waking it to keep one");
+            let _ = wake.send(object.clone());
+        }
+        ctx.keys.found_unrecorded(
+            &key,
+            unrecorded
+                .into_iter()
+                .map(|o| (o.namespace.unwrap_or_default(), o.name))
+                .collect(),
+        );
         match audit::audit(&ctx.client, &grants, claims).await {
             Ok(found) => {
                 ctx.metrics.key_audited(
@@ -727,7 +742,7 @@ fn claims_now<'a>(
     // Read before the cache: an event applied meanwhile shows as a later count next time.
     let seen = ctx.grant_events.load(std::sync::atomic::Ordering::Acquire);
     if claims.as_ref().is_none_or(|(at, _)| *at != seen) {
-        *claims = Some((seen, audit::Claims::of(&ctx.cluster, &ctx.grants.state())));
+        *claims = Some((seen, audit::Claims::of(&ctx.cluster, ctx.grants.state())));
     }
     &claims.as_ref().expect("claims built above").1
 }

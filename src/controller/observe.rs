@@ -83,6 +83,19 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
         false => BTreeMap::new(),
     };
 
+    // Keys where a grant named for the object was seen that status does not record: found by
+    // the drift pass's listings; for a deletion also in any key's snapshot (or a key whose
+    // snapshot a lost answer made uncertain), so that the object does not go before it.
+    let mut unrecorded = ctx.keys.unrecorded_of(&namespace, &object.name_any());
+    if deleting {
+        let names = [identity.name.as_str(), identity.legacy_name.as_str()];
+        unrecorded.extend(ctx.keys.keys_naming(&names).await);
+    }
+    let unrecorded: Vec<(String, String)> = unrecorded
+        .into_iter()
+        .map(|key| (key.account, key.key_id))
+        .collect();
+
     // What may be read.
     let scope = scope::of(Facts {
         spec,
@@ -97,6 +110,7 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
             .map(|(p, a)| (&p.spec, a)),
         namespace: &namespace,
         namespace_labels: &labels,
+        unrecorded: &unrecorded,
     });
     let scope = match scope {
         Ok(scope) => scope,

@@ -524,7 +524,7 @@ async fn still_undeclared(
             .await?;
         objects.extend(all.items.into_iter().map(Arc::new));
     }
-    let claims = super::audit::Claims::of(&ctx.cluster, &objects);
+    let claims = super::audit::Claims::of(&ctx.cluster, objects);
     let grants: Vec<Grant> = candidates
         .iter()
         .map(|g| Grant {
@@ -565,7 +565,7 @@ async fn find(
         // Not audited yet: the grants the controller holds for the key, if it has listed it.
         None => match ctx.keys.snapshot(&key).await {
             Some(grants) => {
-                let claims = super::audit::Claims::of(&ctx.cluster, &ctx.grants.state());
+                let claims = super::audit::Claims::of(&ctx.cluster, ctx.grants.state());
                 let audit = super::audit::audit(&ctx.client, &grants, &claims)
                     .await
                     .map_err(|err| Outcome::Progressing {

@@ -156,8 +156,12 @@ pub fn cleanup_places(
             recorded_grant: Some(old.grant_id.clone()),
         });
     }
+    Ok(one_per_key(places))
+}
+
+/// One place per account and key, keeping a recorded grant if any entry has one.
+fn one_per_key(mut places: Vec<CleanupPlace>) -> Vec<CleanupPlace> {
     places.sort();
-    // One place per account and key, keeping a recorded grant if any entry has one.
     places.dedup_by(|later, earlier| {
         let same = later.account == earlier.account && later.key_id == earlier.key_id;
         if same && earlier.recorded_grant.is_none() {
@@ -165,7 +169,7 @@ pub fn cleanup_places(
         }
         same
     });
-    Ok(places)
+    places
 }
 
 /// What a pass may read for an object.
@@ -198,6 +202,10 @@ pub struct Facts<'a> {
     pub config: Option<(&'a KmsProviderConfigSpec, &'a str)>,
     pub namespace: &'a str,
     pub namespace_labels: &'a BTreeMap<String, String>,
+    /// `(account, key)`s where a grant named for this object was seen that status does not
+    /// record (a create whose answer was lost before a spec change, a late write of a replica
+    /// that lost its lease): looked at as well, so that it is removed.
+    pub unrecorded: &'a [(String, String)],
 }
 
 /// What a pass may read for an object; `Err` says why it cannot go on now.
@@ -211,6 +219,7 @@ pub fn of(facts: Facts<'_>) -> Result<Scope, Outcome> {
         config,
         namespace,
         namespace_labels,
+        unrecorded,
     } = facts;
     // A key named by alias: the key status records (observe adds the alias's current key).
     let spec_key = spec
@@ -226,6 +235,14 @@ pub fn of(facts: Facts<'_>) -> Result<Scope, Outcome> {
             config.map(|(_, account)| account),
             config_name,
         )?;
+        if spec.deletion_policy != DeletionPolicy::Orphan && !unrecorded.is_empty() {
+            places.extend(unrecorded.iter().map(|(account, key_id)| CleanupPlace {
+                account: account.clone(),
+                key_id: key_id.clone(),
+                recorded_grant: None,
+            }));
+            places = one_per_key(places);
+        }
         // An alias that never resolved names no key to look at.
         places.retain(|place| !place.key_id.is_empty());
         return Ok(Scope::Deleting { places });
@@ -263,9 +280,16 @@ pub fn of(facts: Facts<'_>) -> Result<Scope, Outcome> {
     {
         elsewhere.push(old.key_id.clone());
     }
+    elsewhere.extend(
+        unrecorded
+            .iter()
+            .filter(|(on, _)| on == account)
+            .map(|(_, key_id)| key_id.clone()),
+    );
     // For a key named by alias, observe drops the key it resolves to.
     elsewhere.retain(|k| Some(k) != spec.key_id.as_ref());
-    elsewhere.dedup();
+    let mut seen = std::collections::HashSet::new();
+    elsewhere.retain(|k| seen.insert(k.clone()));
     let superseded = match &status.superseded_grant {
         Some(old) => old
             .account
@@ -514,5 +538,57 @@ mod tests {
             ),
             Ok(vec![])
         );
+    }
+
+    #[test]
+    fn keys_holding_an_unrecorded_grant_are_looked_at_alive_and_deleted() {
+        let config = config(serde_json::json!({}));
+        let labels = BTreeMap::new();
+        let mut spec = spec();
+        spec.import_grant_id = None;
+        let orphan = KmsGrantSpec {
+            deletion_policy: DeletionPolicy::Orphan,
+            ..spec.clone()
+        };
+        let status = recorded_status(Some("acct"));
+        let unrecorded = [
+            ("acct".to_owned(), OTHER_KEY.to_owned()),
+            ("acct".to_owned(), KEY.to_owned()),
+            ("elsewhere".to_owned(), OTHER_KEY.to_owned()),
+        ];
+        let facts = |deleting: bool, spec| Facts {
+            spec,
+            status: &status,
+            deleting,
+            config_name: "p",
+            config_exists: true,
+            config: Some((&config, "acct")),
+            namespace: "team-a",
+            namespace_labels: &labels,
+            unrecorded: &unrecorded,
+        };
+        // Alive: the other key on the config's account is looked at with the keys status
+        // records; the spec's own key is read anyway, another account's is not the config's.
+        match of(facts(false, &spec)) {
+            Ok(Scope::Live { elsewhere, .. }) => assert_eq!(elsewhere, vec![OTHER_KEY.to_owned()]),
+            other => panic!("{other:?}"),
+        }
+        // Deleted: every such key is a place to look, on whichever account.
+        match of(facts(true, &spec)) {
+            Ok(Scope::Deleting { places }) => assert_eq!(
+                places,
+                vec![
+                    place("acct", OTHER_KEY, None),
+                    place("acct", KEY, Some("g1")),
+                    place("elsewhere", OTHER_KEY, None),
+                ]
+            ),
+            other => panic!("{other:?}"),
+        }
+        // An Orphan deletion leaves the object's grants, duplicates included.
+        match of(facts(true, &orphan)) {
+            Ok(Scope::Deleting { places }) => assert_eq!(places, vec![]),
+            other => panic!("{other:?}"),
+        }
     }
 }
