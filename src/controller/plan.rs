@@ -797,20 +797,40 @@ fn decide_live(object: &KmsGrant, seen: Result<Box<Live>, Stop>) -> Decision {
                 },
                 (None, false) => CreateWhy::New,
             };
+            let (on_other_keys, on_this_key): (Vec<&GrantRef>, Vec<&GrantRef>) = replaces
+                .iter()
+                .partition(|old| old.key_id != live.key.key_id);
+            // A grant on another key is found again only through status, which records one
+            // (`supersededGrant`): the one it records now, else the first. Any other there (the
+            // grant a previous key change superseded and could not revoke yet) is revoked before
+            // the create: the recorded grant still gives access meanwhile, and a revoke that
+            // fails leaves status as it was, so nothing is forgotten.
+            let superseded = on_other_keys
+                .iter()
+                .find(|old| Some(&old.grant_id) == recorded.as_ref().map(|r| &r.grant_id))
+                .or(on_other_keys.first())
+                .copied();
+            if let Some(kept) = superseded {
+                steps.extend(
+                    on_other_keys
+                        .iter()
+                        .filter(|old| old.grant_id != kept.grant_id)
+                        .map(|old| revoke(old)),
+                );
+            }
             steps.push(Step::Create {
                 client: live.client.clone(),
                 key: live.key.clone(),
                 desired: desired.clone(),
                 why,
             });
-            match replaces.iter().find(|old| old.key_id != live.key.key_id) {
-                // The grant on the old key is found again only through status: record it, and
-                // revoke it (with any other) in the next pass.
+            match superseded {
+                // Recorded, and revoked (with any other) in the next pass.
                 Some(old_key) => {
                     steps.push(Step::Supersede(old_key.clone()));
                     ending = Ending::Replacing;
                 }
-                None => steps.extend(replaces.iter().map(revoke)),
+                None => steps.extend(on_this_key.into_iter().map(revoke)),
             }
         }
     }
@@ -1865,6 +1885,32 @@ mod decision_tests {
             ["revoke old", "keep new", "forget superseded"]
         );
         assert_eq!(decision.ending, Ending::InSync);
+    }
+
+    #[test]
+    fn a_second_key_change_before_the_first_old_grant_went_forgets_neither() {
+        // Moved from OLD_KEY to KEY_B (the grant there recorded, the old one superseded but not
+        // revoked yet), now moved on to KEY.
+        const KEY_B: &str = "7c1f3b52-0d5e-4a6b-9c8d-1e2f3a4b5c6d";
+        let moving = object(serde_json::json!({"status": {
+            "grantId": "b", "keyId": KEY_B, "account": ACCOUNT,
+            "supersededGrant": {"keyId": OLD_KEY, "grantId": "old"}}}));
+        let mut seen = live(vec![], false);
+        seen.elsewhere = vec![
+            grant("b", KEY_B, MINE, &["describe-key"]),
+            grant("old", OLD_KEY, MINE, &["describe-key"]),
+        ];
+        let decision = decide(&moving, Observation::Live(Ok(seen)));
+        assert_eq!(
+            steps(&decision),
+            [
+                "revoke old",
+                "create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (Replace { old: \"b\" })",
+                "supersede b"
+            ],
+            "the grant status records is superseded; the one it can no longer record goes first"
+        );
+        assert_eq!(decision.ending, Ending::Replacing);
     }
 
     fn by_alias(extra: serde_json::Value) -> KmsGrant {
