@@ -1088,3 +1088,105 @@ async fn a_grant_whose_create_answer_was_lost_before_a_key_change_is_revoked_ali
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_leader_deleting_an_object_finds_its_grant_on_a_key_it_has_not_listed_yet() {
+    // No drift pass within the test: only the cleanup itself can find the grant.
+    let mut env = Env::new("newleader", EmulatorConfig::for_tests(), "120s").await;
+    let keys: Vec<String> = (0..3)
+        .map(|i| env.new_key(&format!("newleader-{i}")))
+        .collect();
+    env.start_operator();
+    env.apply(&env.grant("x", &keys[0], json!({})));
+    env.apply(&env.grant("w", &keys[1], json!({})));
+    env.wait_for("x", "condition=Ready", 60);
+    env.wait_for("w", "condition=Ready", 60);
+    // The leader creates a grant for x on keys[1] and dies before recording it; meanwhile x
+    // moves to keys[2] and is deleted.
+    env.kill_operator();
+    let stray = named_by_hand(&env, &keys[1], "x").await;
+    env.apply(&env.grant("x", &keys[2], json!({})));
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "delete",
+            "kmsgrant.kmsgrant.io",
+            "x",
+            "--wait=false",
+        ],
+        None,
+    );
+    env.start_operator();
+    eventually("x deleted", Duration::from_secs(60), async || {
+        kubectl(
+            &["-n", &env.namespace, "get", "kmsgrant.kmsgrant.io", "x"],
+            None,
+        )
+        .status
+        .code()
+            == Some(1)
+    })
+    .await;
+    assert_eq!(grants_named(&env, "x"), vec![], "x left {stray} behind");
+    assert_eq!(grants_named(&env, "w").len(), 1, "w's grant untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_key_change_before_the_first_old_grant_was_revoked_leaves_one_grant() {
+    // No drift pass within the test: the reconcile alone must keep track of both old grants.
+    let mut env = Env::new("twomoves", EmulatorConfig::for_tests(), "120s").await;
+    let keys: Vec<String> = (0..3)
+        .map(|i| env.new_key(&format!("twomoves-{i}")))
+        .collect();
+    env.start_operator();
+    env.apply(&env.grant("x", &keys[0], json!({})));
+    env.wait_for("x", "condition=Ready", 60);
+    // Revokes fail for a while: the move to keys[1] creates there and records the grant on
+    // keys[0] as superseded, which cannot go yet; then x moves on to keys[2].
+    let mut faults = FaultSettings::default();
+    faults.errors.insert(
+        "revoke-grant".into(),
+        kms_emulator::ErrorInjection {
+            rate: 1.0,
+            error: kms_emulator::InjectedError::Unavailable,
+        },
+    );
+    env.emulator.admin().set_faults(faults).unwrap();
+    env.apply(&env.grant("x", &keys[1], json!({})));
+    eventually(
+        "x's grant on keys[1] recorded, the old one superseded",
+        Duration::from_secs(60),
+        async || {
+            let status = env.get("x")["status"].clone();
+            status["keyId"] == json!(keys[1])
+                && status["supersededGrant"]["keyId"] == json!(keys[0])
+        },
+    )
+    .await;
+    env.apply(&env.grant("x", &keys[2], json!({})));
+    eventually(
+        "x's move to keys[2] observed",
+        Duration::from_secs(60),
+        async || {
+            let object = env.get("x");
+            object["status"]["observedGeneration"] == object["metadata"]["generation"]
+        },
+    )
+    .await;
+    env.emulator
+        .admin()
+        .set_faults(FaultSettings::default())
+        .unwrap();
+    eventually(
+        "x holds exactly one grant, on keys[2]",
+        Duration::from_secs(60),
+        async || {
+            let held = grants_named(&env, "x");
+            held.len() == 1 && held[0].key_id == keys[2]
+        },
+    )
+    .await;
+    env.wait_for("x", "condition=Ready", 60);
+    assert_eq!(env.get("x")["status"]["supersededGrant"], Value::Null);
+}

@@ -432,6 +432,30 @@ impl KeyCache {
             .collect()
     }
 
+    /// Of `key_ids` on the account `like` names, those this process has never listed.
+    pub async fn never_listed(
+        &self,
+        like: &KeyRef,
+        key_ids: impl IntoIterator<Item = String>,
+    ) -> Vec<KeyRef> {
+        let mut found = Vec::new();
+        for key_id in key_ids {
+            let key = KeyRef {
+                key_id,
+                ..like.clone()
+            };
+            let entry = self.entries.lock().expect("cache lock").get(&key).cloned();
+            let listed = match entry {
+                Some(entry) => entry.grants.lock().await.is_some(),
+                None => false,
+            };
+            if !listed {
+                found.push(key);
+            }
+        }
+        found
+    }
+
     /// For a cleanup: the keys whose snapshot holds a grant named one of `names`, or may hold
     /// one that it does not show (a write of unknown outcome made it stale). Read from memory,
     /// no KMS call: a grant of the object on a key it no longer names (a create whose answer
@@ -821,6 +845,13 @@ mod tests {
                 .await
                 .contains(&uncertain)
         );
+        // A key never listed here is named as such; listed ones are not.
+        let never = KeyRef {
+            key_id: "0d0466b0-e727-4d9c-b35d-f84bb474a37f".into(),
+            ..named.clone()
+        };
+        let ids = [named.key_id.clone(), never.key_id.clone()];
+        assert_eq!(cache.never_listed(&named, ids).await, vec![never]);
     }
 
     /// What the drift pass found unrecorded on a key stands until a later listing of that key

@@ -161,6 +161,9 @@ pub struct Context {
     grant_events: Arc<std::sync::atomic::AtomicU64>,
     /// Objects to reconcile now (the drift detector's queue).
     wake: mpsc::UnboundedSender<ObjectRef<KmsGrant>>,
+    /// Set once a drift pass has listed every key in use: before that (a new leader's first
+    /// minutes), a grant of a deleted object may sit on a key this process has not listed yet.
+    listed_every_key: std::sync::atomic::AtomicBool,
 }
 
 impl Context {
@@ -325,6 +328,7 @@ pub async fn run(
         audits: Mutex::default(),
         grant_events,
         wake: drift_tx.clone(),
+        listed_every_key: std::sync::atomic::AtomicBool::new(false),
     });
 
     // Secrets changing (credentials rotated or fixed) wake the configs that use them.
@@ -718,6 +722,8 @@ async fn drift_pass(
             }
         }
     }
+    ctx.listed_every_key
+        .store(true, std::sync::atomic::Ordering::Release);
     ctx.metrics.retain_audited_keys(&in_use);
     {
         let mut audits = ctx.audits.lock().expect("audit lock");

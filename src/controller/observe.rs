@@ -4,7 +4,7 @@
 //! nothing outside an object's scope is ever listed or described for it; the grant lists and key
 //! descriptions come from the shared, single-flighted [`cache`](super::cache).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use kube::runtime::reflector::ObjectRef;
@@ -90,6 +90,21 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
     if deleting {
         let names = [identity.name.as_str(), identity.legacy_name.as_str()];
         unrecorded.extend(ctx.keys.keys_naming(&names).await);
+        // A new leader has not listed every key yet: a grant the previous one created just
+        // before it went (and before the object moved to another key) may be on any key in use.
+        if !ctx
+            .listed_every_key
+            .load(std::sync::atomic::Ordering::Acquire)
+            && let Some(account) = &account
+        {
+            let like = KeyRef {
+                provider: config_name.clone(),
+                account: account.clone(),
+                key_id: String::new(),
+            };
+            let in_use = keys_in_use(&ctx.grants.state(), config_name);
+            unrecorded.extend(ctx.keys.never_listed(&like, in_use).await);
+        }
     }
     let unrecorded: Vec<(String, String)> = unrecorded
         .into_iter()
@@ -370,6 +385,23 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
             ))
         }
     }
+}
+
+/// The keys the cached objects using provider config `config_name` name (spec and status).
+fn keys_in_use(objects: &[std::sync::Arc<KmsGrant>], config_name: &str) -> BTreeSet<String> {
+    objects
+        .iter()
+        .filter(|o| o.spec.provider_config_ref.name == config_name)
+        .flat_map(|o| {
+            let status = o.status.as_ref();
+            [
+                o.spec.key_id.clone(),
+                status.and_then(|s| s.key_id.clone()),
+                status.and_then(|s| s.superseded_grant.as_ref().map(|g| g.key_id.clone())),
+            ]
+        })
+        .flatten()
+        .collect()
 }
 
 /// KMS itself says the key does not exist: its grants went with it.
