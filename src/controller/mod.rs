@@ -647,8 +647,10 @@ async fn drift_pass(
     let mut in_use = std::collections::HashSet::new();
     let mut records = HashMap::new();
     let mut claims = None;
+    let mut listed_every_key = true;
     for (key, objects) in keys {
         let Some(provider) = ctx.providers.get(&key.provider) else {
+            listed_every_key = false;
             continue;
         };
         in_use.insert((key.provider.clone(), key.key_id.clone()));
@@ -687,6 +689,7 @@ async fn drift_pass(
                     plan::failure_outcome(&err)
                 };
                 records.insert(key, Err(outcome));
+                listed_every_key = false;
                 continue;
             }
         };
@@ -722,8 +725,10 @@ async fn drift_pass(
             }
         }
     }
-    ctx.listed_every_key
-        .store(true, std::sync::atomic::Ordering::Release);
+    if listed_every_key {
+        ctx.listed_every_key
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
     ctx.metrics.retain_audited_keys(&in_use);
     {
         let mut audits = ctx.audits.lock().expect("audit lock");

@@ -17,6 +17,9 @@
 //! | `DELETE /_emulator/grants/{grant_id}` | | the removed Grant (out of band: no KMS call counted) |
 //! | `POST /_emulator/users` | `{"name", "password", "user_id"?, "access_key"?, "secret_key"?}` | 201 UserSummary |
 //! | `POST /_emulator/tokens` | `{"user_id"?, "scope"?: "project"\|"domain", "ttl_seconds"?}` | 201 `{"token", "expires_at_ms"}` |
+//! | `POST /_emulator/domains` | `{"name", "id"?}` | 201 Domain (another account: the other party of an agency) |
+//! | `POST /_emulator/domains/{domain_id}/users` | as `/users` | 201 UserSummary, a user of that domain |
+//! | `POST /_emulator/agencies` | [`NewAgency`] | 201 Agency |
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -32,7 +35,9 @@ use serde_json::json;
 use super::auth::unix_ms;
 use super::faults::FaultSettings;
 use super::server::Shared;
-use super::state::{Grant, Key, KeyState, SYSTEM_PRINCIPAL, TokenScope, User, random_hex};
+use super::state::{
+    Agency, Domain, Grant, Key, KeyState, SYSTEM_PRINCIPAL, TokenScope, User, random_hex,
+};
 use super::stats::{CallRecord, StatsSnapshot};
 
 /// A key to create out of band.
@@ -67,6 +72,22 @@ pub struct NewUser {
     pub access_key: Option<String>,
     #[serde(default)]
     pub secret_key: Option<String>,
+}
+
+/// An agency a delegating domain creates (on the console or with the agency API): users of the
+/// trusted domain may assume it (`assume_role`) and act in the delegating domain.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAgency {
+    pub name: String,
+    /// The delegating domain; the emulator's own when absent (the one with the KMS project).
+    #[serde(default)]
+    pub domain_id: Option<String>,
+    /// The delegated (trusted) domain, by ID or name.
+    #[serde(default)]
+    pub trust_domain_id: Option<String>,
+    #[serde(default)]
+    pub trust_domain_name: Option<String>,
 }
 
 /// A user without secrets.
@@ -161,16 +182,66 @@ impl EmulatorAdmin {
     }
 
     pub fn add_user(&self, new_user: NewUser) -> UserSummary {
+        let domain_id = self.shared.config.domain_id.clone();
+        self.add_user_in_domain(&domain_id, new_user)
+            .expect("the emulator's own domain exists")
+    }
+
+    /// A user of another domain (see [`EmulatorAdmin::add_domain`]).
+    pub fn add_user_in_domain(
+        &self,
+        domain_id: &str,
+        new_user: NewUser,
+    ) -> Result<UserSummary, String> {
+        let mut world = self.shared.world();
+        if world.domain_by(Some(domain_id), None).is_none() {
+            return Err(format!("no domain {domain_id}"));
+        }
         let user = User {
             name: new_user.name,
             user_id: new_user.user_id.unwrap_or_else(|| random_hex(16)),
+            domain_id: domain_id.to_owned(),
             password: new_user.password,
             access_key: new_user.access_key,
             secret_key: new_user.secret_key,
         };
         let summary = UserSummary::from(&user);
-        self.shared.world().add_user(user);
-        summary
+        world.add_user(user);
+        Ok(summary)
+    }
+
+    /// Another domain (account), with no project: the other party of an agency.
+    pub fn add_domain(&self, name: &str, id: Option<String>) -> Result<Domain, String> {
+        self.shared.world().add_domain(Domain {
+            id: id.unwrap_or_else(|| random_hex(16)),
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn add_agency(&self, new_agency: NewAgency) -> Result<Agency, String> {
+        let mut world = self.shared.world();
+        let trust = world
+            .domain_by(
+                new_agency.trust_domain_id.as_deref(),
+                new_agency.trust_domain_name.as_deref(),
+            )
+            .ok_or("trust_domain_id or trust_domain_name must name a domain")?;
+        world.add_agency(Agency {
+            id: random_hex(16),
+            name: new_agency.name,
+            domain_id: new_agency
+                .domain_id
+                .unwrap_or_else(|| self.shared.config.domain_id.clone()),
+            trust_domain_id: trust.id,
+        })
+    }
+
+    pub fn domains(&self) -> Vec<Domain> {
+        self.shared.world().domains()
+    }
+
+    pub fn agencies(&self) -> Vec<Agency> {
+        self.shared.world().agencies().to_vec()
     }
 
     /// Issues a token directly; a `ttl_seconds` of 0 or less gives an already expired token.
@@ -244,6 +315,62 @@ pub fn router() -> Router<Arc<Shared>> {
         .route("/grants/{grant_id}", delete(remove_grant))
         .route("/users", post(add_user))
         .route("/tokens", post(issue_token))
+        .route("/domains", post(add_domain).get(list_domains))
+        .route("/domains/{domain_id}/users", post(add_user_in_domain))
+        .route("/agencies", post(add_agency).get(list_agencies))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewDomain {
+    name: String,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+async fn add_domain(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    let request: NewDomain = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => return bad_request(error.to_string()),
+    };
+    match admin(shared).add_domain(&request.name, request.id) {
+        Ok(domain) => (StatusCode::CREATED, axum::Json(domain)).into_response(),
+        Err(error) => bad_request(error),
+    }
+}
+
+async fn list_domains(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(admin(shared).domains()).into_response()
+}
+
+async fn add_user_in_domain(
+    State(shared): State<Arc<Shared>>,
+    Path(domain_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let new_user: NewUser = match serde_json::from_slice(&body) {
+        Ok(new_user) => new_user,
+        Err(error) => return bad_request(error.to_string()),
+    };
+    match admin(shared).add_user_in_domain(&domain_id, new_user) {
+        Ok(user) => (StatusCode::CREATED, axum::Json(user)).into_response(),
+        Err(_) => not_found("domain"),
+    }
+}
+
+async fn add_agency(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    let request: NewAgency = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => return bad_request(error.to_string()),
+    };
+    match admin(shared).add_agency(request) {
+        Ok(agency) => (StatusCode::CREATED, axum::Json(agency)).into_response(),
+        Err(error) => bad_request(error),
+    }
+}
+
+async fn list_agencies(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(admin(shared).agencies()).into_response()
 }
 
 fn admin(shared: Arc<Shared>) -> EmulatorAdmin {

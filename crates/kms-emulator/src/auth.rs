@@ -30,20 +30,47 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|value| !value.is_empty())
 }
 
+/// Why a signed request was refused.
+enum SignedRejection {
+    Signature(SignatureError),
+    /// A temporary access key without its security token, or with another one.
+    SecurityToken,
+    /// A temporary access key past its expiry.
+    Expired,
+}
+
+/// Who signed: a user's permanent access key, or a temporary one presented with its
+/// `X-Security-Token` (signed or not) before it expires.
 fn verify_signature(
     world: &World,
     request: &RequestParts<'_>,
     now: SystemTime,
-) -> Result<String, SignatureError> {
-    let verified = signer::verify(request, SdkDateTime::from_system_time(now), |access_key| {
-        world
-            .user_by_access_key(access_key)
-            .and_then(|user| user.secret_key.as_deref().map(signer::SecretKey::from))
-    })?;
-    world
-        .user_by_access_key(&verified.access_key)
-        .map(|user| user.user_id.clone())
-        .ok_or(SignatureError::UnknownAccessKey)
+) -> Result<(String, String), SignedRejection> {
+    let verified =
+        signer::verify(
+            request,
+            SdkDateTime::from_system_time(now),
+            |access_key| match world.user_by_access_key(access_key) {
+                Some(user) => user.secret_key.as_deref().map(signer::SecretKey::from),
+                None => world
+                    .credential(access_key)
+                    .map(|credential| signer::SecretKey::from(credential.secret.as_str())),
+            },
+        )
+        .map_err(SignedRejection::Signature)?;
+    if let Some(user) = world.user_by_access_key(&verified.access_key) {
+        return Ok((user.user_id.clone(), user.domain_id.clone()));
+    }
+    let credential = world
+        .credential(&verified.access_key)
+        .ok_or(SignedRejection::Signature(SignatureError::UnknownAccessKey))?;
+    if header(request.headers, "x-security-token") != Some(credential.security_token.as_str()) {
+        return Err(SignedRejection::SecurityToken);
+    }
+    if credential.expires_at_ms <= unix_ms(now) {
+        return Err(SignedRejection::Expired);
+    }
+    Ok((credential.user_id.clone(), credential.domain_id.clone()))
 }
 
 /// Authenticates a KMS call for the project named in the URL.
@@ -62,7 +89,9 @@ pub fn authenticate_kms(
             return Err(ErrorCode::TokenExpired.into());
         }
         match &issued.scope {
-            TokenScope::Domain => return Err(ErrorCode::TokenNotProjectScoped.into()),
+            TokenScope::Domain | TokenScope::Unscoped => {
+                return Err(ErrorCode::TokenNotProjectScoped.into());
+            }
             TokenScope::Project(project_id) if project_id != url_project_id => {
                 return Err(ErrorCode::ProjectMismatch.into());
             }
@@ -77,12 +106,19 @@ pub fn authenticate_kms(
     if request.headers.get("authorization").is_none() {
         return Err(ErrorCode::TokenMissing.into());
     }
-    let user_id = verify_signature(world, request, now).map_err(|error| match error {
-        SignatureError::ClockSkew { .. } => KmsError(ErrorCode::ClockSkew),
-        _ => KmsError(ErrorCode::SignatureRejected),
-    })?;
+    let (user_id, domain_id) =
+        verify_signature(world, request, now).map_err(|error| match error {
+            SignedRejection::Signature(SignatureError::ClockSkew { .. }) => {
+                KmsError(ErrorCode::ClockSkew)
+            }
+            SignedRejection::Signature(_) => KmsError(ErrorCode::SignatureRejected),
+            SignedRejection::SecurityToken => KmsError(ErrorCode::SecurityTokenRejected),
+            SignedRejection::Expired => KmsError(ErrorCode::SecurityTokenExpired),
+        })?;
     let header_project = header(request.headers, "x-project-id");
+    // The project belongs to the emulator's domain: keys of other domains cannot use it.
     if url_project_id != world.account.project_id
+        || domain_id != world.account.domain_id
         || header_project.is_some_and(|p| p != url_project_id)
     {
         return Err(ErrorCode::ProjectMismatch.into());
@@ -109,5 +145,41 @@ pub fn authenticate_iam(
             _ => Err(IamError::unauthorized()),
         };
     }
-    verify_signature(world, request, now).map_err(|_| IamError::unauthorized())
+    verify_signature(world, request, now)
+        .map(|(user_id, _)| user_id)
+        .map_err(|_| IamError::unauthorized())
+}
+
+/// Who calls an IAM API: the user (or federated user, or agency) and its domain, with the token
+/// when one was used.
+#[derive(Clone, Debug)]
+pub struct IamPrincipal {
+    pub user_id: String,
+    pub domain_id: String,
+    pub token: Option<crate::state::IssuedToken>,
+}
+
+/// A valid, unexpired `X-Auth-Token`, or else a signature (permanent or temporary access key).
+pub fn authenticate_principal(
+    world: &World,
+    request: &RequestParts<'_>,
+    now: SystemTime,
+) -> Option<IamPrincipal> {
+    if let Some(token) = header(request.headers, "x-auth-token") {
+        let issued = world
+            .token(token)
+            .filter(|issued| issued.expires_at_ms > unix_ms(now))?;
+        return Some(IamPrincipal {
+            user_id: issued.user_id.clone(),
+            domain_id: issued.domain_id.clone(),
+            token: Some(issued.clone()),
+        });
+    }
+    request.headers.get("authorization")?;
+    let (user_id, domain_id) = verify_signature(world, request, now).ok()?;
+    Some(IamPrincipal {
+        user_id,
+        domain_id,
+        token: None,
+    })
 }

@@ -33,7 +33,15 @@ pub struct EmulatorConfig {
     pub password: String,
     pub access_key: String,
     pub secret_key: String,
+    /// Validity of password tokens (and of tokens the admin API issues by default).
     pub token_ttl: Duration,
+    /// Validity of federated tokens (`/v3.0/OS-AUTH/id-token/tokens` and the protocol `auth`).
+    pub federation_token_ttl: Duration,
+    /// Validity of agency tokens (`POST /v3/auth/tokens`, method `assume_role`).
+    pub agency_token_ttl: Duration,
+    /// When set, temporary AK/SK last this long whatever `duration_seconds` asked for (which is
+    /// still checked against 900..=86400): lets tests watch them expire.
+    pub security_token_ttl: Option<Duration>,
     pub grants_per_key: usize,
     pub keys_per_project: usize,
     /// Keys and grants are loaded from here at start and written back shortly after each change.
@@ -56,6 +64,9 @@ impl Default for EmulatorConfig {
             access_key: DEFAULT_ACCESS_KEY.into(),
             secret_key: DEFAULT_SECRET_KEY.to_owned(),
             token_ttl: Duration::from_secs(24 * 3600),
+            federation_token_ttl: Duration::from_secs(24 * 3600),
+            agency_token_ttl: Duration::from_secs(24 * 3600),
+            security_token_ttl: None,
             grants_per_key: 100,
             keys_per_project: 100,
             state_file: None,
@@ -119,6 +130,24 @@ pub struct EmulatorArgs {
     /// Token validity in seconds.
     #[arg(long, env = "KMSGRANT_EMULATOR_TOKEN_TTL", default_value_t = 86_400)]
     pub token_ttl: u64,
+    /// Federated token (OpenID Connect ID-token exchange) validity in seconds.
+    #[arg(
+        long,
+        env = "KMSGRANT_EMULATOR_FEDERATION_TOKEN_TTL",
+        default_value_t = 86_400
+    )]
+    pub federation_token_ttl: u64,
+    /// Agency token (`assume_role`) validity in seconds.
+    #[arg(
+        long,
+        env = "KMSGRANT_EMULATOR_AGENCY_TOKEN_TTL",
+        default_value_t = 86_400
+    )]
+    pub agency_token_ttl: u64,
+    /// Temporary AK/SK validity in seconds, overriding the requested `duration_seconds` (which
+    /// must still be 900..86400); unset, they last `duration_seconds` (default 900).
+    #[arg(long, env = "KMSGRANT_EMULATOR_SECURITY_TOKEN_TTL")]
+    pub security_token_ttl: Option<u64>,
     /// Most grants one key may have (KMS.2404 beyond).
     #[arg(long, env = "KMSGRANT_EMULATOR_GRANTS_PER_KEY", default_value_t = 100)]
     pub grants_per_key: usize,
@@ -188,6 +217,9 @@ impl EmulatorArgs {
             access_key,
             secret_key,
             token_ttl,
+            federation_token_ttl,
+            agency_token_ttl,
+            security_token_ttl,
             grants_per_key,
             keys_per_project,
             state_file,
@@ -224,6 +256,9 @@ impl EmulatorArgs {
             access_key,
             secret_key,
             token_ttl: Duration::from_secs(token_ttl),
+            federation_token_ttl: Duration::from_secs(federation_token_ttl),
+            agency_token_ttl: Duration::from_secs(agency_token_ttl),
+            security_token_ttl: security_token_ttl.map(Duration::from_secs),
             grants_per_key,
             keys_per_project,
             state_file,

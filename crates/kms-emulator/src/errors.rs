@@ -85,6 +85,11 @@ pub enum ErrorCode {
     ClockSkew,
     /// 429 APIG.0308 (gateway body)
     Throttled,
+    /// 401 APIGW.0301 (gateway body): a temporary access key without its `X-Security-Token`, or
+    /// with another one
+    SecurityTokenRejected,
+    /// 401 APIGW.0301 (gateway body): a temporary access key past its `expires_at`
+    SecurityTokenExpired,
 }
 
 impl ErrorCode {
@@ -101,7 +106,9 @@ impl ErrorCode {
             MethodNotSupported => StatusCode::METHOD_NOT_ALLOWED,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            SignatureRejected | ClockSkew => StatusCode::UNAUTHORIZED,
+            SignatureRejected | ClockSkew | SecurityTokenRejected | SecurityTokenExpired => {
+                StatusCode::UNAUTHORIZED
+            }
             Throttled => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::BAD_REQUEST,
         }
@@ -146,7 +153,7 @@ impl ErrorCode {
             MethodNotSupported => "KMS.0215",
             Internal => "KMS.0100",
             Unavailable => "KMS.0104",
-            SignatureRejected => "APIGW.0301",
+            SignatureRejected | SecurityTokenRejected | SecurityTokenExpired => "APIGW.0301",
             ClockSkew => "APIGW.0303",
             Throttled => "APIG.0308",
         }
@@ -199,6 +206,12 @@ impl ErrorCode {
                 "Incorrect IAM authentication information: the request time is more than 15 minutes off"
             }
             Throttled => "The throttling threshold has been reached",
+            SecurityTokenRejected => {
+                "Incorrect IAM authentication information: the security token is missing or does not belong to the access key"
+            }
+            SecurityTokenExpired => {
+                "Incorrect IAM authentication information: the security token has expired"
+            }
         }
     }
 
@@ -206,7 +219,11 @@ impl ErrorCode {
     pub fn is_gateway(self) -> bool {
         matches!(
             self,
-            Self::SignatureRejected | Self::ClockSkew | Self::Throttled
+            Self::SignatureRejected
+                | Self::ClockSkew
+                | Self::Throttled
+                | Self::SecurityTokenRejected
+                | Self::SecurityTokenExpired
         )
     }
 }
@@ -272,5 +289,126 @@ impl IntoResponse for IamError {
         let title = self.status.canonical_reason().unwrap_or("Error");
         let body = json!({"error": {"code": self.status.as_u16(), "title": title, "message": self.message}});
         (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// An error of the IAM federation and credential APIs, with the `error_code` / `error_msg` the IAM
+/// pages document. The `/v3.0/` calls answer the flat `{"error_msg", "error_code"}` body; the
+/// Keystone-style `/v3/` calls answer `{"error": {"code", "title", "message"}}`. `detail` says
+/// which check failed (the documented message is generic); it is sent as `X-Emulator-Detail`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{status} {code} {message} ({detail})")]
+pub struct IamApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub detail: String,
+    /// The Keystone body instead of the flat one.
+    pub keystone: bool,
+}
+
+impl IamApiError {
+    fn new(status: StatusCode, code: &'static str, message: String, detail: String) -> Self {
+        Self {
+            status,
+            code,
+            message,
+            detail,
+            keystone: false,
+        }
+    }
+
+    /// 400 IAM.0011 "Request body is invalid."
+    pub fn invalid_body(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "IAM.0011",
+            "Request body is invalid.".into(),
+            detail.into(),
+        )
+    }
+
+    /// 400 IAM.0007 "Request parameter %(key)s is invalid."
+    pub fn invalid_parameter(key: &str, detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "IAM.0007",
+            format!("Request parameter {key} is invalid."),
+            detail.into(),
+        )
+    }
+
+    /// 401 IAM.0001 "The request you have made requires authentication."
+    pub fn unauthenticated(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "IAM.0001",
+            "The request you have made requires authentication.".into(),
+            detail.into(),
+        )
+    }
+
+    /// 403 IAM.0003 "Policy doesn't allow %(actions)s to be performed."
+    pub fn forbidden(action: &str, detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "IAM.0003",
+            format!("Policy doesn't allow {action} to be performed."),
+            detail.into(),
+        )
+    }
+
+    /// 404 IAM.0004 "Could not find %(target)s: %(target_id)s."
+    pub fn not_found(target: &str, id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "IAM.0004",
+            format!("Could not find {target}: {id}."),
+            format!("no {target} {id:?}"),
+        )
+    }
+
+    /// 409 IAM.0005 "Conflict occurred attempting to store %(type)s - %(details)s."
+    pub fn conflict(kind: &str, detail: impl Into<String>) -> Self {
+        let detail = detail.into();
+        Self::new(
+            StatusCode::CONFLICT,
+            "IAM.0005",
+            format!("Conflict occurred attempting to store {kind} - {detail}."),
+            detail,
+        )
+    }
+
+    /// The same error with the Keystone body (the `/v3/OS-FEDERATION/` calls).
+    pub fn keystone(mut self) -> Self {
+        self.keystone = true;
+        self
+    }
+}
+
+impl IntoResponse for IamApiError {
+    fn into_response(self) -> Response {
+        let body = if self.keystone {
+            let title = self.status.canonical_reason().unwrap_or("Error");
+            json!({"error": {"code": self.status.as_u16(), "title": title, "message": self.message}})
+        } else {
+            json!({"error_msg": self.message, "error_code": self.code})
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        let detail: String = self
+            .detail
+            .chars()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if let Ok(value) = HeaderValue::from_str(&detail) {
+            response.headers_mut().insert("x-emulator-detail", value);
+        }
+        response
     }
 }

@@ -17,6 +17,8 @@ mod auth;
 pub mod config;
 pub mod errors;
 pub mod faults;
+pub mod federation;
+mod federation_api;
 mod routes;
 mod server;
 pub mod state;
@@ -31,11 +33,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use admin::{EmulatorAdmin, NewKey, NewUser, StateDump, UserSummary};
+pub use admin::{EmulatorAdmin, NewAgency, NewKey, NewUser, StateDump, UserSummary};
 pub use config::{EmulatorArgs, EmulatorConfig};
 pub use errors::ErrorCode;
 pub use faults::{ErrorInjection, FaultSettings, InjectedError};
-pub use state::{Grant, Key, KeyState, TokenScope};
+pub use state::{Agency, Domain, Grant, Key, KeyState, TokenScope};
 pub use stats::{CallRecord, StatsSnapshot};
 
 /// Starts emulators.

@@ -113,6 +113,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v3/auth/domains", get(domains))
         .route("/v3/projects", get(projects))
         .route("/v3/auth/projects", get(projects))
+        .merge(super::federation_api::router())
         .nest("/_emulator", super::admin::router())
         .fallback(not_found)
         .with_state(shared)
@@ -403,14 +404,32 @@ struct TokenQuery {
     nocatalog: Option<String>,
 }
 
-/// `POST /v3/auth/tokens` with the password method, scoped to a project (by ID or name) or the
-/// domain. 201, token in `X-Subject-Token`.
+/// `POST /v3/auth/tokens`: the password method, scoped to a project (by ID or name) or the
+/// domain; `token` (rescoping, e.g. a federated unscoped token) and `assume_role` (an agency
+/// token) are in [`super::federation_api`]. 201, token in `X-Subject-Token`.
 async fn create_token(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let with_catalog = query.nocatalog.as_ref().is_none_or(|v| v.is_empty());
+    if let Ok(request) = serde_json::from_slice::<Value>(&body) {
+        let methods = &request["auth"]["identity"]["methods"];
+        let has = |name: &str| {
+            methods
+                .as_array()
+                .is_some_and(|methods| methods.iter().any(|m| m == name))
+        };
+        if !has("password") && (has("token") || has("assume_role")) {
+            let outcome = if has("token") {
+                super::federation_api::rescope(&shared, &headers, &request, with_catalog)
+            } else {
+                super::federation_api::assume_role_token(&shared, &headers, &request, with_catalog)
+            };
+            return super::federation_api::respond(&shared, "tokens", outcome);
+        }
+    }
     let outcome = issue_token(
         &shared,
         &headers,
@@ -457,8 +476,9 @@ fn issue_token(
     ))?;
     let account = &shared.config;
     let domain = &user["domain"];
-    let domain_matches = domain["name"].as_str() == Some(account.domain_name.as_str())
-        || domain["id"].as_str() == Some(account.domain_id.as_str());
+    let user_domain = shared
+        .world()
+        .domain_by(domain["id"].as_str(), domain["name"].as_str());
     let scope = &request["auth"]["scope"];
     let scope = if scope["project"].is_object() {
         let project = &scope["project"];
@@ -476,15 +496,27 @@ fn issue_token(
     };
     let now_ms = unix_ms(SystemTime::now());
     let mut world = shared.world();
-    let found = match (user["id"].as_str(), user["name"].as_str()) {
-        (Some(id), _) => world.user_by_id(id),
-        (None, Some(name)) if domain_matches => world.user_by_name(name),
+    let found = match (user["id"].as_str(), user["name"].as_str(), &user_domain) {
+        (Some(id), _, _) => world.user_by_id(id),
+        (None, Some(name), Some(domain)) => world
+            .users()
+            .iter()
+            .find(|user| user.name == name && user.domain_id == domain.id),
         _ => None,
     };
     let user = found
         .filter(|user| user.password == password)
         .cloned()
         .ok_or_else(IamError::unauthorized)?;
+    // The emulator's one project is in its own domain.
+    if matches!(scope, TokenScope::Project(_)) && user.domain_id != account.domain_id {
+        return Err(IamError::bad_request(
+            "The project in the scope does not exist.",
+        ));
+    }
+    let user_domain = world
+        .domain_by(Some(&user.domain_id), None)
+        .expect("a user's domain exists");
     let (token, issued) = world.issue_token(
         &user.user_id,
         scope.clone(),
@@ -492,7 +524,7 @@ fn issue_token(
         account.token_ttl.as_millis() as i64,
     );
     drop(world);
-    let domain = json!({"id": account.domain_id, "name": account.domain_name});
+    let domain = json!({"id": user_domain.id, "name": user_domain.name});
     let mut body = json!({"token": {
         "methods": ["password"],
         "expires_at": iso8601(issued.expires_at_ms),
@@ -506,6 +538,7 @@ fn issue_token(
                 json!({"domain": domain, "id": account.project_id, "name": account.project_name});
         }
         TokenScope::Domain => body["token"]["domain"] = domain,
+        TokenScope::Unscoped => {}
     }
     if !no_catalog {
         body["token"]["catalog"] = catalog_entries(shared, &base_url(shared, headers));

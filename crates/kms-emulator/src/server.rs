@@ -45,6 +45,7 @@ impl Shared {
         let user = User {
             name: config.username.clone(),
             user_id: config.user_id.clone(),
+            domain_id: config.domain_id.clone(),
             password: config.password.clone(),
             access_key: Some(config.access_key.clone()),
             secret_key: Some(config.secret_key.clone()),

@@ -153,6 +153,8 @@ impl<'a> From<&'a Grant> for ListedGrant<'a> {
 pub struct User {
     pub name: String,
     pub user_id: String,
+    /// The domain (account) the user belongs to: the emulator's own, or one added by the admin.
+    pub domain_id: String,
     pub password: String,
     pub access_key: Option<String>,
     pub secret_key: Option<String>,
@@ -162,13 +164,77 @@ pub struct User {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TokenScope {
     Project(String),
+    /// The domain of the token's user ([`IssuedToken::domain_id`]).
     Domain,
+    /// No scope: a federated token without `auth.scope`. KMS refuses it (KMS.0305); it can be
+    /// rescoped (`POST /v3/auth/tokens`, method `token`) or traded for temporary AK/SK.
+    Unscoped,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IssuedToken {
     pub user_id: String,
     pub scope: TokenScope,
+    pub issued_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// The domain of the token's user (for an agency token, the delegating domain).
+    pub domain_id: String,
+    pub identity: TokenIdentity,
+}
+
+/// Who a token speaks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenIdentity {
+    /// An IAM user (password, or a token the admin issued).
+    User,
+    /// A federated (virtual) user mapped from an ID token.
+    Federated(FederatedUser),
+    /// An agency assumed by a user of the trusted domain.
+    Agency(AssumedAgency),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FederatedUser {
+    pub idp_id: String,
+    pub protocol_id: String,
+    pub name: String,
+    pub groups: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssumedAgency {
+    pub agency_name: String,
+    /// The delegated party's user, domain and their names.
+    pub by_user_id: String,
+    pub by_user_name: String,
+    pub by_domain_id: String,
+}
+
+/// A domain (account) besides the emulator's own, added by the admin: the other party of an
+/// agency. It has users but no project and no KMS.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Domain {
+    pub id: String,
+    pub name: String,
+}
+
+/// An agency: `domain_id` (the delegating party) lets users of `trust_domain_id` act in it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Agency {
+    pub id: String,
+    pub name: String,
+    pub domain_id: String,
+    pub trust_domain_id: String,
+}
+
+/// A temporary access key (`POST /v3.0/OS-CREDENTIAL/securitytokens`): signs requests only
+/// together with its security token, until it expires.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TemporaryCredential {
+    pub secret: String,
+    pub security_token: String,
+    pub user_id: String,
+    pub domain_id: String,
     pub issued_at_ms: u64,
     pub expires_at_ms: u64,
 }
@@ -212,6 +278,13 @@ pub struct World {
     listed: HashMap<String, Box<str>>,
     users: Vec<User>,
     tokens: HashMap<String, IssuedToken>,
+    /// Domains besides the account's own.
+    domains: Vec<Domain>,
+    agencies: Vec<Agency>,
+    /// access key -> temporary credential
+    credentials: HashMap<String, TemporaryCredential>,
+    /// Identity providers, mappings, protocols and OpenID Connect configurations.
+    pub federation: super::federation::Federation,
 }
 
 /// What an authenticated KMS caller is.
@@ -228,6 +301,14 @@ pub fn random_hex(bytes: usize) -> String {
         let _ = write!(out, "{:016x}", fastrand::u64(..));
     }
     out
+}
+
+/// 20 upper-case letters and digits, like an IAM access key ID.
+fn random_access_key() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    (0..20)
+        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
+        .collect()
 }
 
 fn new_key_id() -> String {
@@ -253,6 +334,10 @@ impl World {
             listed: HashMap::new(),
             users,
             tokens: HashMap::new(),
+            domains: Vec::new(),
+            agencies: Vec::new(),
+            credentials: HashMap::new(),
+            federation: Default::default(),
         };
         world.add_default_keys(now_ms);
         world
@@ -366,6 +451,7 @@ impl World {
             .find(|user| user.access_key.as_deref() == Some(access_key))
     }
 
+    /// A token of an IAM user, in the user's domain (the account's when the user is unknown).
     pub fn issue_token(
         &mut self,
         user_id: &str,
@@ -373,16 +459,111 @@ impl World {
         now_ms: u64,
         ttl_ms: i64,
     ) -> (String, IssuedToken) {
-        let token = format!("MIIemulator{}", random_hex(48));
-        let issued = IssuedToken {
+        let domain_id = self
+            .user_by_id(user_id)
+            .map(|user| user.domain_id.clone())
+            .unwrap_or_else(|| self.account.domain_id.clone());
+        self.store_token(IssuedToken {
             user_id: user_id.to_owned(),
             scope,
             issued_at_ms: now_ms,
             expires_at_ms: (now_ms as i64 + ttl_ms).max(0) as u64,
-        };
-        self.prune_tokens(now_ms);
+            domain_id,
+            identity: TokenIdentity::User,
+        })
+    }
+
+    /// Stores a token made by the caller (federated, rescoped, agency) and returns its ID.
+    pub fn store_token(&mut self, issued: IssuedToken) -> (String, IssuedToken) {
+        let token = format!("MIIemulator{}", random_hex(48));
+        self.prune_tokens(issued.issued_at_ms);
         self.tokens.insert(token.clone(), issued.clone());
         (token, issued)
+    }
+
+    // ---- domains, agencies, temporary credentials ----
+
+    /// The account's own domain and the added ones.
+    pub fn domains(&self) -> Vec<Domain> {
+        let mut all = vec![Domain {
+            id: self.account.domain_id.clone(),
+            name: self.account.domain_name.clone(),
+        }];
+        all.extend(self.domains.iter().cloned());
+        all
+    }
+
+    pub fn domain_by(&self, id: Option<&str>, name: Option<&str>) -> Option<Domain> {
+        self.domains().into_iter().find(|domain| {
+            id.is_some_and(|id| id == domain.id) || (id.is_none() && name == Some(&domain.name))
+        })
+    }
+
+    pub fn add_domain(&mut self, domain: Domain) -> Result<Domain, String> {
+        if self
+            .domains()
+            .iter()
+            .any(|d| d.id == domain.id || d.name == domain.name)
+        {
+            return Err(format!(
+                "a domain with ID {} or name {} exists",
+                domain.id, domain.name
+            ));
+        }
+        self.domains.push(domain.clone());
+        Ok(domain)
+    }
+
+    pub fn agencies(&self) -> &[Agency] {
+        &self.agencies
+    }
+
+    pub fn add_agency(&mut self, agency: Agency) -> Result<Agency, String> {
+        for domain in [&agency.domain_id, &agency.trust_domain_id] {
+            if self.domain_by(Some(domain), None).is_none() {
+                return Err(format!("no domain {domain}"));
+            }
+        }
+        if self
+            .agencies
+            .iter()
+            .any(|a| a.domain_id == agency.domain_id && a.name == agency.name)
+        {
+            return Err(format!("agency {} exists in that domain", agency.name));
+        }
+        self.agencies.push(agency.clone());
+        Ok(agency)
+    }
+
+    pub fn agency(&self, domain_id: &str, name: &str) -> Option<&Agency> {
+        self.agencies
+            .iter()
+            .find(|a| a.domain_id == domain_id && a.name == name)
+    }
+
+    /// Stores a temporary credential and returns its access key.
+    pub fn issue_credential(&mut self, credential: TemporaryCredential) -> String {
+        let access = random_access_key();
+        let now_ms = credential.issued_at_ms;
+        self.credentials
+            .retain(|_, c| c.expires_at_ms.saturating_add(EXPIRED_TOKEN_MEMORY_MS) > now_ms);
+        while self.credentials.len() >= MAX_TOKENS {
+            let Some(first) = self
+                .credentials
+                .iter()
+                .min_by_key(|(_, c)| (c.expires_at_ms, c.issued_at_ms))
+                .map(|(access, _)| access.clone())
+            else {
+                break;
+            };
+            self.credentials.remove(&first);
+        }
+        self.credentials.insert(access.clone(), credential);
+        access
+    }
+
+    pub fn credential(&self, access: &str) -> Option<&TemporaryCredential> {
+        self.credentials.get(access)
     }
 
     /// Forgets tokens that expired more than [`EXPIRED_TOKEN_MEMORY_MS`] ago (until then they are

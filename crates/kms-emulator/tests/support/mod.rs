@@ -172,6 +172,24 @@ impl Harness {
         }
     }
 
+    /// Signs `request` with any access key and secret key (a temporary one, say), dated now.
+    pub fn sign_as(
+        &self,
+        variant: &Variant,
+        access_key: &str,
+        secret_key: &str,
+        request: &ToSign,
+    ) -> Signature {
+        let date = sdk_date(0);
+        let mut signed = request.headers.to_vec();
+        signed.push(("x-sdk-date", &date));
+        let authorization = sign(variant, access_key, secret_key, request, &signed);
+        Signature {
+            date,
+            authorization,
+        }
+    }
+
     /// Sends `request`, signed as the default user and dated now, to the emulator. Of the headers
     /// the signature covers, only `x-sdk-date` is sent and `host` set by the HTTP client: a signed
     /// header not sent is what a test of that case wants.
