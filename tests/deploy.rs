@@ -1463,3 +1463,247 @@ fn builtin_edit_and_view_roles_carry_the_kmsgrant_roles() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
 }
+
+/// The chart's NetworkPolicy with values a platform team would set: Prometheus' namespace as the
+/// only scraper, the API server pinned to its address and port, KMS in one CIDR, and a private
+/// endpoint through `extraEgress`.
+const NETWORK_POLICY_VALUES: &str = "\
+metrics: {port: 9090}
+networkPolicy:
+  enabled: true
+  metricsFrom: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]
+  apiServer: {ports: [6443], to: [{ipBlock: {cidr: 10.0.0.10/32}}]}
+  https: {cidrs: [100.125.0.0/16]}
+  extraEgress: [{to: [{ipBlock: {cidr: 10.1.2.3/32}}], ports: [{port: 8443, protocol: TCP}]}]
+";
+
+/// The (port, protocol) pairs of a NetworkPolicy rule.
+fn policy_ports(rule: &Value) -> Vec<(i64, String)> {
+    rule["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["port"].as_i64().unwrap(),
+                p["protocol"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn tcp(ports: &[i64]) -> Vec<(i64, String)> {
+    ports.iter().map(|&p| (p, "TCP".to_owned())).collect()
+}
+
+/// The policy selects exactly the Deployment's pods (its selector, which the pod template's
+/// labels carry).
+fn assert_selects_the_operator_pods(policy: &Value, deployment: &Value) {
+    let selector = &deployment["spec"]["selector"]["matchLabels"];
+    assert_eq!(
+        policy["spec"]["podSelector"],
+        json!({"matchLabels": selector})
+    );
+    for (label, value) in selector.as_object().unwrap() {
+        assert_eq!(
+            &deployment["spec"]["template"]["metadata"]["labels"][label],
+            value
+        );
+    }
+    assert_eq!(
+        policy["metadata"]["namespace"],
+        deployment["metadata"]["namespace"]
+    );
+}
+
+/// The chart rendered with `networkPolicy.enabled=true` and defaults otherwise.
+fn chart_network_policy_with_defaults() -> (Value, Value) {
+    let rendered = objects(&helm_ok(&[
+        "template",
+        "kmsgrant-operator",
+        CHART,
+        "--namespace",
+        OPERATOR_NAMESPACE,
+        "--set",
+        "networkPolicy.enabled=true",
+    ]));
+    (
+        one(&rendered, "NetworkPolicy").clone(),
+        one(&rendered, "Deployment").clone(),
+    )
+}
+
+#[test]
+fn helm_chart_renders_no_network_policy_unless_enabled() {
+    let rendered = objects(&helm_ok(&["template", "kmsgrant-operator", CHART]));
+    assert!(
+        find(&rendered, "NetworkPolicy").is_empty(),
+        "existing installs must not change"
+    );
+}
+
+/// Enabled with the defaults: in only on the admin port, from anywhere; out to DNS in
+/// kube-system, to the API server on 443 and 6443 anywhere, and to HTTPS anywhere.
+#[test]
+fn helm_network_policy_defaults_admit_the_admin_port_and_let_out_dns_api_server_and_https() {
+    let (policy, deployment) = chart_network_policy_with_defaults();
+    assert_selects_the_operator_pods(&policy, &deployment);
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([{"ports": [{"port": container(&deployment)["ports"][0]["containerPort"], "protocol": "TCP"}]}])
+    );
+    assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], 8080);
+    let egress = policy["spec"]["egress"].as_array().unwrap();
+    assert_eq!(egress.len(), 3, "{egress:?}");
+    assert_eq!(
+        policy_ports(&egress[0]),
+        [(53, "UDP".to_owned()), (53, "TCP".to_owned())]
+    );
+    assert_eq!(
+        egress[0]["to"],
+        json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}])
+    );
+    assert_eq!(policy_ports(&egress[1]), tcp(&[443, 6443]));
+    assert_eq!(policy_ports(&egress[2]), tcp(&[443]));
+    for rule in &egress[1..] {
+        assert!(rule.get("to").is_none(), "any destination: {rule}");
+    }
+}
+
+#[test]
+fn helm_network_policy_admits_only_the_admin_port_and_lets_out_only_dns_api_server_and_https() {
+    let values = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(values.path(), NETWORK_POLICY_VALUES).unwrap();
+    let values = values.path().to_str().unwrap();
+    helm_ok(&["lint", "--strict", CHART, "-f", values]);
+    let rendered = objects(&helm_ok(&[
+        "template",
+        "guarded",
+        CHART,
+        "--namespace",
+        OPERATOR_NAMESPACE,
+        "-f",
+        values,
+    ]));
+    let policy = one(&rendered, "NetworkPolicy");
+    let deployment = one(&rendered, "Deployment");
+    assert_eq!(policy["metadata"]["name"], "guarded-kmsgrant-operator");
+    assert_selects_the_operator_pods(policy, deployment);
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"], "guarded",
+        "another release's pods are not selected"
+    );
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+
+    // In: the admin port the Deployment listens on, from Prometheus' namespace only.
+    assert_eq!(container(deployment)["ports"][0]["containerPort"], 9090);
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([{
+            "ports": [{"port": 9090, "protocol": "TCP"}],
+            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+        }])
+    );
+
+    // Out: DNS, the API server, KMS/IAM, the private endpoint; nothing else.
+    let egress = policy["spec"]["egress"].as_array().unwrap();
+    assert_eq!(egress.len(), 4, "{egress:?}");
+    assert_eq!(
+        policy_ports(&egress[0]),
+        [(53, "UDP".to_owned()), (53, "TCP".to_owned())]
+    );
+    assert_eq!(
+        egress[0]["to"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "kube-system"
+    );
+    assert_eq!(policy_ports(&egress[1]), tcp(&[6443]));
+    assert_eq!(
+        egress[1]["to"],
+        json!([{"ipBlock": {"cidr": "10.0.0.10/32"}}])
+    );
+    assert_eq!(policy_ports(&egress[2]), tcp(&[443]));
+    assert_eq!(
+        egress[2]["to"],
+        json!([{"ipBlock": {"cidr": "100.125.0.0/16"}}])
+    );
+    assert_eq!(
+        egress[3],
+        json!({"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}], "ports": [{"port": 8443, "protocol": "TCP"}]})
+    );
+
+    let _turn = operator_namespace_turn();
+    operator_namespace();
+    let out = apply_dry_run(&rendered);
+    assert!(
+        out.contains(
+            "networkpolicy.networking.k8s.io/guarded-kmsgrant-operator created (server dry run)"
+        ),
+        "{out}"
+    );
+}
+
+/// The values schema covers the new keys too: a typo fails instead of silently leaving a port
+/// closed or open.
+#[test]
+fn helm_values_schema_rejects_typos_in_the_network_policy() {
+    for set in [
+        "networkPolicy.enabeld=true",
+        "networkPolicy.apiServer.port=6443",
+        "networkPolicy.https.cidrs={kms.example.com}",
+        "networkPolicy.metricsFrom[0].namespaceSelektor.x=y",
+    ] {
+        let out = helm(&["lint", CHART, "--set", set]);
+        assert!(!out.status.success(), "helm lint accepted {set}");
+    }
+}
+
+/// `deploy/components/network-policy` is the chart's policy with its defaults, for `deploy/`'s
+/// pods, and applies together with `deploy/`.
+#[test]
+fn kustomize_network_policy_component_applies_with_deploy_and_matches_the_chart() {
+    // An overlay as the docs show it; kustomize wants its bases as relative paths.
+    let overlay = tempfile::tempdir().unwrap();
+    let up = "../".repeat(overlay.path().components().count() - 1);
+    let base = format!("{up}{}", REPO.trim_start_matches('/'));
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "resources: [{base}/deploy]\ncomponents: [{base}/deploy/components/network-policy]\n"
+        ),
+    )
+    .unwrap();
+    let overlay = overlay.path().to_str().unwrap();
+    let rendered = objects(&kubectl_ok(&["kustomize", overlay], None));
+    let policy = one(&rendered, "NetworkPolicy");
+    let deployment = one(&rendered, "Deployment");
+    assert_eq!(policy["metadata"]["name"], "kmsgrant-operator");
+    assert_selects_the_operator_pods(policy, deployment);
+    assert_eq!(
+        policy["spec"]["ingress"][0]["ports"][0]["port"],
+        container(deployment)["ports"][0]["containerPort"]
+    );
+    let (chart, _) = chart_network_policy_with_defaults();
+    for field in ["policyTypes", "ingress", "egress"] {
+        assert_eq!(
+            policy["spec"][field], chart["spec"][field],
+            "{field} differs between the component and the chart"
+        );
+    }
+
+    let _turn = operator_namespace_turn();
+    operator_namespace();
+    let out = kubectl(&["apply", "-k", overlay, "--dry-run=server"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "apply -k failed: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .contains("networkpolicy.networking.k8s.io/kmsgrant-operator created (server dry run)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("deployment.apps/kmsgrant-operator") && stdout.contains("(server dry run)"),
+        "{stdout}"
+    );
+}
