@@ -343,8 +343,8 @@ impl Metrics {
         }
     }
 
-    /// What a provider config's client says of its credentials: their expiry and the failed
-    /// refreshes in a row. `None` removes the config's series (deleted, or static AK/SK).
+    /// What a provider config's client says of its credentials: their expiry (for credentials
+    /// that expire) and the failed refreshes in a row. `None` removes the config's series.
     pub fn provider_credentials(
         &self,
         provider: &str,
@@ -355,12 +355,17 @@ impl Metrics {
         };
         match status {
             Some(status) => {
-                if let Some(expires_at) = status.expires_at {
-                    let seconds = expires_at
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .as_secs_f64();
-                    self.credentials_expiry.get_or_create(&labels).set(seconds);
+                match status.expires_at {
+                    None => {
+                        self.credentials_expiry.remove(&labels);
+                    }
+                    Some(expires_at) => {
+                        let seconds = expires_at
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs_f64();
+                        self.credentials_expiry.get_or_create(&labels).set(seconds);
+                    }
                 }
                 self.credential_refresh_failures
                     .get_or_create(&labels)

@@ -310,10 +310,8 @@ async fn check(config: &KmsProviderConfig, ctx: &Context) -> Checked {
         Ok::<_, KmsError>(project_id)
     }
     .await;
-    let credentials = built.client.credential_status();
-    let expiring = credentials.expires_at.is_some() || credentials.failed_exchanges > 0;
     ctx.metrics
-        .provider_credentials(&name, expiring.then_some(&credentials));
+        .provider_credentials(&name, Some(&built.client.credential_status()));
     match verdict {
         Ok(project_id) => {
             let mut was_healthy = true;
