@@ -23,84 +23,12 @@ fn subject(namespace: &str, account: &str) -> String {
     format!("system:serviceaccount:{namespace}:{account}")
 }
 
-/// A password token of the emulator's default user (Security Administrator).
-async fn admin_token(emulator: &RunningEmulator) -> String {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let settings = emulator.config();
-    let answer = reqwest::Client::new()
-        .post(format!("{}/auth/tokens", emulator.iam_endpoint()))
-        .json(&json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
-            "name": settings.username, "password": settings.password, "domain": {"name": settings.domain_name}}}},
-            "scope": {"project": {"id": settings.project_id}}}}))
-        .send()
-        .await
-        .unwrap();
-    answer.headers()["x-subject-token"]
-        .to_str()
-        .unwrap()
-        .to_owned()
-}
-
-async fn iam_admin(emulator: &RunningEmulator, method: reqwest::Method, path: &str, body: Value) {
-    let token = admin_token(emulator).await;
-    let answer = reqwest::Client::new()
-        .request(method, format!("{}{path}", emulator.base_url()))
-        .header("X-Auth-Token", token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        answer.status().is_success(),
-        "{path}: {}",
-        answer.text().await.unwrap_or_default()
-    );
-}
-
-/// The CCE guide's admin steps against the emulator, with this control plane as the issuer: its
-/// issuer URL and JWKS as the API server publishes them, a mapping that admits `subjects` only.
 async fn register_cluster_issuer(emulator: &RunningEmulator, subjects: &[String]) {
-    let discovery: Value = serde_json::from_str(&kubectl_ok(
-        &["get", "--raw", "/.well-known/openid-configuration"],
-        None,
-    ))
-    .unwrap();
-    let jwks = kubectl_ok(&["get", "--raw", "/openid/v1/jwks"], None);
-    use reqwest::Method;
-    iam_admin(
-        emulator,
-        Method::PUT,
-        &format!("/v3/OS-FEDERATION/identity_providers/{IDP}"),
-        json!({"identity_provider": {"sso_type": "virtual_user_sso", "enabled": true, "description": "this cluster's ServiceAccounts"}}),
-    )
-    .await;
-    iam_admin(
-        emulator,
-        Method::PUT,
-        "/v3/OS-FEDERATION/mappings/kmsgrant-operator",
-        json!({"mapping": {"rules": [{"local": [{"user": {"name": "kmsgrant-operator"}}, {"group": {"name": "kms-grant-admins"}}],
-            "remote": [{"type": "sub", "any_one_of": subjects}]}]}}),
-    )
-    .await;
-    iam_admin(
-        emulator,
-        Method::PUT,
-        &format!("/v3/OS-FEDERATION/identity_providers/{IDP}/protocols/oidc"),
-        json!({"protocol": {"mapping_id": "kmsgrant-operator"}}),
-    )
-    .await;
-    iam_admin(
-        emulator,
-        Method::POST,
-        &format!("/v3.0/OS-FEDERATION/identity-providers/{IDP}/openid-connect-config"),
-        json!({"openid_connect_config": {"access_mode": "program", "idp_url": discovery["issuer"],
-            "client_id": CLIENT_ID, "signing_key": jwks.trim()}}),
-    )
-    .await;
+    support::register_cluster_issuer(emulator, IDP, CLIENT_ID, subjects).await;
 }
 
 async fn set_identity_provider_enabled(emulator: &RunningEmulator, enabled: bool) {
-    iam_admin(
+    support::iam_admin(
         emulator,
         reqwest::Method::PATCH,
         &format!("/v3/OS-FEDERATION/identity_providers/{IDP}"),
@@ -221,7 +149,7 @@ async fn a_grant_becomes_ready_with_no_secret_in_the_cluster_from_a_token_reques
         "--web-identity-token-dir",
         token_dir.path().to_str().unwrap(),
     ]);
-    let key = env.new_key("keyless");
+    let key = support::federated_key(&env, "keyless", IDP);
     env.apply(&env.grant("by-token-request", &key, json!({})));
     env.apply(&env.grant(
         "by-token-file",
@@ -249,6 +177,21 @@ async fn a_grant_becomes_ready_with_no_secret_in_the_cluster_from_a_token_reques
         );
     }
     assert!(refused_kms_calls(&env.emulator).is_empty());
+    // Deleting revokes, keyless too (the keys are the federated user's: only a key's creator
+    // may revoke grants on it).
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "delete",
+            "kmsgrant",
+            "by-token-request",
+            "by-token-file",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert_eq!(env.emulator.admin().grant_count(&key), Some(0));
     kubectl_ok(
         &["delete", "kmsproviderconfig", &from_file, "--wait=false"],
         None,
