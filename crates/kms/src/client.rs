@@ -269,6 +269,36 @@ impl KmsClient {
         Ok(response.quotas.into())
     }
 
+    /// An unauthenticated `GET` of the KMS endpoint (or, with `iam`, the IAM endpoint): whether
+    /// its name resolves and TLS holds, and the server's clock (`Date`). Any HTTP answer, 404
+    /// included, counts as reached; no credential is sent.
+    pub async fn probe_endpoint(&self, iam: bool) -> Result<EndpointProbe, KmsError> {
+        let url = if iam {
+            self.iam_base()?.clone()
+        } else {
+            self.inner.kms_base.clone()
+        };
+        let started = Instant::now();
+        let response = self
+            .inner
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| transport_error(Call::Probe, &e))?;
+        let server_time = response
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| jiff::fmt::rfc2822::parse(v).ok())
+            .map(|zoned| std::time::SystemTime::from(zoned.timestamp()));
+        Ok(EndpointProbe {
+            status: response.status().as_u16(),
+            server_time,
+            round_trip: started.elapsed(),
+        })
+    }
+
     /// The project ID in use, resolving a project name through IAM on first use.
     pub async fn project_id(&self) -> Result<String, KmsError> {
         self.inner
@@ -652,6 +682,17 @@ impl KmsClient {
             )
         })
     }
+}
+
+/// What an unauthenticated request to an endpoint found.
+#[derive(Clone, Debug)]
+pub struct EndpointProbe {
+    /// The HTTP status of the answer (any status: the endpoint was reached).
+    pub status: u16,
+    /// The server's clock, from its `Date` header.
+    pub server_time: Option<std::time::SystemTime>,
+    /// How long the request took.
+    pub round_trip: Duration,
 }
 
 /// A successful answer: its JSON body and the one header a caller needs from it.

@@ -30,6 +30,8 @@ pub enum Call {
     IamAssumeAgency,
     /// Not a call: reading the ID token to exchange (a file, a TokenRequest)
     SubjectToken,
+    /// An unauthenticated `GET` of an endpoint (`check`)
+    Probe,
     /// Not a call: building the client from its configuration, before anything is sent.
     ClientSetup,
 }
@@ -50,6 +52,7 @@ impl Call {
             Self::IamSecurityToken => "iam-security-token",
             Self::IamAssumeAgency => "iam-assume-agency",
             Self::SubjectToken => "subject-token",
+            Self::Probe => "probe",
             Self::ClientSetup => "client-setup",
         }
     }

@@ -13,7 +13,8 @@ mod session;
 mod types;
 
 pub use client::{
-    ClientMetrics, KmsClient, MAX_ERROR_MESSAGE_CHARS, MAX_GRANTS_PER_KEY, MAX_PAGE_SIZE,
+    ClientMetrics, EndpointProbe, KmsClient, MAX_ERROR_MESSAGE_CHARS, MAX_GRANTS_PER_KEY,
+    MAX_PAGE_SIZE,
 };
 pub use config::{
     Agency, ClientConfig, Credentials, DEFAULT_MAX_RESPONSE_BYTES, Domain, Project,
