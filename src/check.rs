@@ -19,6 +19,7 @@ use kube::api::{Api, ListParams};
 use serde::Serialize;
 
 use crate::api::{KmsGrant, KmsProviderConfig};
+use crate::controller::fix_for;
 use kmsgrant_kms::{ErrorReason, GranteePrincipalType, KmsClient, KmsError, NewGrant, Operation};
 
 /// Options of `kmsgrant-operator check`.
@@ -41,24 +42,35 @@ pub struct CheckArgs {
     #[arg(long, env = "KMSGRANT_LEASE_NAME", default_value = "kmsgrant-operator")]
     pub lease_name: String,
     /// Check only these KmsProviderConfigs (repeatable; default: all).
-    #[arg(long = "provider-config", value_name = "NAME")]
+    #[arg(
+        long = "provider-config",
+        env = "KMSGRANT_CHECK_PROVIDER_CONFIGS",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
     pub provider_configs: Vec<String>,
     /// Probe this key (describe-key, list-grants); default: up to three keys the config's
     /// KmsGrants use, else its first allowedKeyIds entry.
-    #[arg(long, value_name = "KEY_ID")]
+    #[arg(long, env = "KMSGRANT_CHECK_KEY", value_name = "KEY_ID")]
     pub key: Option<String>,
     /// Also create one grant on the probed key to `--principal`, check that list-grants returns
     /// it with its name, and revoke it.
-    #[arg(long, requires = "principal")]
+    #[arg(long, env = "KMSGRANT_CHECK_WRITE_PROBE", requires = "principal")]
     pub write_probe: bool,
     /// The grantee of the write probe's grant (a user ID of the account).
-    #[arg(long, value_name = "USER_ID")]
+    #[arg(long, env = "KMSGRANT_CHECK_PRINCIPAL", value_name = "USER_ID")]
     pub principal: Option<String>,
     /// Only the cluster side, or only the cloud side.
-    #[arg(long, value_enum)]
+    #[arg(long, env = "KMSGRANT_CHECK_ONLY", value_enum)]
     pub only: Option<Side>,
     /// `text` or `json`.
-    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    #[arg(
+        short = 'o',
+        long,
+        env = "KMSGRANT_CHECK_OUTPUT",
+        value_enum,
+        default_value = "text"
+    )]
     pub output: Output,
     /// Accept plain http:// endpoints (local emulators only).
     #[arg(long, env = "KMSGRANT_ALLOW_HTTP_ENDPOINTS")]
@@ -755,57 +767,6 @@ fn failure(check: &'static str, target: &str, err: &KmsError) -> Finding {
         _ => Status::Fail,
     };
     Finding::bad(status, check, target, err.to_string(), fix_for(err))
-}
-
-/// What to do about a failed call: the fix a platform engineer would look for.
-pub fn fix_for(err: &KmsError) -> String {
-    use ErrorReason::*;
-    let text = match err.reason {
-        ConnectionFailed => {
-            "check spec.endpoint / spec.iamEndpoint (https://kms.<region>.otc.t-systems.com, https://kms.<region>.myhuaweicloud.com), DNS and the egress path (proxy, NetworkPolicy); for a private CA set spec.caBundle"
-        }
-        Timeout => {
-            "the endpoint does not answer in time: check the egress path and the endpoint's region"
-        }
-        RedirectRefused => {
-            "set the endpoint to the URL the redirect names (the operator never follows redirects with credentials)"
-        }
-        InvalidCredentials => {
-            "the credentials are refused: check the AK/SK or password in the Secret (and that the user is enabled), or the signing variant (spec.auth.signingVariant: OpenTelekomCloud on Open Telekom Cloud)"
-        }
-        TokenRejected => {
-            "the token was refused: check the user and that it is allowed into the project"
-        }
-        ClockSkew => {
-            "synchronise the clocks with NTP: signatures more than 15 minutes off are refused"
-        }
-        PermissionDenied => {
-            "the identity lacks a KMS permission: give it the least-privilege policy of docs/keyless.md (kms:cmk:get, kms:cmk:getQuota, kms:grant:create/list/revoke/retire) in this project; only a key's creator may revoke its grants"
-        }
-        WrongProject => {
-            "the project does not match: spec.projectId / spec.projectName must name the project the keys live in (a key of another project or region is not found)"
-        }
-        KeyNotFound => {
-            "no such key in this project: check the key ID, and that spec.projectId / spec.region are those of the key (keys are per project and region)"
-        }
-        DefaultKeyNotGrantable => {
-            "default master keys (alias suffix /default) cannot be granted: use a customer master key"
-        }
-        GrantQuotaExceeded => {
-            "the key holds 100 grants: revoke unused ones (kubectl get kmskp shows who holds them) or use another key"
-        }
-        IdentityProviderNotFound
-        | IdentityTokenRefused
-        | IdentityTokenExpired
-        | IdentityTokenUnavailable
-        | AgencyNotAssumable => "see the table in docs/keyless.md, section 5",
-        InvalidConfiguration => "fix the provider config as the message says",
-        ServiceUnavailable | Throttled => {
-            "the cloud is failing or throttling right now: try again later"
-        }
-        _ => "see the message",
-    };
-    text.to_owned()
 }
 
 /// The installed CRD against this binary's: Established, same versions, same schemas.

@@ -175,7 +175,7 @@ async fn each_injected_fault_is_found_with_its_fix_and_a_failing_exit() {
     assert!(!ok);
     assert_eq!(status_of(&findings, "key"), "fail");
     assert!(
-        fix_of(&findings, "key").contains("spec.projectId"),
+        fix_of(&findings, "key").contains("projectId"),
         "{findings:#?}"
     );
 

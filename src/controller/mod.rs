@@ -6,6 +6,7 @@ mod cache;
 mod conditions;
 pub mod credentials;
 mod execute;
+mod fixes;
 mod grant;
 pub mod identity;
 mod keyref;
@@ -35,6 +36,7 @@ use tokio::sync::mpsc;
 
 pub use cache::KeyRef;
 pub use conditions::{Outcome, reasons};
+pub use fixes::{fix_for, fix_for_reason};
 pub use plan::FINALIZER;
 pub use plan::{DesiredGrant, Plan, plan};
 pub use provider::client_config;

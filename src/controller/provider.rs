@@ -579,6 +579,10 @@ fn kms_outcome(err: &KmsError) -> Outcome {
         // These messages say what to fix already.
         return super::plan::failure_outcome(err);
     }
+    if super::fixes::fix_for_reason(err.reason).is_some() {
+        // The message names the fix already.
+        return super::plan::failure_outcome(err);
+    }
     match super::plan::failure_outcome(err) {
         Outcome::Progressing { reason, message } => Outcome::Progressing {
             reason,
