@@ -42,12 +42,6 @@ pub fn credentials(
     keyless: &KeylessSettings,
 ) -> Result<(Credentials, Option<Agency>, Option<Duration>), Outcome> {
     let auth = &spec.auth;
-    if auth.type_ == AuthType::AccessKey && auth.agency.is_some() {
-        return Err(Outcome::Stalled {
-            reason: reasons::UNSUPPORTED_VALUE,
-            message: "spec.auth.agency with type AccessKey is not supported by this operator yet (IAM signs agency credentials for token holders): use type Password or WebIdentity with the agency".into(),
-        });
-    }
     let credentials = match auth.type_ {
         AuthType::WebIdentity => {
             let web = auth.web_identity.as_ref().ok_or_else(|| Outcome::Stalled {

@@ -1214,6 +1214,8 @@ fn duration_seconds(value: &Value) -> Result<i64, IamApiError> {
 /// the agency trusts).
 async fn security_tokens(
     State(shared): State<Arc<Shared>>,
+    http_method: Method,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -1263,7 +1265,15 @@ async fn security_tokens(
             "assume_role" => {
                 let assume = &identity["assume_role"];
                 let duration = duration_seconds(&assume["duration_seconds"])?;
-                let caller = token_caller(&world, &headers)?;
+                // A token of a user of the trusted domain, or (Huawei Cloud's IAM-user variant)
+                // that user's AK/SK signature.
+                let caller = if headers.contains_key("x-auth-token") {
+                    token_caller(&world, &headers)?
+                } else {
+                    principal(&world, &http_method, &uri, &headers, &body).ok_or_else(|| {
+                        IamApiError::unauthenticated("no valid X-Auth-Token or AK/SK signature")
+                    })?
+                };
                 let (agency_id, domain_id, _) = assumable(&world, &caller, assume)?;
                 (agency_id, domain_id, caller.user_id, duration)
             }

@@ -272,12 +272,26 @@ impl KmsClient {
             }
             Credentials::AccessKey { .. } => None,
         };
-        let caller = || match &base {
-            Some(token) => Ok(Auth::Token(token.token.clone(), 0)),
-            None => Err(KmsError::new(
+        // Who asks IAM: the base token, or for AccessKey the AK/SK signature (temporary keys of
+        // an agency only: IAM gives agency tokens to token holders).
+        let caller = || match (&base, &config.credentials) {
+            (Some(token), _) => Ok(Auth::Token(token.token.clone(), 0)),
+            (
+                None,
+                Credentials::AccessKey {
+                    keys,
+                    security_token,
+                },
+            ) if agency.is_some() && temporary.is_some() => Ok(Auth::Signed {
+                keys: keys.clone(),
+                security_token: security_token.clone(),
+                project_id: None,
+                generation: None,
+            }),
+            _ => Err(KmsError::new(
                 Call::IamAssumeAgency,
                 ErrorReason::InvalidConfiguration,
-                "assuming an agency or getting temporary keys needs an IAM token (Password or WebIdentity auth)",
+                "an agency on AccessKey auth needs temporary keys (temporaryAccessKey): IAM gives agency tokens only to token holders",
             )),
         };
         match (agency, temporary) {

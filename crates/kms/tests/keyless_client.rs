@@ -461,8 +461,8 @@ async fn a_user_of_another_account_assumes_an_agency_and_works_on_the_delegating
                 name: "operator-b".into(),
                 password: "b-password".into(),
                 user_id: None,
-                access_key: None,
-                secret_key: None,
+                access_key: Some("TENANTBACCESSKEY0000".into()),
+                secret_key: Some("tenant-b-secret".into()),
             },
         )
         .unwrap();
@@ -492,6 +492,30 @@ async fn a_user_of_another_account_assumes_an_agency_and_works_on_the_delegating
         kms.list_all_grants(&key, 100).await.unwrap();
         assert_eq!(kms.project_id().await.unwrap(), emu.config().project_id);
     }
+    // The same with tenant-b's AK/SK: temporary keys of the agency, asked for with a signature.
+    let mut signed = config(
+        &emu,
+        Credentials::AccessKey {
+            keys: kmsgrant_kms::signer::AccessKeyPair::new(
+                "TENANTBACCESSKEY0000",
+                "tenant-b-secret",
+            ),
+            security_token: None,
+        },
+    );
+    signed.agency = Some(Agency {
+        name: "kms-grants".into(),
+        domain: delegating.clone(),
+    });
+    signed.temporary_access_key = Some(Duration::from_secs(900));
+    let kms = KmsClient::new(signed).unwrap();
+    kms.list_all_grants(&key, 100).await.unwrap();
+    assert_eq!(
+        calls(&emu, "iam:securitytokens"),
+        2,
+        "one per agency client with temporary keys"
+    );
+
     // An agency that does not trust the caller's account.
     let mut config = config(&emu, password);
     config.agency = Some(Agency {
