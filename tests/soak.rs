@@ -650,11 +650,29 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             .iter()
             .filter(|o| o.metadata.deletion_timestamp.is_none())
             .count();
-        if not_ready.is_empty() && grants.len() == expected && on_kms.values().all(|&n| n == 1) {
+        // Deletions finished too, and every live object's recorded grant is on KMS: counts alone
+        // could let a deleting object's grant make up for a live object that lacks one.
+        let deleting = objects.len() - expected;
+        let present: BTreeSet<&str> = grants.iter().map(|g| g.grant_id.as_str()).collect();
+        let recorded_everywhere = objects
+            .iter()
+            .filter(|o| o.metadata.deletion_timestamp.is_none())
+            .all(|o| {
+                o.status
+                    .as_ref()
+                    .and_then(|s| s.grant_id.as_deref())
+                    .is_some_and(|id| present.contains(id))
+            });
+        if not_ready.is_empty()
+            && deleting == 0
+            && recorded_everywhere
+            && grants.len() == expected
+            && on_kms.values().all(|&n| n == 1)
+        {
             break Ok(chaos_ended.elapsed());
         }
         let problem = format!(
-            "{} objects not Ready (e.g. {:?}), {} grants for {expected} objects",
+            "{} objects not Ready (e.g. {:?}), {deleting} still being deleted, {} grants for {expected} objects",
             not_ready.len(),
             not_ready.iter().take(3).collect::<Vec<_>>(),
             grants.len()
@@ -698,6 +716,7 @@ async fn chaos_soak_keeps_every_identity_invariant() {
     let present: BTreeSet<&str> = grants.iter().map(|g| g.grant_id.as_str()).collect();
     let ready_without_grant = objects
         .iter()
+        .filter(|o| o.metadata.deletion_timestamp.is_none())
         .filter(|o| {
             o.status.as_ref().is_some_and(|s| {
                 s.conditions
