@@ -24,6 +24,9 @@ pub enum Command {
     Run(Box<crate::run::RunArgs>),
     /// Print KmsGrant manifests that import a key's existing grants by ID.
     Import(Box<crate::import::ImportArgs>),
+    /// Tell what is wrong with the install and the cloud side of each provider config, and how
+    /// to fix it (exit 1 when a check failed).
+    Check(Box<crate::check::CheckArgs>),
     /// Start the local sandbox: control plane, emulator, CRDs, operator and an example grant.
     #[cfg(feature = "dev")]
     Dev(Box<crate::dev::DevArgs>),
@@ -37,6 +40,7 @@ impl Cli {
             #[cfg(feature = "dev")]
             Command::Dev(args) => args.run(),
             Command::Import(args) => args.run(),
+            Command::Check(args) => args.run(),
         }
     }
 }

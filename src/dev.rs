@@ -54,7 +54,27 @@ pub struct DevArgs {
     /// running until Ctrl-C. For CI and scripts.
     #[arg(long, env = "KMSGRANT_DEV_EXIT_WHEN_READY")]
     pub exit_when_ready: bool,
+    /// How the `default` provider config authenticates. `keyless`: no Secret; the cluster's
+    /// ServiceAccount issuer is registered in the emulator's IAM as an OpenID Connect identity
+    /// provider and the operator exchanges tokens of ServiceAccount kmsgrant-system/kmsgrant-operator
+    /// (docs/keyless.md, the same steps). `access-key`: an AK/SK Secret.
+    #[arg(long, env = "KMSGRANT_DEV_AUTH", value_enum, default_value = "keyless")]
+    pub auth: DevAuth,
 }
+
+/// The `default` provider config's auth in the sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DevAuth {
+    /// Workload identity: a ServiceAccount token exchanged at IAM; no stored credential.
+    Keyless,
+    /// An access key / secret key pair in a Secret.
+    AccessKey,
+}
+
+/// The identity provider and `client_id` the sandbox registers in the emulator's IAM.
+const DEV_IDENTITY_PROVIDER: &str = "kmsgrant_dev_cluster";
+const DEV_CLIENT_ID: &str = "kmsgrant-dev";
+const DEV_SERVICE_ACCOUNT: &str = "kmsgrant-operator";
 
 impl DevArgs {
     pub fn run(self) -> ExitCode {
@@ -180,10 +200,20 @@ impl DevArgs {
 
         install_crds(client).await?;
         say("CRDs installed and Established");
-        install_provider(client, emulator).await?;
-        say(
-            "KmsProviderConfig 'default' and Secret kmsgrant-system/kms-credentials point at the emulator",
-        );
+        match self.auth {
+            DevAuth::Keyless => {
+                install_keyless_provider(client, emulator).await?;
+                say(&format!(
+                    "KmsProviderConfig 'default' is keyless: no Secret; this cluster's ServiceAccount issuer is identity provider {DEV_IDENTITY_PROVIDER} in the emulator's IAM, and the operator exchanges tokens of ServiceAccount {OPERATOR_NAMESPACE}/{DEV_SERVICE_ACCOUNT} for IAM tokens"
+                ));
+            }
+            DevAuth::AccessKey => {
+                install_provider(client, emulator).await?;
+                say(
+                    "KmsProviderConfig 'default' and Secret kmsgrant-system/kms-credentials point at the emulator",
+                );
+            }
+        }
 
         let settings = Settings {
             resync: self.resync_interval,
@@ -334,16 +364,132 @@ async fn install_crds(client: &kube::Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn install_provider(
-    client: &kube::Client,
-    emulator: &kms_emulator::RunningEmulator,
-) -> anyhow::Result<()> {
+async fn operator_namespace(client: &kube::Client) -> anyhow::Result<()> {
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let namespace =
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}});
     Api::<Namespace>::all(client.clone())
         .patch(OPERATOR_NAMESPACE, &apply, &Patch::Apply(&namespace))
         .await?;
+    Ok(())
+}
+
+/// The keyless `default` provider config, after the cloud admin's steps of docs/keyless.md
+/// against the emulator's IAM: identity provider, mapping for the operator's ServiceAccount,
+/// protocol, and the OpenID Connect configuration with this cluster's issuer and JWKS.
+async fn install_keyless_provider(
+    client: &kube::Client,
+    emulator: &kms_emulator::RunningEmulator,
+) -> anyhow::Result<()> {
+    operator_namespace(client).await?;
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let account = json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": DEV_SERVICE_ACCOUNT, "namespace": OPERATOR_NAMESPACE}});
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(
+        client.clone(),
+        OPERATOR_NAMESPACE,
+    )
+    .patch(DEV_SERVICE_ACCOUNT, &apply, &Patch::Apply(&account))
+    .await?;
+    let get = |path: &str| {
+        http::Request::get(path)
+            .body(Vec::new())
+            .expect("a GET request")
+    };
+    let discovery: serde_json::Value = serde_json::from_str(
+        &client
+            .request_text(get("/.well-known/openid-configuration"))
+            .await
+            .context("reading the cluster's OpenID Connect discovery document")?,
+    )?;
+    let jwks = client
+        .request_text(get("/openid/v1/jwks"))
+        .await
+        .context("reading the cluster's JWKS (/openid/v1/jwks)")?;
+    let config = emulator.config();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let login = http
+        .post(format!("{}/v3/auth/tokens", emulator.base_url()))
+        .json(&json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+            "name": config.username, "password": config.password, "domain": {"name": config.domain_name}}}},
+            "scope": {"domain": {"name": config.domain_name}}}}))
+        .send()
+        .await?;
+    let admin_token = login
+        .headers()
+        .get("x-subject-token")
+        .and_then(|v| v.to_str().ok())
+        .context("the emulator's IAM gave no admin token")?
+        .to_owned();
+    let subject = format!("system:serviceaccount:{OPERATOR_NAMESPACE}:{DEV_SERVICE_ACCOUNT}");
+    let steps = [
+        (
+            reqwest::Method::PUT,
+            format!("/v3/OS-FEDERATION/identity_providers/{DEV_IDENTITY_PROVIDER}"),
+            json!({"identity_provider": {"sso_type": "virtual_user_sso", "enabled": true, "description": "kmsgrant-operator dev sandbox"}}),
+        ),
+        (
+            reqwest::Method::PUT,
+            "/v3/OS-FEDERATION/mappings/kmsgrant-operator".to_owned(),
+            json!({"mapping": {"rules": [{"local": [{"user": {"name": "kmsgrant-operator"}}, {"group": {"name": "kms-grant-admins"}}],
+                "remote": [{"type": "sub", "any_one_of": [subject]}]}]}}),
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("/v3/OS-FEDERATION/identity_providers/{DEV_IDENTITY_PROVIDER}/protocols/oidc"),
+            json!({"protocol": {"mapping_id": "kmsgrant-operator"}}),
+        ),
+        (
+            reqwest::Method::POST,
+            format!(
+                "/v3.0/OS-FEDERATION/identity-providers/{DEV_IDENTITY_PROVIDER}/openid-connect-config"
+            ),
+            json!({"openid_connect_config": {"access_mode": "program", "idp_url": discovery["issuer"],
+                "client_id": DEV_CLIENT_ID, "signing_key": jwks.trim()}}),
+        ),
+    ];
+    for (method, path, body) in steps {
+        let answer = http
+            .request(method, format!("{}{path}", emulator.base_url()))
+            .header("X-Auth-Token", &admin_token)
+            .json(&body)
+            .send()
+            .await?;
+        // A second `dev` on the same emulator state finds them there already.
+        if !answer.status().is_success() && answer.status() != reqwest::StatusCode::CONFLICT {
+            bail!(
+                "setting up the emulator's identity provider: {path} answered {}: {}",
+                answer.status(),
+                answer.text().await.unwrap_or_default()
+            );
+        }
+    }
+    let provider = json!({
+        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+        "metadata": {"name": "default"},
+        "spec": {
+            "endpoint": emulator.base_url(),
+            "iamEndpoint": emulator.base_url(),
+            "region": config.region,
+            "projectId": config.project_id,
+            "auth": {"type": "WebIdentity", "webIdentity": {
+                "identityProviderId": DEV_IDENTITY_PROVIDER,
+                "serviceAccountRef": {"namespace": OPERATOR_NAMESPACE, "name": DEV_SERVICE_ACCOUNT, "audiences": [DEV_CLIENT_ID]}}}
+        }
+    });
+    Api::<KmsProviderConfig>::all(client.clone())
+        .patch("default", &apply, &Patch::Apply(&provider))
+        .await?;
+    Ok(())
+}
+
+async fn install_provider(
+    client: &kube::Client,
+    emulator: &kms_emulator::RunningEmulator,
+) -> anyhow::Result<()> {
+    operator_namespace(client).await?;
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
     let config = emulator.config();
     let secret = json!({
         "apiVersion": "v1", "kind": "Secret",

@@ -66,20 +66,35 @@ impl ImportArgs {
                     self.provider_config
                 )
             })?;
-        let secret_ref = &config.spec.auth.secret_ref;
-        let secret = Api::<Secret>::namespaced(client, &secret_ref.namespace)
-            .get(&secret_ref.name)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot read Secret {}/{}: {e}",
-                    secret_ref.namespace,
-                    secret_ref.name
-                )
-            })?;
-        let client_config =
-            crate::controller::client_config(&config.spec, &secret, self.allow_http_endpoints)
-                .map_err(|outcome| anyhow::anyhow!("{}", outcome.message()))?;
+        let secret = match &config.spec.auth.secret_ref {
+            Some(secret_ref) => Some(
+                Api::<Secret>::namespaced(client.clone(), &secret_ref.namespace)
+                    .get(&secret_ref.name)
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot read Secret {}/{}: {e}",
+                            secret_ref.namespace,
+                            secret_ref.name
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        // WebIdentity: a ServiceAccount token is requested with the caller's own kube
+        // credentials; a token file is read where this command runs.
+        let keyless = crate::controller::credentials::KeylessSettings {
+            token_dir: "/".into(),
+            service_account_namespace: None,
+            kube: client,
+        };
+        let client_config = crate::controller::client_config(
+            &config.spec,
+            secret.as_ref(),
+            &keyless,
+            self.allow_http_endpoints,
+        )
+        .map_err(|outcome| anyhow::anyhow!("{}", outcome.message()))?;
         let kms = KmsClient::new(client_config)?;
         let grants = kms
             .list_all_grants(&self.key, kmsgrant_kms::MAX_PAGE_SIZE)

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod check;
 pub mod cli;
 pub mod controller;
 #[cfg(feature = "dev")]

@@ -78,6 +78,11 @@ struct RevokedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExchangeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RevokeFailureLabels {
     provider: String,
     reason: &'static str,
@@ -125,6 +130,9 @@ pub struct Metrics {
     other_cluster_grants: Family<KeyLabels, Gauge>,
     undeclared_revoked: Family<RevokedLabels, Counter>,
     undeclared_revoke_failures: Family<RevokeFailureLabels, Counter>,
+    credential_exchanges: Family<ExchangeLabels, Counter>,
+    credentials_expiry: Family<RevokedLabels, Gauge<f64, AtomicU64>>,
+    credential_refresh_failures: Family<RevokedLabels, Gauge>,
     /// The keys the audit gauges have a series for.
     audited_keys: Mutex<std::collections::HashSet<KeyLabels>>,
     /// `Some` with `--per-object-metrics`.
@@ -265,6 +273,27 @@ impl Metrics {
              and reason",
             undeclared_revoke_failures.clone(),
         );
+        let credential_exchanges = Family::<ExchangeLabels, Counter>::default();
+        registry.register(
+            "credential_exchanges",
+            "Exchanges for new KMS credentials (IAM token, ID-token exchange, agency, temporary \
+             keys), by outcome (ok or the failure's reason)",
+            credential_exchanges.clone(),
+        );
+        let credentials_expiry = Family::<RevokedLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "credentials_expiry_timestamp_seconds",
+            "When the credentials a provider config's client uses expire (Unix seconds; only for \
+             credentials that expire: tokens, web identity, agencies, temporary keys)",
+            credentials_expiry.clone(),
+        );
+        let credential_refresh_failures = Family::<RevokedLabels, Gauge>::default();
+        registry.register(
+            "credential_refresh_failures",
+            "Failed exchanges in a row of a provider config's client since its last good one \
+             (0 while refreshing works)",
+            credential_refresh_failures.clone(),
+        );
         for condition in ["Ready", "Reconciling", "Stalled"] {
             objects.get_or_create(&ConditionLabels { condition }).set(0);
             provider_configs
@@ -305,9 +334,47 @@ impl Metrics {
             other_cluster_grants,
             undeclared_revoked,
             undeclared_revoke_failures,
+            credential_exchanges,
+            credentials_expiry,
+            credential_refresh_failures,
             audited_keys: Mutex::new(std::collections::HashSet::new()),
             per_object,
             sources: Mutex::new(None),
+        }
+    }
+
+    /// What a provider config's client says of its credentials: their expiry (for credentials
+    /// that expire) and the failed refreshes in a row. `None` removes the config's series.
+    pub fn provider_credentials(
+        &self,
+        provider: &str,
+        status: Option<&kmsgrant_kms::CredentialStatus>,
+    ) {
+        let labels = RevokedLabels {
+            provider: provider.to_owned(),
+        };
+        match status {
+            Some(status) => {
+                match status.expires_at {
+                    None => {
+                        self.credentials_expiry.remove(&labels);
+                    }
+                    Some(expires_at) => {
+                        let seconds = expires_at
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs_f64();
+                        self.credentials_expiry.get_or_create(&labels).set(seconds);
+                    }
+                }
+                self.credential_refresh_failures
+                    .get_or_create(&labels)
+                    .set(i64::from(status.consecutive_failures));
+            }
+            None => {
+                self.credentials_expiry.remove(&labels);
+                self.credential_refresh_failures.remove(&labels);
+            }
         }
     }
 
@@ -541,6 +608,12 @@ impl ClientMetrics for Metrics {
 
     fn rate_limit(&self, requests_per_second: f64) {
         self.learned_rate.set(requests_per_second);
+    }
+
+    fn credentials_exchanged(&self, outcome: &'static str) {
+        self.credential_exchanges
+            .get_or_create(&ExchangeLabels { outcome })
+            .inc();
     }
 }
 

@@ -42,6 +42,15 @@ pub struct RunArgs {
         default_value = "kmsgrant-system"
     )]
     pub secret_namespace: String,
+    /// Directory a KmsProviderConfig's `webIdentity.tokenFile` must lie in (where the projected
+    /// ServiceAccount token is mounted). A config naming a file elsewhere is refused
+    /// (TokenFileNotAllowed): a config can never make the operator send another file to IAM.
+    #[arg(
+        long,
+        env = "KMSGRANT_WEB_IDENTITY_TOKEN_DIR",
+        default_value = crate::controller::credentials::DEFAULT_TOKEN_DIR
+    )]
+    pub web_identity_token_dir: std::path::PathBuf,
     /// How often each KmsProviderConfig's credentials are checked with one `user-quotas` call.
     #[arg(long, env = "KMSGRANT_PROVIDER_CHECK_INTERVAL", default_value = "1m", value_parser = crate::process::parse_duration)]
     pub provider_check_interval: Duration,
@@ -116,6 +125,7 @@ impl RunArgs {
             backoff_max,
             stalled_retry,
             secret_namespace,
+            web_identity_token_dir,
             provider_check_interval,
             provider_failure_threshold,
             namespace,
@@ -168,6 +178,7 @@ impl RunArgs {
             provider_check_interval,
             provider_failure_threshold: provider_failure_threshold.max(1),
             instance: pod_name.clone(),
+            web_identity_token_dir,
             ..Settings::default()
         };
         let election = leader_election.then(|| Election {

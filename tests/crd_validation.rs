@@ -260,6 +260,32 @@ fn valid_provider_configs_are_accepted() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    let keyless = set(
+        provider_config(&format!("keyless-{suffix}")),
+        "/spec/auth",
+        Some(
+            json!({"type": "WebIdentity", "webIdentity": {"identityProviderId": "cce_workloads",
+            "serviceAccountRef": {"namespace": "kmsgrant-system", "name": "kms-keyless", "audiences": ["kmsgrant"]}},
+            "agency": {"name": "kms-grants", "domainName": "acme-prod"}, "temporaryAccessKey": {}}),
+        ),
+    );
+    let out = create(&keyless);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = get_json(&["get", "kmspc", &format!("keyless-{suffix}")]);
+    assert_eq!(
+        stored["spec"]["auth"]["temporaryAccessKey"]["durationSeconds"],
+        3600
+    );
+    assert_eq!(
+        stored["spec"]["auth"]["webIdentity"]["serviceAccountRef"]["expirationSeconds"],
+        3600
+    );
+    kubectl_ok(&["delete", "kmspc", &format!("keyless-{suffix}")], None);
+
     let stored = get_json(&["get", "kmspc", &format!("by-id-{suffix}")]);
     assert_eq!(
         stored["spec"]["rateLimit"],
@@ -628,7 +654,134 @@ fn bad_provider_configs() -> Vec<BadManifest> {
         BadManifest {
             case: "provider config without a secretRef",
             manifest: set(p("p8"), "/spec/auth/secretRef", None),
-            expect: &["spec.auth.secretRef", "Required value"],
+            expect: &[
+                "spec.auth.secretRef",
+                "secretRef is required for type AccessKey and Password",
+            ],
+        },
+        BadManifest {
+            case: "provider config with WebIdentity auth and a secretRef",
+            manifest: set(
+                p("k1"),
+                "/spec/auth",
+                Some(
+                    json!({"type": "WebIdentity", "secretRef": {"namespace": "kmsgrant-system", "name": "x"},
+                    "webIdentity": {"identityProviderId": "idp", "tokenFile": "/var/run/secrets/kmsgrant/token"}}),
+                ),
+            ),
+            expect: &["spec.auth.secretRef", "must be absent for WebIdentity"],
+        },
+        BadManifest {
+            case: "provider config with WebIdentity auth and no webIdentity",
+            manifest: set(p("k2"), "/spec/auth", Some(json!({"type": "WebIdentity"}))),
+            expect: &["spec.auth.webIdentity", "required for type WebIdentity"],
+        },
+        BadManifest {
+            case: "provider config with both a token file and a ServiceAccount",
+            manifest: set(
+                p("k3"),
+                "/spec/auth",
+                Some(
+                    json!({"type": "WebIdentity", "webIdentity": {"identityProviderId": "idp",
+                    "tokenFile": "/var/run/secrets/kmsgrant/token",
+                    "serviceAccountRef": {"namespace": "kmsgrant-system", "name": "sa", "audiences": ["a"]}}}),
+                ),
+            ),
+            expect: &[
+                "spec.auth.webIdentity.tokenFile",
+                "set exactly one of tokenFile or serviceAccountRef",
+            ],
+        },
+        BadManifest {
+            case: "provider config with a token file path climbing out",
+            manifest: set(
+                p("k4"),
+                "/spec/auth",
+                Some(
+                    json!({"type": "WebIdentity", "webIdentity": {"identityProviderId": "idp",
+                    "tokenFile": "/var/run/secrets/kmsgrant/../kubernetes.io/serviceaccount/token"}}),
+                ),
+            ),
+            expect: &["spec.auth.webIdentity.tokenFile", "without '..' segments"],
+        },
+        BadManifest {
+            case: "provider config with temporary keys on AccessKey auth",
+            manifest: set(
+                p("k5"),
+                "/spec/auth/temporaryAccessKey",
+                Some(json!({"durationSeconds": 3600})),
+            ),
+            expect: &[
+                "spec.auth.temporaryAccessKey",
+                "temporaryAccessKey needs type WebIdentity or an agency",
+            ],
+        },
+        BadManifest {
+            case: "provider config with an agency on AccessKey auth without temporary keys",
+            manifest: set(
+                p("k6"),
+                "/spec/auth/agency",
+                Some(json!({"name": "kms", "domainName": "acme"})),
+            ),
+            expect: &["spec.auth.agency", "needs temporaryAccessKey"],
+        },
+        BadManifest {
+            case: "provider config with an agency naming its domain twice",
+            manifest: set(
+                set(p("k7"), "/spec/auth/type", Some(json!("Password"))),
+                "/spec/auth/agency",
+                Some(json!({"name": "kms", "domainName": "acme", "domainId": "0123456789abcdef"})),
+            ),
+            expect: &[
+                "spec.auth.agency.domainName",
+                "exactly one of domainName or domainId",
+            ],
+        },
+        BadManifest {
+            case: "provider config with WebIdentity auth and no iamEndpoint",
+            manifest: set(
+                set(
+                    p("k8"),
+                    "/spec/auth",
+                    Some(
+                        json!({"type": "WebIdentity", "webIdentity": {"identityProviderId": "idp",
+                        "tokenFile": "/var/run/secrets/kmsgrant/token"}}),
+                    ),
+                ),
+                "/spec/iamEndpoint",
+                None,
+            ),
+            expect: &[
+                "spec.iamEndpoint",
+                "required for WebIdentity auth or an agency",
+            ],
+        },
+        BadManifest {
+            case: "provider config with temporary keys living less than 15 minutes",
+            manifest: set(
+                p("k9"),
+                "/spec/auth",
+                Some(
+                    json!({"type": "WebIdentity", "webIdentity": {"identityProviderId": "idp",
+                    "tokenFile": "/var/run/secrets/kmsgrant/token"}, "temporaryAccessKey": {"durationSeconds": 600}}),
+                ),
+            ),
+            expect: &[
+                "spec.auth.temporaryAccessKey.durationSeconds",
+                "greater than or equal to 900",
+            ],
+        },
+        BadManifest {
+            case: "provider config requesting ServiceAccount tokens without an audience",
+            manifest: set(
+                p("k10"),
+                "/spec/auth",
+                Some(
+                    json!({"type": "WebIdentity", "webIdentity": {"identityProviderId": "idp",
+                    "serviceAccountRef": {"namespace": "kmsgrant-system", "name": "sa", "audiences": []}}}),
+                ),
+            ),
+            expect: &["spec.auth.webIdentity.serviceAccountRef.audiences"],
         },
         BadManifest {
             case: "provider config with a zero rate limit",

@@ -1707,3 +1707,98 @@ fn kustomize_network_policy_component_applies_with_deploy_and_matches_the_chart(
         "{stdout}"
     );
 }
+
+/// The projected token for keyless auth: none by default; when enabled, mounted read-only at
+/// the directory the operator's `--web-identity-token-dir` names, with the audience asked for,
+/// and refused without an audience.
+#[test]
+fn helm_web_identity_mounts_the_projected_token_where_the_operator_reads_it() {
+    let default = objects(&helm_ok(&["template", "t", CHART, "-n", "kmsgrant-system"]));
+    let deployment = one(&default, "Deployment");
+    assert!(deployment["spec"]["template"]["spec"]["volumes"].is_null());
+    assert!(container(deployment)["volumeMounts"].is_null());
+
+    let rendered = objects(&helm_ok(&[
+        "template",
+        "t",
+        CHART,
+        "-n",
+        "kmsgrant-system",
+        "--set",
+        "webIdentity.projectedToken.enabled=true",
+        "--set",
+        "webIdentity.projectedToken.audience=my-client-id",
+        "--set",
+        "webIdentity.projectedToken.expirationSeconds=7200",
+        "--set",
+        "webIdentity.tokenRequestServiceAccounts={kms-keyless}",
+    ]));
+    let deployment = one(&rendered, "Deployment");
+    let volume = &deployment["spec"]["template"]["spec"]["volumes"][0];
+    let source = &volume["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(source["audience"], "my-client-id");
+    assert_eq!(source["expirationSeconds"], 7200);
+    assert_eq!(source["path"], "token");
+    let mount = &container(deployment)["volumeMounts"][0];
+    assert_eq!(mount["name"], volume["name"]);
+    assert_eq!(mount["readOnly"], true);
+    assert!(
+        args(deployment).contains(&format!(
+            "--web-identity-token-dir={}",
+            mount["mountPath"].as_str().unwrap()
+        )),
+        "{:?}",
+        args(deployment)
+    );
+    // Tokens for the named ServiceAccount only, in the release namespace.
+    let role = named(&rendered, "Role", "t-kmsgrant-operator");
+    let token_rule = role["spec"]["rules"]
+        .as_array()
+        .or(role["rules"].as_array())
+        .unwrap()
+        .iter()
+        .find(|r| r["resources"][0] == "serviceaccounts/token")
+        .expect("a serviceaccounts/token rule");
+    assert_eq!(
+        token_rule["resourceNames"],
+        serde_json::json!(["kms-keyless"])
+    );
+    assert_eq!(token_rule["verbs"], serde_json::json!(["create"]));
+
+    let out = helm(&[
+        "template",
+        "t",
+        CHART,
+        "--set",
+        "webIdentity.projectedToken.enabled=true",
+    ]);
+    assert!(!out.status.success(), "enabled without an audience renders");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("audience"));
+}
+
+/// `deploy/components/web-identity` mounts the same projected token into `deploy/`'s operator.
+#[test]
+fn kustomize_web_identity_component_mounts_the_projected_token() {
+    let overlay = tempfile::tempdir().unwrap();
+    let up = "../".repeat(overlay.path().components().count() - 1);
+    let base = format!("{up}{}", REPO.trim_start_matches('/'));
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "resources: [{base}/deploy]\ncomponents: [{base}/deploy/components/web-identity]\n"
+        ),
+    )
+    .unwrap();
+    let overlay = overlay.path().to_str().unwrap();
+    let rendered = objects(&kubectl_ok(&["kustomize", overlay], None));
+    let deployment = one(&rendered, "Deployment");
+    let volume = &deployment["spec"]["template"]["spec"]["volumes"][0];
+    assert_eq!(
+        volume["projected"]["sources"][0]["serviceAccountToken"]["path"],
+        "token"
+    );
+    let mount = &container(deployment)["volumeMounts"][0];
+    assert_eq!(mount["mountPath"], "/var/run/secrets/kmsgrant");
+    assert_eq!(mount["readOnly"], true);
+    assert_eq!(container(deployment)["name"], "operator");
+}

@@ -27,6 +27,12 @@ fn dev_brings_the_example_grant_to_ready_and_prints_the_kubeconfig_line() {
         )),
         "{stdout}"
     );
+    // Keyless by default: the grant was made with an exchanged ServiceAccount token, no Secret.
+    let said = format!("{stdout}{stderr}");
+    assert!(
+        said.contains("KmsProviderConfig 'default' is keyless: no Secret"),
+        "{said}"
+    );
     let ready = stdout
         .lines()
         .find(|l| l.trim_start().starts_with("Ready"))

@@ -1353,3 +1353,213 @@ fn the_dockerfile_local_target_builds_without_a_pull_and_its_image_starts() {
         None,
     );
 }
+
+/// Keyless on the real node: the chart mounts a projected ServiceAccount token into the operator
+/// pods (the kubelet writes and rotates it), the node cluster's own issuer is registered in the
+/// emulator's IAM, and the `default` provider config names no Secret. The seed grant becomes
+/// Ready created by the federated identity from the leader pod, with no cloud credential stored
+/// anywhere in the cluster. Afterwards the AccessKey `default` of the other tests comes back.
+#[test]
+fn operator_pods_exchange_their_projected_token_and_ready_the_seed_grant_with_no_stored_credential()
+{
+    let Some(node) = node() else { return };
+    let _turn = turn();
+    node.helm_release();
+    let audience = "kmsgrant-node";
+    node.helm_ok(&[
+        "upgrade",
+        RELEASE,
+        &format!("{REPO}/charts/kmsgrant-operator"),
+        "-n",
+        SYSTEM,
+        "--reuse-values",
+        "--set",
+        "webIdentity.projectedToken.enabled=true",
+        "--set",
+        &format!("webIdentity.projectedToken.audience={audience}"),
+        "--set",
+        "webIdentity.projectedToken.expirationSeconds=600",
+    ]);
+    node.kubectl_ok(
+        &[
+            "-n",
+            SYSTEM,
+            "rollout",
+            "status",
+            &format!("deployment/{RELEASE}"),
+            "--timeout=180s",
+        ],
+        None,
+    );
+    let deployment = node.get(&["-n", SYSTEM, "get", "deployment", RELEASE]);
+    let account = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The cloud admin's steps (docs/keyless.md) against the emulator, with this cluster's issuer.
+    let discovery: Value = serde_json::from_str(
+        &node.kubectl_ok(&["get", "--raw", "/.well-known/openid-configuration"], None),
+    )
+    .unwrap();
+    let jwks = node.kubectl_ok(&["get", "--raw", "/openid/v1/jwks"], None);
+    let subject = format!("system:serviceaccount:{SYSTEM}:{account}");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::new();
+        let config = &node.emulator_config;
+        let login = http
+            .post(format!("{}/v3/auth/tokens", node.emulator_url))
+            .json(&json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+                "name": config.username, "password": config.password, "domain": {"name": config.domain_name}}}},
+                "scope": {"domain": {"name": config.domain_name}}}}))
+            .send()
+            .await
+            .unwrap();
+        let token = login.headers()["x-subject-token"].to_str().unwrap().to_owned();
+        for (method, path, body) in [
+            (reqwest::Method::PUT, "/v3/OS-FEDERATION/identity_providers/node_cluster".to_owned(),
+                json!({"identity_provider": {"sso_type": "virtual_user_sso", "enabled": true}})),
+            (reqwest::Method::PUT, "/v3/OS-FEDERATION/mappings/node-operator".to_owned(),
+                json!({"mapping": {"rules": [{"local": [{"user": {"name": "kmsgrant-operator"}}, {"group": {"name": "kms-grant-admins"}}],
+                    "remote": [{"type": "sub", "any_one_of": [subject]}]}]}})),
+            (reqwest::Method::PUT, "/v3/OS-FEDERATION/identity_providers/node_cluster/protocols/oidc".to_owned(),
+                json!({"protocol": {"mapping_id": "node-operator"}})),
+            (reqwest::Method::POST, "/v3.0/OS-FEDERATION/identity-providers/node_cluster/openid-connect-config".to_owned(),
+                json!({"openid_connect_config": {"access_mode": "program", "idp_url": discovery["issuer"],
+                    "client_id": audience, "signing_key": jwks.trim()}})),
+        ] {
+            let answer = http
+                .request(method, format!("{}{path}", node.emulator_url))
+                .header("X-Auth-Token", &token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert!(answer.status().is_success() || answer.status() == 409, "{path}: {}", answer.status());
+        }
+    });
+
+    // No Secret: the default config exchanges the pods' projected token.
+    node.kubectl_ok(
+        &[
+            "-n",
+            SYSTEM,
+            "delete",
+            "secret",
+            "kms-credentials",
+            "--ignore-not-found",
+        ],
+        None,
+    );
+    let mut provider = yaml_file("deploy/examples/kmsproviderconfig-keyless.yaml");
+    let spec = &mut provider["spec"];
+    spec["endpoint"] = json!(node.emulator_url);
+    spec["iamEndpoint"] = json!(node.emulator_url);
+    spec["region"] = json!(node.emulator_config.region);
+    spec["projectId"] = json!(node.emulator_config.project_id);
+    spec.as_object_mut().unwrap().remove("projectName");
+    spec["auth"]["webIdentity"]["identityProviderId"] = json!("node_cluster");
+    node.apply(&provider);
+    let credentials: Vec<String> = node.get(&["get", "secrets", "-A"])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            let keys: Vec<&str> = s["data"]
+                .as_object()
+                .map(|d| d.keys().map(String::as_str).collect())
+                .unwrap_or_default();
+            keys.iter()
+                .any(|k| ["accessKey", "secretKey", "password", "securityToken"].contains(k))
+        })
+        .map(|s| format!("{}/{}", s["metadata"]["namespace"], s["metadata"]["name"]))
+        .collect();
+    assert!(
+        credentials.is_empty(),
+        "cloud credentials stored in the cluster: {credentials:?}"
+    );
+
+    // A key of the federated user (only a key's creator may revoke grants on it).
+    let key = node
+        .emulator
+        .create_key(NewKey {
+            key_alias: "keyless".into(),
+            creator: Some(kms_emulator::federated_user_id(
+                "node_cluster",
+                "kmsgrant-operator",
+            )),
+            ..Default::default()
+        })
+        .unwrap()
+        .key_id;
+    let before = node.last_call();
+    let mut grant = yaml_file("deploy/examples/kmsgrant-seed.yaml");
+    grant["metadata"]["name"] = json!("keyless-seed");
+    grant["spec"]["keyId"] = json!(key);
+    node.apply(&grant);
+    node.wait_grant_ready("keyless-seed", 120);
+    let create = node
+        .writes_after(before)
+        .into_iter()
+        .find(|call| call.operation == "create-grant")
+        .expect("a create-grant");
+    assert_ne!(
+        create.caller.as_deref(),
+        Some(node.emulator_config.user_id.as_str()),
+        "created by the federated identity, not the IAM user"
+    );
+    let leader = node.lease_holder_pod(SYSTEM, RELEASE).expect("a leader");
+    assert_eq!(
+        create.peer,
+        Some(node.pod_ip(SYSTEM, &leader)),
+        "from the leader pod"
+    );
+    let exchanges = node
+        .emulator
+        .calls(0)
+        .into_iter()
+        .filter(|c| c.operation == "iam:id-token" && c.status == 201)
+        .count();
+    assert!(exchanges >= 1);
+    eprintln!(
+        "figure: keyless seed grant Ready on the node after {exchanges} ID-token exchange(s)"
+    );
+
+    // Revoked keyless too; then the other tests' AccessKey default is back.
+    let deleted = node.kubectl(
+        &[
+            "-n",
+            "default",
+            "delete",
+            "kmsgrant",
+            "keyless-seed",
+            "--timeout=120s",
+        ],
+        None,
+    );
+    if !deleted.status.success() {
+        let grant = node.kubectl(
+            &[
+                "-n",
+                "default",
+                "get",
+                "kmsgrant",
+                "keyless-seed",
+                "-o",
+                "yaml",
+            ],
+            None,
+        );
+        let logs = node.kubectl(&["-n", SYSTEM, "logs", &leader, "--tail=60"], None);
+        panic!(
+            "keyless-seed not deleted: {}\n{}\n{}",
+            String::from_utf8_lossy(&deleted.stderr),
+            String::from_utf8_lossy(&grant.stdout),
+            String::from_utf8_lossy(&logs.stdout)
+        );
+    }
+    assert_eq!(node.emulator.grant_count(&key), Some(0), "revoked");
+    node.seed_provider(SYSTEM);
+}

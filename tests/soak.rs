@@ -13,6 +13,13 @@
 //! keeps what a diagnosis needs in a folder it names (`KMSGRANT_SOAK_DIR`, default
 //! `$TMPDIR/kmsgrant-soak`): each replica's log, the emulator's whole call log and its final
 //! grants. A failing run names every broken identity with its grants and their call-log lines.
+//!
+//! `KMSGRANT_SOAK_AUTH=keyless` runs it keyless: no Secret, the replicas exchange ServiceAccount
+//! tokens of this control plane's issuer (registered in the emulator's IAM) for IAM tokens that
+//! live `KMSGRANT_SOAK_TOKEN_SECONDS` (default 60), and the chaos adds IAM phases: exchanges
+//! failing, exchanges slow, and the cluster's signing key "rotated" (IAM holding another JWKS)
+//! until an admin uploads the right one. One more invariant then: no KMS call refused for its
+//! credentials.
 
 mod support;
 
@@ -128,6 +135,11 @@ struct Observations {
     fault_phases: BTreeMap<&'static str, usize>,
 }
 
+/// Keyless runs: the identity provider and `client_id` registered for the replicas.
+const SOAK_IDP: &str = "soak_cluster";
+const SOAK_CLIENT_ID: &str = "kmsgrant-soak";
+const SOAK_ACCOUNT: &str = "kms-keyless";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_soak_keeps_every_identity_invariant() {
     let minutes = setting("KMSGRANT_SOAK_MINUTES", 1.5);
@@ -154,18 +166,49 @@ async fn chaos_soak_keeps_every_identity_invariant() {
     );
     let control_plane = support::own_control_plane();
 
+    let keyless = std::env::var("KMSGRANT_SOAK_AUTH").is_ok_and(|a| a == "keyless");
+    let token_seconds = setting("KMSGRANT_SOAK_TOKEN_SECONDS", 60.0) as u64;
     // Room above 100 per key: replacements create first, and churn re-creates deleted names.
     let env = Env::new(
         "soak",
         EmulatorConfig {
             grants_per_key: 1000,
+            federation_token_ttl: Duration::from_secs(token_seconds),
             ..EmulatorConfig::for_tests()
         },
         RESYNC,
     )
     .await;
+    if keyless {
+        support::kubectl_ok(
+            &[
+                "-n",
+                &env.namespace,
+                "create",
+                "serviceaccount",
+                SOAK_ACCOUNT,
+            ],
+            None,
+        );
+        let subject = format!("system:serviceaccount:{}:{SOAK_ACCOUNT}", env.namespace);
+        support::register_cluster_issuer(&env.emulator, SOAK_IDP, SOAK_CLIENT_ID, &[subject]).await;
+        env.apply(&env.provider_config(json!({"auth": {"type": "WebIdentity", "webIdentity": {
+            "identityProviderId": SOAK_IDP,
+            "serviceAccountRef": {"namespace": env.namespace, "name": SOAK_ACCOUNT, "audiences": [SOAK_CLIENT_ID]}}}})));
+        support::kubectl_ok(
+            &["-n", &env.namespace, "delete", "secret", "kms-credentials"],
+            None,
+        );
+    }
+    // Keyless: the keys are the federated user's, so that it may revoke grants on them.
     let keys: Vec<String> = (0..KEYS)
-        .map(|i| env.new_key(&format!("soak-{i}")))
+        .map(|i| {
+            if keyless {
+                support::federated_key(&env, &format!("soak-{i}"), SOAK_IDP)
+            } else {
+                env.new_key(&format!("soak-{i}"))
+            }
+        })
         .collect();
     let proxy = StallingProxy::start().await;
     let proxied = proxy.kubeconfig(&env.namespace);
@@ -307,6 +350,12 @@ async fn chaos_soak_keeps_every_identity_invariant() {
         let proxy = Arc::new(proxy);
         let proxy_for_chaos = proxy.clone();
         let control_plane = control_plane.clone();
+        let emulator_url = env.emulator.base_url();
+        let admin_token = if keyless {
+            support::admin_token(&env.emulator).await
+        } else {
+            String::new()
+        };
         tokio::spawn(async move {
             let chaos_started = Instant::now();
             let mut api_restarted = false;
@@ -339,7 +388,9 @@ async fn chaos_soak_keeps_every_identity_invariant() {
                     continue;
                 }
                 round += 1;
-                match round % 9 {
+                // Keyless runs add three IAM phases to the nine.
+                let phases = if keyless { 12 } else { 9 };
+                match round % phases {
                     0 | 4 => {
                         let which = rng.usize(0..2);
                         if let Some(p) = replicas.lock().unwrap()[which].process.as_mut() {
@@ -354,8 +405,57 @@ async fn chaos_soak_keeps_every_identity_invariant() {
                         tokio::time::sleep(Duration::from_secs(9)).await;
                         proxy_for_chaos.resume();
                     }
+                    11 => {
+                        // The cluster's signing key rotates and IAM still holds the old JWKS:
+                        // every exchange is refused until the admin uploads the new one.
+                        let wrong = json!({"keys": [{"kty": "RSA", "kid": "rotated-away", "use": "sig",
+                            "alg": "RS256", "n": "1JA_k0ReMH98zV3KmGY2Iy3XLtX5m2Yo2uBIQH1gCN679kZg0uPzxxrr6ydcDRHWmTwXtQSVFABW9G93655z8IWCXALMJ4THW7TMhw0CuxTgI8H8_i114PtKIIR6Opd7xmqpVwUEjO3SSk4dtzaAJEVIZYJTCZUIiD-D4BcUMjMEoKzKBIizPAphIXQAYRQWsiPUN-1YMcqR5Siek5_6JiUgaUs2kOOlSX4c5YQghhdENo2CAadvLeaVHzhgvrnTPLJmwaRUz8SvOKM7OBhwirFw7qERCyPpUoHAd4c3gZaEi82Q0kUlZeYA0QOgw83lZ1ISVvRpLR30oGr9lw5LtQ", "e": "AQAB"}]});
+                        let set_jwks = |jwks: String| {
+                            let (url, token) = (emulator_url.clone(), admin_token.clone());
+                            async move {
+                                let _ = rustls::crypto::ring::default_provider().install_default();
+                                let answer = reqwest::Client::new()
+                                    .put(format!("{url}/v3.0/OS-FEDERATION/identity-providers/{SOAK_IDP}/openid-connect-config"))
+                                    .header("X-Auth-Token", token)
+                                    .json(&json!({"openid_connect_config": {"signing_key": jwks}}))
+                                    .send()
+                                    .await
+                                    .unwrap();
+                                assert!(
+                                    answer.status().is_success(),
+                                    "{}",
+                                    answer.text().await.unwrap_or_default()
+                                );
+                            }
+                        };
+                        set_jwks(wrong.to_string()).await;
+                        *obs.lock()
+                            .unwrap()
+                            .fault_phases
+                            .entry("IAM: signing key rotated, JWKS uploaded 15 s later")
+                            .or_default() += 1;
+                        tokio::time::sleep(Duration::from_secs(15)).await;
+                        let jwks = tokio::task::spawn_blocking(support::cluster_jwks)
+                            .await
+                            .unwrap();
+                        set_jwks(jwks).await;
+                    }
                     phase => {
                         let (label, faults, hold) = match phase {
+                            9 => (
+                                "IAM: every exchange fails (500) for 20 s",
+                                inject("iam:id-token", 1.0, InjectedError::Unavailable),
+                                Duration::from_secs(20),
+                            ),
+                            10 => (
+                                "IAM and KMS slow (2-4 s per call)",
+                                FaultSettings {
+                                    latency_ms: 2000,
+                                    jitter_ms: 2000,
+                                    ..FaultSettings::default()
+                                },
+                                Duration::from_secs(10),
+                            ),
                             8 => (
                                 "latency spike 300-800 ms",
                                 FaultSettings {
@@ -550,11 +650,29 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             .iter()
             .filter(|o| o.metadata.deletion_timestamp.is_none())
             .count();
-        if not_ready.is_empty() && grants.len() == expected && on_kms.values().all(|&n| n == 1) {
+        // Deletions finished too, and every live object's recorded grant is on KMS: counts alone
+        // could let a deleting object's grant make up for a live object that lacks one.
+        let deleting = objects.len() - expected;
+        let present: BTreeSet<&str> = grants.iter().map(|g| g.grant_id.as_str()).collect();
+        let recorded_everywhere = objects
+            .iter()
+            .filter(|o| o.metadata.deletion_timestamp.is_none())
+            .all(|o| {
+                o.status
+                    .as_ref()
+                    .and_then(|s| s.grant_id.as_deref())
+                    .is_some_and(|id| present.contains(id))
+            });
+        if not_ready.is_empty()
+            && deleting == 0
+            && recorded_everywhere
+            && grants.len() == expected
+            && on_kms.values().all(|&n| n == 1)
+        {
             break Ok(chaos_ended.elapsed());
         }
         let problem = format!(
-            "{} objects not Ready (e.g. {:?}), {} grants for {expected} objects",
+            "{} objects not Ready (e.g. {:?}), {deleting} still being deleted, {} grants for {expected} objects",
             not_ready.len(),
             not_ready.iter().take(3).collect::<Vec<_>>(),
             grants.len()
@@ -598,6 +716,7 @@ async fn chaos_soak_keeps_every_identity_invariant() {
     let present: BTreeSet<&str> = grants.iter().map(|g| g.grant_id.as_str()).collect();
     let ready_without_grant = objects
         .iter()
+        .filter(|o| o.metadata.deletion_timestamp.is_none())
         .filter(|o| {
             o.status.as_ref().is_some_and(|s| {
                 s.conditions
@@ -670,6 +789,37 @@ async fn chaos_soak_keeps_every_identity_invariant() {
         .filter(|at| o.outages.iter().any(|(from, to)| *at >= from && *at <= to))
         .count();
     let cross = o.cross_identity.len();
+    // Keyless: a KMS call refused for its credentials means an expired or rejected token was sent.
+    let refused_credentials = o
+        .call_log
+        .iter()
+        .filter(|c| !c.operation.starts_with("iam:") && matches!(c.status, 401 | 403))
+        .filter(|c| {
+            c.error_code.is_some_and(|code| {
+                matches!(
+                    code,
+                    "KMS.0301"
+                        | "KMS.0302"
+                        | "KMS.0303"
+                        | "APIGW.0301"
+                        | "IAM.0066"
+                        | "IAM.0067"
+                        | "IAM.1108"
+                )
+            })
+        })
+        .count();
+    let exchanges = o
+        .call_log
+        .iter()
+        .filter(|c| c.operation == "iam:id-token")
+        .fold((0usize, 0usize), |(ok, failed), c| {
+            if c.status == 201 {
+                (ok + 1, failed)
+            } else {
+                (ok, failed + 1)
+            }
+        });
     // The API server restart: how long it was away, and how long after it was back until the
     // lease was held again (the first Lease change the sampler saw afterwards).
     let api_restart = o
@@ -702,8 +852,10 @@ async fn chaos_soak_keeps_every_identity_invariant() {
          | cross-identity adoptions (status names another identity) | {cross} |\n\
          | objects Ready whose grant is missing | {ready_without_grant} |\n\
          | writes by a non-leader (between a fence and the next acquire) | {non_leader_writes} |\n\
-         | leadership overlaps (a holder acquired before the previous one's fence closed) | {overlaps} |\n\n\
+         | leadership overlaps (a holder acquired before the previous one's fence closed) | {overlaps} |\n\
+         {}\n\
          | figure | value |\n| --- | --- |\n\
+         {}\
          | chaos duration | {:.1} min |\n\
          | objects at the start / at the end | {initial} / {} |\n\
          | churn operations (create, change, delete) | {churned} |\n\
@@ -716,6 +868,21 @@ async fn chaos_soak_keeps_every_identity_invariant() {
          | leader changes seen | {} |\n\
          | converged after chaos stopped | {} (two resync periods: {} s) |\n\
          | peak RSS of a replica | {:.0} MiB |\n",
+        if keyless {
+            format!(
+                "| KMS calls refused for their credentials (keyless) | {refused_credentials} |\n"
+            )
+        } else {
+            String::new()
+        },
+        if keyless {
+            format!(
+                "| auth | keyless: IAM tokens living {token_seconds} s; ID-token exchanges {} ok, {} failed |\n",
+                exchanges.0, exchanges.1
+            )
+        } else {
+            "| auth | AccessKey |\n".to_owned()
+        },
         chaos_for.as_secs_f64() / 60.0,
         objects.len(),
         o.kills,
@@ -767,12 +934,22 @@ async fn chaos_soak_keeps_every_identity_invariant() {
              random ({}–60 s apart); KMS phases: latency spikes, 30 % 5xx, 429 storms, \
              commit-then-drop on 10 % of writes, commit-then-5xx on 30 % of creates, a {} s \
              outage; kube-apiserver restarted once, {:.0} % into the chaos (SIGTERM, then a new \
-             process on the same port; etcd and its data kept); resync {RESYNC}.\n\n{table}\n\
+             process on the same port; etcd and its data kept); resync {RESYNC}.{}\n\n{table}\n\
              RSS of a replica over time (MiB, sampled): {}\n",
             started.elapsed().as_secs_f64() / 60.0,
             if long { 5 } else { 3 },
             outage.as_secs(),
             api_restart_after.as_secs_f64() * 100.0 / chaos_for.as_secs_f64(),
+            if keyless {
+                format!(
+                    " Keyless (`KMSGRANT_SOAK_AUTH=keyless`): no Secret; IAM tokens from ServiceAccount \
+                     token exchanges living {token_seconds} s; IAM phases: every exchange failing \
+                     for 20 s, IAM and KMS at 2–4 s per call, the signing key rotated with the \
+                     new JWKS uploaded 15 s later."
+                )
+            } else {
+                String::new()
+            },
             rss.join(", ")
         );
         std::fs::write(&path, report).unwrap();
@@ -786,6 +963,8 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             "overlaps": overlaps, "converged_seconds": converged_seconds,
             "two_resyncs_seconds": 2 * RESYNC_SECONDS, "objects": objects.len(),
             "kills": o.kills, "leader_changes": changes, "writes": o.writes.len(),
+            "auth": if keyless { "keyless" } else { "AccessKey" },
+            "refused_credentials": refused_credentials,
             "folder": run_dir.display().to_string(),
         });
         let mut file = std::fs::OpenOptions::new()
@@ -812,9 +991,10 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             cross,
             ready_without_grant,
             non_leader_writes,
-            overlaps
+            overlaps,
+            refused_credentials
         ),
-        (0, 0, 0, 0, 0, 0),
+        (0, 0, 0, 0, 0, 0, 0),
         "invariants violated:\n{table}\n{diagnosis}\ncross-identity adoptions: {:?}\n{kept}",
         o.cross_identity.iter().take(10).collect::<Vec<_>>(),
     );

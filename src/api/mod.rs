@@ -19,8 +19,9 @@ pub use policy::{
     KmsKeyPolicyStatus, UndeclaredGrants,
 };
 pub use provider::{
-    AuthConfig, AuthType, KmsProviderConfig, KmsProviderConfigSpec, KmsProviderConfigStatus,
-    RateLimit, SecretReference, SigningVariant,
+    AgencyReference, AuthConfig, AuthType, KmsProviderConfig, KmsProviderConfigSpec,
+    KmsProviderConfigStatus, RateLimit, SecretReference, ServiceAccountTokenReference,
+    SigningVariant, TemporaryAccessKey, WebIdentity,
 };
 
 /// The API group of every resource here.

@@ -65,6 +65,12 @@ use super::{Condition, KEY_ID_PATTERN, Operation};
         "reason": "FieldValueRequired"
     },
     {
+        "rule": "!(self.auth.type == 'WebIdentity' || has(self.auth.agency)) || has(self.iamEndpoint)",
+        "message": "iamEndpoint is required for WebIdentity auth or an agency (tokens come from IAM)",
+        "fieldPath": ".iamEndpoint",
+        "reason": "FieldValueRequired"
+    },
+    {
         "rule": "!has(self.projectName) || has(self.iamEndpoint)",
         "message": "iamEndpoint is required when projectName is set (the project ID is looked up in IAM)",
         "fieldPath": ".iamEndpoint",
@@ -159,20 +165,159 @@ const URL_PATTERN: &str = r"^https?://[^\s/?#]+[^\s]*$";
 /// How the operator authenticates to KMS.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(self.type == 'WebIdentity') != has(self.secretRef)",
+        "message": "secretRef is required for type AccessKey and Password and must be absent for WebIdentity (it needs no Secret)",
+        "fieldPath": ".secretRef",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "(self.type == 'WebIdentity') == has(self.webIdentity)",
+        "message": "webIdentity is required for type WebIdentity and allowed only with it",
+        "fieldPath": ".webIdentity",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.temporaryAccessKey) || self.type == 'WebIdentity' || has(self.agency)",
+        "message": "temporaryAccessKey needs type WebIdentity or an agency (AccessKey auth already signs with AK/SK; a Password token gains nothing from it)",
+        "fieldPath": ".temporaryAccessKey",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!(self.type == 'AccessKey' && has(self.agency)) || has(self.temporaryAccessKey)",
+        "message": "an agency on AccessKey auth needs temporaryAccessKey (IAM gives agency tokens only to token holders)",
+        "fieldPath": ".agency",
+        "reason": "FieldValueInvalid"
+    }
+]))]
 pub struct AuthConfig {
-    /// `AccessKey`: sign each request with an access key / secret key pair (Secret keys
-    /// `accessKey`, `secretKey`, optional `securityToken`). `Password`: get IAM tokens with a
-    /// user's password (Secret keys `username`, `password`, `domainName`).
+    /// `WebIdentity`: no stored secret; the operator exchanges a Kubernetes ServiceAccount token
+    /// (OpenID Connect) at IAM for a token (`webIdentity`). `AccessKey`: sign each request with
+    /// an access key / secret key pair (Secret keys `accessKey`, `secretKey`, optional
+    /// `securityToken`). `Password`: get IAM tokens with a user's password (Secret keys
+    /// `username`, `password`, `domainName`).
     #[serde(rename = "type")]
     pub type_: AuthType,
-    /// The Secret holding the credentials.
-    pub secret_ref: SecretReference,
-    /// AK/SK signature format (AccessKey auth only): `Huawei` signs
+    /// The Secret holding the credentials (AccessKey and Password only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretReference>,
+    /// Where the ID token comes from and which IAM identity provider takes it (WebIdentity only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_identity: Option<WebIdentity>,
+    /// An agency of another account, assumed on top of the credentials above: grants are then
+    /// made in the delegating account, whose project `projectId`/`projectName` names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agency: Option<AgencyReference>,
+    /// Sign KMS calls with temporary AK/SK and `X-Security-Token` (`OS-CREDENTIAL/
+    /// securitytokens`) instead of sending the IAM token. Absent: the IAM token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temporary_access_key: Option<TemporaryAccessKey>,
+    /// AK/SK signature format (AccessKey auth and temporary keys): `Huawei` signs
     /// `SDK-HMAC-SHA256 Access=<AK>, ...` as Huawei Cloud's SDKs do; `OpenTelekomCloud` signs
     /// `SDK-HMAC-SHA256 Credential=<AK>/<date>/<region>/kms/sdk_request, ...` with a derived key, as
     /// Open Telekom Cloud's gophertelekomcloud does.
     #[serde(default)]
     pub signing_variant: SigningVariant,
+}
+
+/// OpenID Connect federation: a ServiceAccount token exchanged at
+/// `POST /v3.0/OS-AUTH/id-token/tokens` for an IAM token. Set `tokenFile` or
+/// `serviceAccountRef`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.tokenFile) != has(self.serviceAccountRef)",
+    "message": "set exactly one of tokenFile or serviceAccountRef",
+    "fieldPath": ".tokenFile",
+    "reason": "FieldValueInvalid"
+}]))]
+pub struct WebIdentity {
+    /// The IAM identity provider (protocol `oidc`) whose OpenID Connect configuration holds the
+    /// cluster's issuer, JWKS and `client_id`; sent as `X-Idp-Id`.
+    #[schemars(length(min = 1, max = 64), pattern(r"^[A-Za-z0-9_-]+$"))]
+    pub identity_provider_id: String,
+    /// A projected ServiceAccount token of the operator's pod (audience: the provider's
+    /// `client_id`), re-read at every exchange. Must lie under the operator's
+    /// `--web-identity-token-dir` (default `/var/run/secrets/kmsgrant`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 4096), pattern(r"^/[^\s]*$"))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!self.matches('(^|/)[.][.](/|$)')",
+        "message": "must be an absolute path without '..' segments"
+    }]))]
+    pub token_file: Option<String>,
+    /// A ServiceAccount in the operator's namespace for which the operator requests a token
+    /// (TokenRequest) with these audiences at every exchange.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_ref: Option<ServiceAccountTokenReference>,
+}
+
+/// A ServiceAccount whose tokens the operator requests.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceAccountTokenReference {
+    /// Must be the operator's own namespace (`ServiceAccountNamespaceNotAllowed` otherwise).
+    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub namespace: String,
+    /// Name of the ServiceAccount.
+    #[schemars(
+        length(min = 1, max = 253),
+        pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
+    /// The token's audiences: the identity provider's `client_id`.
+    #[schemars(length(min = 1, max = 8), inner(length(min = 1, max = 256)))]
+    pub audiences: Vec<String>,
+    /// Requested token lifetime in seconds (600 to 86400).
+    #[serde(default = "ServiceAccountTokenReference::default_expiration_seconds")]
+    #[schemars(range(min = 600, max = 86400))]
+    pub expiration_seconds: i64,
+}
+
+impl ServiceAccountTokenReference {
+    fn default_expiration_seconds() -> i64 {
+        3600
+    }
+}
+
+/// An agency (`assume_role`) of the delegating account.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.domainName) != has(self.domainId)",
+    "message": "set exactly one of domainName or domainId (the delegating account)",
+    "fieldPath": ".domainName",
+    "reason": "FieldValueInvalid"
+}]))]
+pub struct AgencyReference {
+    /// `agency_name`, as the delegating account created it.
+    #[schemars(length(min = 1, max = 64))]
+    pub name: String,
+    /// The delegating account's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub domain_name: Option<String>,
+    /// The delegating account's ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[a-zA-Z0-9-]{1,64}$"))]
+    pub domain_id: Option<String>,
+}
+
+/// Temporary AK/SK for KMS calls.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemporaryAccessKey {
+    /// Lifetime asked for (`duration_seconds`, 900 to 86400); refreshed a fifth of it early.
+    #[serde(default = "TemporaryAccessKey::default_duration_seconds")]
+    #[schemars(range(min = 900, max = 86400))]
+    pub duration_seconds: u32,
+}
+
+impl TemporaryAccessKey {
+    fn default_duration_seconds() -> u32 {
+        3600
+    }
 }
 
 /// The AK/SK signature format.
@@ -188,6 +333,8 @@ pub enum SigningVariant {
 /// An authentication method.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum AuthType {
+    /// OpenID Connect federation with a Kubernetes ServiceAccount token: no stored secret.
+    WebIdentity,
     /// AK/SK request signing (`SDK-HMAC-SHA256`).
     AccessKey,
     /// IAM password authentication with project-scoped tokens.

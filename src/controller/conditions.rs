@@ -97,6 +97,12 @@ pub mod reasons {
     pub const SECRET_NAMESPACE_NOT_ALLOWED: &str = "SecretNamespaceNotAllowed";
     /// Reconciling (KmsProviderConfig being deleted): KmsGrants still use it.
     pub const IN_USE: &str = "InUse";
+    /// `webIdentity.tokenFile` lies outside the operator's `--web-identity-token-dir`.
+    pub const TOKEN_FILE_NOT_ALLOWED: &str = "TokenFileNotAllowed";
+    /// `webIdentity.serviceAccountRef.namespace` is not the operator's namespace.
+    pub const SERVICE_ACCOUNT_NAMESPACE_NOT_ALLOWED: &str = "ServiceAccountNamespaceNotAllowed";
+    /// A combination of fields this operator does not implement (never silently ignored).
+    pub const UNSUPPORTED_VALUE: &str = "UnsupportedValue";
     /// Ready (KmsKeyPolicy): the key was listed; every grant on it is declared by a KmsGrant (or
     /// is another cluster's).
     pub const NO_UNMANAGED_GRANTS: &str = "NoUnmanagedGrants";

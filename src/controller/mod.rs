@@ -4,7 +4,9 @@
 mod audit;
 mod cache;
 mod conditions;
+pub mod credentials;
 mod execute;
+mod fixes;
 mod grant;
 pub mod identity;
 mod keyref;
@@ -34,6 +36,7 @@ use tokio::sync::mpsc;
 
 pub use cache::KeyRef;
 pub use conditions::{Outcome, reasons};
+pub use fixes::{fix_for, fix_for_reason};
 pub use plan::FINALIZER;
 pub use plan::{DesiredGrant, Plan, plan};
 pub use provider::client_config;
@@ -74,6 +77,8 @@ pub struct Settings {
     pub provider_failure_threshold: u32,
     /// This replica's name (its pod), reported as the instance of every event it records.
     pub instance: Option<String>,
+    /// `webIdentity.tokenFile` must lie under this directory.
+    pub web_identity_token_dir: std::path::PathBuf,
 }
 
 impl Default for Settings {
@@ -94,6 +99,7 @@ impl Default for Settings {
             provider_check_interval: Duration::from_secs(60),
             provider_failure_threshold: 3,
             instance: None,
+            web_identity_token_dir: credentials::DEFAULT_TOKEN_DIR.into(),
         }
     }
 }
@@ -167,6 +173,15 @@ pub struct Context {
 }
 
 impl Context {
+    /// Where keyless credentials may come from, as this operator's settings say.
+    fn keyless_settings(&self) -> credentials::KeylessSettings {
+        credentials::KeylessSettings {
+            token_dir: self.settings.web_identity_token_dir.clone(),
+            service_account_namespace: self.settings.secret_namespace.clone(),
+            kube: self.client.clone(),
+        }
+    }
+
     /// Wakes the objects (by UID) whose cleanup waits for a walk that has now been made.
     fn wake_deleting(&self, uids: &[String]) {
         if uids.is_empty() {
@@ -347,8 +362,11 @@ pub async fn run(
                     .state()
                     .into_iter()
                     .filter(move |c| {
-                        c.spec.auth.secret_ref.name == name
-                            && c.spec.auth.secret_ref.namespace == namespace
+                        c.spec
+                            .auth
+                            .secret_ref
+                            .as_ref()
+                            .is_some_and(|r| r.name == name && r.namespace == namespace)
                     })
                     .map(|c| ObjectRef::from_obj(c.as_ref()))
                     .collect::<Vec<_>>()

@@ -373,12 +373,20 @@ pub fn failure_outcome(err: &KmsError) -> Outcome {
         },
         (ErrorClass::RetryLater, reason) => Outcome::Progressing {
             reason: reason.as_str(),
-            message,
+            message: with_fix(message, reason),
         },
         (_, reason) => Outcome::Stalled {
             reason: reason.as_str(),
-            message,
+            message: with_fix(message, reason),
         },
+    }
+}
+
+/// The message with the fix its reason calls for, so a condition says what to do.
+fn with_fix(message: String, reason: ErrorReason) -> String {
+    match super::fixes::fix_for_reason(reason) {
+        Some(fix) => format!("{message}; fix: {fix}"),
+        None => message,
     }
 }
 

@@ -13,14 +13,14 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::conditions::{Outcome, conditions, now_rfc3339, reasons};
+use super::credentials::KeylessSettings;
 use super::{Context, ReconcileError};
 use crate::api::{
-    AuthType, KmsProviderConfig, KmsProviderConfigSpec, KmsProviderConfigStatus, SigningVariant,
+    KmsProviderConfig, KmsProviderConfigSpec, KmsProviderConfigStatus, SecretReference,
+    SigningVariant,
 };
-use kmsgrant_kms::signer::{AccessKeyPair, SigningScheme};
-use kmsgrant_kms::{
-    ClientConfig, Credentials, KmsClient, KmsError, Project, RateLimitConfig, SecretString,
-};
+use kmsgrant_kms::signer::SigningScheme;
+use kmsgrant_kms::{ClientConfig, KmsClient, KmsError, Project, RateLimitConfig};
 
 /// Holds a KmsProviderConfig until no KmsGrant this operator reconciles uses it, so deleting a
 /// config in use cannot strand grants in Terminating.
@@ -297,6 +297,7 @@ async fn check(config: &KmsProviderConfig, ctx: &Context) -> Checked {
                 // Refused as configured: no client may be used with it any more.
                 ctx.providers.remove(&name);
                 ctx.keys.forget_provider(&name);
+                ctx.metrics.provider_credentials(&name, None);
             }
             return Checked::NotUsable(not_usable);
         }
@@ -309,6 +310,8 @@ async fn check(config: &KmsProviderConfig, ctx: &Context) -> Checked {
         Ok::<_, KmsError>(project_id)
     }
     .await;
+    ctx.metrics
+        .provider_credentials(&name, Some(&built.client.credential_status()));
     match verdict {
         Ok(project_id) => {
             let mut was_healthy = true;
@@ -346,41 +349,18 @@ async fn check(config: &KmsProviderConfig, ctx: &Context) -> Checked {
 async fn build(config: &KmsProviderConfig, ctx: &Context) -> Result<Provider, NotUsable> {
     let name = config.name_any();
     let spec = &config.spec;
-    let secret_ref = &spec.auth.secret_ref;
-    if let Some(allowed) = &ctx.settings.secret_namespace
-        && &secret_ref.namespace != allowed
-    {
-        return Err(NotUsable(Outcome::Stalled {
-            reason: reasons::SECRET_NAMESPACE_NOT_ALLOWED,
-            message: format!(
-                "spec.auth.secretRef.namespace is {:?}, but the operator reads credentials only from its own namespace {allowed:?}; move the Secret there",
-                secret_ref.namespace
-            ),
-        }));
-    }
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &secret_ref.namespace)
-        .get_opt(&secret_ref.name)
-        .await
-        .map_err(|e| {
-            NotUsable(Outcome::Progressing {
-                reason: reasons::SECRET_NOT_FOUND,
-                message: format!("cannot read Secret {}/{}: {e}", secret_ref.namespace, secret_ref.name),
-            })
-        })?
-        .ok_or_else(|| {
-            NotUsable(Outcome::Stalled {
-                reason: reasons::SECRET_NOT_FOUND,
-                message: format!(
-                    "Secret {}/{} does not exist; create it with the credentials for auth type {:?}",
-                    secret_ref.namespace, secret_ref.name, spec.auth.type_
-                ),
-            })
-        })?;
+    let secret = match &spec.auth.secret_ref {
+        Some(secret_ref) => Some(read_secret(secret_ref, spec, ctx).await?),
+        None => None,
+    };
     let uid = config.uid().unwrap_or_default();
     let fingerprint = format!(
         "{uid}/{}/{}",
         config.meta().generation.unwrap_or_default(),
-        secret.resource_version().unwrap_or_default()
+        secret
+            .as_ref()
+            .and_then(|s| s.resource_version())
+            .unwrap_or_default()
     );
     if let Some(current) = ctx
         .providers
@@ -389,8 +369,13 @@ async fn build(config: &KmsProviderConfig, ctx: &Context) -> Result<Provider, No
     {
         return Ok(current.provider);
     }
-    let mut client_config =
-        client_config(spec, &secret, ctx.settings.allow_http).map_err(NotUsable)?;
+    let mut client_config = client_config(
+        spec,
+        secret.as_ref(),
+        &ctx.keyless_settings(),
+        ctx.settings.allow_http,
+    )
+    .map_err(NotUsable)?;
     // Every attempt of a write asks the leader fence, retries included.
     let fence = ctx.fence.clone();
     client_config.write_gate = Some(kmsgrant_kms::WriteGate::new(move || fence.check().is_ok()));
@@ -412,25 +397,57 @@ async fn build(config: &KmsProviderConfig, ctx: &Context) -> Result<Provider, No
             failed_checks: 0,
         },
     );
-    tracing::info!(provider = %name, "provider config (re)built; checking its credentials");
+    tracing::info!(provider = %name, auth = ?spec.auth.type_, "provider config (re)built; checking its credentials");
     Ok(provider)
 }
 
-/// The KMS client settings of a provider config and its Secret (also used by `import`).
+/// The Secret `secret_ref` names, if the operator may read it.
+async fn read_secret(
+    secret_ref: &SecretReference,
+    spec: &KmsProviderConfigSpec,
+    ctx: &Context,
+) -> Result<Secret, NotUsable> {
+    if let Some(allowed) = &ctx.settings.secret_namespace
+        && &secret_ref.namespace != allowed
+    {
+        return Err(NotUsable(Outcome::Stalled {
+            reason: reasons::SECRET_NAMESPACE_NOT_ALLOWED,
+            message: format!(
+                "spec.auth.secretRef.namespace is {:?}, but the operator reads credentials only from its own namespace {allowed:?}; move the Secret there",
+                secret_ref.namespace
+            ),
+        }));
+    }
+    Api::<Secret>::namespaced(ctx.client.clone(), &secret_ref.namespace)
+        .get_opt(&secret_ref.name)
+        .await
+        .map_err(|e| {
+            NotUsable(Outcome::Progressing {
+                reason: reasons::SECRET_NOT_FOUND,
+                message: format!("cannot read Secret {}/{}: {e}", secret_ref.namespace, secret_ref.name),
+            })
+        })?
+        .ok_or_else(|| {
+            NotUsable(Outcome::Stalled {
+                reason: reasons::SECRET_NOT_FOUND,
+                message: format!(
+                    "Secret {}/{} does not exist; create it with the credentials for auth type {:?}",
+                    secret_ref.namespace, secret_ref.name, spec.auth.type_
+                ),
+            })
+        })
+}
+
+/// The KMS client settings of a provider config and its Secret (absent for WebIdentity); also
+/// used by `import`.
 pub fn client_config(
     spec: &KmsProviderConfigSpec,
-    secret: &Secret,
+    secret: Option<&Secret>,
+    keyless: &KeylessSettings,
     allow_http: bool,
 ) -> Result<ClientConfig, Outcome> {
-    let secret_ref = &spec.auth.secret_ref;
-    let data = secret_data(secret);
-    let credentials = credentials(spec.auth.type_, &data).map_err(|missing| Outcome::Stalled {
-        reason: reasons::SECRET_INCOMPLETE,
-        message: format!(
-            "Secret {}/{} has no key {missing:?}; add it",
-            secret_ref.namespace, secret_ref.name
-        ),
-    })?;
+    let (credentials, agency, temporary_access_key) =
+        super::credentials::credentials(spec, secret, keyless)?;
     let project = match (&spec.project_id, &spec.project_name) {
         (Some(id), _) => Project::Id(id.clone()),
         (None, Some(name)) => Project::Name(name.clone()),
@@ -442,6 +459,8 @@ pub fn client_config(
         }
     };
     let mut client_config = ClientConfig::new(spec.endpoint.clone(), project, credentials);
+    client_config.agency = agency;
+    client_config.temporary_access_key = temporary_access_key;
     client_config.iam_endpoint = spec.iam_endpoint.clone();
     client_config.region = spec.region.clone().unwrap_or_default();
     client_config.signing = match spec.auth.signing_variant {
@@ -481,6 +500,7 @@ async fn release_when_unused(
         set_finalizer(config, ctx, false).await?;
         ctx.providers.remove(&name);
         ctx.keys.forget_provider(&name);
+        ctx.metrics.provider_credentials(&name, None);
         tracing::info!(provider = %name, "provider config deleted; no KmsGrant uses it");
         return Ok(Action::await_change());
     }
@@ -544,42 +564,25 @@ async fn set_finalizer(
     super::report::patch_finalizer(&api, config, FINALIZER, present).await
 }
 
-fn secret_data(secret: &Secret) -> BTreeMap<String, String> {
-    let mut data: BTreeMap<String, String> = secret.string_data.clone().unwrap_or_default();
-    for (key, value) in secret.data.clone().unwrap_or_default() {
-        if let Ok(text) = String::from_utf8(value.0) {
-            data.entry(key).or_insert(text);
-        }
-    }
-    data
-}
-
-fn credentials(
-    auth: AuthType,
-    data: &BTreeMap<String, String>,
-) -> Result<Credentials, &'static str> {
-    let get = |key: &'static str| {
-        data.get(key)
-            .map(|v| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
-            .ok_or(key)
-    };
-    Ok(match auth {
-        AuthType::AccessKey => Credentials::AccessKey {
-            keys: AccessKeyPair::new(get("accessKey")?, get("secretKey")?),
-            security_token: get("securityToken").ok().map(SecretString::from),
-        },
-        AuthType::Password => Credentials::Password {
-            username: get("username")?,
-            password: SecretString::from(get("password")?),
-            domain_name: get("domainName")?,
-        },
-    })
-}
-
 /// The condition for a KMS failure while checking a provider: the shared mapping, with a hint.
 fn kms_outcome(err: &KmsError) -> Outcome {
     const HINT: &str = "; check the endpoint, project and the credentials in the Secret";
+    use kmsgrant_kms::ErrorReason::*;
+    if matches!(
+        err.reason,
+        IdentityProviderNotFound
+            | IdentityTokenRefused
+            | IdentityTokenExpired
+            | IdentityTokenUnavailable
+            | AgencyNotAssumable
+    ) {
+        // These messages say what to fix already.
+        return super::plan::failure_outcome(err);
+    }
+    if super::fixes::fix_for_reason(err.reason).is_some() {
+        // The message names the fix already.
+        return super::plan::failure_outcome(err);
+    }
     match super::plan::failure_outcome(err) {
         Outcome::Progressing { reason, message } => Outcome::Progressing {
             reason,
@@ -670,19 +673,5 @@ mod tests {
             Some(&selector),
             &labels(&[("tier", "prod")])
         ));
-    }
-
-    #[test]
-    fn credentials_name_the_missing_secret_key() {
-        let data = labels(&[("accessKey", "AK")]);
-        assert_eq!(
-            credentials(AuthType::AccessKey, &data).unwrap_err(),
-            "secretKey"
-        );
-        let data = labels(&[("username", "u"), ("password", "p")]);
-        assert_eq!(
-            credentials(AuthType::Password, &data).unwrap_err(),
-            "domainName"
-        );
     }
 }

@@ -728,3 +728,120 @@ pub fn lists(
         .map(|((_, key), n)| (key.clone(), *n))
         .collect()
 }
+
+// Keyless: the control plane's own ServiceAccount issuer as an OpenID Connect identity provider in
+// the emulator's IAM, set up with the cloud admin's documented calls (docs/keyless.md).
+
+/// The user name `register_cluster_issuer`'s mapping gives the operator's ServiceAccount.
+pub const FEDERATED_USER: &str = "kmsgrant-operator";
+
+/// A key created by the federated user of identity provider `idp`: KMS lets only a key's creator
+/// revoke grants on it, so keyless tests that delete grants use keys of the operator's identity.
+pub fn federated_key(env: &Env, alias: &str, idp: &str) -> String {
+    let key = kms_emulator::NewKey {
+        key_alias: alias.into(),
+        creator: Some(kms_emulator::federated_user_id(idp, FEDERATED_USER)),
+        ..Default::default()
+    };
+    env.emulator.admin().create_key(key).unwrap().key_id
+}
+
+/// A password token of the emulator's default user (Security Administrator).
+pub async fn admin_token(emulator: &kms_emulator::RunningEmulator) -> String {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let settings = emulator.config();
+    let answer = reqwest::Client::new()
+        .post(format!("{}/auth/tokens", emulator.iam_endpoint()))
+        .json(&serde_json::json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+            "name": settings.username, "password": settings.password, "domain": {"name": settings.domain_name}}}},
+            "scope": {"project": {"id": settings.project_id}}}}))
+        .send()
+        .await
+        .unwrap();
+    answer.headers()["x-subject-token"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// One IAM management call as the default user; panics unless it succeeds.
+pub async fn iam_admin(
+    emulator: &kms_emulator::RunningEmulator,
+    method: reqwest::Method,
+    path: &str,
+    body: serde_json::Value,
+) {
+    let token = admin_token(emulator).await;
+    let answer = reqwest::Client::new()
+        .request(method, format!("{}{path}", emulator.base_url()))
+        .header("X-Auth-Token", token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        answer.status().is_success(),
+        "{path}: {}",
+        answer.text().await.unwrap_or_default()
+    );
+}
+
+/// The CCE guide's admin steps with this control plane as the issuer: identity provider `idp`,
+/// a mapping admitting `subjects` only, the `oidc` protocol, and the OpenID Connect
+/// configuration with the API server's issuer URL and JWKS and `client_id`.
+pub async fn register_cluster_issuer(
+    emulator: &kms_emulator::RunningEmulator,
+    idp: &str,
+    client_id: &str,
+    subjects: &[String],
+) {
+    use reqwest::Method;
+    use serde_json::json;
+    iam_admin(
+        emulator,
+        Method::PUT,
+        &format!("/v3/OS-FEDERATION/identity_providers/{idp}"),
+        json!({"identity_provider": {"sso_type": "virtual_user_sso", "enabled": true, "description": "this cluster's ServiceAccounts"}}),
+    )
+    .await;
+    iam_admin(
+        emulator,
+        Method::PUT,
+        &format!("/v3/OS-FEDERATION/mappings/{idp}-mapping"),
+        json!({"mapping": {"rules": [{"local": [{"user": {"name": FEDERATED_USER}}, {"group": {"name": "kms-grant-admins"}}],
+            "remote": [{"type": "sub", "any_one_of": subjects}]}]}}),
+    )
+    .await;
+    iam_admin(
+        emulator,
+        Method::PUT,
+        &format!("/v3/OS-FEDERATION/identity_providers/{idp}/protocols/oidc"),
+        json!({"protocol": {"mapping_id": format!("{idp}-mapping")}}),
+    )
+    .await;
+    iam_admin(
+        emulator,
+        Method::POST,
+        &format!("/v3.0/OS-FEDERATION/identity-providers/{idp}/openid-connect-config"),
+        json!({"openid_connect_config": {"access_mode": "program", "idp_url": cluster_issuer(),
+            "client_id": client_id, "signing_key": cluster_jwks()}}),
+    )
+    .await;
+}
+
+/// The API server's ServiceAccount issuer, from its discovery document.
+pub fn cluster_issuer() -> String {
+    let discovery: serde_json::Value = serde_json::from_str(&kubectl_ok(
+        &["get", "--raw", "/.well-known/openid-configuration"],
+        None,
+    ))
+    .unwrap();
+    discovery["issuer"].as_str().unwrap().to_owned()
+}
+
+/// The API server's ServiceAccount signing keys (`/openid/v1/jwks`).
+pub fn cluster_jwks() -> String {
+    kubectl_ok(&["get", "--raw", "/openid/v1/jwks"], None)
+        .trim()
+        .to_owned()
+}

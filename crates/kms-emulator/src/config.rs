@@ -236,6 +236,7 @@ impl EmulatorArgs {
             throttle_per_second,
             drop_after_commit: drop_after_commit.into_iter().collect(),
             error_after_commit: Default::default(),
+            clock_offset_seconds: 0,
         };
         faults.validate()?;
         if !listen.ip().is_loopback() && !allow_non_loopback {

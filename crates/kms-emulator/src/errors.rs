@@ -338,6 +338,16 @@ impl IamApiError {
         )
     }
 
+    /// 500 IAM.0006 "An unexpected error prevented the server from fulfilling your request."
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "IAM.0006",
+            "An unexpected error prevented the server from fulfilling your request.".into(),
+            detail.into(),
+        )
+    }
+
     /// 401 IAM.0001 "The request you have made requires authentication."
     pub fn unauthenticated(detail: impl Into<String>) -> Self {
         Self::new(

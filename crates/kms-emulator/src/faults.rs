@@ -18,6 +18,8 @@ pub enum InjectedError {
     Unavailable,
     /// 429 APIG.0308
     Throttled,
+    /// 403 KMS.0306: the caller's IAM policy lacks the action.
+    Forbidden,
 }
 
 impl InjectedError {
@@ -26,6 +28,7 @@ impl InjectedError {
             Self::Internal => ErrorCode::Internal,
             Self::Unavailable => ErrorCode::Unavailable,
             Self::Throttled => ErrorCode::Throttled,
+            Self::Forbidden => ErrorCode::NoPermission,
         }
     }
 }
@@ -38,7 +41,10 @@ impl std::str::FromStr for InjectedError {
             "internal" | "500" | "KMS.0100" => Ok(Self::Internal),
             "unavailable" | "503" | "KMS.0104" => Ok(Self::Unavailable),
             "throttled" | "429" | "APIG.0308" => Ok(Self::Throttled),
-            other => Err(format!("{other:?} is not internal|unavailable|throttled")),
+            "forbidden" | "403" | "KMS.0306" => Ok(Self::Forbidden),
+            other => Err(format!(
+                "{other:?} is not internal|unavailable|throttled|forbidden"
+            )),
         }
     }
 }
@@ -70,6 +76,10 @@ pub struct FaultSettings {
     /// takes effect and is then answered `500 KMS.0100` (as a gateway that times out after the
     /// backend committed).
     pub error_after_commit: BTreeMap<String, f64>,
+    /// The emulator's clock runs this many seconds off the machine's: its `Date` header and the
+    /// time it checks signatures against (more than 15 minutes off: 401 APIGW.0303), as a client
+    /// whose clock is wrong sees it.
+    pub clock_offset_seconds: i64,
 }
 
 impl FaultSettings {
@@ -101,6 +111,16 @@ impl FaultSettings {
                 Err(format!("throttle_per_second {rate} must be > 0"))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// The emulator's idea of now (the machine's clock plus `clock_offset_seconds`).
+    pub fn now(&self) -> std::time::SystemTime {
+        let offset = Duration::from_secs(self.clock_offset_seconds.unsigned_abs());
+        if self.clock_offset_seconds >= 0 {
+            std::time::SystemTime::now() + offset
+        } else {
+            std::time::SystemTime::now() - offset
         }
     }
 

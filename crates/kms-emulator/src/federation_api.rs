@@ -129,6 +129,13 @@ pub fn iso8601(ms: u64) -> String {
         .to_string()
 }
 
+/// The user ID a federated user gets: stable for its identity provider and the user name its
+/// mapping gives, so tests can make it the creator of keys (only a key's creator may revoke
+/// grants on it) before it ever signed in.
+pub fn federated_user_id(idp_id: &str, user_name: &str) -> String {
+    derived_id(&["federated", idp_id, user_name])
+}
+
 /// A stable 32-hex-character ID derived from `parts` (federated users and groups have no
 /// registry here, but the same name must give the same ID every time).
 fn derived_id(parts: &[&str]) -> String {
@@ -931,7 +938,7 @@ fn exchange(
     let mut world = shared.world();
     let domain_id = world.account.domain_id.clone();
     let scope = resolve_scope(&world, scope, &domain_id)?;
-    let user_id = derived_id(&["federated", idp_id, &mapped.user_name]);
+    let user_id = federated_user_id(idp_id, &mapped.user_name);
     let (token, issued) = world.store_token(IssuedToken {
         user_id: user_id.clone(),
         scope,
@@ -961,11 +968,28 @@ fn exchange(
 }
 
 /// `POST /v3.0/OS-AUTH/id-token/tokens` with `X-Idp-Id`.
+/// The fault settings' latency, and an injected failure (500 IAM.0006) when `errors` names
+/// `iam:<operation>` (the KMS wildcard `*` does not reach IAM): exchanges that are slow or fail.
+async fn injected_iam_fault(shared: &Shared, operation: &str) -> Option<IamApiError> {
+    let faults = shared.faults();
+    let delay = faults.delay();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let key = format!("iam:{operation}");
+    let injection = faults.errors.get(&key)?;
+    (fastrand::f64() < injection.rate)
+        .then(|| IamApiError::internal(format!("injected fault on {key}")))
+}
+
 async fn id_token_tokens(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(fault) = injected_iam_fault(&shared, "id-token").await {
+        return respond(&shared, "id-token", Err(fault));
+    }
     let outcome = (|| {
         let request = parse_json(&body)?;
         let id_token = request["auth"]["id_token"]["id"]
@@ -1190,9 +1214,14 @@ fn duration_seconds(value: &Value) -> Result<i64, IamApiError> {
 /// the agency trusts).
 async fn security_tokens(
     State(shared): State<Arc<Shared>>,
+    http_method: Method,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(fault) = injected_iam_fault(&shared, "securitytokens").await {
+        return respond(&shared, "securitytokens", Err(fault));
+    }
     let outcome = (|| {
         let request = parse_json(&body)?;
         let identity = &request["auth"]["identity"];
@@ -1236,7 +1265,15 @@ async fn security_tokens(
             "assume_role" => {
                 let assume = &identity["assume_role"];
                 let duration = duration_seconds(&assume["duration_seconds"])?;
-                let caller = token_caller(&world, &headers)?;
+                // A token of a user of the trusted domain, or (Huawei Cloud's IAM-user variant)
+                // that user's AK/SK signature.
+                let caller = if headers.contains_key("x-auth-token") {
+                    token_caller(&world, &headers)?
+                } else {
+                    principal(&world, &http_method, &uri, &headers, &body).ok_or_else(|| {
+                        IamApiError::unauthenticated("no valid X-Auth-Token or AK/SK signature")
+                    })?
+                };
                 let (agency_id, domain_id, _) = assumable(&world, &caller, assume)?;
                 (agency_id, domain_id, caller.user_id, duration)
             }

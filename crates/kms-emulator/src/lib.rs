@@ -37,6 +37,7 @@ pub use admin::{EmulatorAdmin, NewAgency, NewKey, NewUser, StateDump, UserSummar
 pub use config::{EmulatorArgs, EmulatorConfig};
 pub use errors::ErrorCode;
 pub use faults::{ErrorInjection, FaultSettings, InjectedError};
+pub use federation_api::federated_user_id;
 pub use state::{Agency, Domain, Grant, Key, KeyState, TokenScope};
 pub use stats::{CallRecord, StatsSnapshot};
 

@@ -116,7 +116,28 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .merge(super::federation_api::router())
         .nest("/_emulator", super::admin::router())
         .fallback(not_found)
+        .layer(axum::middleware::map_response_with_state(
+            shared.clone(),
+            emulator_date,
+        ))
         .with_state(shared)
+}
+
+/// With a clock offset set, the `Date` header tells the emulator's (wrong) time.
+async fn emulator_date(State(shared): State<Arc<Shared>>, mut response: Response) -> Response {
+    let faults = shared.faults();
+    if faults.clock_offset_seconds != 0 {
+        let date = jiff::Timestamp::try_from(faults.now())
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+            .strftime("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        if let Ok(value) = axum::http::HeaderValue::from_str(&date) {
+            response
+                .headers_mut()
+                .insert(axum::http::header::DATE, value);
+        }
+    }
+    response
 }
 
 async fn not_found() -> Response {
@@ -243,7 +264,7 @@ fn run_kms_call(
     if method != operation.method() {
         return Err(ErrorCode::MethodNotSupported.into());
     }
-    let now = SystemTime::now();
+    let now = shared.faults().now();
     let signed = RequestParts {
         method: method.as_str(),
         path: parts.uri.path(),

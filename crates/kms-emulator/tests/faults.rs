@@ -334,7 +334,7 @@ async fn the_admin_http_api_sets_faults_dumps_state_and_resets() {
 
     let faults = json!({"latency_ms": 0, "jitter_ms": 0, "errors": {"create-key": {"rate": 1.0, "error": "unavailable"}},
                         "throttle_per_second": null, "drop_after_commit": {"revoke-grant": 0.25},
-                        "error_after_commit": {"create-grant": 0.5}});
+                        "error_after_commit": {"create-grant": 0.5}, "clock_offset_seconds": 0});
     let set = h
         .send(h.http.put(format!("{base}/faults")).json(&faults))
         .await;

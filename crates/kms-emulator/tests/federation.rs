@@ -1072,3 +1072,47 @@ async fn a_user_of_a_trusted_domain_assumes_an_agency_by_token_and_by_securityto
     assert_eq!(permanent.error_code(), Some("KMS.0321"));
     h.shutdown().await;
 }
+
+/// `iam:id-token` and `iam:securitytokens` in the fault settings fail those calls with the
+/// documented 500 IAM.0006, the latency applies to them, and the KMS wildcard leaves them alone.
+#[tokio::test]
+async fn injected_iam_faults_fail_or_slow_the_exchange_only_when_named() {
+    use kms_emulator::{ErrorInjection, FaultSettings, InjectedError};
+    let h = Harness::start().await;
+    let key = Key::es256("k1");
+    configure(&h, IDP, &[&key], sub_rules()).await;
+    let jwt = key.mint(&claims());
+    let admin = h.emulator.admin();
+    let named = |operation: &str| FaultSettings {
+        errors: [(
+            operation.to_owned(),
+            ErrorInjection {
+                rate: 1.0,
+                error: InjectedError::Unavailable,
+            },
+        )]
+        .into(),
+        ..FaultSettings::default()
+    };
+    admin.set_faults(named("iam:id-token")).unwrap();
+    let failed = exchange(&h, Some(IDP), &jwt, Some(project_scope(&h))).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(failed.body["error_code"], "IAM.0006");
+
+    // The KMS wildcard is not an IAM fault.
+    admin.set_faults(named("*")).unwrap();
+    let answer = exchange(&h, Some(IDP), &jwt, Some(project_scope(&h))).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{:?}", answer.body);
+
+    admin
+        .set_faults(FaultSettings {
+            latency_ms: 400,
+            ..FaultSettings::default()
+        })
+        .unwrap();
+    let started = std::time::Instant::now();
+    let answer = exchange(&h, Some(IDP), &jwt, Some(project_scope(&h))).await;
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    admin.set_faults(FaultSettings::default()).unwrap();
+}

@@ -4,7 +4,7 @@
 //! shares, the cached IAM token and the resolved project ID. No reqwest type leaves this module.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -13,17 +13,18 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::config::{ClientConfig, Credentials, Project};
 use super::error::{Call, ErrorReason, KmsError, classify};
 use super::rate_limit::TokenBucket;
+use super::session::{SessionCredential, SessionState};
 use super::types::{
-    CreateGrantResponse, DescribeKeyResponse, Grant, IssuedToken, KeyInfo, ListGrantsResponse,
-    NewGrant, Quotas, QuotasResponse, TokenResponse,
+    CreateGrantResponse, DescribeKeyResponse, Grant, KeyInfo, ListGrantsResponse, NewGrant, Quotas,
+    QuotasResponse,
 };
-use kmsgrant_kms_signer::{self as signer, RequestParts, SdkDateTime};
+use kmsgrant_kms_signer::{self as signer, AccessKeyPair, RequestParts, SdkDateTime};
 use secrecy::{ExposeSecret, SecretString};
 
 /// Most grants a key can hold (the documented `grant_per_CMK` quota).
@@ -44,6 +45,9 @@ pub trait ClientMetrics: Send + Sync {
     fn throttle_waited(&self, _waited: Duration) {}
     /// The rate (requests per second) the client now paces at, after learning from an answer.
     fn rate_limit(&self, _requests_per_second: f64) {}
+    /// An exchange for new credentials (IAM token, ID-token exchange, agency, temporary keys)
+    /// ended; `outcome` is `ok` or an [`ErrorReason`] string.
+    fn credentials_exchanged(&self, _outcome: &'static str) {}
 }
 
 struct NoMetrics;
@@ -52,7 +56,7 @@ impl ClientMetrics for NoMetrics {}
 /// A KMS client; cheap to clone, all clones share one pool, bucket and token.
 #[derive(Clone)]
 pub struct KmsClient {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for KmsClient {
@@ -63,23 +67,15 @@ impl std::fmt::Debug for KmsClient {
     }
 }
 
-struct Inner {
-    config: ClientConfig,
+pub(crate) struct Inner {
+    pub(crate) config: ClientConfig,
     http: reqwest::Client,
     kms_base: Url,
     iam_base: Option<Url>,
     bucket: TokenBucket,
-    project_id: OnceCell<String>,
-    token: Mutex<Option<CachedToken>>,
-    token_generation: AtomicU64,
-    metrics: Arc<dyn ClientMetrics>,
-}
-
-#[derive(Clone)]
-struct CachedToken {
-    value: SecretString,
-    generation: u64,
-    refresh_at: Instant,
+    pub(crate) project_id: OnceCell<String>,
+    pub(crate) session: SessionState,
+    pub(crate) metrics: Arc<dyn ClientMetrics>,
 }
 
 impl KmsClient {
@@ -122,11 +118,13 @@ impl KmsClient {
             .as_deref()
             .map(|u| parse("iamEndpoint", u))
             .transpose()?;
-        let needs_iam = matches!(config.credentials, Credentials::Password { .. })
+        let needs_iam = !matches!(config.credentials, Credentials::AccessKey { .. })
+            || config.agency.is_some()
+            || config.temporary_access_key.is_some()
             || matches!(config.project, Project::Name(_));
         if needs_iam && iam_base.is_none() {
             return Err(invalid(
-                "an IAM endpoint is needed for password auth or a project name".into(),
+                "an IAM endpoint is needed for password or web-identity auth, an agency, temporary keys or a project name".into(),
             ));
         }
         let tls = tls_config(config.ca_bundle.as_deref()).map_err(invalid)?;
@@ -152,8 +150,7 @@ impl KmsClient {
                 kms_base,
                 iam_base,
                 project_id,
-                token: Mutex::new(None),
-                token_generation: AtomicU64::new(0),
+                session: SessionState::default(),
                 metrics,
             }),
         })
@@ -272,6 +269,36 @@ impl KmsClient {
         Ok(response.quotas.into())
     }
 
+    /// An unauthenticated `GET` of the KMS endpoint (or, with `iam`, the IAM endpoint): whether
+    /// its name resolves and TLS holds, and the server's clock (`Date`). Any HTTP answer, 404
+    /// included, counts as reached; no credential is sent.
+    pub async fn probe_endpoint(&self, iam: bool) -> Result<EndpointProbe, KmsError> {
+        let url = if iam {
+            self.iam_base()?.clone()
+        } else {
+            self.inner.kms_base.clone()
+        };
+        let started = Instant::now();
+        let response = self
+            .inner
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| transport_error(Call::Probe, &e))?;
+        let server_time = response
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| jiff::fmt::rfc2822::parse(v).ok())
+            .map(|zoned| std::time::SystemTime::from(zoned.timestamp()));
+        Ok(EndpointProbe {
+            status: response.status().as_u16(),
+            server_time,
+            round_trip: started.elapsed(),
+        })
+    }
+
     /// The project ID in use, resolving a project name through IAM on first use.
     pub async fn project_id(&self) -> Result<String, KmsError> {
         self.inner
@@ -309,23 +336,24 @@ impl KmsClient {
         let body = body.map(|b| b.to_string().into_bytes());
         let reauthenticated = std::sync::atomic::AtomicBool::new(false);
         self.with_retries(call, || async {
-            let auth = self.auth_for_kms(call, &project_id).await?;
+            let auth = self.auth_for_kms(&project_id).await?;
             let result = self
                 .send(call, method.clone(), &url, body.as_deref(), &auth)
                 .await;
             match result {
-                Err(err) if err.is_token_problem() && !reauthenticated.load(Ordering::Relaxed) => {
-                    if let Auth::Token(_, generation) = &auth {
-                        // Only the first caller to see the rejected token drops it.
-                        self.drop_token(*generation).await;
-                        reauthenticated.store(true, Ordering::Relaxed);
-                        let auth = self.auth_for_kms(call, &project_id).await?;
-                        self.may_send(call)?;
-                        return self
-                            .send(call, method.clone(), &url, body.as_deref(), &auth)
-                            .await;
-                    }
-                    Err(err)
+                Err(err)
+                    if self.refused_session(&err) && !reauthenticated.load(Ordering::Relaxed) =>
+                {
+                    let Some(generation) = auth.session_generation() else {
+                        return Err(err);
+                    };
+                    // Only the first caller to see the rejected session drops it.
+                    self.drop_session(generation);
+                    reauthenticated.store(true, Ordering::Relaxed);
+                    let auth = self.auth_for_kms(&project_id).await?;
+                    self.may_send(call)?;
+                    self.send(call, method.clone(), &url, body.as_deref(), &auth)
+                        .await
                 }
                 other => other,
             }
@@ -336,7 +364,11 @@ impl KmsClient {
 
     // One span per call, attempts and retries included: a child of the reconcile that made it.
     #[tracing::instrument(name = "kms", skip_all, fields(call = call.as_str()))]
-    async fn with_retries<F, Fut>(&self, call: Call, mut attempt: F) -> Result<Answer, KmsError>
+    pub(crate) async fn with_retries<F, Fut>(
+        &self,
+        call: Call,
+        mut attempt: F,
+    ) -> Result<Answer, KmsError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Answer, KmsError>>,
@@ -413,7 +445,23 @@ impl KmsClient {
         body: Option<&[u8]>,
         auth: &Auth,
     ) -> Result<Answer, KmsError> {
+        self.send_with(call, method, url, body, auth, None).await
+    }
+
+    /// One attempt, with `extra_header` (a non-secret header such as `X-Idp-Id`) added.
+    pub(crate) async fn send_with(
+        &self,
+        call: Call,
+        method: Method,
+        url: &Url,
+        body: Option<&[u8]>,
+        auth: &Auth,
+        extra_header: Option<(&'static str, &str)>,
+    ) -> Result<Answer, KmsError> {
         let mut headers = HeaderMap::new();
+        if let Some((name, value)) = extra_header {
+            headers.insert(HeaderName::from_static(name), header_value(value));
+        }
         headers.insert(reqwest::header::HOST, header_value(&authority(url)));
         if body.is_some() {
             headers.insert(
@@ -428,14 +476,12 @@ impl KmsClient {
                 value.set_sensitive(true);
                 headers.insert(HeaderName::from_static("x-auth-token"), value);
             }
-            Auth::Signed { project_id } => {
-                let Credentials::AccessKey {
-                    keys,
-                    security_token,
-                } = &self.inner.config.credentials
-                else {
-                    unreachable!("signed auth only with access keys")
-                };
+            Auth::Signed {
+                keys,
+                security_token,
+                project_id,
+                ..
+            } => {
                 if let Some(project_id) = project_id {
                     headers.insert(
                         HeaderName::from_static("x-project-id"),
@@ -540,109 +586,67 @@ impl KmsClient {
         })
     }
 
-    async fn auth_for_kms(&self, call: Call, project_id: &str) -> Result<Auth, KmsError> {
+    /// How a KMS (or IAM) call authenticates now: the config's static AK/SK, or the session.
+    async fn auth_for_kms(&self, project_id: &str) -> Result<Auth, KmsError> {
+        let project_id = Some(project_id.to_owned());
         match &self.inner.config.credentials {
-            Credentials::AccessKey { .. } => Ok(Auth::Signed {
-                project_id: Some(project_id.to_owned()),
+            Credentials::AccessKey {
+                keys,
+                security_token,
+            } if !self.uses_session() => Ok(Auth::Signed {
+                keys: keys.clone(),
+                security_token: security_token.clone(),
+                project_id,
+                generation: None,
             }),
-            Credentials::Password { .. } => {
-                let (token, generation) = self.token(call).await?;
-                Ok(Auth::Token(token, generation))
+            _ => {
+                let session = self.session().await?;
+                Ok(match &session.credential {
+                    SessionCredential::Token(token) => {
+                        Auth::Token(token.clone(), session.generation)
+                    }
+                    SessionCredential::TemporaryKeys {
+                        keys,
+                        security_token,
+                    } => Auth::Signed {
+                        keys: keys.clone(),
+                        security_token: Some(security_token.clone()),
+                        project_id,
+                        generation: Some(session.generation),
+                    },
+                })
             }
         }
     }
 
-    /// The cached IAM token, fetched (once, whoever asks) when missing or about to expire.
-    async fn token(&self, call: Call) -> Result<(SecretString, u64), KmsError> {
-        let mut cached = self.inner.token.lock().await;
-        if let Some(token) = cached.as_ref().filter(|t| Instant::now() < t.refresh_at) {
-            return Ok((token.value.clone(), token.generation));
-        }
-        let fresh = self.fetch_token(call).await?;
-        let result = (fresh.value.clone(), fresh.generation);
-        *cached = Some(fresh);
-        Ok(result)
-    }
-
-    async fn drop_token(&self, generation: u64) {
-        let mut cached = self.inner.token.lock().await;
-        if cached.as_ref().is_some_and(|t| t.generation == generation) {
-            *cached = None;
-        }
-    }
-
-    async fn fetch_token(&self, _for_call: Call) -> Result<CachedToken, KmsError> {
-        let Credentials::Password {
-            username,
-            password,
-            domain_name,
-        } = &self.inner.config.credentials
-        else {
-            unreachable!("tokens only with password credentials")
-        };
-        let project = match (&self.inner.config.project, self.inner.project_id.get()) {
-            (_, Some(id)) => json!({"id": id}),
-            (Project::Name(name), None) => json!({"name": name}),
-            (Project::Id(id), None) => json!({"id": id}),
-        };
-        let body = json!({"auth": {
-            "identity": {"methods": ["password"], "password": {"user": {
-                "name": username, "password": password.expose_secret(), "domain": {"name": domain_name}}}},
-            "scope": {"project": project}}});
-        let url = join(self.iam_base()?, "v3/auth/tokens");
-        let body = body.to_string().into_bytes();
-        let issued = Instant::now();
-        let answer = self
-            .with_retries(Call::IamToken, || {
-                self.send(Call::IamToken, Method::POST, &url, Some(&body), &Auth::None)
-            })
-            .await?;
-        let described: TokenResponse = decode(Call::IamToken, answer.body)?;
-        let issued_token = IssuedToken::new(answer.subject_token, described).ok_or_else(|| {
-            KmsError::new(
-                Call::IamToken,
-                ErrorReason::UnexpectedResponse,
-                "IAM answered without X-Subject-Token",
-            )
-        })?;
-        if let Some(id) = issued_token.project_id {
-            let _ = self.inner.project_id.set(id);
-        }
-        let lifetime = issued_token
-            .expires_at
-            .map(|at| at.duration_since(jiff::Timestamp::now()))
-            .and_then(|d| Duration::try_from(d).ok())
-            .unwrap_or(Duration::from_secs(3600));
-        // Refresh a tenth of the lifetime early, at most five minutes: never send an expiring token.
-        let margin = (lifetime / 10).min(Duration::from_secs(300));
-        tracing::debug!(?lifetime, "got an IAM token");
-        Ok(CachedToken {
-            value: issued_token.token,
-            generation: self.inner.token_generation.fetch_add(1, Ordering::Relaxed) + 1,
-            refresh_at: issued + lifetime.saturating_sub(margin),
-        })
+    /// Whether KMS refused the credentials of a session (expired or revoked token or temporary
+    /// key): worth one new session.
+    fn refused_session(&self, err: &KmsError) -> bool {
+        self.uses_session()
+            && (err.is_token_problem()
+                || matches!(
+                    err.reason,
+                    ErrorReason::InvalidCredentials | ErrorReason::TokenRejected
+                ))
     }
 
     async fn resolve_project_id(&self) -> Result<String, KmsError> {
         let Project::Name(name) = &self.inner.config.project else {
             unreachable!("a project ID is set at construction")
         };
-        if let Credentials::Password { .. } = self.inner.config.credentials {
+        if self.uses_session() {
             // A token scoped by project name carries the project's ID.
-            self.token(Call::IamToken).await?;
+            self.session().await?;
             if let Some(id) = self.inner.project_id.get() {
                 return Ok(id.clone());
             }
         }
         let mut url = join(self.iam_base()?, "v3/projects");
         url.query_pairs_mut().append_pair("name", name);
-        let auth = match self.inner.config.credentials {
-            Credentials::AccessKey { .. } => Auth::Signed { project_id: None },
-            Credentials::Password { .. } => {
-                let (token, generation) = self.token(Call::IamProjects).await?;
-                Auth::Token(token, generation)
-            }
-        };
+        let mut auth = self.auth_for_kms("").await?;
+        if let Auth::Signed { project_id, .. } = &mut auth {
+            *project_id = None;
+        }
         let answer = self
             .with_retries(Call::IamProjects, || {
                 self.send(Call::IamProjects, Method::GET, &url, None, &auth)
@@ -669,7 +673,7 @@ impl KmsClient {
             })
     }
 
-    fn iam_base(&self) -> Result<&Url, KmsError> {
+    pub(crate) fn iam_base(&self) -> Result<&Url, KmsError> {
         self.inner.iam_base.as_ref().ok_or_else(|| {
             KmsError::new(
                 Call::IamToken,
@@ -680,20 +684,50 @@ impl KmsClient {
     }
 }
 
+/// What an unauthenticated request to an endpoint found.
+#[derive(Clone, Debug)]
+pub struct EndpointProbe {
+    /// The HTTP status of the answer (any status: the endpoint was reached).
+    pub status: u16,
+    /// The server's clock, from its `Date` header.
+    pub server_time: Option<std::time::SystemTime>,
+    /// How long the request took.
+    pub round_trip: Duration,
+}
+
 /// A successful answer: its JSON body and the one header a caller needs from it.
-struct Answer {
-    body: Value,
+pub(crate) struct Answer {
+    pub(crate) body: Value,
     /// `X-Subject-Token`: the token IAM's token call issues (absent on every other answer).
-    subject_token: Option<SecretString>,
+    pub(crate) subject_token: Option<SecretString>,
 }
 
-enum Auth {
+/// How one request authenticates.
+pub(crate) enum Auth {
     None,
+    /// `X-Auth-Token`, with the generation of the session it came from.
     Token(SecretString, u64),
-    Signed { project_id: Option<String> },
+    /// An AK/SK signature, with `X-Security-Token` for temporary keys and `X-Project-Id`.
+    Signed {
+        keys: AccessKeyPair,
+        security_token: Option<SecretString>,
+        project_id: Option<String>,
+        /// The session the keys came from; `None` for the config's own AK/SK.
+        generation: Option<u64>,
+    },
 }
 
-fn decode<T: DeserializeOwned>(call: Call, value: Value) -> Result<T, KmsError> {
+impl Auth {
+    fn session_generation(&self) -> Option<u64> {
+        match self {
+            Self::Token(_, generation) => Some(*generation),
+            Self::Signed { generation, .. } => *generation,
+            Self::None => None,
+        }
+    }
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(call: Call, value: Value) -> Result<T, KmsError> {
     serde_json::from_value(value).map_err(|e| {
         KmsError::new(
             call,
@@ -703,7 +737,7 @@ fn decode<T: DeserializeOwned>(call: Call, value: Value) -> Result<T, KmsError> 
     })
 }
 
-fn join(base: &Url, path: &str) -> Url {
+pub(crate) fn join(base: &Url, path: &str) -> Url {
     let mut url = base.clone();
     let prefix = base.path().trim_end_matches('/');
     url.set_path(&format!("{prefix}/{path}"));

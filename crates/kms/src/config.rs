@@ -19,6 +19,12 @@ pub struct ClientConfig {
     pub project: Project,
     /// Who the client authenticates as.
     pub credentials: Credentials,
+    /// An agency of another account assumed on top of `credentials`: KMS calls then act in the
+    /// delegating account (its project is `project`).
+    pub agency: Option<Agency>,
+    /// KMS calls signed with temporary AK/SK and `X-Security-Token` from
+    /// `OS-CREDENTIAL/securitytokens`, lasting this long (900 s to 24 h), instead of an IAM token.
+    pub temporary_access_key: Option<Duration>,
     /// Which AK/SK signature format to produce.
     pub signing: SigningScheme,
     /// Client-side pacing, below the cloud's throttle.
@@ -78,6 +84,8 @@ impl ClientConfig {
             region: String::new(),
             project,
             credentials,
+            agency: None,
+            temporary_access_key: None,
             signing: SigningScheme::Access,
             rate_limit: RateLimitConfig::default(),
             ca_bundle: None,
@@ -119,6 +127,49 @@ pub enum Credentials {
         /// The account (domain) the user belongs to.
         domain_name: String,
     },
+    /// OpenID Connect federation: an ID token (a Kubernetes ServiceAccount token) exchanged at
+    /// `POST /v3.0/OS-AUTH/id-token/tokens` for an IAM token; no long-lived secret.
+    WebIdentity {
+        /// The IAM identity provider (`X-Idp-Id`).
+        identity_provider_id: String,
+        /// Where each exchange takes its ID token from.
+        token_source: std::sync::Arc<dyn SubjectTokenSource>,
+    },
+}
+
+impl std::fmt::Debug for dyn SubjectTokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SubjectTokenSource({})", self.describe())
+    }
+}
+
+/// Gives the OpenID Connect ID token (a JWT) to exchange at IAM; asked at every exchange, so a
+/// rotated token (the kubelet rewrites a projected token file) is always the one sent.
+pub trait SubjectTokenSource: Send + Sync {
+    /// The current ID token, or why there is none (file missing, TokenRequest refused).
+    fn subject_token(
+        &self,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<SecretString, String>> + Send + '_>>;
+    /// Where the token comes from, for messages (a path or a ServiceAccount; never the token).
+    fn describe(&self) -> String;
+}
+
+/// An agency assumed with `assume_role`: its name and the account (domain) that made it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Agency {
+    /// `agency_name`.
+    pub name: String,
+    /// The delegating account.
+    pub domain: Domain,
+}
+
+/// An account (IAM domain), by name or ID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Domain {
+    /// `domain_name`.
+    Name(String),
+    /// `domain_id`.
+    Id(String),
 }
 
 /// A token bucket: `requests_per_second` sustained, `burst` at once.

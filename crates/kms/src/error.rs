@@ -22,6 +22,16 @@ pub enum Call {
     IamToken,
     /// IAM `GET /v3/projects`
     IamProjects,
+    /// IAM `POST /v3.0/OS-AUTH/id-token/tokens`: an ID token exchanged for an IAM token
+    IamIdToken,
+    /// IAM `POST /v3.0/OS-CREDENTIAL/securitytokens`: temporary AK/SK
+    IamSecurityToken,
+    /// IAM `assume_role` (an agency token or temporary AK/SK of an agency)
+    IamAssumeAgency,
+    /// Not a call: reading the ID token to exchange (a file, a TokenRequest)
+    SubjectToken,
+    /// An unauthenticated `GET` of an endpoint (`check`)
+    Probe,
     /// Not a call: building the client from its configuration, before anything is sent.
     ClientSetup,
 }
@@ -38,6 +48,11 @@ impl Call {
             Self::UserQuotas => "user-quotas",
             Self::IamToken => "iam-token",
             Self::IamProjects => "iam-projects",
+            Self::IamIdToken => "iam-id-token",
+            Self::IamSecurityToken => "iam-security-token",
+            Self::IamAssumeAgency => "iam-assume-agency",
+            Self::SubjectToken => "subject-token",
+            Self::Probe => "probe",
             Self::ClientSetup => "client-setup",
         }
     }
@@ -116,6 +131,21 @@ pub enum ErrorReason {
     /// A write was not sent: the caller's write gate was closed (the replica lost its leader
     /// lease while the write waited for the rate limit or a retry).
     WriteFenced,
+    /// IAM knows no identity provider (or OpenID Connect configuration, protocol or mapping) by
+    /// the configured ID (`X-Idp-Id`; 404 IAM.0004).
+    IdentityProviderNotFound,
+    /// IAM refused the ID token (401 IAM.0001): wrong audience or issuer, a signature no key of
+    /// the provider's `signing_key` verifies, or no mapping rule matching its subject; or the
+    /// provider is disabled (403).
+    IdentityTokenRefused,
+    /// The ID token expired (or is not valid yet) before it could be exchanged.
+    IdentityTokenExpired,
+    /// No ID token to exchange: the token file is missing, unreadable or empty, or the
+    /// TokenRequest for the ServiceAccount failed.
+    IdentityTokenUnavailable,
+    /// The agency cannot be assumed: it or its domain does not exist, it does not trust the
+    /// caller's account, or the caller lacks Agent Operator (`iam:agencies:assume`).
+    AgencyNotAssumable,
 }
 
 impl ErrorReason {
@@ -148,6 +178,11 @@ impl ErrorReason {
             Self::ResponseTooLarge => "ResponseTooLarge",
             Self::ListRunaway => "ListRunaway",
             Self::WriteFenced => "WriteFenced",
+            Self::IdentityProviderNotFound => "IdentityProviderNotFound",
+            Self::IdentityTokenRefused => "IdentityTokenRefused",
+            Self::IdentityTokenExpired => "IdentityTokenExpired",
+            Self::IdentityTokenUnavailable => "IdentityTokenUnavailable",
+            Self::AgencyNotAssumable => "AgencyNotAssumable",
         }
     }
 
@@ -161,7 +196,9 @@ impl ErrorReason {
             Self::KeyDisabled
             | Self::KeyPendingDeletion
             | Self::KeyNotEnabled
-            | Self::ClockSkew => ErrorClass::RetryLater,
+            | Self::ClockSkew
+            | Self::IdentityTokenUnavailable
+            | Self::IdentityTokenExpired => ErrorClass::RetryLater,
             _ => ErrorClass::Terminal,
         }
     }
@@ -248,6 +285,18 @@ pub(crate) fn classify(call: Call, status: u16, code: &str) -> ErrorReason {
     // A write answered 5xx may have committed before the failure: never repeat it blindly.
     if call.is_write() && status >= 500 {
         return OutcomeUnknown;
+    }
+    // The federation and credential calls answer IAM's own codes (IAM.0001, 0003, 0004, ...);
+    // their status says which step failed.
+    match (call, status) {
+        (Call::IamIdToken, 404) => return IdentityProviderNotFound,
+        (Call::IamIdToken, 401 | 403) => return IdentityTokenRefused,
+        (Call::IamAssumeAgency, 403 | 404) => return AgencyNotAssumable,
+        (Call::IamAssumeAgency | Call::IamSecurityToken, 401) => return TokenRejected,
+        (Call::IamIdToken | Call::IamAssumeAgency | Call::IamSecurityToken, 400) => {
+            return InvalidRequest;
+        }
+        _ => {}
     }
     match code {
         "KMS.0207" => KeyNotFound,

@@ -8,18 +8,21 @@ mod client;
 mod config;
 mod error;
 mod rate_limit;
+mod session;
 
 mod types;
 
 pub use client::{
-    ClientMetrics, KmsClient, MAX_ERROR_MESSAGE_CHARS, MAX_GRANTS_PER_KEY, MAX_PAGE_SIZE,
+    ClientMetrics, EndpointProbe, KmsClient, MAX_ERROR_MESSAGE_CHARS, MAX_GRANTS_PER_KEY,
+    MAX_PAGE_SIZE,
 };
 pub use config::{
-    ClientConfig, Credentials, DEFAULT_MAX_RESPONSE_BYTES, Project, RateLimitConfig, RetryPolicy,
-    WriteGate,
+    Agency, ClientConfig, Credentials, DEFAULT_MAX_RESPONSE_BYTES, Domain, Project,
+    RateLimitConfig, RetryPolicy, SubjectTokenSource, WriteGate,
 };
 pub use error::{Call, ErrorClass, ErrorReason, KmsError};
 pub use secrecy::{ExposeSecret, SecretString};
+pub use session::CredentialStatus;
 pub use types::{
     Grant, GranteePrincipalType, KeyInfo, KeyState, NewGrant, Operation, Quota, Quotas,
     parse_creation_date,
