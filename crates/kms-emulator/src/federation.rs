@@ -16,6 +16,9 @@ pub struct IdentityProvider {
     pub description: String,
     pub enabled: bool,
     pub sso_type: String,
+    /// The account that registered it: its federated users are users of that account.
+    #[serde(skip)]
+    pub domain_id: String,
 }
 
 /// `PUT /v3/OS-FEDERATION/mappings/{id}`: the rules as sent, and parsed.

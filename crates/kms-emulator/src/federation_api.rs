@@ -167,8 +167,10 @@ fn security_administrator(
     let world = shared.world();
     let principal = principal(&world, method, uri, headers, body)
         .ok_or_else(|| IamApiError::unauthenticated("no valid X-Auth-Token or signature"))?;
-    let is_admin = principal.domain_id == world.account.domain_id
-        && world.user_by_id(&principal.user_id).is_some()
+    // An IAM user (not a federated user, not an agency) administers its own account.
+    let is_admin = world
+        .user_by_id(&principal.user_id)
+        .is_some_and(|user| user.domain_id == principal.domain_id)
         && principal
             .token
             .as_ref()
@@ -176,7 +178,7 @@ fn security_administrator(
     if !is_admin {
         return Err(IamApiError::forbidden(
             action,
-            "only IAM users of the emulator's account hold Security Administrator",
+            "only IAM users hold Security Administrator (of their own account)",
         ));
     }
     Ok(principal.user_id)
@@ -226,6 +228,7 @@ fn idp_fields(
         description: String::new(),
         enabled: false,
         sso_type: "virtual_user_sso".into(),
+        domain_id: String::new(),
     });
     if let Some(description) = fields.get("description") {
         idp.description = description
@@ -276,6 +279,10 @@ async fn put_idp(
         let mut idp = idp_fields(&parse_json(&body).map_err(IamApiError::keystone)?, None)?;
         idp.id = id.clone();
         let mut world = shared.world();
+        idp.domain_id = world
+            .user_by_id(&caller)
+            .map(|user| user.domain_id.clone())
+            .unwrap_or_else(|| world.account.domain_id.clone());
         if world.federation.identity_providers.contains_key(&id) {
             return Err(
                 IamApiError::conflict("identity_provider", format!("Duplicate ID, {id}"))
@@ -894,7 +901,7 @@ fn exchange(
     id_token: &str,
     scope: &Value,
 ) -> Result<Reply, IamApiError> {
-    let (config, mapping) = {
+    let (config, mapping, idp_domain) = {
         let world = shared.world();
         let idp = world
             .federation
@@ -924,7 +931,7 @@ fn exchange(
             .get(mapping_id)
             .cloned()
             .ok_or_else(|| IamApiError::not_found("mapping", mapping_id))?;
-        (config, mapping)
+        (config, mapping, idp.domain_id.clone())
     };
     let now_ms = unix_ms(SystemTime::now());
     let claims = federation::verify_id_token(id_token, &config, (now_ms / 1000) as i64)
@@ -936,7 +943,12 @@ fn exchange(
         ))
     })?;
     let mut world = shared.world();
-    let domain_id = world.account.domain_id.clone();
+    // The federated user belongs to the account that registered the identity provider.
+    let domain_id = if idp_domain.is_empty() {
+        world.account.domain_id.clone()
+    } else {
+        idp_domain
+    };
     let scope = resolve_scope(&world, scope, &domain_id)?;
     let user_id = federated_user_id(idp_id, &mapped.user_name);
     let (token, issued) = world.store_token(IssuedToken {

@@ -111,14 +111,35 @@ async fn emulator(federation_ttl: Duration) -> RunningEmulator {
 
 /// The admin steps of the CCE guide, with the default user's token (Security Administrator).
 async fn register_identity_provider(emu: &RunningEmulator, issuer: &Issuer) {
+    let settings = emu.config();
+    register_identity_provider_as(
+        emu,
+        issuer,
+        (
+            &settings.username,
+            &settings.password,
+            &settings.domain_name,
+        ),
+    )
+    .await;
+}
+
+/// The admin steps as an IAM user (name, password, account) of any account: the identity
+/// provider is that account's, and so are its federated users.
+async fn register_identity_provider_as(
+    emu: &RunningEmulator,
+    issuer: &Issuer,
+    (user, password, domain): (&str, &str, &str),
+) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
-    let settings = emu.config();
     let login = http
         .post(format!("{}/auth/tokens", emu.iam_endpoint()))
-        .json(&json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
-            "name": settings.username, "password": settings.password, "domain": {"name": settings.domain_name}}}},
-            "scope": {"project": {"id": settings.project_id}}}}))
+        .json(
+            &json!({"auth": {"identity": {"methods": ["password"], "password": {"user": {
+            "name": user, "password": password, "domain": {"name": domain}}}},
+            "scope": {"domain": {"name": domain}}}}),
+        )
         .send()
         .await
         .unwrap();
@@ -514,6 +535,37 @@ async fn a_user_of_another_account_assumes_an_agency_and_works_on_the_delegating
         calls(&emu, "iam:securitytokens"),
         2,
         "one per agency client with temporary keys"
+    );
+
+    // Keyless in tenant-b: its own identity provider, its federated user assuming the agency.
+    let issuer = Arc::new(Issuer::new());
+    register_identity_provider_as(&emu, &issuer, ("operator-b", "b-password", "tenant-b")).await;
+    for temporary in [None, Some(Duration::from_secs(900))] {
+        let mut keyless = config(
+            &emu,
+            web_identity(minting(&issuer, AUDIENCE, SUB, 3600), IDP),
+        );
+        keyless.agency = Some(Agency {
+            name: "kms-grants".into(),
+            domain: delegating.clone(),
+        });
+        keyless.temporary_access_key = temporary;
+        let kms = KmsClient::new(keyless).unwrap();
+        kms.list_all_grants(&key, 100).await.unwrap();
+    }
+    let agency_id = emu.admin().agencies()[0].id.clone();
+    let listed_by: Vec<Option<String>> = emu
+        .admin()
+        .calls(0)
+        .into_iter()
+        .filter(|c| c.operation == "list-grants")
+        .map(|c| c.caller)
+        .collect();
+    assert!(
+        listed_by
+            .iter()
+            .all(|caller| caller.as_deref() == Some(agency_id.as_str())),
+        "KMS saw the agency every time: {listed_by:?}"
     );
 
     // An agency that does not trust the caller's account.
