@@ -218,19 +218,7 @@ async fn each_refused_exchange_is_a_condition_on_the_provider_config_naming_its_
     )
     .unwrap();
     let admin = env.emulator.admin();
-    let home = admin.add_domain("tenant-b", None).unwrap();
-    admin
-        .add_user_in_domain(
-            &home.id,
-            NewUser {
-                name: "operator-b".into(),
-                password: "b-password".into(),
-                user_id: None,
-                access_key: None,
-                secret_key: None,
-            },
-        )
-        .unwrap();
+    add_tenant_b_operator(&admin);
     env.apply(&json!({"apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "tenant-b-password", "namespace": ns},
         "stringData": {"username": "operator-b", "password": "b-password", "domainName": "tenant-b"}}));
@@ -330,6 +318,23 @@ async fn each_refused_exchange_is_a_condition_on_the_provider_config_naming_its_
     }
 }
 
+/// A second account, tenant-b, with an IAM user operator-b (password b-password).
+fn add_tenant_b_operator(admin: &kms_emulator::EmulatorAdmin) {
+    let home = admin.add_domain("tenant-b", None).unwrap();
+    admin
+        .add_user_in_domain(
+            &home.id,
+            NewUser {
+                name: "operator-b".into(),
+                password: "b-password".into(),
+                user_id: None,
+                access_key: None,
+                secret_key: None,
+            },
+        )
+        .unwrap();
+}
+
 fn base64_url(text: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
@@ -395,19 +400,7 @@ async fn an_agency_of_the_delegating_account_creates_the_grant_there() {
     let admin = env.emulator.admin();
     // The operator's own account is tenant-b; the keys are the emulator's account's, which made
     // an agency trusting tenant-b.
-    let home = admin.add_domain("tenant-b", None).unwrap();
-    admin
-        .add_user_in_domain(
-            &home.id,
-            NewUser {
-                name: "operator-b".into(),
-                password: "b-password".into(),
-                user_id: None,
-                access_key: None,
-                secret_key: None,
-            },
-        )
-        .unwrap();
+    add_tenant_b_operator(&admin);
     let agency = admin
         .add_agency(NewAgency {
             name: "kms-grants".into(),
