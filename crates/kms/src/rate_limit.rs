@@ -12,6 +12,12 @@
 //! probed as gently as one that takes 500 (a throttle costs the same share of the calls): fast
 //! while well below the rate of the last cut (the cloud took more than that before), slowly near
 //! and above it, where the next throttle waits.
+//!
+//! The rate of the last cut goes stale after [`CUT_MEMORY`] without a throttle: a gateway that
+//! throttled hard for a moment (a storm, another client's burst) is not a ceiling for ever. Once
+//! stale, the rate rises fast again until the cloud throttles or the configured rate is reached;
+//! against a cloud whose limit does not move that costs one throttled answer per
+//! [`CUT_MEMORY`] or so, a small price for not staying at a storm's rate long after it ended.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -32,6 +38,8 @@ const RISE_FAST: f64 = 0.005;
 /// whatever the rate.
 const RISE_SLOW: f64 = 0.0002;
 const NEAR_CUT: f64 = 0.9;
+/// How long the rate of the last cut is remembered when no throttle comes.
+const CUT_MEMORY: Duration = Duration::from_secs(20);
 /// The learned rate never goes below this (or the configured rate, when lower).
 const MIN_RATE: f64 = 1.0;
 /// The window over which accepted requests are counted.
@@ -53,8 +61,8 @@ struct BucketState {
     generation: u64,
     /// When the requests that succeeded in the last [`WINDOW`] were answered.
     accepted: VecDeque<Instant>,
-    /// The rate in force when the cloud last throttled us (`None`: never).
-    last_cut_from: Option<f64>,
+    /// The rate in force when the cloud last throttled us, and when (`None`: never).
+    last_cut: Option<(f64, Instant)>,
 }
 
 /// What [`TokenBucket::acquire`] hands back: report the outcome of the request with it.
@@ -78,7 +86,7 @@ impl TokenBucket {
                 updated: Instant::now(),
                 generation: 0,
                 accepted: VecDeque::new(),
-                last_cut_from: None,
+                last_cut: None,
             }),
         }
     }
@@ -137,10 +145,16 @@ impl TokenBucket {
         }
         if !permit.waited.is_zero() && state.rate < self.max_rate {
             self.refill(&mut state, now);
-            let rise = match state.last_cut_from {
-                Some(cut) if state.rate < cut * NEAR_CUT => RISE_FAST,
-                Some(_) => RISE_SLOW,
-                None => RISE_FAST,
+            let rise = match state.last_cut {
+                Some((cut, at)) if now.saturating_duration_since(at) < CUT_MEMORY => {
+                    if state.rate < cut * NEAR_CUT {
+                        RISE_FAST
+                    } else {
+                        RISE_SLOW
+                    }
+                }
+                // Never throttled, or long ago: the cloud's limit may have moved.
+                _ => RISE_FAST,
             };
             state.rate = (state.rate * (1.0 + rise)).min(self.max_rate);
         }
@@ -166,7 +180,7 @@ impl TokenBucket {
             if accepted > 0.0 {
                 rate = rate.min(accepted * ACCEPTED_MARGIN);
             }
-            state.last_cut_from = Some(state.rate);
+            state.last_cut = Some((state.rate, now));
             state.rate = rate.max(floor);
             state.generation += 1;
             // Spend the burst: the bucket restarts empty at the new rate. Tokens reserved before
@@ -371,5 +385,51 @@ mod tests {
         assert!(elapsed <= Duration::from_secs(66), "{elapsed:?}");
         let learned = bucket.rate();
         assert!((4.0..=6.0).contains(&learned), "settled at {learned}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_throttle_storm_is_not_a_ceiling_for_ever() {
+        // The cloud takes 50 per second, then throttles to 5 per second for 10 s (a storm), then
+        // takes 50 again. After the storm the learned rate must climb back: the remembered cut of
+        // the storm goes stale.
+        let bucket = Arc::new(bucket(100.0, 100));
+        let cloud = Arc::new(Mutex::new(Cloud::new(50.0)));
+        drive(
+            Arc::clone(&bucket),
+            Arc::clone(&cloud),
+            500,
+            16,
+            Duration::from_millis(20),
+        )
+        .await;
+        cloud.lock().unwrap().per_second = 5.0;
+        drive(
+            Arc::clone(&bucket),
+            Arc::clone(&cloud),
+            50,
+            16,
+            Duration::from_millis(20),
+        )
+        .await;
+        assert!(bucket.rate() <= 6.0, "the storm cut to {}", bucket.rate());
+        cloud.lock().unwrap().per_second = 50.0;
+        let (throttled, elapsed) = drive(
+            Arc::clone(&bucket),
+            cloud,
+            3000,
+            16,
+            Duration::from_millis(20),
+        )
+        .await;
+        // 3,000 calls take 60 s at the cloud's bound; remembering the storm's 5/s takes about
+        // 400 s. Forgotten after CUT_MEMORY (20 s at about 5/s), the rate climbs from 5/s to
+        // 50/s in about 460 paced calls (some 25 s), then runs at the bound.
+        assert!(elapsed <= Duration::from_secs(110), "{elapsed:?}");
+        assert!(
+            throttled * 100 <= 2 * 3000,
+            "{throttled} throttled answers for 3,000 calls"
+        );
+        let learned = bucket.rate();
+        assert!((40.0..=55.0).contains(&learned), "settled at {learned}");
     }
 }
