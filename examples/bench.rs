@@ -316,7 +316,7 @@ impl Run<'_> {
         let manifests: Vec<(String, Value)> = (0..self.grants)
             .map(|i| {
                 let name = format!("g{i:05}");
-                let grant = json!({"apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+                let grant = json!({"apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
                     "metadata": {"name": name, "namespace": self.namespace},
                     "spec": {"providerConfigRef": {"name": self.namespace}, "keyId": key_ids[i % self.keys],
                         "granteePrincipal": "13gg44z4g2sglzk0egw0u726zoyzvrs8",
@@ -572,7 +572,7 @@ async fn run_one(
         .patch("kms", &apply, &Patch::Apply(&secret))
         .await?;
     let burst = args.rate_limit.ceil() as u64;
-    let provider = json!({"apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+    let provider = json!({"apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsProviderConfig",
         "metadata": {"name": namespace},
         "spec": {"endpoint": emulator.base_url(), "projectId": config.project_id, "region": config.region,
             "auth": {"type": "AccessKey", "secretRef": {"namespace": namespace, "name": "kms"}},

@@ -51,11 +51,20 @@ pub struct CrdArgs {
     /// Write one file per CRD into this directory instead of printing them.
     #[arg(long, env = "KMSGRANT_CRD_OUTPUT_DIR", value_name = "DIR")]
     pub output_dir: Option<std::path::PathBuf>,
+    /// The step of the v1alpha1 -> v1beta1 graduation to generate the CRDs for (default: the one
+    /// this release ships). The other steps are for testing upgrades and rollbacks.
+    #[arg(
+        long,
+        env = "KMSGRANT_CRD_API_STAGE",
+        value_enum,
+        default_value = "stored"
+    )]
+    pub api_stage: crate::api::ApiStage,
 }
 
 impl CrdArgs {
     fn run(self) -> ExitCode {
-        let crds = crate::api::crds();
+        let crds = crate::api::crds_at(self.api_stage);
         let Some(dir) = self.output_dir else {
             let docs: Vec<String> = crds.iter().map(crate::api::crd_yaml).collect();
             print!("---\n{}", docs.join("---\n"));

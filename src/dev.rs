@@ -466,7 +466,7 @@ async fn install_keyless_provider(
         }
     }
     let provider = json!({
-        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+        "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsProviderConfig",
         "metadata": {"name": "default"},
         "spec": {
             "endpoint": emulator.base_url(),
@@ -500,7 +500,7 @@ async fn install_provider(
         .patch("kms-credentials", &apply, &Patch::Apply(&secret))
         .await?;
     let provider = json!({
-        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+        "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsProviderConfig",
         "metadata": {"name": "default"},
         "spec": {
             "endpoint": emulator.base_url(),

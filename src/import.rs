@@ -155,7 +155,7 @@ pub fn render(grants: &[Grant], key: &str, provider_config: &str, namespace: &st
             spec["retiringPrincipal"] = json!(retiring);
         }
         let manifest = json!({
-            "apiVersion": "kmsgrant.io/v1alpha1",
+            "apiVersion": "kmsgrant.io/v1beta1",
             "kind": "KmsGrant",
             "metadata": {
                 "name": format!("imported-{}", &grant.grant_id[..grant.grant_id.len().min(16)]).to_lowercase(),

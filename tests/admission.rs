@@ -108,7 +108,7 @@ fn provider_config(name: &str, guardrails: Value) -> Value {
         spec[k] = v.clone();
     }
     json!({
-        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+        "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsProviderConfig",
         "metadata": {"name": name}, "spec": spec
     })
 }
@@ -119,7 +119,7 @@ fn config_name(what: &str) -> String {
 
 fn grant(namespace: &str, name: &str, config: &str, key: &str, operations: &[&str]) -> Value {
     json!({
-        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+        "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "providerConfigRef": {"name": config},

@@ -19,7 +19,7 @@ const RESYNC: &str = "4s";
 /// A KmsKeyPolicy (cluster-scoped) that the test's operator sees.
 fn key_policy(env: &Env, name: &str, provider: &str, key: &str) -> Value {
     json!({
-        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsKeyPolicy",
+        "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsKeyPolicy",
         "metadata": {"name": name, "labels": {TEST_LABEL: env.namespace}},
         "spec": {"providerConfigRef": {"name": provider}, "keyId": key}
     })

@@ -12,7 +12,7 @@ const SEED_PRINCIPAL: &str = "13gg44z4g2sglzk0egw0u726zoyzvrs8";
 /// The example request of the seed page "Creating a Grant", written as a KmsGrant.
 fn seed_grant(namespace: &str, name: &str) -> Value {
     json!({
-        "apiVersion": "kmsgrant.io/v1alpha1",
+        "apiVersion": "kmsgrant.io/v1beta1",
         "kind": "KmsGrant",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
@@ -26,7 +26,7 @@ fn seed_grant(namespace: &str, name: &str) -> Value {
 
 fn provider_config(name: &str) -> Value {
     json!({
-        "apiVersion": "kmsgrant.io/v1alpha1",
+        "apiVersion": "kmsgrant.io/v1beta1",
         "kind": "KmsProviderConfig",
         "metadata": {"name": name},
         "spec": {
@@ -158,7 +158,10 @@ fn seed_example_grant_is_accepted_with_schema_defaults() {
     // Defaults come from the schema, applied by the API server.
     assert_eq!(spec["granteePrincipalType"], "user");
     assert_eq!(spec["deletionPolicy"], "Revoke");
-    assert_eq!(spec["providerConfigRef"], json!({"name": "default"}));
+    assert_eq!(
+        spec["providerConfigRef"],
+        json!({"kind": "KmsProviderConfig", "name": "default"})
+    );
 }
 
 #[test]
@@ -166,7 +169,7 @@ fn minimal_grant_and_grant_with_every_operation_are_accepted() {
     install_crds();
     let ns = namespace("accept");
     let minimal = json!({
-        "apiVersion": "kmsgrant.io/v1alpha1",
+        "apiVersion": "kmsgrant.io/v1beta1",
         "kind": "KmsGrant",
         "metadata": {"name": "minimal", "namespace": ns},
         "spec": {"keyId": SEED_KEY, "granteePrincipal": "abc", "operations": ["describe-key"]}
@@ -206,7 +209,7 @@ fn minimal_grant_and_grant_with_every_operation_are_accepted() {
         ("by-alias-named-default", "alias/default"),
     ] {
         let by_alias = json!({
-            "apiVersion": "kmsgrant.io/v1alpha1",
+            "apiVersion": "kmsgrant.io/v1beta1",
             "kind": "KmsGrant",
             "metadata": {"name": name, "namespace": ns},
             "spec": {"keyRef": {"alias": alias}, "granteePrincipal": "abc", "operations": ["describe-key"]}
@@ -475,8 +478,17 @@ fn bad_grants(ns: &str) -> Vec<BadManifest> {
             expect: &["spec.retiringPrincipal", "should match"],
         },
         BadManifest {
-            case: "name (removed: the grant name is the object's identity)",
+            case: "name at v1beta1 (not in the schema)",
             manifest: with("b15", "/spec/name", json!("my_grant")),
+            expect: &["unknown field \"spec.name\""],
+        },
+        BadManifest {
+            case: "name at v1alpha1 (removed: the grant name is the object's identity)",
+            manifest: {
+                let mut m = with("b15a", "/spec/name", json!("my_grant"));
+                m["apiVersion"] = json!("kmsgrant.io/v1alpha1");
+                m
+            },
             expect: &["spec.name", "spec.name was removed"],
         },
         BadManifest {
@@ -519,7 +531,7 @@ fn bad_grants(ns: &str) -> Vec<BadManifest> {
 
 fn key_policy(name: &str) -> Value {
     json!({
-        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsKeyPolicy",
+        "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsKeyPolicy",
         "metadata": {"name": name},
         "spec": {"providerConfigRef": {"name": "default"},
             "keyId": "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e"}

@@ -26,7 +26,7 @@ fn key_policy(env: &Env, name: &str, key: &str, extra: Value) -> Value {
         spec[k] = v.clone();
     }
     json!({
-        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsKeyPolicy",
+        "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsKeyPolicy",
         "metadata": {"name": name, "labels": {TEST_LABEL: env.namespace}},
         "spec": spec
     })
@@ -190,7 +190,7 @@ async fn report_changes_nothing_and_revoke_removes_exactly_the_undeclared_grants
         &["apply", "-f", "-"],
         Some(
             &json!({
-                "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+                "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
                 "metadata": {"name": "imports", "namespace": shard_b},
                 "spec": {"providerConfigRef": {"name": env.provider}, "keyId": key,
                     "granteePrincipal": "tfuser", "operations": ["describe-key", "decrypt-datakey"],

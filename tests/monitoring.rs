@@ -315,7 +315,7 @@ async fn every_metric_a_dashboard_panel_or_alert_uses_is_exported() {
         .unwrap();
     let policy = format!("{}-monitoring", env.namespace);
     env.apply(&json!({
-        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsKeyPolicy",
+        "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsKeyPolicy",
         "metadata": {"name": policy, "labels": {support::TEST_LABEL: env.namespace}},
         "spec": {"providerConfigRef": {"name": env.provider}, "keyId": key,
             "undeclaredGrants": "Revoke"}

@@ -432,7 +432,7 @@ impl Node {
 
     fn grant(&self, name: &str, key_id: &str) -> Value {
         json!({
-            "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+            "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
             "metadata": {"name": name, "namespace": "default"},
             "spec": {
                 "keyId": key_id,

@@ -264,7 +264,7 @@ async fn chaos_soak_keeps_every_identity_invariant() {
         let (namespace, provider) = (env.namespace.clone(), env.provider.clone());
         move |name: &str, key: &str, operations: &[&str]| -> KmsGrant {
             serde_json::from_value(json!({
-                "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+                "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
                 "metadata": {"name": name, "labels": {support::TEST_LABEL: namespace}},
                 "spec": {
                     "providerConfigRef": {"name": provider},

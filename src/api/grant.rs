@@ -20,7 +20,7 @@ pub use kmsgrant_kms::{GranteePrincipalType, Operation};
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "kmsgrant.io",
-    version = "v1alpha1",
+    version = "v1beta1",
     kind = "KmsGrant",
     namespaced,
     status = "KmsGrantStatus",
@@ -80,6 +80,13 @@ pub use kmsgrant_kms::{GranteePrincipalType, Operation};
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Provider",
+        type_ = "string",
+        json_path = ".spec.providerConfigRef.name",
+        description = "The provider config whose account holds the grant",
+        priority = "1"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -137,16 +144,6 @@ pub struct KmsGrantSpec {
         }]
     ))]
     pub operations: Vec<Operation>,
-
-    /// Removed: the grant's name on the cloud is now this object's identity,
-    /// `k8s/<cluster>/<namespace>/<name>`, so that no manifest can claim another object's grant.
-    /// Setting it is rejected; an object stored with it keeps it until the field is deleted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "false",
-        "message": "spec.name was removed: the grant name is now the object's identity k8s/<cluster>/<namespace>/<name>; delete the field (to take over an existing grant, set spec.importGrantId)"
-    }]))]
-    pub name: Option<String>,
 
     /// Takes over an existing grant made outside the operator: the ID of the grant on `keyId`
     /// (64 hexadecimal characters). Only where the KmsProviderConfig allows import for this
@@ -220,10 +217,14 @@ pub struct KeyAliasRef {
     pub alias: String,
 }
 
-/// A reference to a cluster-scoped KmsProviderConfig.
+/// A reference to a provider config by kind and name.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[schemars(extend("default" = {"kind": "KmsProviderConfig", "name": "default"}))]
 pub struct ProviderConfigRef {
-    /// Name of the KmsProviderConfig.
+    /// The kind of the config: `KmsProviderConfig` (cluster-scoped, the default).
+    #[serde(default)]
+    pub kind: ProviderConfigKind,
+    /// Name of the provider config.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
 }
@@ -231,9 +232,18 @@ pub struct ProviderConfigRef {
 impl Default for ProviderConfigRef {
     fn default() -> Self {
         Self {
+            kind: ProviderConfigKind::default(),
             name: "default".to_owned(),
         }
     }
+}
+
+/// The kinds a `providerConfigRef` may name.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ProviderConfigKind {
+    /// The cluster-scoped `KmsProviderConfig`.
+    #[default]
+    KmsProviderConfig,
 }
 
 /// What happens to the cloud grant when the KmsGrant is deleted.
@@ -278,6 +288,7 @@ pub struct KmsGrantStatus {
 
     /// When the grant was created on the cloud (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
     pub created_at: Option<String>,
 
     /// A grant this object owned before a spec change, kept until it has been revoked so that a
@@ -291,6 +302,7 @@ pub struct KmsGrantStatus {
 
     /// When the grant was last compared with the cloud (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
     pub last_sync_time: Option<String>,
 
     /// Ready, Reconciling and Stalled, in the kstatus convention.

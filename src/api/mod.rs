@@ -1,9 +1,11 @@
-//! The custom resource types of group `kmsgrant.io`, version `v1alpha1`: data and schema only, no
-//! I/O. The CRD YAML in `crds/` is generated from these types (`kmsgrant-operator crd`).
+//! The custom resource types of group `kmsgrant.io`, version `v1beta1` (`v1alpha1` is derived
+//! from it, see [`versions`]): data and schema only, no I/O. The CRD YAML in `crds/` is generated
+//! from these types (`kmsgrant-operator crd`).
 
 mod grant;
 mod policy;
 mod provider;
+pub mod versions;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -12,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use grant::{
     DeletionPolicy, GrantRef, GranteePrincipalType, KeyAliasRef, KmsGrant, KmsGrantSpec,
-    KmsGrantStatus, Operation, ProviderConfigRef,
+    KmsGrantStatus, Operation, ProviderConfigKind, ProviderConfigRef,
 };
 pub use policy::{
     AllowedGrants, AuditedGrant, GrantAction, GrantOwner, KmsKeyPolicy, KmsKeyPolicySpec,
@@ -23,6 +25,8 @@ pub use provider::{
     KmsProviderConfigStatus, RateLimit, SecretReference, ServiceAccountTokenReference,
     SigningVariant, TemporaryAccessKey, WebIdentity,
 };
+
+pub use versions::{API_VERSION, ApiStage};
 
 /// The API group of every resource here.
 pub const GROUP: &str = "kmsgrant.io";
@@ -36,15 +40,21 @@ pub const PRINCIPAL_PATTERN: &str = r"^[a-zA-Z0-9]{1,64}$";
 /// Grant IDs (`grant_id`): 64 hexadecimal characters.
 pub const GRANT_ID_PATTERN: &str = r"^[0-9a-fA-F]{64}$";
 
-/// Every CustomResourceDefinition this operator serves, in install order.
+/// Every CustomResourceDefinition this operator serves, in install order, as this release ships
+/// them ([`ApiStage::CURRENT`]).
 pub fn crds() -> Vec<CustomResourceDefinition> {
+    crds_at(ApiStage::CURRENT)
+}
+
+/// The CRDs of one step of the API's graduation (docs/versioning.md).
+pub fn crds_at(stage: ApiStage) -> Vec<CustomResourceDefinition> {
     vec![
         KmsGrant::crd(),
         KmsProviderConfig::crd(),
         KmsKeyPolicy::crd(),
     ]
     .into_iter()
-    .map(unwrap_descriptions)
+    .map(|crd| versions::at_stage(unwrap_descriptions(crd), stage))
     .collect()
 }
 
@@ -86,18 +96,23 @@ pub fn crd_file_name(crd: &CustomResourceDefinition) -> String {
     format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("crd"))
 }
 
+/// `metav1.Condition`'s rule for `type`: an optional DNS subdomain prefix and a qualified name.
+pub const CONDITION_TYPE_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$";
+/// `metav1.Condition`'s rule for `reason`.
+pub const CONDITION_REASON_PATTERN: &str = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$";
+
 /// A condition in the kstatus convention (`Ready`, `Reconciling`, `Stalled`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     /// Condition type: `Ready`, `Reconciling` or `Stalled`.
     #[serde(rename = "type")]
-    #[schemars(length(min = 1, max = 316))]
+    #[schemars(length(min = 1, max = 316), pattern(CONDITION_TYPE_PATTERN))]
     pub type_: String,
     /// `True`, `False` or `Unknown`.
     pub status: ConditionStatus,
     /// Why the condition has this status: a CamelCase word from a fixed, documented set.
-    #[schemars(length(max = 1024))]
+    #[schemars(length(min = 1, max = 1024), pattern(CONDITION_REASON_PATTERN))]
     pub reason: String,
     /// What is wrong and what to do about it, for people.
     #[serde(default)]
@@ -105,6 +120,7 @@ pub struct Condition {
     pub message: String,
     /// The `metadata.generation` this condition was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
     /// When the status last changed (RFC 3339).
     #[schemars(extend("format" = "date-time"))]

@@ -13,7 +13,7 @@ use super::{Condition, GRANT_ID_PATTERN, KEY_ID_PATTERN, PRINCIPAL_PATTERN, Prov
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "kmsgrant.io",
-    version = "v1alpha1",
+    version = "v1beta1",
     kind = "KmsKeyPolicy",
     status = "KmsKeyPolicyStatus",
     shortname = "kmskp",
@@ -59,13 +59,27 @@ use super::{Condition, GRANT_ID_PATTERN, KEY_ID_PATTERN, PRINCIPAL_PATTERN, Prov
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why the audit is or is not ready",
+        priority = "1"
     )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct KmsKeyPolicySpec {
     /// The KmsProviderConfig whose account holds the key (and whose credentials list its
-    /// grants). Defaults to the one named `default`.
+    /// grants). Defaults to the one named `default`. Only the cluster-scoped `KmsProviderConfig`:
+    /// a cluster-scoped policy has no namespace to find a namespaced config in.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!has(self.kind) || self.kind == 'KmsProviderConfig'",
+        "message": "a KmsKeyPolicy can only name a KmsProviderConfig (cluster-scoped)",
+        "fieldPath": ".kind",
+        "reason": "FieldValueInvalid"
+    }]))]
     pub provider_config_ref: ProviderConfigRef,
 
     /// ID of the customer master key to audit (36 characters: lower-case letters and digits in
@@ -165,6 +179,7 @@ pub struct KmsKeyPolicyStatus {
 
     /// When the result was last written (RFC 3339): when it changed, else at least hourly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
     pub last_audit_time: Option<String>,
 
     /// Ready (the key was listed and compared), Reconciling and Stalled, in the kstatus
@@ -187,6 +202,7 @@ pub struct AuditedGrant {
     pub operations: Vec<String>,
     /// When the grant was created (RFC 3339), when KMS says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
     pub created_at: Option<String>,
     /// The grant's name on the cloud, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]

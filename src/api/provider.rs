@@ -14,7 +14,7 @@ use super::{Condition, KEY_ID_PATTERN, Operation};
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "kmsgrant.io",
-    version = "v1alpha1",
+    version = "v1beta1",
     kind = "KmsProviderConfig",
     status = "KmsProviderConfigStatus",
     shortname = "kmspc",
@@ -45,9 +45,29 @@ use super::{Condition, KEY_ID_PATTERN, Operation};
         description = "Whether the credentials work against the endpoint"
     ),
     printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why the config is or is not ready"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Project",
+        type_ = "string",
+        json_path = ".status.projectId",
+        description = "The project the config works in",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Agency",
+        type_ = "string",
+        json_path = ".spec.auth.agency.name",
+        description = "The agency the operator assumes, if any",
+        priority = "1"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -130,6 +150,12 @@ pub struct KmsProviderConfigSpec {
     /// KmsGrants in namespaces whose labels match may take over existing grants by ID
     /// (`spec.importGrantId`). Absent: import is off. `{}` allows every namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!has(self.matchExpressions) || self.matchExpressions.all(e, (e.operator in ['In', 'NotIn'] && has(e.values) && size(e.values) > 0) || (e.operator in ['Exists', 'DoesNotExist'] && (!has(e.values) || size(e.values) == 0)))",
+        "message": "each matchExpressions entry needs operator In or NotIn with at least one value, or Exists or DoesNotExist without values",
+        "fieldPath": ".matchExpressions",
+        "reason": "FieldValueInvalid"
+    }]))]
     pub import_namespace_selector: Option<LabelSelector>,
 
     /// If set, KmsGrants using this config may only grant on these key IDs.

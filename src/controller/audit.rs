@@ -311,7 +311,7 @@ mod tests {
         }
         Arc::new(
             serde_json::from_value(serde_json::json!({
-                "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+                "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
                 "metadata": {"name": name, "namespace": namespace, "uid": uid},
                 "spec": spec
             }))

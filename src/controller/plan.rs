@@ -1692,7 +1692,7 @@ mod decision_tests {
 
     fn object(extra: serde_json::Value) -> KmsGrant {
         let mut value = serde_json::json!({
-            "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+            "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
             "metadata": {"name": "app", "namespace": "team-a", "uid": "uid-1",
                          "finalizers": [FINALIZER], "generation": 1},
             "spec": {"providerConfigRef": {"name": "default"}, "keyId": KEY,

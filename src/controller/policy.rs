@@ -803,7 +803,7 @@ async fn write_status(
         status.last_audit_time = Some(now);
     }
     let patch = json!({
-        "apiVersion": "kmsgrant.io/v1alpha1",
+        "apiVersion": "kmsgrant.io/v1beta1",
         "kind": "KmsKeyPolicy",
         "status": status,
     });

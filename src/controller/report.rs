@@ -181,7 +181,7 @@ pub(super) async fn write_status(
     }
     status.last_sync_time = Some(now);
     let patch = json!({
-        "apiVersion": "kmsgrant.io/v1alpha1",
+        "apiVersion": "kmsgrant.io/v1beta1",
         "kind": "KmsGrant",
         "status": status,
     });
