@@ -13,4 +13,5 @@ pub mod leader;
 pub mod metrics;
 pub mod process;
 pub mod run;
+pub mod storage_migration;
 pub mod telemetry;

@@ -73,6 +73,18 @@ struct KeyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MigratedLabels {
+    kind: String,
+    /// `managed_fields` when the object's managedFields were rewritten too, else `storage`.
+    rewrite: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StorageKindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RevokedLabels {
     provider: String,
 }
@@ -133,6 +145,8 @@ pub struct Metrics {
     credential_exchanges: Family<ExchangeLabels, Counter>,
     credentials_expiry: Family<RevokedLabels, Gauge<f64, AtomicU64>>,
     credential_refresh_failures: Family<RevokedLabels, Gauge>,
+    storage_migrated_objects: Family<MigratedLabels, Counter>,
+    storage_migration_complete: Family<StorageKindLabels, Gauge>,
     /// The keys the audit gauges have a series for.
     audited_keys: Mutex<std::collections::HashSet<KeyLabels>>,
     /// `Some` with `--per-object-metrics`.
@@ -294,6 +308,20 @@ impl Metrics {
              (0 while refreshing works)",
             credential_refresh_failures.clone(),
         );
+        let storage_migrated_objects = Family::<MigratedLabels, Counter>::default();
+        registry.register(
+            "storage_migration_objects",
+            "Objects the storage migration rewrote at kmsgrant.io/v1beta1, by kind and rewrite \
+             (storage only, or managedFields of v1alpha1 too)",
+            storage_migrated_objects.clone(),
+        );
+        let storage_migration_complete = Family::<StorageKindLabels, Gauge>::default();
+        registry.register(
+            "storage_migration_complete",
+            "1 once every object of the kind is stored at v1beta1 and the CRD's storedVersions is \
+             [v1beta1], 0 while the migration runs",
+            storage_migration_complete.clone(),
+        );
         for condition in ["Ready", "Reconciling", "Stalled"] {
             objects.get_or_create(&ConditionLabels { condition }).set(0);
             provider_configs
@@ -337,6 +365,8 @@ impl Metrics {
             credential_exchanges,
             credentials_expiry,
             credential_refresh_failures,
+            storage_migrated_objects,
+            storage_migration_complete,
             audited_keys: Mutex::new(std::collections::HashSet::new()),
             per_object,
             sources: Mutex::new(None),
@@ -566,6 +596,29 @@ impl Metrics {
     }
 }
 
+impl crate::storage_migration::ProgressSink for Metrics {
+    fn object_rewritten(&self, kind: &str, managed_fields: bool) {
+        self.storage_migrated_objects
+            .get_or_create(&MigratedLabels {
+                kind: kind.to_owned(),
+                rewrite: if managed_fields {
+                    "managed_fields"
+                } else {
+                    "storage"
+                },
+            })
+            .inc();
+    }
+
+    fn kind_migrated(&self, kind: &str, done: bool) {
+        self.storage_migration_complete
+            .get_or_create(&StorageKindLabels {
+                kind: kind.to_owned(),
+            })
+            .set(i64::from(done));
+    }
+}
+
 /// The kstatus condition that is True (Stalled before Reconciling before Ready) and its reason.
 fn current_condition(conditions: &[crate::api::Condition]) -> Option<(&'static str, &str)> {
     ["Stalled", "Reconciling", "Ready"]
@@ -656,7 +709,7 @@ mod tests {
 
     fn grant(namespace: &str, name: &str, conditions: serde_json::Value) -> KmsGrant {
         serde_json::from_value(serde_json::json!({
-            "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+            "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
             "metadata": {"name": name, "namespace": namespace},
             "spec": {"keyId": "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e",
                 "granteePrincipal": "abc", "operations": ["describe-key"]},
@@ -667,7 +720,7 @@ mod tests {
 
     fn provider(name: &str, conditions: serde_json::Value) -> KmsProviderConfig {
         serde_json::from_value(serde_json::json!({
-            "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+            "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsProviderConfig",
             "metadata": {"name": name},
             "spec": {"endpoint": "https://kms.example", "region": "eu-de", "projectId": "p",
                 "auth": {"type": "AccessKey", "secretRef": {"namespace": "ns", "name": "s"}}},

@@ -97,6 +97,12 @@ pub struct RunArgs {
     #[arg(long, env = "KMSGRANT_POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
     /// Log filter, e.g. `info` or `kmsgrant=debug,info`.
+    /// Migrate what the cluster stores to kmsgrant.io/v1beta1 (the leader, once per CRD
+    /// generation): rewrite every object and its managedFields, then the CRDs'
+    /// status.storedVersions. Needs get and patch on the three CRDs and their status; with
+    /// `false`, run `kmsgrant-operator migrate --cluster` instead.
+    #[arg(long, env = "KMSGRANT_MIGRATE_STORAGE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_storage: bool,
     #[arg(long, env = "KMSGRANT_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
     /// Log format: `text` or `json` (one JSON object per line).
@@ -142,6 +148,7 @@ impl RunArgs {
             log_level,
             log_format,
             per_object_metrics,
+            migrate_storage,
             #[cfg(feature = "otel")]
             otlp_endpoint,
         } = self;
@@ -200,7 +207,8 @@ impl RunArgs {
         let result = runtime.block_on(async move {
             let client = kube_client(kubeconfig, context).await?;
             let metrics = crate::metrics::Metrics::with_per_object_series(per_object_metrics);
-            operate(client, settings, metrics, admin_address, election).await
+            let migrate = migrate_storage.then_some(MIGRATION_CHECK_INTERVAL);
+            operate(client, settings, metrics, admin_address, election, migrate).await
         });
         match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -212,6 +220,9 @@ impl RunArgs {
         }
     }
 }
+
+/// How often the leader looks whether a CRD changed and storage must be migrated again.
+const MIGRATION_CHECK_INTERVAL: Duration = Duration::from_secs(300);
 
 /// The Lease to hold and who holds it.
 struct Election {
@@ -230,6 +241,7 @@ async fn operate(
     metrics: crate::metrics::Metrics,
     admin_address: std::net::SocketAddr,
     election: Option<Election>,
+    migrate_storage: Option<Duration>,
 ) -> anyhow::Result<()> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -293,6 +305,21 @@ async fn operate(
             let _ = stop.send(());
         }
     };
+    // Before any controller writes at v1beta1 (which drops the removed spec.name): keep it.
+    tokio::select! {
+        () = keep_legacy_grant_names(&client, settings.namespace.as_deref()) => {}
+        () = shutdown.clone() => {}
+    }
+    // A namespace-scoped operator cannot see every object; `migrate --cluster` does it then.
+    let migrate_storage = migrate_storage.filter(|_| settings.namespace.is_none());
+    let migration = migrate_storage.map(|interval| {
+        let sink: Arc<dyn crate::storage_migration::ProgressSink> = metrics.clone();
+        tokio::spawn(crate::storage_migration::run_as_leader(
+            client.clone(),
+            sink,
+            interval,
+        ))
+    });
     let controllers = controller::run(client, settings, metrics.clone(), ready.clone(), async {
         let _ = stopped.await;
     });
@@ -313,6 +340,9 @@ async fn operate(
         },
         watcher
     );
+    if let Some(migration) = migration {
+        migration.abort();
+    }
     metrics.set_leader(false);
     if lost.load(Ordering::Relaxed) {
         anyhow::bail!("lost the leader lease; exiting so that only one replica reconciles");
@@ -322,4 +352,38 @@ async fn operate(
     }
     let _ = stop_admin.send(());
     result
+}
+
+/// Keeps every stored `spec.name` before the controllers start, retrying while the API server
+/// fails. Refused for good (no rights), it says so and lets the controllers start: the operator
+/// is not held back by a one-off chore that `kmsgrant-operator migrate --cluster` can do.
+async fn keep_legacy_grant_names(client: &kube::Client, namespace: Option<&str>) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match crate::storage_migration::preserve_legacy_grant_names(client, namespace, false).await
+        {
+            Ok(kept) => {
+                if !kept.is_empty() {
+                    tracing::warn!(
+                        objects = kept.len(),
+                        "kept removed spec.name values in annotations"
+                    );
+                }
+                return;
+            }
+            Err(crate::storage_migration::MigrationError::Kube {
+                source: kube::Error::Api(status),
+                what,
+            }) if status.code == 403 => {
+                tracing::warn!(%what, message = %status.message,
+                    "cannot look for removed spec.name values; run `kmsgrant-operator migrate --cluster`");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot look for removed spec.name values yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
 }

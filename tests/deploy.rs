@@ -925,6 +925,18 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
             "-n",
             OPERATOR_NAMESPACE,
         ],
+        // Storage migration to v1beta1 (docs/versioning.md): its own three CRDs only, and a key
+        // policy's managedFields rewritten on the object.
+        &[
+            "get",
+            "customresourcedefinitions.apiextensions.k8s.io/kmsgrants.kmsgrant.io",
+        ],
+        &[
+            "patch",
+            "customresourcedefinitions.apiextensions.k8s.io/kmskeypolicies.kmsgrant.io",
+            "--subresource=status",
+        ],
+        &["patch", "kmskeypolicies.kmsgrant.io"],
     ];
     let denied: &[&[&str]] = &[
         // Secrets only in its own namespace, and never written.
@@ -938,10 +950,16 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
         &["delete", "kmsgrants.kmsgrant.io", "-n", "team-a"],
         &["update", "kmsproviderconfigs.kmsgrant.io"],
         &["delete", "kmsproviderconfigs.kmsgrant.io"],
-        // KmsKeyPolicies belong to people too: the operator writes only their status.
-        &["patch", "kmskeypolicies.kmsgrant.io"],
+        // KmsKeyPolicies belong to people too: the operator writes their status (and patches
+        // them only to move managedFields to v1beta1).
         &["create", "kmskeypolicies.kmsgrant.io"],
+        &["update", "kmskeypolicies.kmsgrant.io"],
         &["update", "customresourcedefinitions.apiextensions.k8s.io"],
+        &[
+            "patch",
+            "customresourcedefinitions.apiextensions.k8s.io/certificates.cert-manager.io",
+        ],
+        &["list", "customresourcedefinitions.apiextensions.k8s.io"],
         &["update", "namespaces/team-a"],
         &["delete", "events.events.k8s.io", "-n", "team-a"],
         &["create", "events", "-n", "team-a"],
@@ -1418,7 +1436,7 @@ fn builtin_edit_and_view_roles_carry_the_kmsgrant_roles() {
     // And for real, by impersonation: the editor creates a grant, the viewer reads it and may not
     // delete it, the editor may not create a provider config.
     let grant = json!({
-        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+        "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
         "metadata": {"name": "team-grant", "namespace": team},
         "spec": {"keyId": "bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e",
             "granteePrincipal": "13gg44z4g2sglzk0egw0u726zoyzvrs8", "operations": ["describe-key"],
@@ -1448,7 +1466,7 @@ fn builtin_edit_and_view_roles_carry_the_kmsgrant_roles() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
     let config = json!({
-        "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+        "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsProviderConfig",
         "metadata": {"name": format!("team-{}", std::process::id())},
         "spec": {"endpoint": "https://kms.example.com", "region": "eu-de", "projectId": "p",
             "auth": {"type": "AccessKey", "secretRef": {"namespace": "kmsgrant-system", "name": "s"}}}

@@ -249,7 +249,7 @@ impl Env {
             spec[k] = v.clone();
         }
         serde_json::json!({
-            "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsProviderConfig",
+            "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsProviderConfig",
             "metadata": {"name": self.provider, "labels": {TEST_LABEL: self.namespace}},
             "spec": spec
         })
@@ -295,7 +295,7 @@ impl Env {
             spec[k] = v.clone();
         }
         serde_json::json!({
-            "apiVersion": "kmsgrant.io/v1alpha1", "kind": "KmsGrant",
+            "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
             "metadata": {"name": name, "namespace": self.namespace, "labels": {TEST_LABEL: self.namespace}},
             "spec": spec
         })
@@ -621,9 +621,14 @@ pub fn series(text: &str, name_and_labels: &str) -> Option<f64> {
 
 /// A client of the test's emulator (KMS and IAM), signed with its access key.
 pub fn kms_client(env: &Env) -> kmsgrant_kms::KmsClient {
-    let settings = env.emulator.config();
+    kms_client_of(&env.emulator)
+}
+
+/// A client of `emulator` (KMS and IAM), signed with its access key.
+pub fn kms_client_of(emulator: &kms_emulator::RunningEmulator) -> kmsgrant_kms::KmsClient {
+    let settings = emulator.config();
     let mut config = kmsgrant_kms::ClientConfig::new(
-        env.emulator.base_url(),
+        emulator.base_url(),
         kmsgrant_kms::Project::Id(settings.project_id.clone()),
         kmsgrant_kms::Credentials::AccessKey {
             keys: kmsgrant_kms::signer::AccessKeyPair::new(
@@ -633,7 +638,7 @@ pub fn kms_client(env: &Env) -> kmsgrant_kms::KmsClient {
             security_token: None,
         },
     );
-    config.iam_endpoint = Some(env.emulator.base_url());
+    config.iam_endpoint = Some(emulator.base_url());
     config.region = settings.region.clone();
     config.allow_http = true;
     kmsgrant_kms::KmsClient::new(config).unwrap()
