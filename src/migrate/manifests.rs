@@ -86,10 +86,8 @@ impl fmt::Display for ObjectName {
 
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let object = self
-            .object
-            .as_ref()
-            .map_or_else(|| format!("document {}", self.document), |o| o.to_string());
+        let object = self.object.as_ref().map(ObjectName::to_string);
+        let object = object.as_deref().unwrap_or("(no object)");
         match &self.change {
             Change::ApiVersion => write!(f, "{object}: apiVersion {FROM} -> {TO}"),
             Change::RemovedSpecName(Value::Null) => {
@@ -106,11 +104,13 @@ impl fmt::Display for Finding {
                      import it with spec.importGrantId or revoke it; see docs/upgrading.md)"
                 )
             }
-            Change::LeftForHand(reason) => write!(
-                f,
-                "document {} at line {} ({object}): not rewritten: {reason}; edit it by hand",
-                self.document, self.line
-            ),
+            Change::LeftForHand(reason) => {
+                write!(f, "document {} at line {}", self.document, self.line)?;
+                if let Some(object) = &self.object {
+                    write!(f, " ({object})")?;
+                }
+                write!(f, ": not rewritten: {reason}; edit it by hand")
+            }
         }
     }
 }
@@ -140,7 +140,7 @@ pub fn migrate(text: &str) -> Migrated {
                 object,
                 change,
             };
-            match migrate_document(doc, &lines) {
+            match migrate_document(doc, &lines, lines_before) {
                 Outcome::Unchanged => out.push_str(doc),
                 Outcome::Rewritten { text, changes } => {
                     out.push_str(&text);
@@ -264,7 +264,8 @@ struct Target {
     name: ObjectName,
 }
 
-fn migrate_document(doc: &str, lines: &DocLines) -> Outcome {
+/// Migrates one document, which follows `lines_before` lines of its file.
+fn migrate_document(doc: &str, lines: &DocLines, lines_before: usize) -> Outcome {
     if !doc.contains("kmsgrant.io") {
         return Outcome::Unchanged;
     }
@@ -275,9 +276,10 @@ fn migrate_document(doc: &str, lines: &DocLines) -> Outcome {
             let reason = if doc.contains("{{") {
                 "it holds Helm template syntax ({{ }}) and is not YAML until rendered".to_owned()
             } else {
-                let err = err.to_string();
-                let first = err.lines().next().unwrap_or_default().to_owned();
-                format!("it does not parse as YAML ({first})")
+                format!(
+                    "it does not parse as YAML ({})",
+                    parse_error(&err, lines_before)
+                )
             };
             return Outcome::LeftForHand {
                 object: None,
@@ -326,8 +328,9 @@ fn migrate_document(doc: &str, lines: &DocLines) -> Outcome {
         object["apiVersion"] = Value::from(TO);
         changes.push((target.name.clone(), Change::ApiVersion));
         if target.name.kind == "KmsGrant"
-            && let Some(value) = object["spec"]
-                .as_object_mut()
+            && let Some(value) = object
+                .get_mut("spec")
+                .and_then(Value::as_object_mut)
                 .and_then(|spec| spec.remove("name"))
         {
             changes.push((target.name, Change::RemovedSpecName(value)));
@@ -335,9 +338,34 @@ fn migrate_document(doc: &str, lines: &DocLines) -> Outcome {
     }
     match serde_saphyr::from_str::<Value>(&text) {
         Ok(rewritten) if rewritten == expected => Outcome::Rewritten { text, changes },
-        Ok(_) => left("the rewritten text does not read back as the original with only apiVersion and spec.name changed".into()),
+        Ok(_) => left(
+            "the rewritten text does not read back as the original with only apiVersion and \
+             spec.name changed"
+                .into(),
+        ),
         Err(err) => left(format!("the rewritten text does not parse ({err})")),
     }
+}
+
+/// The parser's message in a line, with its line number counted in the file rather than in the
+/// document.
+fn parse_error(err: &serde_saphyr::Error, lines_before: usize) -> String {
+    let message = err.to_string();
+    let message = message.lines().next().unwrap_or_default();
+    let message = message.strip_prefix("error: ").unwrap_or(message);
+    // The parser's advice on its own options means nothing to someone editing a manifest.
+    let message = message
+        .split(", set DuplicateKeyPolicy")
+        .next()
+        .unwrap_or(message);
+    let located = message.strip_prefix("line ").and_then(|rest| {
+        let (line, rest) = rest.split_once(' ')?;
+        Some(format!(
+            "line {} {rest}",
+            line.parse::<usize>().ok()? + lines_before
+        ))
+    });
+    located.unwrap_or_else(|| message.to_owned())
 }
 
 /// Whether a document that does not parse still looks like one to migrate: an `apiVersion` line
@@ -967,11 +995,11 @@ metadata:
         assert_eq!(
             changes(&migrated),
             [
-                "document 1 at line 1 (document 1): not rewritten: it holds Helm template \
+                "document 1 at line 1: not rewritten: it holds Helm template \
                  syntax ({{ }}) and is not YAML until rendered; edit it by hand",
                 "document 2 at line 8 (KmsGrant quoted): not rewritten: its spec holds Helm \
                  template syntax ({{ }}); edit it by hand",
-                "document 3 at line 15 (document 3): not rewritten: it holds Helm template \
+                "document 3 at line 15: not rewritten: it holds Helm template \
                  syntax ({{ }}) and is not YAML until rendered; edit it by hand",
             ]
         );
@@ -1036,6 +1064,25 @@ metadata:
         assert_eq!(
             migrated.text,
             "apiVersion: v1\nkind: List\nitems:\n  - apiVersion: kmsgrant.io/v1beta1\n    kind: KmsGrant\n    metadata: {name: a}\n    spec:\n      keyId: k\n"
+        );
+    }
+
+    #[test]
+    fn rewrites_a_kmsgrant_without_a_spec() {
+        let text = "apiVersion: kmsgrant.io/v1alpha1\nkind: KmsGrant\nmetadata:\n  name: a\n";
+        assert_eq!(migrate(text).text, text.replace(FROM, TO));
+    }
+
+    #[test]
+    fn names_the_parse_error_of_a_document_that_is_not_yaml() {
+        let text = "a: 1\n---\napiVersion: kmsgrant.io/v1alpha1\nkind: KmsGrant\nmetadata:\n  name: a\n  name: b\n";
+        let migrated = migrate(text);
+        assert_eq!(migrated.text, text);
+        let report = changes(&migrated).join("\n");
+        assert_eq!(
+            report,
+            "document 2 at line 3: not rewritten: it does not parse as YAML (line 7 column 3: \
+             duplicate mapping key: name); edit it by hand"
         );
     }
 
