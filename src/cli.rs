@@ -27,6 +27,9 @@ pub enum Command {
     /// Tell what is wrong with the install and the cloud side of each provider config, and how
     /// to fix it (exit 1 when a check failed).
     Check(Box<crate::check::CheckArgs>),
+    /// Rewrite manifests (and, in later work, the cluster's stored objects) from
+    /// kmsgrant.io/v1alpha1 to v1beta1.
+    Migrate(Box<crate::migrate::MigrateArgs>),
     /// Start the local sandbox: control plane, emulator, CRDs, operator and an example grant.
     #[cfg(feature = "dev")]
     Dev(Box<crate::dev::DevArgs>),
@@ -41,6 +44,7 @@ impl Cli {
             Command::Dev(args) => args.run(),
             Command::Import(args) => args.run(),
             Command::Check(args) => args.run(),
+            Command::Migrate(args) => args.run(),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod dev;
 pub mod import;
 pub mod leader;
 pub mod metrics;
+pub mod migrate;
 pub mod process;
 pub mod run;
 pub mod storage_migration;
