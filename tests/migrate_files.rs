@@ -105,7 +105,7 @@ fn rewrites_a_checkout_in_place_prints_each_change_and_a_second_run_changes_noth
          kmsgrant.io/v1beta1\n\
          deploy/app/grant.yaml: KmsGrant team-a/app-key: removed spec.name \"my-old-grant\" (the \
          grant of that name was left on KMS: import it with spec.importGrantId or revoke it; see \
-         docs/upgrading.md)\n\
+         docs/versioning.md)\n\
          files scanned: 2, documents rewritten: 2, spec.name values removed: 1, documents left \
          for hand editing: 0\n"
     );

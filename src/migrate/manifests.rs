@@ -101,7 +101,7 @@ impl fmt::Display for Finding {
                 write!(
                     f,
                     "{object}: removed spec.name {value} (the grant of that name was left on KMS: \
-                     import it with spec.importGrantId or revoke it; see docs/upgrading.md)"
+                     import it with spec.importGrantId or revoke it; see docs/versioning.md)"
                 )
             }
             Change::LeftForHand(reason) => {
@@ -725,7 +725,7 @@ status:
                 "KmsGrant team-a/app-key: apiVersion kmsgrant.io/v1alpha1 -> kmsgrant.io/v1beta1",
                 "KmsGrant team-a/app-key: removed spec.name \"my-old-grant\" (the grant of that \
                  name was left on KMS: import it with spec.importGrantId or revoke it; see \
-                 docs/upgrading.md)",
+                 docs/versioning.md)",
             ]
         );
     }
@@ -1050,7 +1050,7 @@ metadata:
                 "KmsGrant team-a/a (List item 1): apiVersion kmsgrant.io/v1alpha1 -> kmsgrant.io/v1beta1",
                 "KmsGrant team-a/a (List item 1): removed spec.name \"old-a\" (the grant of that \
                  name was left on KMS: import it with spec.importGrantId or revoke it; see \
-                 docs/upgrading.md)",
+                 docs/versioning.md)",
                 "KmsProviderConfig default (List item 3): apiVersion kmsgrant.io/v1alpha1 -> \
                  kmsgrant.io/v1beta1",
             ]

@@ -5,6 +5,7 @@
 //! `spec.name`, whose value is printed because it names a grant the operator left on KMS. The
 //! rewriting itself is [`manifests`]; this module finds the files and writes them.
 
+mod cluster;
 pub mod manifests;
 
 use std::collections::{BTreeSet, HashSet};
@@ -31,6 +32,22 @@ pub struct MigrateArgs {
     /// Report what would change and write nothing.
     #[arg(long, env = "KMSGRANT_MIGRATE_DRY_RUN")]
     pub dry_run: bool,
+    /// Migrate what the cluster stores instead, as the operator's leader does: keep each stored
+    /// spec.name in an annotation, rewrite every object and its managedFields at v1beta1, then set
+    /// the CRDs' status.storedVersions to [v1beta1]. For clusters that run the operator with
+    /// storageMigration off.
+    #[arg(long, env = "KMSGRANT_MIGRATE_CLUSTER", conflicts_with_all = ["filename", "check"])]
+    pub cluster: bool,
+    /// Check whether v1alpha1 can stop being served: exit 1 and name what still stores or
+    /// manages it (a CRD's status.storedVersions, an object's managedFields), 0 when nothing does.
+    #[arg(long, env = "KMSGRANT_MIGRATE_CHECK", conflicts_with = "filename")]
+    pub check: bool,
+    /// Kubeconfig for --cluster and --check (default: KUBECONFIG, then in-cluster).
+    #[arg(long, env = "KMSGRANT_KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context for --cluster and --check.
+    #[arg(long, env = "KMSGRANT_CONTEXT")]
+    pub context: Option<String>,
 }
 
 /// Exit code for usage and I/O errors; 1 means some document was left for hand editing.
@@ -38,12 +55,13 @@ const USAGE_OR_IO_ERROR: u8 = 2;
 
 impl MigrateArgs {
     pub fn run(self) -> ExitCode {
-        // Each mode is chosen by its own flag; the cluster modes (`--cluster`, `--check`) go here,
-        // before file mode.
+        if self.cluster || self.check {
+            return cluster::run(&self);
+        }
         if self.filename.is_empty() {
             eprintln!(
                 "error: nothing to migrate: name the manifests to rewrite with -f/--filename PATH \
-                 (a file or a directory)"
+                 (a file or a directory), or use --cluster or --check for the cluster's objects"
             );
             return ExitCode::from(USAGE_OR_IO_ERROR);
         }
@@ -72,7 +90,9 @@ struct Tally {
 
 /// `migrate -f`: rewrites the manifests under `args.filename`, printing one line per change.
 pub fn migrate_files(args: &MigrateArgs) -> ExitCode {
-    let MigrateArgs { filename, dry_run } = args;
+    let MigrateArgs {
+        filename, dry_run, ..
+    } = args;
     let mut tally = Tally::default();
     let mut files = Vec::new();
     let mut errors = Vec::new();
