@@ -596,8 +596,31 @@ fn helm_ok(args: &[&str]) {
     );
 }
 
+/// A copy of the chart whose CRDs are those of `stage`, as a later release would ship them.
+fn chart_at_stage(stage: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = Command::new("cp")
+        .args(["-a", &format!("{REPO}/charts/kmsgrant-operator")])
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let out = Command::new(OPERATOR_BIN)
+        .args(["crd", "--api-stage", stage, "--output-dir"])
+        .arg(dir.path().join("kmsgrant-operator/files/crds"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn helm_upgrade_from_the_chart_of_84dffa1_migrates_without_touching_a_grant() {
+async fn helm_upgrade_from_the_chart_of_84dffa1_migrates_without_touching_a_grant_and_guards_the_next_step()
+ {
     let control_plane = support::own_control_plane();
     let old_chart = Path::new(REPO).join("tests/fixtures/kmsgrant-operator-chart-84dffa1.tgz");
     helm_ok(&[
@@ -688,6 +711,21 @@ async fn helm_upgrade_from_the_chart_of_84dffa1_migrates_without_touching_a_gran
         .collect();
     assert_eq!(storage, ["v1beta1"]);
 
+    // A later chart that stops serving v1alpha1 is refused while v1alpha1 may still be stored.
+    let next = chart_at_stage("unserved");
+    let refused = helm(&[
+        "upgrade",
+        "kmsgrant",
+        next.path().join("kmsgrant-operator").to_str().unwrap(),
+        "--namespace",
+        "kmsgrant-system",
+    ]);
+    let message = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        !refused.status.success() && message.contains("status.storedVersions"),
+        "{message}"
+    );
+
     // The upgraded operator (here out of the cluster: no node runs its pods) adopts the grants
     // and migrates what is stored.
     let operator = ClusterWideOperator::start(&world.namespace);
@@ -706,6 +744,37 @@ async fn helm_upgrade_from_the_chart_of_84dffa1_migrates_without_touching_a_gran
     for (name, id) in &made {
         assert_eq!(ids.get(name), Some(id), "{name} adopted its grant");
     }
+    // An object applied at v1alpha1 since still blocks the next chart, by its managedFields.
+    let late = world.grant("kmsgrant.io/v1alpha1", "late", json!({}));
+    kubectl_ok(&["apply", "-f", "-"], Some(&late.to_string()));
+    let refused = helm(&[
+        "upgrade",
+        "kmsgrant",
+        next.path().join("kmsgrant-operator").to_str().unwrap(),
+        "--namespace",
+        "kmsgrant-system",
+    ]);
+    let message = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        !refused.status.success() && message.contains("late"),
+        "{message}"
+    );
+    let migrated = migrate(&["--cluster"]);
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    helm_ok(&[
+        "upgrade",
+        "kmsgrant",
+        next.path().join("kmsgrant-operator").to_str().unwrap(),
+        "--namespace",
+        "kmsgrant-system",
+    ]);
+    world.wait_all_ready(&["late"]).await;
+    let before = (before.0 + 1, before.1);
+
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert_eq!(
         world.writes(),

@@ -84,3 +84,36 @@ app.kubernetes.io/part-of: kmsgrant-operator
     argocd.argoproj.io/sync-options: Delete=false,Prune=false
     kustomize.toolkit.fluxcd.io/prune: disabled
 {{ end }}
+
+{{/*
+The pre-upgrade check of docs/versioning.md: a chart whose CRD no longer serves (or lists)
+kmsgrant.io/v1alpha1 is refused while the live cluster still stores it (the CRD's
+status.storedVersions) or any object's managedFields name it. Needs a live cluster (`lookup`
+returns nothing in `helm template`), so it guards `helm install` and `helm upgrade`.
+*/}}
+{{- define "kmsgrant-operator.refuseToStopServingTooSoon" -}}
+{{- $crd := . -}}
+{{- $serves := false -}}
+{{- range $crd.spec.versions -}}
+{{- if and (eq .name "v1alpha1") .served -}}{{- $serves = true -}}{{- end -}}
+{{- end -}}
+{{- if not $serves -}}
+{{- $live := lookup "apiextensions.k8s.io/v1" "CustomResourceDefinition" "" $crd.metadata.name -}}
+{{- if $live -}}
+{{- $stored := list -}}
+{{- if $live.status -}}{{- $stored = $live.status.storedVersions | default list -}}{{- end -}}
+{{- if has "v1alpha1" $stored -}}
+{{- fail (printf "refusing to stop serving kmsgrant.io/v1alpha1: CRD %s still lists it in status.storedVersions %v (objects may be stored at v1alpha1). Let the operator finish its storage migration, or run `kmsgrant-operator migrate --cluster`, then `kmsgrant-operator migrate --check` (docs/versioning.md)" $crd.metadata.name $stored) -}}
+{{- end -}}
+{{- $objects := lookup "kmsgrant.io/v1beta1" $crd.spec.names.kind "" "" -}}
+{{- range ($objects.items | default list) -}}
+{{- $object := . -}}
+{{- range ($object.metadata.managedFields | default list) -}}
+{{- if eq .apiVersion "kmsgrant.io/v1alpha1" -}}
+{{- fail (printf "refusing to stop serving kmsgrant.io/v1alpha1: the managedFields of %s %s/%s (manager %s) still name it; server-side apply would fail on them. Run `kmsgrant-operator migrate --cluster`, then `kmsgrant-operator migrate --check` (docs/versioning.md)" $crd.spec.names.kind ($object.metadata.namespace | default "") $object.metadata.name .manager) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
