@@ -540,6 +540,16 @@ async fn every_stage_of_the_graduation_keeps_every_object_and_grant() {
         None,
     );
     assert!(!gone.status.success(), "v1alpha1 must not be served");
+    let delta = world.grant("kmsgrant.io/v1beta1", "delta", json!({}));
+    kubectl_ok(&["apply", "-f", "-"], Some(&delta.to_string()));
+    world.wait_all_ready(&["delta"]).await;
+    let mut grants = grants;
+    grants.extend(
+        world
+            .grant_ids()
+            .into_iter()
+            .filter(|(n, _)| n == "gamma" || n == "delta"),
+    );
     // Stage 5: v1alpha1 removed; the API server accepts it because storedVersions is [v1beta1].
     apply_crds_ok(&crds_at("removed"));
     // The GitOps tool applies again at v1beta1: no managedFields name a version that is gone.
@@ -557,7 +567,7 @@ async fn every_stage_of_the_graduation_keeps_every_object_and_grant() {
     let alpha_now = support::get_grant(&world.namespace, "alpha");
     assert_eq!(alpha_now["metadata"]["labels"], json!({"team": "b"}));
     world
-        .wait_all_ready(&["legacy", "alpha", "beta", "gamma"])
+        .wait_all_ready(&["legacy", "alpha", "beta", "gamma", "delta"])
         .await;
     // Give the operator a few resyncs: nothing it sees may make it write to KMS.
     tokio::time::sleep(Duration::from_secs(12)).await;
@@ -565,9 +575,10 @@ async fn every_stage_of_the_graduation_keeps_every_object_and_grant() {
     for (name, id) in &grants {
         assert_eq!(after.get(name), Some(id), "{name} kept its grant");
     }
+    assert_eq!(after.len(), 5);
     assert_eq!(
         world.writes(),
-        (4, 0),
+        (5, 0),
         "one create per object over every stage, no revoke; operator log:\n{}",
         operator.log()
     );
