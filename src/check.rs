@@ -606,10 +606,10 @@ impl CheckArgs {
         }
         let name = config.name_any();
         let mut keys: Vec<String> = Vec::new();
-        for grant in grants
-            .iter()
-            .filter(|g| g.spec.provider_config_ref.name == name)
-        {
+        for grant in grants.iter().filter(|g| {
+            g.spec.provider_config_ref.kind == crate::api::ProviderConfigKind::KmsProviderConfig
+                && g.spec.provider_config_ref.name == name
+        }) {
             let key = grant
                 .status
                 .as_ref()

@@ -51,6 +51,32 @@ pub struct RunArgs {
         default_value = crate::controller::credentials::DEFAULT_TOKEN_DIR
     )]
     pub web_identity_token_dir: std::path::PathBuf,
+    /// Hosts a KmsNamespacedProviderConfig's endpoint and iamEndpoint may name (comma-separated
+    /// patterns; `*` stands for one or more DNS labels). Default: the public KMS and IAM
+    /// endpoints of Open Telekom Cloud and Huawei Cloud.
+    #[arg(
+        long,
+        env = "KMSGRANT_TENANT_ENDPOINT_HOSTS",
+        value_delimiter = ',',
+        default_value = crate::controller::tenancy::DEFAULT_TENANT_HOSTS
+    )]
+    pub tenant_endpoint_hosts: Vec<String>,
+    /// Networks (CIDRs) tenant endpoints may reach although they are not public: a private KMS
+    /// endpoint the platform trusts. Loopback, link-local (the metadata service), private and
+    /// cluster ranges are refused otherwise, also when a name resolves to them.
+    #[arg(long, env = "KMSGRANT_TENANT_ALLOWED_NETWORKS", value_delimiter = ',')]
+    pub tenant_allowed_networks: Vec<String>,
+    /// Let tenant endpoints be plain http (local emulators and tests only).
+    #[arg(long, env = "KMSGRANT_TENANT_ALLOW_HTTP")]
+    pub tenant_allow_http: bool,
+    /// The highest rateLimit.requestsPerSecond a tenant config gets: its share of the operator's
+    /// KMS calls (0: no cap).
+    #[arg(
+        long,
+        env = "KMSGRANT_TENANT_MAX_REQUESTS_PER_SECOND",
+        default_value_t = 50
+    )]
+    pub tenant_max_requests_per_second: u32,
     /// How often each KmsProviderConfig's credentials are checked with one `user-quotas` call.
     #[arg(long, env = "KMSGRANT_PROVIDER_CHECK_INTERVAL", default_value = "1m", value_parser = crate::process::parse_duration)]
     pub provider_check_interval: Duration,
@@ -149,6 +175,10 @@ impl RunArgs {
             log_format,
             per_object_metrics,
             migrate_storage,
+            tenant_endpoint_hosts,
+            tenant_allowed_networks,
+            tenant_allow_http,
+            tenant_max_requests_per_second,
             #[cfg(feature = "otel")]
             otlp_endpoint,
         } = self;
@@ -168,6 +198,18 @@ impl RunArgs {
             eprintln!("error: {err}");
             return ExitCode::from(2);
         }
+        let tenant_policy = match crate::controller::tenancy::TenantPolicy::from_flags(
+            &tenant_endpoint_hosts,
+            &tenant_allowed_networks,
+            tenant_allow_http,
+            tenant_max_requests_per_second,
+        ) {
+            Ok(policy) => policy,
+            Err(err) => {
+                eprintln!("error: --tenant-endpoint-hosts / --tenant-allowed-networks: {err}");
+                return ExitCode::from(2);
+            }
+        };
         let pod_name = pod_name
             .or_else(|| std::env::var("HOSTNAME").ok())
             .filter(|name| !name.is_empty());
@@ -186,6 +228,7 @@ impl RunArgs {
             provider_failure_threshold: provider_failure_threshold.max(1),
             instance: pod_name.clone(),
             web_identity_token_dir,
+            tenant_policy,
             ..Settings::default()
         };
         let election = leader_election.then(|| Election {

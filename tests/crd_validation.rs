@@ -112,6 +112,7 @@ fn crds_install_and_become_established() {
         [
             "kmsgrants.kmsgrant.io",
             "kmskeypolicies.kmsgrant.io",
+            "kmsnamespacedproviderconfigs.kmsgrant.io",
             "kmsproviderconfigs.kmsgrant.io"
         ]
     );

@@ -216,7 +216,10 @@ fn kustomize_tree_applies_cleanly_with_server_side_dry_run() {
             "ClusterRole",
             "ClusterRole",
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRole",
             "ClusterRoleBinding",
+            "CustomResourceDefinition",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
@@ -330,6 +333,7 @@ fn chart_carries_the_generated_crds() {
         "kmsgrants.kmsgrant.io.yaml",
         "kmsproviderconfigs.kmsgrant.io.yaml",
         "kmskeypolicies.kmsgrant.io.yaml",
+        "kmsnamespacedproviderconfigs.kmsgrant.io.yaml",
     ] {
         let generated = std::fs::read_to_string(repo(&format!("crds/{name}"))).unwrap();
         let copy = std::fs::read_to_string(repo(&format!("{CHART}/files/crds/{name}"))).unwrap();
@@ -398,7 +402,10 @@ fn helm_chart_with_default_values_applies_cleanly_with_server_side_dry_run() {
             "ClusterRole",
             "ClusterRole",
             "ClusterRole",
+            "ClusterRole",
+            "ClusterRole",
             "ClusterRoleBinding",
+            "CustomResourceDefinition",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "CustomResourceDefinition",
@@ -660,7 +667,7 @@ fn service_account_kubeconfig(dir: &Path) -> std::path::PathBuf {
                 .contains(&o["kind"].as_str().unwrap())
             })
             .collect();
-        assert_eq!(rbac.len(), 7);
+        assert_eq!(rbac.len(), 9);
         let list = json!({"apiVersion": "v1", "kind": "List", "items": rbac});
         kubectl_ok(
             &["apply", "--server-side", "--force-conflicts", "-f", "-"],
@@ -893,6 +900,21 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
             "team-a",
         ],
         &["list", "kmsproviderconfigs.kmsgrant.io"],
+        // Tenants' own configs: watched, finalizer, status.
+        &["watch", "kmsnamespacedproviderconfigs.kmsgrant.io", "-A"],
+        &[
+            "patch",
+            "kmsnamespacedproviderconfigs.kmsgrant.io",
+            "-n",
+            "team-a",
+        ],
+        &[
+            "patch",
+            "kmsnamespacedproviderconfigs.kmsgrant.io",
+            "--subresource=status",
+            "-n",
+            "team-a",
+        ],
         // The in-use finalizer of a KmsProviderConfig.
         &["patch", "kmsproviderconfigs.kmsgrant.io"],
         &[
@@ -943,8 +965,16 @@ fn operator_service_account_has_exactly_the_rights_it_needs() {
         &["get", "secrets", "-n", "team-a"],
         &["list", "secrets", "-A"],
         &["update", "secrets", "-n", OPERATOR_NAMESPACE],
-        // KmsGrants and KmsProviderConfigs belong to people: never created or deleted (patched only
-        // for finalizers).
+        // KmsGrants and provider configs belong to people: never created or deleted (patched only
+        // for finalizers). A tenant's Secrets and ServiceAccount tokens only where the tenant
+        // bound kmsgrant-tenant-credentials (docs/tenants.md).
+        &[
+            "create",
+            "kmsnamespacedproviderconfigs.kmsgrant.io",
+            "-n",
+            "team-a",
+        ],
+        &["create", "serviceaccounts/token", "-n", "team-a"],
         &["create", "kmsgrants.kmsgrant.io", "-n", "team-a"],
         &["update", "kmsgrants.kmsgrant.io", "-n", "team-a"],
         &["delete", "kmsgrants.kmsgrant.io", "-n", "team-a"],
@@ -1344,7 +1374,7 @@ fn builtin_edit_and_view_roles_carry_the_kmsgrant_roles() {
         .into_iter()
         .filter(|o| o["kind"] == "ClusterRole" && o["metadata"]["name"] != "kmsgrant-operator")
         .collect();
-    assert_eq!(app_roles.len(), 2);
+    assert_eq!(app_roles.len(), 4);
     kubectl_ok(
         &["apply", "--server-side", "--force-conflicts", "-f", "-"],
         Some(&json!({"apiVersion": "v1", "kind": "List", "items": app_roles}).to_string()),
@@ -1399,7 +1429,36 @@ fn builtin_edit_and_view_roles_carry_the_kmsgrant_roles() {
     };
     let grants = "kmsgrants.kmsgrant.io";
     let configs = "kmsproviderconfigs.kmsgrant.io";
+    let tenant_configs = "kmsnamespacedproviderconfigs.kmsgrant.io";
+    let admin = format!("admin-{}", std::process::id());
+    kubectl_ok(
+        &[
+            "create",
+            "rolebinding",
+            "admins",
+            "-n",
+            &team,
+            "--clusterrole=admin",
+            "--user",
+            &admin,
+        ],
+        None,
+    );
     let expectations: &[(&str, &[&str], bool)] = &[
+        // A namespace's own provider configs are for its admins, like cert-manager Issuers.
+        (&admin, &["create", tenant_configs, "-n", &team], true),
+        (&admin, &["delete", tenant_configs, "-n", &team], true),
+        (&admin, &["create", tenant_configs, "-n", &other], false),
+        (
+            &admin,
+            &["patch", tenant_configs, "--subresource=status", "-n", &team],
+            false,
+        ),
+        (&admin, &["create", configs], false),
+        (&editor, &["create", tenant_configs, "-n", &team], false),
+        (&editor, &["get", tenant_configs, "-n", &team], true),
+        (&viewer, &["list", tenant_configs, "-n", &team], true),
+        (&viewer, &["create", tenant_configs, "-n", &team], false),
         (&editor, &["create", grants, "-n", &team], true),
         (&editor, &["update", grants, "-n", &team], true),
         (&editor, &["delete", grants, "-n", &team], true),

@@ -221,7 +221,8 @@ pub struct KeyAliasRef {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[schemars(extend("default" = {"kind": "KmsProviderConfig", "name": "default"}))]
 pub struct ProviderConfigRef {
-    /// The kind of the config: `KmsProviderConfig` (cluster-scoped, the default).
+    /// The kind of the config: `KmsProviderConfig` (cluster-scoped, the default) or
+    /// `KmsNamespacedProviderConfig` (in the KmsGrant's own namespace; never another's).
     #[serde(default)]
     pub kind: ProviderConfigKind,
     /// Name of the provider config.
@@ -244,6 +245,8 @@ pub enum ProviderConfigKind {
     /// The cluster-scoped `KmsProviderConfig`.
     #[default]
     KmsProviderConfig,
+    /// A `KmsNamespacedProviderConfig` of the KmsGrant's own namespace.
+    KmsNamespacedProviderConfig,
 }
 
 /// What happens to the cloud grant when the KmsGrant is deleted.

@@ -5,6 +5,7 @@
 mod grant;
 mod policy;
 mod provider;
+mod tenant;
 pub mod versions;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -24,6 +25,10 @@ pub use provider::{
     AgencyReference, AuthConfig, AuthType, KmsProviderConfig, KmsProviderConfigSpec,
     KmsProviderConfigStatus, RateLimit, SecretReference, ServiceAccountTokenReference,
     SigningVariant, TemporaryAccessKey, WebIdentity,
+};
+pub use tenant::{
+    KmsNamespacedProviderConfig, KmsNamespacedProviderConfigSpec, LocalSecretReference,
+    LocalServiceAccountTokenReference, NamespacedAuthConfig, NamespacedWebIdentity,
 };
 
 pub use versions::{API_VERSION, ApiStage};
@@ -55,6 +60,10 @@ pub fn crds_at(stage: ApiStage) -> Vec<CustomResourceDefinition> {
     ]
     .into_iter()
     .map(|crd| versions::at_stage(unwrap_descriptions(crd), stage))
+    // New in v1beta1: it never had another version.
+    .chain(std::iter::once(unwrap_descriptions(
+        KmsNamespacedProviderConfig::crd(),
+    )))
     .collect()
 }
 

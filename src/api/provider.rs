@@ -186,7 +186,7 @@ pub struct KmsProviderConfigSpec {
     pub ca_bundle: Option<String>,
 }
 
-const URL_PATTERN: &str = r"^https?://[^\s/?#]+[^\s]*$";
+pub(super) const URL_PATTERN: &str = r"^https?://[^\s/?#]+[^\s]*$";
 
 /// How the operator authenticates to KMS.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

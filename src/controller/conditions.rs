@@ -95,6 +95,9 @@ pub mod reasons {
     pub const GRANT_ACCOUNT_UNREACHABLE: &str = "GrantAccountUnreachable";
     /// Stalled (KmsProviderConfig): `secretRef` names a Secret outside the operator's namespace.
     pub const SECRET_NAMESPACE_NOT_ALLOWED: &str = "SecretNamespaceNotAllowed";
+    /// Stalled (KmsNamespacedProviderConfig): an endpoint the platform's tenant policy refuses
+    /// (scheme, host pattern, or an address it resolves to).
+    pub const ENDPOINT_NOT_ALLOWED: &str = "EndpointNotAllowed";
     /// Reconciling (KmsProviderConfig being deleted): KmsGrants still use it.
     pub const IN_USE: &str = "InUse";
     /// `webIdentity.tokenFile` lies outside the operator's `--web-identity-token-dir`.

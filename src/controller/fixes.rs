@@ -31,6 +31,9 @@ pub fn fix_for_reason(reason: ErrorReason) -> Option<&'static str> {
         Timeout => {
             "the endpoint does not answer in time: check the egress path and the endpoint's region"
         }
+        AddressNotAllowed => {
+            "a tenant's endpoint may reach only public addresses (and networks the platform allows with --tenant-allowed-networks): use the cloud's public endpoint"
+        }
         RedirectRefused => {
             "set the endpoint to the URL the redirect names (the operator never follows redirects with credentials)"
         }

@@ -74,7 +74,7 @@ fn aliases_in_use(ctx: &Context) -> AliasUsers {
             .map(|c| c.reason.clone());
         aliases
             .entry(alias_entry(
-                &object.spec.provider_config_ref.name,
+                &super::provider::key_of(object),
                 &key.account,
                 alias,
             ))

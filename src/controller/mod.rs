@@ -17,6 +17,7 @@ mod policy;
 mod provider;
 mod report;
 mod scope;
+pub mod tenancy;
 #[cfg(test)]
 mod test_support;
 
@@ -42,7 +43,7 @@ pub use plan::{DesiredGrant, Plan, plan};
 pub use provider::client_config;
 pub use report::FIELD_MANAGER;
 
-use crate::api::{KmsGrant, KmsKeyPolicy, KmsProviderConfig};
+use crate::api::{KmsGrant, KmsKeyPolicy, KmsNamespacedProviderConfig, KmsProviderConfig};
 use crate::metrics::Metrics;
 
 /// How the controllers pace themselves.
@@ -79,6 +80,8 @@ pub struct Settings {
     pub instance: Option<String>,
     /// `webIdentity.tokenFile` must lie under this directory.
     pub web_identity_token_dir: std::path::PathBuf,
+    /// What tenant configs (`KmsNamespacedProviderConfig`) may reach and how fast.
+    pub tenant_policy: tenancy::TenantPolicy,
 }
 
 impl Default for Settings {
@@ -100,6 +103,7 @@ impl Default for Settings {
             provider_failure_threshold: 3,
             instance: None,
             web_identity_token_dir: credentials::DEFAULT_TOKEN_DIR.into(),
+            tenant_policy: tenancy::TenantPolicy::default(),
         }
     }
 }
@@ -301,6 +305,13 @@ pub async fn run(
     tracing::info!(cluster = %cluster, "grant identities are k8s/{cluster}/<namespace>/<name>");
     let provider_controller = Controller::new(configs.clone(), selected.clone());
     let provider_store = provider_controller.store();
+    // Tenants' own configs: in the watched namespace only, when the operator has one.
+    let tenant_configs: Api<KmsNamespacedProviderConfig> = match &settings.namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    };
+    let tenant_controller = Controller::new(tenant_configs.clone(), selected.clone());
+    let tenant_store = tenant_controller.store();
     // The grant cache holds every selected object: without what the controller never reads
     // (managedFields, kubectl's last-applied copy of the object) it costs a fraction.
     let (grant_store, grant_writer) = reflector::store();
@@ -323,7 +334,7 @@ pub async fn run(
     let ctx = Arc::new(Context {
         recorder: report::Events::new(client.clone(), reporter),
         keys: cache::KeyCache::default(),
-        providers: provider::ProviderRegistry::new(provider_store.clone()),
+        providers: provider::ProviderRegistry::new(provider_store.clone(), tenant_store.clone()),
         provider_configs: provider_store.clone(),
         grants: grant_store.clone(),
         interest: Interest::default(),
@@ -395,6 +406,39 @@ pub async fn run(
             }
         });
 
+    // Tenant configs: the same checks and status as cluster configs, through their projection.
+    let tenant_controller = tenant_controller
+        .with_config(ControllerConfig::default().concurrency(2))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(
+            |tenant, ctx: Arc<Context>| async move {
+                let started = std::time::Instant::now();
+                let config = Arc::new(provider::as_cluster_config(&tenant));
+                let result = provider::reconcile(config, ctx.clone()).await;
+                let (outcome, reason) = match &result {
+                    Ok(_) => ("ok", "Reconciled"),
+                    Err(err) => ("error", err.reason()),
+                };
+                ctx.metrics.reconciled(
+                    "KmsNamespacedProviderConfig",
+                    outcome,
+                    reason,
+                    started.elapsed(),
+                );
+                result
+            },
+            |tenant: Arc<KmsNamespacedProviderConfig>, err: &ReconcileError, ctx: Arc<Context>| {
+                tracing::warn!(provider = %provider::tenant_key(&tenant.namespace().unwrap_or_default(), &tenant.name_any()), reason = err.reason(), error = %err, "tenant provider config reconcile failed");
+                Action::requeue(ctx.settings.backoff_min.max(Duration::from_secs(5)))
+            },
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "tenant provider config reconcile failed");
+            }
+        });
+
     // KmsKeyPolicies: status from the audits the drift detector makes, which wakes them.
     let (audit_tx, audit_rx) = mpsc::unbounded_channel::<ObjectRef<KmsKeyPolicy>>();
     let policy_controller = policy_controller
@@ -431,6 +475,7 @@ pub async fn run(
             }
         });
 
+    let grants_of_tenant = grant_store.clone();
     let grant_controller = grant_controller
         // A provider config changing (becoming Ready, say) wakes the grants that use it.
         .watches(
@@ -441,7 +486,23 @@ pub async fn run(
                 grant_store
                     .state()
                     .into_iter()
-                    .filter(move |g| g.spec.provider_config_ref.name == name)
+                    .filter(move |g| provider::key_of(g) == name)
+                    .map(|g| ObjectRef::from_obj(g.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            tenant_configs,
+            watcher::Config::default(),
+            move |tenant: KmsNamespacedProviderConfig| {
+                let key = provider::tenant_key(
+                    &tenant.namespace().unwrap_or_default(),
+                    &tenant.name_any(),
+                );
+                grants_of_tenant
+                    .state()
+                    .into_iter()
+                    .filter(move |g| provider::key_of(g) == key)
                     .map(|g| ObjectRef::from_obj(g.as_ref()))
                     .collect::<Vec<_>>()
             },
@@ -472,6 +533,7 @@ pub async fn run(
     tracing::info!(resync = ?settings.resync, concurrency = settings.concurrency, "controllers started");
     tokio::join!(
         provider_controller,
+        tenant_controller,
         grant_controller,
         policy_controller,
         detector,

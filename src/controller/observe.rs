@@ -43,7 +43,7 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
     };
     let spec = &object.spec;
     let status = object.status.clone().unwrap_or_default();
-    let config_name = &spec.provider_config_ref.name;
+    let config_name = &super::provider::key_of(object);
 
     // Provider configs: the one named, the account it reaches, and those reaching the accounts
     // status records grants on.
@@ -59,7 +59,13 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
     .collect();
     let view = ctx
         .providers
-        .view(&ctx.client, config_name, deleting, &recorded_accounts)
+        .view(
+            &ctx.client,
+            config_name,
+            &namespace,
+            deleting,
+            &recorded_accounts,
+        )
         .await
         .map_err(ReconcileError::Kube)?;
     let account = match view.account {
@@ -391,7 +397,7 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
 fn keys_in_use(objects: &[std::sync::Arc<KmsGrant>], config_name: &str) -> BTreeSet<String> {
     objects
         .iter()
-        .filter(|o| o.spec.provider_config_ref.name == config_name)
+        .filter(|o| super::provider::key_of(o) == config_name)
         .flat_map(|o| {
             let status = o.status.as_ref();
             [

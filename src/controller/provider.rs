@@ -16,8 +16,8 @@ use super::conditions::{Outcome, conditions, now_rfc3339, reasons};
 use super::credentials::KeylessSettings;
 use super::{Context, ReconcileError};
 use crate::api::{
-    KmsProviderConfig, KmsProviderConfigSpec, KmsProviderConfigStatus, SecretReference,
-    SigningVariant,
+    KmsGrant, KmsNamespacedProviderConfig, KmsProviderConfig, KmsProviderConfigSpec,
+    KmsProviderConfigStatus, ProviderConfigKind, SecretReference, SigningVariant,
 };
 use kmsgrant_kms::signer::SigningScheme;
 use kmsgrant_kms::{ClientConfig, KmsClient, KmsError, Project, RateLimitConfig};
@@ -25,6 +25,48 @@ use kmsgrant_kms::{ClientConfig, KmsClient, KmsError, Project, RateLimitConfig};
 /// Holds a KmsProviderConfig until no KmsGrant this operator reconciles uses it, so deleting a
 /// config in use cannot strand grants in Terminating.
 pub const FINALIZER: &str = "kmsgrant.io/in-use";
+
+/// The registry key of the provider config a KmsGrant names: the name of a cluster-scoped
+/// `KmsProviderConfig`, or `<namespace>/<name>` of a `KmsNamespacedProviderConfig` in the
+/// grant's own namespace (cluster names never hold a `/`). A grant cannot name another
+/// namespace's config: the namespace is always its own.
+pub fn key_of(grant: &KmsGrant) -> String {
+    let reference = &grant.spec.provider_config_ref;
+    match reference.kind {
+        ProviderConfigKind::KmsProviderConfig => reference.name.clone(),
+        ProviderConfigKind::KmsNamespacedProviderConfig => {
+            tenant_key(&grant.namespace().unwrap_or_default(), &reference.name)
+        }
+    }
+}
+
+/// The registry key of a namespaced config.
+pub fn tenant_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// `(namespace, name)` of a namespaced config's key; `None` for a cluster config.
+pub fn split_tenant_key(key: &str) -> Option<(&str, &str)> {
+    key.split_once('/')
+}
+
+/// A namespaced config as the controller handles every config: a `KmsProviderConfig` named by
+/// its registry key, with the spec it means ([`KmsNamespacedProviderConfig::as_cluster_spec`]),
+/// its UID, generation, finalizers and status. Never sent to the API server.
+pub fn as_cluster_config(tenant: &KmsNamespacedProviderConfig) -> KmsProviderConfig {
+    let mut config = KmsProviderConfig::new(
+        &tenant_key(&tenant.namespace().unwrap_or_default(), &tenant.name_any()),
+        tenant.as_cluster_spec(),
+    );
+    let meta = tenant.meta();
+    config.metadata.uid = meta.uid.clone();
+    config.metadata.generation = meta.generation;
+    config.metadata.resource_version = meta.resource_version.clone();
+    config.metadata.finalizers = meta.finalizers.clone();
+    config.metadata.deletion_timestamp = meta.deletion_timestamp.clone();
+    config.status = tenant.status.clone();
+    config
+}
 
 /// A provider config turned into a client, with the spec it was built from.
 #[derive(Clone)]
@@ -71,14 +113,53 @@ struct Entry {
 pub struct ProviderRegistry {
     providers: RwLock<HashMap<String, Entry>>,
     configs: Store<KmsProviderConfig>,
+    tenant_configs: Store<KmsNamespacedProviderConfig>,
 }
 
 impl ProviderRegistry {
-    pub fn new(configs: Store<KmsProviderConfig>) -> Self {
+    pub fn new(
+        configs: Store<KmsProviderConfig>,
+        tenant_configs: Store<KmsNamespacedProviderConfig>,
+    ) -> Self {
         Self {
             providers: RwLock::default(),
             configs,
+            tenant_configs,
         }
+    }
+
+    /// The UID of the config object behind a registry key, as the cache holds it.
+    fn cached_uid(&self, key: &str) -> Option<String> {
+        match split_tenant_key(key) {
+            Some((namespace, name)) => self
+                .tenant_configs
+                .get(&ObjectRef::<KmsNamespacedProviderConfig>::new(name).within(namespace))?
+                .uid(),
+            None => self
+                .configs
+                .get(&ObjectRef::<KmsProviderConfig>::new(key))?
+                .uid(),
+        }
+    }
+
+    /// Whether the config behind a registry key exists (asked of the API server when the
+    /// cache does not hold it).
+    async fn exists(&self, client: &kube::Client, key: &str) -> Result<bool, kube::Error> {
+        if self.cached_uid(key).is_some() {
+            return Ok(true);
+        }
+        Ok(match split_tenant_key(key) {
+            Some((namespace, name)) => {
+                Api::<KmsNamespacedProviderConfig>::namespaced(client.clone(), namespace)
+                    .get_opt(name)
+                    .await?
+                    .is_some()
+            }
+            None => Api::<KmsProviderConfig>::all(client.clone())
+                .get_opt(key)
+                .await?
+                .is_some(),
+        })
     }
 
     /// The provider KmsGrants may use: built for the config object that exists now and verified.
@@ -112,9 +193,14 @@ impl ProviderRegistry {
             .collect()
     }
 
-    /// A provider built for an existing config that reaches `account`, with its config's name.
-    pub async fn for_account(&self, account: &str) -> Option<(String, Provider)> {
+    /// A provider built for an existing config that reaches `account` and that KmsGrants of
+    /// `namespace` may use, with its config's name: a cluster config, or a namespaced config of
+    /// that namespace. Never another tenant's credentials for this namespace's grants.
+    pub async fn for_account(&self, account: &str, namespace: &str) -> Option<(String, Provider)> {
         for (name, provider) in self.all() {
+            if split_tenant_key(&name).is_some_and(|(owner, _)| owner != namespace) {
+                continue;
+            }
             if account_of(&provider).await.is_ok_and(|a| a == account) {
                 return Some((name, provider));
             }
@@ -131,6 +217,7 @@ impl ProviderRegistry {
         &self,
         client: &kube::Client,
         name: &str,
+        namespace: &str,
         cleanup: bool,
         elsewhere: &[&str],
     ) -> Result<ProviderView, kube::Error> {
@@ -139,15 +226,7 @@ impl ProviderRegistry {
         } else {
             self.get(name)
         };
-        let exists = current.is_some()
-            || self
-                .configs
-                .get(&ObjectRef::<KmsProviderConfig>::new(name))
-                .is_some()
-            || Api::<KmsProviderConfig>::all(client.clone())
-                .get_opt(name)
-                .await?
-                .is_some();
+        let exists = current.is_some() || self.exists(client, name).await?;
         let account = match &current {
             Some(provider) => Some(account_of(provider).await),
             None => None,
@@ -157,7 +236,7 @@ impl ProviderRegistry {
         for account in elsewhere {
             if Some(*account) != here.map(String::as_str)
                 && !reaching.contains_key(*account)
-                && let Some(found) = self.for_account(account).await
+                && let Some(found) = self.for_account(account, namespace).await
             {
                 reaching.insert((*account).to_owned(), found);
             }
@@ -172,10 +251,7 @@ impl ProviderRegistry {
     }
 
     fn current(&self, name: &str) -> Option<Entry> {
-        let config = self
-            .configs
-            .get(&ObjectRef::<KmsProviderConfig>::new(name))?;
-        let uid = config.uid()?;
+        let uid = self.cached_uid(name)?;
         self.entry(name).filter(|entry| entry.provider.uid == uid)
     }
 
@@ -348,9 +424,32 @@ async fn check(config: &KmsProviderConfig, ctx: &Context) -> Checked {
 /// unverified, with the caches of the old one dropped.
 async fn build(config: &KmsProviderConfig, ctx: &Context) -> Result<Provider, NotUsable> {
     let name = config.name_any();
-    let spec = &config.spec;
+    let tenant_namespace = split_tenant_key(&name).map(|(namespace, _)| namespace.to_owned());
+    let mut tenant_spec;
+    let spec = match &tenant_namespace {
+        Some(_) => {
+            // Before anything is sent, not even the Secret read: the endpoints must pass the
+            // platform's policy, and the rate its cap.
+            ctx.settings
+                .tenant_policy
+                .check(&config.spec)
+                .await
+                .map_err(NotUsable)?;
+            tenant_spec = config.spec.clone();
+            let cap = ctx.settings.tenant_policy.max_requests_per_second;
+            if cap > 0 {
+                let limit = &mut tenant_spec.rate_limit;
+                limit.requests_per_second = limit.requests_per_second.min(cap);
+                limit.burst = limit.burst.min(cap.saturating_mul(2));
+            }
+            &tenant_spec
+        }
+        None => &config.spec,
+    };
     let secret = match &spec.auth.secret_ref {
-        Some(secret_ref) => Some(read_secret(secret_ref, spec, ctx).await?),
+        Some(secret_ref) => {
+            Some(read_secret(secret_ref, spec, ctx, tenant_namespace.as_deref()).await?)
+        }
         None => None,
     };
     let uid = config.uid().unwrap_or_default();
@@ -369,13 +468,17 @@ async fn build(config: &KmsProviderConfig, ctx: &Context) -> Result<Provider, No
     {
         return Ok(current.provider);
     }
-    let mut client_config = client_config(
-        spec,
-        secret.as_ref(),
-        &ctx.keyless_settings(),
-        ctx.settings.allow_http,
-    )
-    .map_err(NotUsable)?;
+    let mut keyless = ctx.keyless_settings();
+    if let Some(namespace) = &tenant_namespace {
+        // A tenant's ServiceAccount lives in its own namespace, and nowhere else.
+        keyless.service_account_namespace = Some(namespace.clone());
+    }
+    let mut client_config = client_config(spec, secret.as_ref(), &keyless, ctx.settings.allow_http)
+        .map_err(NotUsable)?;
+    if tenant_namespace.is_some() {
+        client_config.allow_http = ctx.settings.tenant_policy.allow_http;
+        client_config.address_policy = Some(ctx.settings.tenant_policy.addresses.clone());
+    }
     // Every attempt of a write asks the leader fence, retries included.
     let fence = ctx.fence.clone();
     client_config.write_gate = Some(kmsgrant_kms::WriteGate::new(move || fence.check().is_ok()));
@@ -401,13 +504,19 @@ async fn build(config: &KmsProviderConfig, ctx: &Context) -> Result<Provider, No
     Ok(provider)
 }
 
-/// The Secret `secret_ref` names, if the operator may read it.
+/// The Secret `secret_ref` names, if the operator may read it: in its own namespace for a
+/// cluster config, in the config's namespace for a tenant's.
 async fn read_secret(
     secret_ref: &SecretReference,
     spec: &KmsProviderConfigSpec,
     ctx: &Context,
+    tenant_namespace: Option<&str>,
 ) -> Result<Secret, NotUsable> {
-    if let Some(allowed) = &ctx.settings.secret_namespace
+    let allowed = match tenant_namespace {
+        Some(namespace) => Some(namespace.to_owned()),
+        None => ctx.settings.secret_namespace.clone(),
+    };
+    if let Some(allowed) = &allowed
         && &secret_ref.namespace != allowed
     {
         return Err(NotUsable(Outcome::Stalled {
@@ -493,7 +602,7 @@ async fn release_when_unused(
         .grants
         .state()
         .iter()
-        .filter(|g| g.spec.provider_config_ref.name == name)
+        .filter(|g| key_of(g) == name)
         .map(|g| format!("{}/{}", g.namespace().unwrap_or_default(), g.name_any()))
         .collect();
     if users.is_empty() {
@@ -541,11 +650,19 @@ async fn add_finalizer(
 ) -> Result<Option<KmsProviderConfig>, ReconcileError> {
     match set_finalizer(config, ctx, true).await {
         Err(ReconcileError::Kube(kube::Error::Api(status))) if status.is_conflict() => {
-            let api = Api::<KmsProviderConfig>::all(ctx.client.clone());
-            let current = api
-                .get(&config.name_any())
-                .await
-                .map_err(ReconcileError::Kube)?;
+            let key = config.name_any();
+            let current = match split_tenant_key(&key) {
+                Some((namespace, name)) => as_cluster_config(
+                    &Api::<KmsNamespacedProviderConfig>::namespaced(ctx.client.clone(), namespace)
+                        .get(name)
+                        .await
+                        .map_err(ReconcileError::Kube)?,
+                ),
+                None => Api::<KmsProviderConfig>::all(ctx.client.clone())
+                    .get(&key)
+                    .await
+                    .map_err(ReconcileError::Kube)?,
+            };
             if current.finalizers().iter().any(|f| f == FINALIZER) {
                 return Ok(Some(current));
             }
@@ -560,8 +677,32 @@ async fn set_finalizer(
     ctx: &Context,
     present: bool,
 ) -> Result<(), ReconcileError> {
-    let api = Api::<KmsProviderConfig>::all(ctx.client.clone());
-    super::report::patch_finalizer(&api, config, FINALIZER, present).await
+    let key = config.name_any();
+    match split_tenant_key(&key) {
+        Some((namespace, name)) => {
+            // The real object, by name, with the finalizers and resourceVersion the projection
+            // carries (a concurrent change fails with 409 instead of being overwritten).
+            let mut finalizers: Vec<String> = config
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
+                .collect();
+            if present {
+                finalizers.push(FINALIZER.to_owned());
+            }
+            let patch = json!({"metadata": {"resourceVersion": config.resource_version(), "finalizers": finalizers}});
+            Api::<KmsNamespacedProviderConfig>::namespaced(ctx.client.clone(), namespace)
+                .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .map(|_| ())
+                .map_err(ReconcileError::Kube)
+        }
+        None => {
+            let api = Api::<KmsProviderConfig>::all(ctx.client.clone());
+            super::report::patch_finalizer(&api, config, FINALIZER, present).await
+        }
+    }
 }
 
 /// The condition for a KMS failure while checking a provider: the shared mapping, with a hint.
@@ -612,15 +753,21 @@ async fn write_status(
     if status == previous {
         return Ok(());
     }
-    let api = Api::<KmsProviderConfig>::all(ctx.client.clone());
-    api.patch_status(
-        &config.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": status})),
-    )
-    .await
-    .map_err(ReconcileError::Kube)?;
-    Ok(())
+    let patch = Patch::Merge(json!({"status": status}));
+    let key = config.name_any();
+    match split_tenant_key(&key) {
+        Some((namespace, name)) => {
+            Api::<KmsNamespacedProviderConfig>::namespaced(ctx.client.clone(), namespace)
+                .patch_status(name, &PatchParams::default(), &patch)
+                .await
+                .map(|_| ())
+        }
+        None => Api::<KmsProviderConfig>::all(ctx.client.clone())
+            .patch_status(&key, &PatchParams::default(), &patch)
+            .await
+            .map(|_| ()),
+    }
+    .map_err(ReconcileError::Kube)
 }
 
 #[cfg(test)]

@@ -70,6 +70,14 @@ app.kubernetes.io/part-of: kmsgrant-operator
   - apiGroups: [kmsgrant.io]
     resources: [kmsgrants/status]
     verbs: [patch]
+  # Tenants' own provider configs (KmsNamespacedProviderConfig): watched; patched only for the
+  # kmsgrant.io/in-use finalizer; their status reports whether the credentials work.
+  - apiGroups: [kmsgrant.io]
+    resources: [kmsnamespacedproviderconfigs]
+    verbs: [get, list, watch, patch]
+  - apiGroups: [kmsgrant.io]
+    resources: [kmsnamespacedproviderconfigs/status]
+    verbs: [patch]
   # GrantCreated, GrantRevoked, Warnings...: events.k8s.io/v1 Events next to the grants.
   - apiGroups: [events.k8s.io]
     resources: [events]

@@ -127,8 +127,32 @@ impl KmsClient {
                 "an IAM endpoint is needed for password or web-identity auth, an agency, temporary keys or a project name".into(),
             ));
         }
+        if let Some(policy) = &config.address_policy {
+            for base in std::iter::once(&kms_base).chain(iam_base.as_ref()) {
+                if let Some(host) = base.host_str()
+                    && let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>()
+                    && let Some(why) = policy.refusal(ip)
+                {
+                    return Err(KmsError::new(
+                        Call::ClientSetup,
+                        ErrorReason::AddressNotAllowed,
+                        format!("{base} is refused by the address policy: {why}"),
+                    ));
+                }
+            }
+        }
         let tls = tls_config(config.ca_bundle.as_deref()).map_err(invalid)?;
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder();
+        if let Some(policy) = &config.address_policy {
+            // Every connection resolves through the policy: no DNS answer reaches a refused
+            // address, however it changes after a check.
+            http = http.dns_resolver(std::sync::Arc::new(
+                crate::address_policy::GuardedResolver {
+                    policy: std::sync::Arc::new(policy.clone()),
+                },
+            ));
+        }
+        let http = http
             .tls_backend_preconfigured(tls)
             .connect_timeout(config.connect_timeout)
             .timeout(config.request_timeout)
@@ -758,6 +782,13 @@ fn header_value(text: &str) -> HeaderValue {
 
 /// A failure before an answer arrived. For writes, only a failed connect proves nothing was sent.
 fn transport_error(call: Call, err: &reqwest::Error) -> KmsError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if let Some(refused) = cause.downcast_ref::<crate::address_policy::AddressRefused>() {
+            return KmsError::new(call, ErrorReason::AddressNotAllowed, refused.to_string());
+        }
+        source = cause.source();
+    }
     let reason = if err.is_connect() {
         ErrorReason::ConnectionFailed
     } else if call.is_write() {

@@ -47,6 +47,10 @@ pub struct ClientConfig {
     /// closes (a replica that lost its leader lease while its write waited for the rate limit or
     /// a retry). `None`: always open.
     pub write_gate: Option<WriteGate>,
+    /// Connect only to addresses this policy allows (public unicast plus its allowed networks),
+    /// checked at every connection; IP-literal endpoints outside it are refused at once. For
+    /// endpoints set by someone the operator does not trust. `None`: any address.
+    pub address_policy: Option<crate::address_policy::AddressPolicy>,
 }
 
 /// Whether a write may be sent now; see [`ClientConfig::write_gate`].
@@ -95,6 +99,7 @@ impl ClientConfig {
             retry: RetryPolicy::default(),
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             write_gate: None,
+            address_policy: None,
         }
     }
 }

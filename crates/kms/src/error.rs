@@ -146,6 +146,9 @@ pub enum ErrorReason {
     /// The agency cannot be assumed: it or its domain does not exist, it does not trust the
     /// caller's account, or the caller lacks Agent Operator (`iam:agencies:assume`).
     AgencyNotAssumable,
+    /// The endpoint's address is refused by the client's address policy (a tenant's endpoint
+    /// naming or resolving to loopback, link-local, private or cluster addresses).
+    AddressNotAllowed,
 }
 
 impl ErrorReason {
@@ -183,6 +186,7 @@ impl ErrorReason {
             Self::IdentityTokenExpired => "IdentityTokenExpired",
             Self::IdentityTokenUnavailable => "IdentityTokenUnavailable",
             Self::AgencyNotAssumable => "AgencyNotAssumable",
+            Self::AddressNotAllowed => "AddressNotAllowed",
         }
     }
 

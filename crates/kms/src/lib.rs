@@ -4,6 +4,7 @@
 
 #![deny(missing_docs)]
 
+pub mod address_policy;
 mod client;
 mod config;
 mod error;
