@@ -1013,6 +1013,10 @@ async fn main() -> anyhow::Result<()> {
         let (n, k) = size
             .split_once('/')
             .context("a run is GRANTS/KEYS[:SCENARIO+...]")?;
+        if own == ["fairness"] {
+            runs.push(run_fairness(&args, &client, n.parse()?, k.parse()?).await?);
+            continue;
+        }
         runs.push(run_one(&args, &client, n.parse()?, k.parse()?, index, &own).await?);
     }
     let report = json!({
@@ -1028,7 +1032,18 @@ async fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
-    let table = table(&report, &args) + &targets(&report, &args);
+    let fairness: String = report["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|run| run.get("fairness").is_some())
+        .map(|run| fairness_table(run, &args))
+        .collect();
+    let table = if fairness.is_empty() {
+        table(&report, &args) + &targets(&report, &args)
+    } else {
+        fairness
+    };
     println!("{table}");
     if !args.doc.is_empty() {
         let mut doc = String::new();
@@ -1103,4 +1118,352 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("bench: wrote {} and {}", args.json.display(), args.doc);
     }
     Ok(())
+}
+
+/// The fairness scenario (docs/tenants.md): tenant A applies `grants` KmsGrants on `keys` keys of
+/// one account while tenant B, in another namespace on the same account (the same provider
+/// config), applies one grant. Measured with fair scheduling on and off: B's time to Ready alone
+/// and during A's burst, and A's converge time against the throttle's bound for its floor of
+/// calls.
+async fn run_fairness(
+    args: &Args,
+    client: &kube::Client,
+    grants: usize,
+    keys: usize,
+) -> anyhow::Result<Value> {
+    let mut modes = Vec::new();
+    for fair in [true, false] {
+        modes.push(fairness_mode(args, client, grants, keys, fair).await?);
+    }
+    Ok(json!({"grants": grants, "keys": keys, "fairness": modes}))
+}
+
+async fn fairness_mode(
+    args: &Args,
+    client: &kube::Client,
+    grants: usize,
+    keys: usize,
+    fair: bool,
+) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        keys > 0 && grants.div_ceil(keys) <= 100,
+        "at most 100 grants per key"
+    );
+    let apply = PatchParams::apply("kmsgrant-bench").force();
+    let emulator = Emulator::start(EmulatorConfig {
+        keys_per_project: keys + 10,
+        ..EmulatorConfig::for_tests()
+    })
+    .await?;
+    let new_key = |alias: String| {
+        emulator
+            .admin()
+            .create_key(NewKey {
+                key_alias: alias,
+                ..NewKey::default()
+            })
+            .map(|k| k.key_id)
+            .map_err(anyhow::Error::msg)
+    };
+    let a_keys: Vec<String> = (0..keys)
+        .map(|i| new_key(format!("tenant-a-{i}")))
+        .collect::<anyhow::Result<_>>()?;
+    let b_key = new_key("tenant-b".into())?;
+    emulator
+        .admin()
+        .set_faults(FaultSettings {
+            latency_ms: args.latency_ms,
+            throttle_per_second: (args.throttle > 0.0).then_some(args.throttle),
+            ..FaultSettings::default()
+        })
+        .map_err(anyhow::Error::msg)?;
+    let run_id = format!(
+        "fair-{}-{}",
+        std::process::id(),
+        if fair { "on" } else { "off" }
+    );
+    let label = json!({"kmsgrant.io/bench": run_id});
+    let (ns_a, ns_b) = (format!("{run_id}-a"), format!("{run_id}-b"));
+    for ns in [&ns_a, &ns_b] {
+        let object = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+        Api::<Namespace>::all(client.clone())
+            .patch(ns, &apply, &Patch::Apply(&object))
+            .await?;
+    }
+    let config = emulator.config();
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kms", "namespace": ns_a},
+        "stringData": {"accessKey": config.access_key, "secretKey": config.secret_key.as_str()}});
+    Api::<Secret>::namespaced(client.clone(), &ns_a)
+        .patch("kms", &apply, &Patch::Apply(&secret))
+        .await?;
+    let provider = json!({"apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsProviderConfig",
+        "metadata": {"name": run_id, "labels": label},
+        "spec": {"endpoint": emulator.base_url(), "projectId": config.project_id, "region": config.region,
+            "auth": {"type": "AccessKey", "secretRef": {"namespace": ns_a, "name": "kms"}},
+            "rateLimit": {"requestsPerSecond": args.rate_limit, "burst": args.rate_limit.ceil() as u64}}});
+    let configs = Api::<kmsgrant::api::KmsProviderConfig>::all(client.clone());
+    configs
+        .patch(&run_id, &apply, &Patch::Apply(&provider))
+        .await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let admin = format!("127.0.0.1:{port}");
+    let log = std::env::temp_dir().join(format!("{run_id}-operator.log"));
+    let file = std::fs::File::create(&log)?;
+    let child = Command::new(&args.operator)
+        .args(["run", "--allow-http-endpoints", "--kubeconfig"])
+        .arg(&args.kubeconfig)
+        .args(["--label-selector", &format!("kmsgrant.io/bench={run_id}")])
+        .args(["--secret-namespace", &ns_a, "--migrate-storage=false"])
+        .args(["--resync-interval", &format!("{}s", args.resync)])
+        .args(["--concurrency", &args.concurrency.to_string()])
+        .arg(format!("--fair-scheduling={fair}"))
+        .args(["--admin-address", &admin, "--log-level", &args.log_level])
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", args.operator.display()))?;
+    let operator = Operator { child, admin };
+    let waiting = Instant::now();
+    while !configs.get_opt(&run_id).await?.is_some_and(|c| {
+        c.status.is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == kmsgrant::api::ConditionStatus::True)
+        })
+    }) {
+        anyhow::ensure!(
+            waiting.elapsed() < Duration::from_secs(120),
+            "provider config {run_id} not verified within 120 s (log: {})",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Ready times of every object of the run, by namespace/name.
+    let ready_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watch = {
+        let ready_at = Arc::clone(&ready_at);
+        let api: Api<KmsGrant> = Api::all(client.clone());
+        let selector = format!("kmsgrant.io/bench={run_id}");
+        tokio::spawn(async move {
+            let mut stream = watcher(api, watcher::Config::default().labels(&selector)).boxed();
+            while let Ok(Some(event)) = stream.try_next().await {
+                let (watcher::Event::Apply(o) | watcher::Event::InitApply(o)) = event else {
+                    continue;
+                };
+                if is_ready(&o) {
+                    let key = format!(
+                        "{}/{}",
+                        o.metadata.namespace.clone().unwrap_or_default(),
+                        o.metadata.name.clone().unwrap_or_default()
+                    );
+                    ready_at
+                        .lock()
+                        .unwrap()
+                        .entry(key)
+                        .or_insert_with(Instant::now);
+                }
+            }
+        })
+    };
+    let grant = |ns: &str, name: &str, key: &str| {
+        json!({"apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
+            "metadata": {"name": name, "namespace": ns, "labels": label},
+            "spec": {"providerConfigRef": {"name": run_id}, "keyId": key,
+                "granteePrincipal": "13gg44z4g2sglzk0egw0u726zoyzvrs8",
+                "operations": ["describe-key", "encrypt-datakey"]}})
+    };
+    let ready_latency = |ns: &str, name: &str, applied: Instant| {
+        let ready_at = Arc::clone(&ready_at);
+        let key = format!("{ns}/{name}");
+        let timeout = Duration::from_secs(args.timeout);
+        async move {
+            loop {
+                if let Some(at) = ready_at.lock().unwrap().get(&key) {
+                    return Ok::<f64, anyhow::Error>(
+                        at.saturating_duration_since(applied).as_secs_f64(),
+                    );
+                }
+                anyhow::ensure!(applied.elapsed() < timeout, "{key} not Ready");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let b_api: Api<KmsGrant> = Api::namespaced(client.clone(), &ns_b);
+    // B alone: no burst.
+    let applied = Instant::now();
+    b_api
+        .patch(
+            "alone",
+            &apply,
+            &Patch::Apply(grant(&ns_b, "alone", &b_key)),
+        )
+        .await?;
+    let b_alone = ready_latency(&ns_b, "alone", applied).await?;
+
+    // A's burst, applied 16 at a time as a GitOps tool syncs a directory; B applies one grant
+    // once a fifth of A's objects are in.
+    let before = emulator.admin().stats();
+    let a_api: Api<KmsGrant> = Api::namespaced(client.clone(), &ns_a);
+    let started = Instant::now();
+    let burst = {
+        let (a_api, apply) = (a_api.clone(), apply.clone());
+        let manifests: Vec<(String, Value)> = (0..grants)
+            .map(|i| {
+                let name = format!("a{i:05}");
+                let object = grant(&ns_a, &name, &a_keys[i % keys]);
+                (name, object)
+            })
+            .collect();
+        tokio::spawn(async move {
+            futures::stream::iter(manifests)
+                .map(|(name, object)| {
+                    let (a_api, apply) = (a_api.clone(), apply.clone());
+                    async move { a_api.patch(&name, &apply, &Patch::Apply(&object)).await }
+                })
+                .buffer_unordered(16)
+                .try_collect::<Vec<_>>()
+                .await
+                .map(|_| Instant::now())
+        })
+    };
+    let a_prefix = format!("{ns_a}/");
+    while ready_at_count(&ready_at, &a_prefix) == 0
+        && started.elapsed() < Duration::from_secs(args.timeout)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A is converging: wait until a fifth of its objects are applied (or Ready), then B.
+    let fifth = grants / 5;
+    loop {
+        let applied_a = a_api
+            .list_metadata(&ListParams::default().limit(1))
+            .await?
+            .metadata
+            .remaining_item_count
+            .unwrap_or(0) as usize
+            + 1;
+        if applied_a >= fifth || burst.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let b_applied = Instant::now();
+    let b_at = b_applied.saturating_duration_since(started).as_secs_f64();
+    let a_ready_when_b_applied = ready_at_count(&ready_at, &a_prefix);
+    b_api
+        .patch(
+            "during",
+            &apply,
+            &Patch::Apply(grant(&ns_b, "during", &b_key)),
+        )
+        .await?;
+    let b_during = ready_latency(&ns_b, "during", b_applied).await?;
+    let a_applied_at = burst.await??;
+    let a_applied_seconds = a_applied_at
+        .saturating_duration_since(started)
+        .as_secs_f64();
+    while ready_at_count(&ready_at, &a_prefix) < grants {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(args.timeout),
+            "tenant A did not converge ({} of {grants})",
+            ready_at_count(&ready_at, &a_prefix)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a_converge = started.elapsed().as_secs_f64();
+    let kms = kms_delta(&emulator.admin().stats(), &before);
+    let total = all_calls(&kms);
+    // A's floor: one create per object, one list and one describe per key (B's one create and
+    // its key's list are within the noise and counted too).
+    let floor = grants + 2 * keys + 2;
+    let bound = if args.throttle > 0.0 {
+        floor as f64 / args.throttle
+    } else {
+        0.0
+    };
+    let deferrals = operator.metric("kmsgrant_fair_deferrals_total").await;
+    let (peak, _, cpu) = operator.usage();
+    watch.abort();
+    drop(operator);
+    for ns in [&ns_a, &ns_b] {
+        let _ = Api::<Namespace>::all(client.clone())
+            .delete(ns, &DeleteParams::default())
+            .await;
+    }
+    eprintln!(
+        "bench: fairness {}: B alone {b_alone:.2} s, B during A's burst {b_during:.2} s, A converged in {a_converge:.1} s (bound {bound:.1} s)",
+        if fair { "on" } else { "off" }
+    );
+    Ok(json!({
+        "fair_scheduling": fair,
+        "b_alone_seconds": b_alone,
+        "b_during_burst_seconds": b_during,
+        "b_applied_after_seconds": b_at,
+        "a_ready_when_b_applied": a_ready_when_b_applied,
+        "a_applied_seconds": a_applied_seconds,
+        "a_converge_seconds": a_converge,
+        "a_bound_seconds": bound,
+        "a_converge_over_bound": if bound > 0.0 { a_converge / bound } else { 0.0 },
+        "kms_calls_total": total,
+        "kms_throttled": throttled(&kms),
+        "deferrals": deferrals,
+        "operator_peak_rss_mib": peak as f64 / 1024.0,
+        "operator_cpu_seconds": cpu,
+        "operator_log": log,
+    }))
+}
+
+fn ready_at_count(ready_at: &Mutex<HashMap<String, Instant>>, prefix: &str) -> usize {
+    ready_at
+        .lock()
+        .unwrap()
+        .keys()
+        .filter(|k| k.starts_with(prefix))
+        .count()
+}
+
+/// The fairness section of the report.
+fn fairness_table(run: &Value, args: &Args) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nTenant A applies {} KmsGrants on {} keys of one account (16 at a time); tenant B, in another namespace on the same account and provider config, applies one grant alone first, then one once a fifth of A's objects are in. Throttle {} req/s, latency {} ms, operator concurrency {}.\n",
+        run["grants"], run["keys"], args.throttle, args.latency_ms, args.concurrency
+    );
+    let _ = writeln!(
+        out,
+        "| fair scheduling | B alone: Ready after | B during A's burst: Ready after | A converged | A's bound (floor / throttle) | A / bound | throttled | deferrals | operator CPU | peak RSS |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    for mode in run["fairness"].as_array().into_iter().flatten() {
+        let f = |k: &str| mode[k].as_f64().unwrap_or(0.0);
+        let _ = writeln!(
+            out,
+            "| {} | {:.2} s | {:.2} s | {:.1} s | {:.1} s | {:.2} | {} of {} | {} | {:.1} s | {:.0} MiB |",
+            if mode["fair_scheduling"] == true {
+                "on (default)"
+            } else {
+                "off"
+            },
+            f("b_alone_seconds"),
+            f("b_during_burst_seconds"),
+            f("a_converge_seconds"),
+            f("a_bound_seconds"),
+            f("a_converge_over_bound"),
+            mode["kms_throttled"],
+            mode["kms_calls_total"],
+            mode["deferrals"]
+                .as_f64()
+                .map_or("–".to_owned(), |d| format!("{d:.0}")),
+            f("operator_cpu_seconds"),
+            f("operator_peak_rss_mib"),
+        );
+    }
+    out
 }

@@ -146,6 +146,7 @@ pub struct Metrics {
     credentials_expiry: Family<RevokedLabels, Gauge<f64, AtomicU64>>,
     credential_refresh_failures: Family<RevokedLabels, Gauge>,
     storage_migrated_objects: Family<MigratedLabels, Counter>,
+    fair_deferrals: Counter,
     storage_migration_complete: Family<StorageKindLabels, Gauge>,
     /// The keys the audit gauges have a series for.
     audited_keys: Mutex<std::collections::HashSet<KeyLabels>>,
@@ -308,6 +309,13 @@ impl Metrics {
              (0 while refreshing works)",
             credential_refresh_failures.clone(),
         );
+        let fair_deferrals = Counter::default();
+        registry.register(
+            "fair_deferrals",
+            "Reconciles with KMS work handed back to the queue because their namespace or provider \
+             config was over its fair share (another tenant was waiting)",
+            fair_deferrals.clone(),
+        );
         let storage_migrated_objects = Family::<MigratedLabels, Counter>::default();
         registry.register(
             "storage_migration_objects",
@@ -366,6 +374,7 @@ impl Metrics {
             credentials_expiry,
             credential_refresh_failures,
             storage_migrated_objects,
+            fair_deferrals,
             storage_migration_complete,
             audited_keys: Mutex::new(std::collections::HashSet::new()),
             per_object,
@@ -589,6 +598,10 @@ impl Metrics {
             }
             kept
         });
+    }
+
+    pub fn fair_deferral(&self) {
+        self.fair_deferrals.inc();
     }
 
     pub fn set_leader(&self, leader: bool) {

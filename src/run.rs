@@ -77,6 +77,11 @@ pub struct RunArgs {
         default_value_t = 50
     )]
     pub tenant_max_requests_per_second: u32,
+    /// Share KMS work fairly across provider configs and namespaces: a reconcile over its share
+    /// is handed back to the queue so one tenant's burst never holds every worker (`false`:
+    /// first come, first served).
+    #[arg(long, env = "KMSGRANT_FAIR_SCHEDULING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fair_scheduling: bool,
     /// How often each KmsProviderConfig's credentials are checked with one `user-quotas` call.
     #[arg(long, env = "KMSGRANT_PROVIDER_CHECK_INTERVAL", default_value = "1m", value_parser = crate::process::parse_duration)]
     pub provider_check_interval: Duration,
@@ -179,6 +184,7 @@ impl RunArgs {
             tenant_allowed_networks,
             tenant_allow_http,
             tenant_max_requests_per_second,
+            fair_scheduling,
             #[cfg(feature = "otel")]
             otlp_endpoint,
         } = self;
@@ -229,6 +235,7 @@ impl RunArgs {
             instance: pod_name.clone(),
             web_identity_token_dir,
             tenant_policy,
+            fair_scheduling,
             ..Settings::default()
         };
         let election = leader_election.then(|| Election {

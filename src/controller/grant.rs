@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use kube::runtime::controller::Action;
 
+use super::fairness::Admission;
 use super::{Context, ReconcileError};
 use super::{execute, observe, plan, report};
 use crate::api::KmsGrant;
@@ -29,10 +30,27 @@ pub async fn reconcile(object: Arc<KmsGrant>, ctx: Arc<Context>) -> Result<Actio
     result.map(|(action, _)| action)
 }
 
-/// observe → decide → execute → report.
+/// observe → decide → (a fair share of KMS work) → execute → report.
 async fn pass(object: &KmsGrant, ctx: &Context) -> Result<(Action, &'static str), ReconcileError> {
     let observed = observe::read(object, ctx).await?;
     let decision = plan::decide(object, observed);
+    let ticket = match decision.kms_lane() {
+        Some(lane) if ctx.settings.fair_scheduling => {
+            let namespace = object.metadata.namespace.as_deref().unwrap_or_default();
+            let uid = object.metadata.uid.as_deref().unwrap_or_default();
+            match ctx.fair.ask(lane, namespace, uid) {
+                Admission::Admitted(ticket) => Some(ticket),
+                Admission::Deferred(delay) => {
+                    // Over its share: back to the queue, so the worker walks on to others.
+                    ctx.metrics.fair_deferral();
+                    return Ok((Action::requeue(delay), "Deferred"));
+                }
+            }
+        }
+        _ => None,
+    };
     let done = execute::run(ctx, decision).await?;
+    // The slot is for KMS work; the status write that follows needs none.
+    drop(ticket);
     report::write(object, ctx, done).await
 }

@@ -6,6 +6,7 @@ mod cache;
 mod conditions;
 pub mod credentials;
 mod execute;
+pub mod fairness;
 mod fixes;
 mod grant;
 pub mod identity;
@@ -82,6 +83,8 @@ pub struct Settings {
     pub web_identity_token_dir: std::path::PathBuf,
     /// What tenant configs (`KmsNamespacedProviderConfig`) may reach and how fast.
     pub tenant_policy: tenancy::TenantPolicy,
+    /// Share KMS work fairly across provider configs and namespaces (see [`fairness`]).
+    pub fair_scheduling: bool,
 }
 
 impl Default for Settings {
@@ -104,6 +107,7 @@ impl Default for Settings {
             instance: None,
             web_identity_token_dir: credentials::DEFAULT_TOKEN_DIR.into(),
             tenant_policy: tenancy::TenantPolicy::default(),
+            fair_scheduling: true,
         }
     }
 }
@@ -174,6 +178,8 @@ pub struct Context {
     /// Set once a drift pass has listed every key in use: before that (a new leader's first
     /// minutes), a grant of a deleted object may sit on a key this process has not listed yet.
     listed_every_key: std::sync::atomic::AtomicBool,
+    /// Fair shares of KMS work across configs and namespaces.
+    fair: fairness::FairGate,
 }
 
 impl Context {
@@ -355,6 +361,8 @@ pub async fn run(
         grant_events,
         wake: drift_tx.clone(),
         listed_every_key: std::sync::atomic::AtomicBool::new(false),
+        // Half of the workers may hold KMS work; the others keep the queue moving.
+        fair: fairness::FairGate::new(usize::from(settings.concurrency) / 2),
     });
 
     // Secrets changing (credentials rotated or fixed) wake the configs that use them.

@@ -667,6 +667,17 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// The provider config whose KMS account the steps write to, if they write at all: what the
+    /// fair gate shares out.
+    pub fn kms_lane(&self) -> Option<&str> {
+        self.steps.iter().find_map(|step| match step {
+            Step::Create { key, .. } | Step::Revoke { key, .. } | Step::Remove { key, .. } => {
+                Some(key.provider.as_str())
+            }
+            _ => None,
+        })
+    }
+
     fn idle() -> Self {
         Self {
             pass: Pass::Idle,

@@ -142,7 +142,8 @@ impl TenantPolicy {
                 "{field} {endpoint:?} is refused by the platform's tenant policy: {rule}; ask the platform team (operator flags --tenant-endpoint-hosts, --tenant-allowed-networks)"
             ),
         };
-        let url = reqwest::Url::parse(endpoint).map_err(|e| refuse(format!("not a URL ({e})")))?;
+        let url =
+            kmsgrant_kms::Url::parse(endpoint).map_err(|e| refuse(format!("not a URL ({e})")))?;
         match url.scheme() {
             "https" => {}
             "http" if self.allow_http => {}

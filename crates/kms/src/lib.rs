@@ -22,6 +22,7 @@ pub use config::{
     RateLimitConfig, RetryPolicy, SubjectTokenSource, WriteGate,
 };
 pub use error::{Call, ErrorClass, ErrorReason, KmsError};
+pub use reqwest::Url;
 pub use secrecy::{ExposeSecret, SecretString};
 pub use session::CredentialStatus;
 pub use types::{
