@@ -435,7 +435,7 @@ impl CheckArgs {
                         "credentials",
                         &name,
                         format!("Secret {}/{} does not exist", secret_ref.namespace, secret_ref.name),
-                        "create it with the keys of spec.auth.type (README, KmsProviderConfig), or go keyless (docs/keyless.md)",
+                        "create it with the keys of spec.auth.type (docs/resources.md, KmsProviderConfig), or go keyless (docs/keyless.md)",
                     ));
                         return findings;
                     }
@@ -744,7 +744,7 @@ async fn write_probe(kms: &KmsClient, name: &str, key: &str, principal: &str) ->
                 "write-probe",
                 target,
                 format!(
-                    "list-grants returned the probe's grant with name {:?}, not {grant_name:?}: grant identity (README, Grant identity on the cloud) cannot work on this account",
+                    "list-grants returned the probe's grant with name {:?}, not {grant_name:?}: grant identity (docs/identity.md) cannot work on this account",
                     grant.name
                 ),
                 "report it with this output; until fixed the operator refuses to adopt or revoke grants by name",

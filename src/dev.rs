@@ -75,6 +75,8 @@ pub enum DevAuth {
 const DEV_IDENTITY_PROVIDER: &str = "kmsgrant_dev_cluster";
 const DEV_CLIENT_ID: &str = "kmsgrant-dev";
 const DEV_SERVICE_ACCOUNT: &str = "kmsgrant-operator";
+/// The IAM user the mapping makes of the operator's ServiceAccount.
+const DEV_FEDERATED_USER: &str = "kmsgrant-operator";
 
 impl DevArgs {
     pub fn run(self) -> ExitCode {
@@ -183,9 +185,14 @@ impl DevArgs {
     ) -> anyhow::Result<()> {
         let example: KmsGrant =
             serde_saphyr::from_str(EXAMPLE_GRANT).expect("the shipped example parses");
+        // Only a key's creator may revoke grants on it: keyless, the operator signs in as the
+        // federated user the identity provider's mapping names, so the key is that user's.
+        let creator = (self.auth == DevAuth::Keyless)
+            .then(|| kms_emulator::federated_user_id(DEV_IDENTITY_PROVIDER, DEV_FEDERATED_USER));
         let key = NewKey {
             key_alias: "dev-demo".into(),
             key_id: example.spec.key_id.clone(),
+            creator,
             ..NewKey::default()
         };
         emulator
@@ -432,7 +439,7 @@ async fn install_keyless_provider(
         (
             reqwest::Method::PUT,
             "/v3/OS-FEDERATION/mappings/kmsgrant-operator".to_owned(),
-            json!({"mapping": {"rules": [{"local": [{"user": {"name": "kmsgrant-operator"}}, {"group": {"name": "kms-grant-admins"}}],
+            json!({"mapping": {"rules": [{"local": [{"user": {"name": DEV_FEDERATED_USER}}, {"group": {"name": "kms-grant-admins"}}],
                 "remote": [{"type": "sub", "any_one_of": [subject]}]}]}}),
         ),
         (

@@ -127,13 +127,13 @@ pub struct RunArgs {
     /// --lease-namespace says otherwise.
     #[arg(long, env = "KMSGRANT_POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
-    /// Log filter, e.g. `info` or `kmsgrant=debug,info`.
     /// Migrate what the cluster stores to kmsgrant.io/v1beta1 (the leader, once per CRD
     /// generation): rewrite every object and its managedFields, then the CRDs'
     /// status.storedVersions. Needs get and patch on the three CRDs and their status; with
     /// `false`, run `kmsgrant-operator migrate --cluster` instead.
     #[arg(long, env = "KMSGRANT_MIGRATE_STORAGE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate_storage: bool,
+    /// Log filter, e.g. `info` or `kmsgrant=debug,info`.
     #[arg(long, env = "KMSGRANT_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
     /// Log format: `text` or `json` (one JSON object per line).

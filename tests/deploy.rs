@@ -1265,12 +1265,12 @@ fn chart_readme_is_generated_from_the_values_comments() {
     }
 }
 
-/// The Argo CD health check of docs/install.md: its argocd-cm, as written there, is a ConfigMap
+/// The Argo CD health check of docs/gitops.md: its argocd-cm, as written there, is a ConfigMap
 /// the API server accepts, with one script for every kind of the group (`kmsgrant.io/*`), while
 /// the per-kind key form cannot carry that wildcard.
 #[test]
 fn argo_cd_health_check_in_the_docs_covers_the_group_with_a_valid_config_map() {
-    let docs = std::fs::read_to_string(repo("docs/install.md")).unwrap();
+    let docs = std::fs::read_to_string(repo("docs/gitops.md")).unwrap();
     let section = &docs[docs.find("## Argo CD").unwrap()..];
     let start = section.find("```yaml\n").unwrap() + "```yaml\n".len();
     let manifest = &section[start..start + section[start..].find("```").unwrap()];

@@ -1,5 +1,8 @@
 //! `kmsgrant-operator dev`, run as a person would but non-interactively: it starts its own local
 //! control plane, brings the example grant to Ready, prints its status and the KUBECONFIG line.
+//! And the README's sandbox and docs/getting-started.md, followed command by command.
+
+mod doc_commands;
 
 use std::process::Command;
 
@@ -195,5 +198,204 @@ impl Drop for StopControlPlane {
         .arg(&self.0)
         .output();
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The test that runs the command blocks of README.md and docs/getting-started.md marked
+/// `<!-- run by tests/dev_sandbox.rs::... -->` with its name.
+const NEWCOMER: &str = "a_newcomer_reaches_a_ready_grant_following_the_readme_and_getting_started";
+
+/// What a newcomer does: the README's sandbox, then docs/getting-started.md, each command block as
+/// written, in order, in a shell of its own (as "in another shell" says) that keeps the `export`s
+/// of the blocks before it. The sandbox command (`cargo run --features dev -- dev`) is this test's
+/// build of the same binary; it keeps running until the end, when Ctrl-C stops it. The user's
+/// home is a fresh directory, so the documented `~/.cache/kmsgrant-operator/dev` is where `dev`
+/// puts the sandbox; only the emulator listens on a free port instead of 8480.
+#[test]
+fn a_newcomer_reaches_a_ready_grant_following_the_readme_and_getting_started() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let steps: Vec<doc_commands::Block> = ["README.md", "docs/getting-started.md"]
+        .iter()
+        .flat_map(|doc| doc_commands::blocks(repo, doc))
+        .filter(|b| b.is_run_by("tests/dev_sandbox.rs", NEWCOMER))
+        .collect();
+    assert!(
+        steps.iter().any(|s| s.doc == "README.md") && steps.len() >= 6,
+        "the marked blocks are gone: {steps:#?}"
+    );
+
+    let home = tempfile::tempdir().unwrap();
+    let real_home = std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME is set"));
+    // The cached control-plane binaries (and Go's caches, should they need building) stay where
+    // they are; only what the guide touches lives in the new home.
+    let cache = std::env::var_os("KMSGRANT_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| real_home.join(".cache"))
+                .join("kmsgrant-operator")
+        });
+    let shell = |program: &str| {
+        let mut command = Command::new(program);
+        command
+            .current_dir(repo)
+            .env("HOME", home.path())
+            .env("KMSGRANT_CACHE_DIR", &cache)
+            .env("KMSGRANT_DEV_EMULATOR_LISTEN", "127.0.0.1:0")
+            .env_remove("XDG_CACHE_HOME")
+            .env_remove("KUBECONFIG")
+            .env_remove("KMSGRANT_DEV_DIR")
+            .env_remove("KMSGRANT_DEV_KUBECONFIG");
+        for (var, default) in [("GOPATH", "go"), ("GOCACHE", ".cache/go-build")] {
+            if std::env::var_os(var).is_none() {
+                command.env(var, real_home.join(default));
+            }
+        }
+        command
+    };
+    let sandbox_dir = home.path().join(".cache/kmsgrant-operator/dev");
+    let _cleanup = StopControlPlane(sandbox_dir.clone());
+    let stderr_path = home.path().join("dev.log");
+
+    let mut sandbox = Running(None);
+    let mut exports = String::new();
+    let mut said = String::new();
+    for step in &steps {
+        let text = step.text.trim();
+        if let Some(args) = text.strip_prefix("cargo run --features dev -- ") {
+            // The README and the guide both start it: the second finds it running.
+            if sandbox.0.is_some() {
+                continue;
+            }
+            let mut dev = shell(env!("CARGO_BIN_EXE_kmsgrant-operator"))
+                .args(args.split_whitespace())
+                .process_group(0)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::fs::File::create(&stderr_path).unwrap())
+                .spawn()
+                .expect("the binary runs");
+            let stdout = dev.stdout.take().unwrap();
+            sandbox.0 = Some(dev);
+            let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if lines_tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            // Up to its last line, which names the emulator.
+            let mut seen = String::new();
+            while !seen.contains("KMS emulator:") {
+                match lines.recv_timeout(std::time::Duration::from_secs(300)) {
+                    Ok(line) => seen.push_str(&(line + "\n")),
+                    Err(_) => {
+                        panic!(
+                            "{}: the sandbox did not get ready:\n{seen}\n{}",
+                            step.at(),
+                            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            // The line the docs tell the reader to paste is the one `dev` prints.
+            let printed = format!(
+                "export KUBECONFIG={}",
+                sandbox_dir.join("kubeconfig").display()
+            );
+            assert!(seen.contains(&printed), "dev printed:\n{seen}");
+            continue;
+        }
+        assert!(
+            !text.contains("cargo run"),
+            "{}: the sandbox command keeps running, so it stands alone in its block",
+            step.at()
+        );
+        assert!(
+            sandbox.0.is_some(),
+            "{}: runs before the sandbox",
+            step.at()
+        );
+        let out = shell("bash")
+            .arg("-c")
+            .arg(format!("set -euo pipefail\n{exports}{text}\n"))
+            .output()
+            .unwrap();
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("--- {}\n{text}\n--- output\n{output}", step.at());
+        assert!(
+            out.status.success(),
+            "{}: failed ({}):\n{text}\n{output}\nthe sandbox said:\n{}",
+            step.at(),
+            out.status,
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        );
+        for line in text.lines().filter(|l| l.starts_with("export ")) {
+            exports.push_str(line);
+            exports.push('\n');
+        }
+        said.push_str(&output);
+    }
+
+    // What the guide says the reader sees.
+    for word in [
+        "GrantReady",
+        "k8s/",
+        "reports-decrypt",
+        "GrantCreated",
+        "GrantReplaced",
+        "GrantRevoked",
+    ] {
+        assert!(said.contains(word), "the guide promises {word}:\n{said}");
+    }
+
+    // Ctrl-C in the first shell.
+    let dev = sandbox.0.as_mut().expect("a block starts the sandbox");
+    let group = dev.id();
+    let sent = Command::new("kill")
+        .args(["-INT", "--", &format!("-{group}")])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = dev.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("dev did not stop within 60 s of Ctrl-C");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "dev exited with {status}:\n{}",
+        std::fs::read_to_string(&stderr_path).unwrap_or_default()
+    );
+}
+
+/// A `dev` in a process group of its own: killed with its group if the test ends before it does.
+struct Running(Option<std::process::Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0
+            && matches!(child.try_wait(), Ok(None))
+        {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+        }
     }
 }
