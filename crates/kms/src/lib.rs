@@ -24,7 +24,7 @@ pub use error::{Call, ErrorClass, ErrorReason, KmsError};
 pub use secrecy::{ExposeSecret, SecretString};
 pub use session::CredentialStatus;
 pub use types::{
-    Grant, GranteePrincipalType, KeyInfo, KeyState, NewGrant, Operation, Quota, Quotas,
+    Grant, GrantPage, GranteePrincipalType, KeyInfo, KeyState, NewGrant, Operation, Quota, Quotas,
     parse_creation_date,
 };
 
