@@ -18,7 +18,7 @@ mod provider;
 mod report;
 mod scope;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
