@@ -11,12 +11,12 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use super::cache::{self, KeyRef};
-use super::identity::Identity;
+use super::identity::{self, Identity};
 use super::plan::{self, Deleting, FINALIZER, Live, Observation, Place, Stop, answered_by_kms};
 use super::scope::{self, Facts, Scope};
 use super::{Context, ReconcileError, keyref};
-use crate::api::KmsGrant;
-use kmsgrant_kms::{ErrorClass, ErrorReason, KeyState, KmsError};
+use crate::api::{KmsGrant, KmsGrantStatus};
+use kmsgrant_kms::{ErrorClass, ErrorReason, Grant, KeyState, KmsError};
 
 /// Everything one pass of `object` needs to decide; `Err` only when Kubernetes cannot be read.
 pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation, ReconcileError> {
@@ -220,9 +220,17 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                 };
                 seen.push((place, found));
             }
+            let names_missing = seen.iter().find_map(|(_, place)| match place {
+                Place::Listed { key, grants, .. } | Place::Known { key, grants, .. } => {
+                    names_missing(ctx, key, &status, grants.iter().collect())
+                        .map(|grant_id| (key.key_id.clone(), grant_id))
+                }
+                _ => None,
+            });
             Ok(Observation::Deleting(Ok(Deleting {
                 identity,
                 places: seen,
+                names_missing,
             })))
         }
         Scope::Live {
@@ -291,6 +299,7 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                         fresh: false,
                         elsewhere: Vec::new(),
                         superseded_elsewhere: None,
+                        names_missing: None,
                     });
                 }
                 let snapshot_age = ctx.settings.snapshot_max_age();
@@ -365,6 +374,12 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                         }
                     }),
                 };
+                let names_missing = names_missing(
+                    ctx,
+                    &key,
+                    &status,
+                    grants.iter().chain(&elsewhere).collect(),
+                );
                 Ok(Live {
                     identity,
                     client: client.clone(),
@@ -376,6 +391,7 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                     fresh,
                     elsewhere,
                     superseded_elsewhere,
+                    names_missing,
                 })
             };
             Ok(Observation::Live(
@@ -385,6 +401,32 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
             ))
         }
     }
+}
+
+/// Whether the account lists grants on `key` (or on the keys `listed` holds grants of) without
+/// their names: this object's evidence (the grant its status records by name, listed without
+/// one) recorded for the key's other objects and policies, or another's or the drift pass's.
+/// The grant that showed it.
+fn names_missing(
+    ctx: &Context,
+    key: &KeyRef,
+    status: &KmsGrantStatus,
+    listed: Vec<&Grant>,
+) -> Option<String> {
+    let recorded = |id: &str| status.grant_name.is_some() && status.grant_id.as_deref() == Some(id);
+    let mut keys: BTreeSet<&str> = listed.iter().map(|g| g.key_id.as_str()).collect();
+    keys.insert(&key.key_id);
+    keys.into_iter().find_map(|key_id| {
+        let on_key = KeyRef {
+            key_id: key_id.to_owned(),
+            ..key.clone()
+        };
+        let here = listed.iter().copied().filter(|g| g.key_id == key_id);
+        if let Some(evidence) = identity::names_listed(here, recorded) {
+            super::names_listed(ctx, &on_key, &evidence);
+        }
+        ctx.keys.names_missing(&on_key)
+    })
 }
 
 /// The keys the cached objects using provider config `config_name` name (spec and status).
