@@ -220,12 +220,14 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                 };
                 seen.push((place, found));
             }
-            let names_missing = seen.iter().find_map(|(_, place)| match place {
-                Place::Listed { key, grants, .. } | Place::Known { key, grants, .. } => {
-                    names_missing(ctx, key, &status, grants.iter().collect())
-                        .map(|grant_id| (key.key_id.clone(), grant_id))
-                }
-                _ => None,
+            let names_missing = seen.iter().find_map(|(_, place)| {
+                let (key, grants, fresh) = match place {
+                    Place::Listed { key, grants, .. } => (key, grants, true),
+                    Place::Known { key, grants, .. } => (key, grants, false),
+                    _ => return None,
+                };
+                names_missing(ctx, key, &status, grants.iter().collect(), fresh)
+                    .map(|grant_id| (key.key_id.clone(), grant_id))
             });
             Ok(Observation::Deleting(Ok(Deleting {
                 identity,
@@ -379,6 +381,7 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                     &key,
                     &status,
                     grants.iter().chain(&elsewhere).collect(),
+                    fresh,
                 );
                 Ok(Live {
                     identity,
@@ -406,12 +409,14 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
 /// Whether the account lists grants on `key` (or on the keys `listed` holds grants of) without
 /// their names: this object's evidence (the grant its status records by name, listed without
 /// one) recorded for the key's other objects and policies, or another's or the drift pass's.
-/// The grant that showed it.
+/// The grant that showed it. Names seen in a snapshot (not `fresh`) say nothing: it may be
+/// older than the listing that found them missing.
 fn names_missing(
     ctx: &Context,
     key: &KeyRef,
     status: &KmsGrantStatus,
     listed: Vec<&Grant>,
+    fresh: bool,
 ) -> Option<String> {
     let recorded = |id: &str| status.grant_name.is_some() && status.grant_id.as_deref() == Some(id);
     let mut keys: BTreeSet<&str> = listed.iter().map(|g| g.key_id.as_str()).collect();
@@ -422,8 +427,12 @@ fn names_missing(
             ..key.clone()
         };
         let here = listed.iter().copied().filter(|g| g.key_id == key_id);
-        if let Some(evidence) = identity::names_listed(here, recorded) {
-            super::names_listed(ctx, &on_key, &evidence);
+        match identity::names_listed(here, recorded) {
+            Some(identity::NamesListed::Returned) if !fresh => {}
+            Some(evidence) => {
+                super::names_listed(ctx, &on_key, &evidence);
+            }
+            None => {}
         }
         ctx.keys.names_missing(&on_key)
     })

@@ -232,6 +232,12 @@ pub async fn run(account: Account) -> Result<Report, String> {
         () = run_cases(&kit, &mut cases) => false,
         _ = tokio::signal::ctrl_c() => true,
     };
+    if interrupted {
+        eprintln!(
+            "interrupted: revoking the grants of run {} before the report",
+            kit.run
+        );
+    }
     let mut cleanup = kit.cleanup().await;
     cleanup.earlier_runs = preflight.earlier_runs;
     let summary = summarise(&cases);
