@@ -697,6 +697,9 @@ pub fn clock(target: &str, server: SystemTime, local: SystemTime) -> Finding {
     }
 }
 
+/// What to do when an account lists grants without the names they were created with.
+const NAMES_NOT_RETURNED_FIX: &str = "run `kmsgrant-operator live-test` against this account (docs/live-test.md) and attach its report to a bug report for kmsgrant-operator and the cloud's support; until names come back, KmsGrants on such keys stay Stalled (GrantNamesNotReturned) and nothing is adopted or revoked by name";
+
 /// A grant created to `principal`, found again by its name, revoked.
 async fn write_probe(kms: &KmsClient, name: &str, key: &str, principal: &str) -> Finding {
     let target = format!("{name} {key}");
@@ -739,15 +742,18 @@ async fn write_probe(kms: &KmsClient, name: &str, key: &str, principal: &str) ->
             "report it: the operator finds its grants by listing",
         ),
         (Ok(Some(grant)), Ok(())) if grant.name.as_deref() != Some(grant_name.as_str()) => {
+            let listed = match &grant.name {
+                None => "without its name (the answer has no `name` field, which the API page lists as optional)".to_owned(),
+                Some(other) => format!("with the name {other:?}"),
+            };
             Finding::bad(
                 Status::Fail,
                 "write-probe",
                 target,
                 format!(
-                    "list-grants returned the probe's grant with name {:?}, not {grant_name:?}: grant identity (docs/identity.md) cannot work on this account",
-                    grant.name
+                    "list-grants returned the probe's grant {grant_id}, created as {grant_name:?}, {listed}: grant identity (docs/identity.md) cannot work on this account, and the operator refuses to adopt or revoke grants by name on keys where it sees this (reason GrantNamesNotReturned)"
                 ),
-                "report it with this output; until fixed the operator refuses to adopt or revoke grants by name",
+                NAMES_NOT_RETURNED_FIX,
             )
         }
         (Ok(Some(_)), Ok(())) => Finding::ok(
@@ -985,6 +991,44 @@ mod tests {
         let mut older_schema = established(expected.clone());
         older_schema.spec.versions[0].schema = None;
         assert_eq!(compare_crd(&expected, &older_schema).status, Status::Warn);
+    }
+
+    #[tokio::test]
+    async fn the_write_probe_fails_with_the_fix_when_its_grant_lists_without_its_name() {
+        let emulator = kms_emulator::Emulator::start(kms_emulator::EmulatorConfig::for_tests())
+            .await
+            .unwrap();
+        let key = emulator
+            .admin()
+            .create_key(kms_emulator::NewKey {
+                key_alias: "probed".into(),
+                ..Default::default()
+            })
+            .unwrap()
+            .key_id;
+        let kms = crate::controller::test_support::emulator_client(&emulator);
+        let probe = write_probe(&kms, "default", &key, "0d0466b00d0466b00d0466b0").await;
+        assert_eq!(probe.status, Status::Ok, "{probe:?}");
+
+        emulator
+            .admin()
+            .set_faults(kms_emulator::FaultSettings {
+                omit_grant_names: true,
+                ..Default::default()
+            })
+            .unwrap();
+        let probe = write_probe(&kms, "default", &key, "0d0466b00d0466b00d0466b0").await;
+        assert_eq!(probe.status, Status::Fail, "{probe:?}");
+        assert!(probe.message.contains("without its name"), "{probe:?}");
+        assert!(probe.message.contains("GrantNamesNotReturned"), "{probe:?}");
+        let fix = probe.fix.unwrap();
+        assert!(fix.contains("kmsgrant-operator live-test"), "{fix}");
+        assert_eq!(
+            emulator.admin().grant_count(&key),
+            Some(0),
+            "the probe's grant is revoked either way"
+        );
+        emulator.shutdown().await;
     }
 
     #[test]

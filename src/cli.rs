@@ -30,6 +30,11 @@ pub enum Command {
     /// Rewrite manifests (and, in later work, the cluster's stored objects) from
     /// kmsgrant.io/v1alpha1 to v1beta1.
     Migrate(Box<crate::migrate::MigrateArgs>),
+    /// Check the documented KMS behaviours the operator relies on against a real account named
+    /// by KMSGRANT_LIVE_* variables, cleaning up every grant it made; prints a report to attach
+    /// to a bug report (exit 1 when the account differs from the emulator, 2 when a setting is
+    /// missing).
+    LiveTest(Box<crate::live_test::LiveTestArgs>),
     /// Start the local sandbox: control plane, emulator, CRDs, operator and an example grant.
     #[cfg(feature = "dev")]
     Dev(Box<crate::dev::DevArgs>),
@@ -48,6 +53,7 @@ impl Cli {
             Command::Check(args) => args.run(),
             Command::Migrate(args) => args.run(),
             Command::Completions(args) => args.run(),
+            Command::LiveTest(args) => args.run(),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod dev;
 pub mod import;
 pub mod leader;
+pub mod live_test;
 pub mod metrics;
 pub mod migrate;
 pub mod process;

@@ -140,6 +140,7 @@ pub struct Metrics {
     provider_configs: Family<ConditionLabels, Gauge>,
     unmanaged_grants: Family<KeyLabels, Gauge>,
     other_cluster_grants: Family<KeyLabels, Gauge>,
+    grant_names_not_returned: Family<KeyLabels, Gauge>,
     undeclared_revoked: Family<RevokedLabels, Counter>,
     undeclared_revoke_failures: Family<RevokeFailureLabels, Counter>,
     credential_exchanges: Family<ExchangeLabels, Counter>,
@@ -275,6 +276,14 @@ impl Metrics {
              listing",
             other_cluster_grants.clone(),
         );
+        let grant_names_not_returned = Family::<KeyLabels, Gauge>::default();
+        registry.register(
+            "grant_names_not_returned",
+            "1 when a key's last listing returned a grant this operator recorded by its name \
+             without any name (nothing is adopted or revoked by name there), 0 when names came \
+             back",
+            grant_names_not_returned.clone(),
+        );
         let undeclared_revoked = Family::<RevokedLabels, Counter>::default();
         registry.register(
             "undeclared_grants_revoked",
@@ -368,6 +377,7 @@ impl Metrics {
             provider_configs,
             unmanaged_grants,
             other_cluster_grants,
+            grant_names_not_returned,
             undeclared_revoked,
             undeclared_revoke_failures,
             credential_exchanges,
@@ -558,6 +568,21 @@ impl Metrics {
             .insert(labels);
     }
 
+    /// What a listing of a key said about grant names: missing (1) or returned (0).
+    pub fn grant_names_listed(&self, provider: &str, key: &str, missing: bool) {
+        let labels = KeyLabels {
+            provider: provider.to_owned(),
+            key: key.to_owned(),
+        };
+        self.grant_names_not_returned
+            .get_or_create(&labels)
+            .set(i64::from(missing));
+        self.audited_keys
+            .lock()
+            .expect("metrics lock")
+            .insert(labels);
+    }
+
     /// A KmsKeyPolicy in Revoke mode uses this provider config: its counter exists from 0, so
     /// that `increase()` sees the first revoke.
     pub fn undeclared_grants_revocable_by(&self, provider: &str) {
@@ -595,6 +620,7 @@ impl Metrics {
             if !kept {
                 self.unmanaged_grants.remove(labels);
                 self.other_cluster_grants.remove(labels);
+                self.grant_names_not_returned.remove(labels);
             }
             kept
         });
@@ -854,9 +880,24 @@ mod tests {
             text.contains("kmsgrant_other_cluster_grants{provider=\"default\",key=\"key-1\"} 1"),
             "{text}"
         );
+        metrics.grant_names_listed("default", "key-1", true);
+        metrics.grant_names_listed("default", "key-2", false);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "kmsgrant_grant_names_not_returned{provider=\"default\",key=\"key-1\"} 1"
+            ),
+            "{text}"
+        );
         metrics.retain_audited_keys(&[("default".to_owned(), "key-2".to_owned())].into());
         let text = metrics.encode();
         assert!(!text.contains("key-1"), "{text}");
+        assert!(
+            text.contains(
+                "kmsgrant_grant_names_not_returned{provider=\"default\",key=\"key-2\"} 0"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("kmsgrant_unmanaged_grants{provider=\"default\",key=\"key-2\"} 0"),
             "{text}"

@@ -205,16 +205,23 @@ async fn identical_spec_in_another_namespace_cannot_adopt_or_revoke() {
     env.wait_for("app", "condition=Ready", 60);
     let victim = grant_id(&env.get("app"));
 
-    // Spoofing the identity by name is refused by the API server.
+    // Spoofing the identity by name is refused by the API server: v1beta1 has no such field,
+    // v1alpha1 refuses any value for it.
     let mut spoof = b.grant(&env, "spoof-name", &key, json!({}));
     spoof["spec"]["name"] = json!(format!("k8s/{CLUSTER}/{}/app", env.namespace));
-    let out = kubectl(&["apply", "-f", "-"], Some(&spoof.to_string()));
-    assert!(
-        !out.status.success(),
-        "a manifest with spec.name was accepted"
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("spec.name was removed"), "{stderr}");
+    for (api_version, refusal) in [
+        ("kmsgrant.io/v1beta1", "unknown field \"spec.name\""),
+        ("kmsgrant.io/v1alpha1", "spec.name was removed"),
+    ] {
+        spoof["apiVersion"] = json!(api_version);
+        let out = kubectl(&["apply", "-f", "-"], Some(&spoof.to_string()));
+        assert!(
+            !out.status.success(),
+            "a manifest with spec.name was accepted at {api_version}"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(refusal), "{stderr}");
+    }
 
     // Importing the victim's grant by ID is Stalled, never adopted.
     env.apply(&b.grant(&env, "spoof-import", &key, json!({"importGrantId": victim})));
@@ -1189,4 +1196,188 @@ async fn a_second_key_change_before_the_first_old_grant_was_revoked_leaves_one_g
     .await;
     env.wait_for("x", "condition=Ready", 60);
     assert_eq!(env.get("x")["status"]["supersededGrant"], Value::Null);
+}
+
+/// The reason of an object's condition `type_`, or "" when absent.
+fn condition_reason(object: &Value, type_: &str) -> String {
+    object["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_))
+        .and_then(|c| c["reason"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_account_listing_grants_without_names_holds_adoption_and_revokes_back_loudly() {
+    let mut env = Env::new("no-names", EmulatorConfig::for_tests(), "2s").await;
+    let key = env.new_key("no-names");
+    // Another cluster's grant, which exclusive mode keeps while names say whose it is.
+    let kms = support::kms_client(&env);
+    let theirs = support::grant_by_hand(
+        &kms,
+        &key,
+        "0d0466b00d0466b00d0466b0",
+        Some("k8s/another-cluster/team-a/app"),
+    )
+    .await;
+    let policy_name = env.namespace.clone();
+    env.apply(&json!({
+        "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsKeyPolicy",
+        "metadata": {"name": policy_name, "labels": {TEST_LABEL: env.namespace}},
+        "spec": {"providerConfigRef": {"name": env.provider}, "keyId": key,
+                 "undeclaredGrants": "Revoke"}
+    }));
+    let policy = || -> Value {
+        serde_json::from_str(&kubectl_ok(
+            &[
+                "get",
+                "kmskeypolicies.kmsgrant.io",
+                &policy_name,
+                "-o",
+                "json",
+            ],
+            None,
+        ))
+        .unwrap()
+    };
+    env.start_operator();
+    env.apply(&env.grant("kept", &key, json!({})));
+    env.apply(&env.grant("deleted", &key, json!({})));
+    env.wait_for("kept", "condition=Ready", 60);
+    env.wait_for("deleted", "condition=Ready", 60);
+    eventually(
+        "the policy keeps the other cluster's grant",
+        Duration::from_secs(60),
+        async || {
+            policy()["status"]["grants"]
+                .as_array()
+                .is_some_and(|g| g.iter().any(|g| g["action"] == "KeptOtherCluster"))
+        },
+    )
+    .await;
+    let deleted_id = grant_id(&env.get("deleted"));
+    let before = support::last_seq(&env);
+
+    env.emulator
+        .admin()
+        .set_faults(FaultSettings {
+            omit_grant_names: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let stalled =
+        r#"jsonpath={.status.conditions[?(@.type=="Stalled")].reason}=GrantNamesNotReturned"#;
+    env.wait_for("kept", stalled, 60);
+    env.wait_for("deleted", stalled, 60);
+    let message = env.get("kept")["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("kmsgrant-operator live-test"), "{message}");
+    assert!(
+        env.events()
+            .iter()
+            .any(|e| e["reason"] == "GrantNamesNotReturned"
+                && e["type"] == "Warning"
+                && e["involvedObject"]["name"] == "kept"),
+        "a Warning event on the object"
+    );
+    eventually(
+        "the policy says why it revokes nothing",
+        Duration::from_secs(30),
+        async || condition_reason(&policy(), "Stalled") == "GrantNamesNotReturned",
+    )
+    .await;
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "delete",
+            "kmsgrant",
+            "deleted",
+            "--wait=false",
+        ],
+        None,
+    );
+    // Several drift passes: nothing is created, adopted, revoked or retired, deletion waits.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let writes: Vec<String> = env
+        .emulator
+        .admin()
+        .calls(before)
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                c.operation.as_str(),
+                "create-grant" | "revoke-grant" | "retire-grant"
+            )
+        })
+        .map(|c| format!("{} {:?}", c.operation, c.grant_id))
+        .collect();
+    assert!(writes.is_empty(), "no KMS write without names: {writes:?}");
+    assert_eq!(env.emulator.admin().grant_count(&key), Some(3));
+    let waiting = env.get("deleted");
+    assert!(waiting["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(
+        condition_reason(&waiting, "Stalled"),
+        "GrantNamesNotReturned",
+        "{waiting:#}"
+    );
+
+    // Names come back: the object is Ready again without a new grant, the deletion revokes
+    // its grant, and the other cluster's grant stays.
+    env.emulator
+        .admin()
+        .set_faults(FaultSettings::default())
+        .unwrap();
+    env.wait_for("kept", "condition=Ready", 60);
+    env.wait_for("deleted", "delete", 60);
+    eventually(
+        "the policy is Ready again",
+        Duration::from_secs(30),
+        async || {
+            policy()["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+        },
+    )
+    .await;
+    let writes: Vec<(String, Option<String>)> = env
+        .emulator
+        .admin()
+        .calls(before)
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                c.operation.as_str(),
+                "create-grant" | "revoke-grant" | "retire-grant"
+            )
+        })
+        .map(|c| (c.operation, c.grant_id))
+        .collect();
+    assert_eq!(
+        writes,
+        [("revoke-grant".to_owned(), Some(deleted_id))],
+        "one revoke, the deleted object's"
+    );
+    let mut left: Vec<String> = env
+        .emulator
+        .admin()
+        .dump()
+        .grants
+        .into_iter()
+        .map(|g| g.grant_id)
+        .collect();
+    left.sort();
+    let mut expected = vec![grant_id(&env.get("kept")), theirs];
+    expected.sort();
+    assert_eq!(left, expected);
+    kubectl_ok(
+        &["delete", "kmskeypolicies.kmsgrant.io", &policy_name],
+        None,
+    );
 }

@@ -97,6 +97,8 @@ pub struct Claims {
     names: HashMap<u64, usize>,
     /// Grant IDs recorded in status (as [`fingerprint`]s).
     recorded: HashSet<u64>,
+    /// Of those, the ones status records with the grant's name (`status.grantName`).
+    recorded_named: HashSet<u64>,
     /// `spec.importGrantId` → the identities of the objects importing it.
     imports: HashMap<String, Vec<Identity>>,
 }
@@ -108,6 +110,7 @@ impl Claims {
             objects: Vec::new(),
             names: HashMap::new(),
             recorded: HashSet::new(),
+            recorded_named: HashSet::new(),
             imports: HashMap::new(),
         };
         for (index, object) in objects.iter().enumerate() {
@@ -117,8 +120,13 @@ impl Claims {
                 &object.name_any(),
                 &object.uid().unwrap_or_default(),
             );
-            if let Some(id) = object.status.as_ref().and_then(|s| s.grant_id.as_deref()) {
+            if let Some(status) = object.status.as_ref()
+                && let Some(id) = status.grant_id.as_deref()
+            {
                 claims.recorded.insert(fingerprint(id));
+                if status.grant_name.is_some() {
+                    claims.recorded_named.insert(fingerprint(id));
+                }
             }
             claims.names.insert(fingerprint(&identity.name), index);
             claims
@@ -165,6 +173,13 @@ impl Claims {
             .into_iter()
             .map(|index| ObjectRef::from_obj(self.objects[index].as_ref()))
             .collect()
+    }
+
+    /// What one key's listing says about grant names, from the grants objects record by name
+    /// (see [`identity::NamesListed`]). A fingerprint shared by chance can only make an unnamed
+    /// grant look like evidence of missing names: then the key is held back — the safe side.
+    pub fn names_listed(&self, grants: &[Grant]) -> Option<identity::NamesListed> {
+        identity::names_listed(grants, |id| self.recorded_named.contains(&fingerprint(id)))
     }
 
     /// Whether some object owns the grant, as [`Claim::owns`] decides for each.
@@ -388,6 +403,38 @@ mod tests {
         let mut object = KmsGrant::clone(&object);
         object.status = Some(serde_json::from_value(status).unwrap());
         Arc::new(object)
+    }
+
+    #[test]
+    fn only_grants_status_records_by_name_tell_whether_names_are_returned() {
+        let claims = Claims::of(
+            "c1",
+            vec![
+                with_status(
+                    object("team-a", "x", "uid-1", None),
+                    serde_json::json!({"grantId": "x-1", "grantName": "k8s/c1/team-a/x"}),
+                ),
+                // An imported grant made without a name: recorded, but not by name.
+                with_status(
+                    object("team-a", "imp", "uid-2", Some("hand")),
+                    serde_json::json!({"grantId": "hand"}),
+                ),
+            ],
+        );
+        let hand_made = [grant("hand", None), grant("other", None)];
+        assert_eq!(claims.names_listed(&hand_made), None);
+        let named = [grant("x-1", Some("k8s/c1/team-a/x")), grant("hand", None)];
+        assert_eq!(
+            claims.names_listed(&named),
+            Some(identity::NamesListed::Returned)
+        );
+        let stripped = [grant("x-1", None), grant("hand", None)];
+        assert_eq!(
+            claims.names_listed(&stripped),
+            Some(identity::NamesListed::Missing {
+                grant_id: "x-1".into()
+            })
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::identity::NamesListed;
 use kmsgrant_kms::{Grant, KeyInfo, KeyState, KmsClient, KmsError};
 
 /// A key on one cloud account (endpoint + project), and the provider config that reaches it.
@@ -57,6 +58,9 @@ pub struct KeyCache {
     /// their reconciles look at the key too, so that a grant on a key the object no longer
     /// names is removed. Usually empty.
     unrecorded: Mutex<HashMap<KeyRef, Vec<(String, String)>>>,
+    /// Keys whose last evidence said the account lists grants without their names, with the
+    /// grant that showed it (see [`NamesListed`]): nothing is adopted or revoked by name there.
+    names_missing: Mutex<HashMap<KeyRef, String>>,
 }
 
 #[derive(Default)]
@@ -418,6 +422,27 @@ impl KeyCache {
         } else {
             unrecorded.insert(key.clone(), objects);
         }
+    }
+
+    /// Records what a listing of `key` said about grant names; true when that changes what is
+    /// known of the key.
+    pub fn names_listed(&self, key: &KeyRef, evidence: &NamesListed) -> bool {
+        let mut missing = self.names_missing.lock().expect("cache lock");
+        match evidence {
+            NamesListed::Returned => missing.remove(key).is_some(),
+            NamesListed::Missing { grant_id } => {
+                missing.insert(key.clone(), grant_id.clone()).is_none()
+            }
+        }
+    }
+
+    /// The grant that last showed the account listing grants on `key` without their names.
+    pub fn names_missing(&self, key: &KeyRef) -> Option<String> {
+        self.names_missing
+            .lock()
+            .expect("cache lock")
+            .get(key)
+            .cloned()
     }
 
     /// The keys on which the last listing found a grant of object `namespace/name` that its

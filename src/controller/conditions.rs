@@ -113,6 +113,10 @@ pub mod reasons {
     pub const UNMANAGED_GRANTS_FOUND: &str = "UnmanagedGrantsFound";
     /// Reconciling (KmsKeyPolicy): the key is listed at the next resync.
     pub const AWAITING_LIST: &str = "AwaitingList";
+    /// Stalled: the key's listing returns a grant this operator recorded by its name without
+    /// any name, so ownership cannot be read from the cloud; nothing is adopted or revoked by
+    /// name on the key until names come back (KmsGrant and KmsKeyPolicy).
+    pub const GRANT_NAMES_NOT_RETURNED: &str = "GrantNamesNotReturned";
 }
 
 /// The longest condition message written (characters); longer ones (a KMS `error_msg` can be

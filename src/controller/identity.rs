@@ -8,6 +8,7 @@
 //! digits of SHA-256 over the full identity (object names never contain `_`, so a shortened name
 //! never equals an unshortened one).
 
+use kmsgrant_kms::Grant;
 use sha2::{Digest, Sha256};
 
 /// The grant name prefix of every identity.
@@ -93,6 +94,41 @@ impl Identity {
     }
 }
 
+/// What one listing of a key says about whether the account answers grant names, judged from a
+/// grant the operator recorded with its name (`status.grantId` with `status.grantName`). Grants
+/// are immutable on KMS, so such a grant listed without a name means the answer left it out
+/// (the API page lists `name` as optional in answers): ownership by name cannot be read there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NamesListed {
+    /// A recorded grant came back with its name.
+    Returned,
+    /// The recorded grant `grant_id` came back without any name.
+    Missing { grant_id: String },
+}
+
+/// The evidence among `grants` from grants recorded under a name, `recorded` saying whether a
+/// grant ID is one; `None` when no such grant is listed.
+pub fn names_listed<'a>(
+    grants: impl IntoIterator<Item = &'a Grant>,
+    recorded: impl Fn(&str) -> bool,
+) -> Option<NamesListed> {
+    let mut returned = false;
+    for grant in grants {
+        if !recorded(&grant.grant_id) {
+            continue;
+        }
+        match grant.name {
+            None => {
+                return Some(NamesListed::Missing {
+                    grant_id: grant.grant_id.clone(),
+                });
+            }
+            Some(_) => returned = true,
+        }
+    }
+    returned.then_some(NamesListed::Returned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +191,38 @@ mod tests {
         assert!(!me.is_foreign(Some("made-by-hand")));
         assert!(!me.is_foreign(None));
         assert_eq!(cluster_of("k8s/c1/team-b/app"), Some("c1"));
+    }
+
+    #[test]
+    fn only_a_grant_recorded_by_name_and_listed_without_one_says_names_are_missing() {
+        let grant = |id: &str, name: Option<&str>| Grant {
+            key_id: "k".into(),
+            grant_id: id.into(),
+            grantee_principal: "alice".into(),
+            grantee_principal_type: None,
+            operations: vec!["describe-key".into()],
+            issuing_principal: None,
+            created_at_millis: None,
+            name: name.map(str::to_owned),
+            retiring_principal: None,
+        };
+        let listed = [
+            grant("hand-made", None),
+            grant("ours", Some("k8s/c1/a/b")),
+            grant("theirs", None),
+        ];
+        // Unnamed grants nobody recorded by name (hand-made, imported) say nothing.
+        assert_eq!(names_listed(&listed, |_| false), None);
+        assert_eq!(
+            names_listed(&listed, |id| id == "ours"),
+            Some(NamesListed::Returned)
+        );
+        assert_eq!(
+            names_listed(&listed, |id| id == "ours" || id == "theirs"),
+            Some(NamesListed::Missing {
+                grant_id: "theirs".into()
+            })
+        );
     }
 
     #[test]

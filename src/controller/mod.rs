@@ -20,7 +20,7 @@ mod report;
 mod scope;
 pub mod tenancy;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -610,6 +610,29 @@ fn provider_error_policy(
     Action::requeue(ctx.settings.backoff_min.max(Duration::from_secs(5)))
 }
 
+/// Records what a listing of `key` said about grant names (see [`identity::NamesListed`]): in
+/// the key cache, which the key's objects and policies consult before anything is adopted or
+/// revoked by name, in the `kmsgrant_grant_names_not_returned` gauge, and once per change in
+/// the log. True when it changed what was known of the key.
+fn names_listed(ctx: &Context, key: &KeyRef, evidence: &identity::NamesListed) -> bool {
+    let changed = ctx.keys.names_listed(key, evidence);
+    let missing = matches!(evidence, identity::NamesListed::Missing { .. });
+    ctx.metrics
+        .grant_names_listed(&key.provider, &key.key_id, missing);
+    match evidence {
+        identity::NamesListed::Missing { grant_id } if changed => tracing::warn!(
+            key = %key.key_id,
+            grant = %grant_id,
+            "list-grants returned a grant this operator recorded by its name without any name: this account does not return grant names, so nothing on the key is adopted or revoked by name until it does (GrantNamesNotReturned); run `kmsgrant-operator live-test` against the account and report it"
+        ),
+        identity::NamesListed::Returned if changed => {
+            tracing::info!(key = %key.key_id, "list-grants returns grant names on the key again")
+        }
+        _ => {}
+    }
+    changed
+}
+
 /// Objects deleted without our finalizer (Orphan) never reach a last reconcile: drop what we
 /// kept about them (their key interest, backoff and condition gauge), or their keys would keep
 /// being listed.
@@ -783,6 +806,16 @@ async fn drift_pass(
         };
         // What the objects claim, read after the list: an object created meanwhile counts.
         let claims = claims_now(ctx, &mut claims);
+        // Names are what ownership is read from: a key whose listing drops them holds its
+        // objects and policies back (they are woken to say so), and lets them go when it no
+        // longer does.
+        if let Some(evidence) = claims.names_listed(&grants)
+            && names_listed(ctx, &key, &evidence)
+        {
+            for object in ctx.interest.objects_on(&key) {
+                let _ = wake.send(object);
+            }
+        }
         // An object holding a grant here that its status does not record (a duplicate, or a
         // grant on a key it no longer names) is woken whatever the snapshot saw before: its
         // reconcile looks at this key too and keeps one grant.

@@ -11,12 +11,12 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use super::cache::{self, KeyRef};
-use super::identity::Identity;
+use super::identity::{self, Identity};
 use super::plan::{self, Deleting, FINALIZER, Live, Observation, Place, Stop, answered_by_kms};
 use super::scope::{self, Facts, Scope};
 use super::{Context, ReconcileError, keyref};
-use crate::api::KmsGrant;
-use kmsgrant_kms::{ErrorClass, ErrorReason, KeyState, KmsError};
+use crate::api::{KmsGrant, KmsGrantStatus};
+use kmsgrant_kms::{ErrorClass, ErrorReason, Grant, KeyState, KmsError};
 
 /// Everything one pass of `object` needs to decide; `Err` only when Kubernetes cannot be read.
 pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation, ReconcileError> {
@@ -226,9 +226,19 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                 };
                 seen.push((place, found));
             }
+            let names_missing = seen.iter().find_map(|(_, place)| {
+                let (key, grants, fresh) = match place {
+                    Place::Listed { key, grants, .. } => (key, grants, true),
+                    Place::Known { key, grants, .. } => (key, grants, false),
+                    _ => return None,
+                };
+                names_missing(ctx, key, &status, grants.iter().collect(), fresh)
+                    .map(|grant_id| (key.key_id.clone(), grant_id))
+            });
             Ok(Observation::Deleting(Ok(Deleting {
                 identity,
                 places: seen,
+                names_missing,
             })))
         }
         Scope::Live {
@@ -297,6 +307,7 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                         fresh: false,
                         elsewhere: Vec::new(),
                         superseded_elsewhere: None,
+                        names_missing: None,
                     });
                 }
                 let snapshot_age = ctx.settings.snapshot_max_age();
@@ -371,6 +382,13 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                         }
                     }),
                 };
+                let names_missing = names_missing(
+                    ctx,
+                    &key,
+                    &status,
+                    grants.iter().chain(&elsewhere).collect(),
+                    fresh,
+                );
                 Ok(Live {
                     identity,
                     client: client.clone(),
@@ -382,6 +400,7 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
                     fresh,
                     elsewhere,
                     superseded_elsewhere,
+                    names_missing,
                 })
             };
             Ok(Observation::Live(
@@ -391,6 +410,38 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
             ))
         }
     }
+}
+
+/// Whether the account lists grants on `key` (or on the keys `listed` holds grants of) without
+/// their names: this object's evidence (the grant its status records by name, listed without
+/// one) recorded for the key's other objects and policies, or another's or the drift pass's.
+/// The grant that showed it. Names seen in a snapshot (not `fresh`) say nothing: it may be
+/// older than the listing that found them missing.
+fn names_missing(
+    ctx: &Context,
+    key: &KeyRef,
+    status: &KmsGrantStatus,
+    listed: Vec<&Grant>,
+    fresh: bool,
+) -> Option<String> {
+    let recorded = |id: &str| status.grant_name.is_some() && status.grant_id.as_deref() == Some(id);
+    let mut keys: BTreeSet<&str> = listed.iter().map(|g| g.key_id.as_str()).collect();
+    keys.insert(&key.key_id);
+    keys.into_iter().find_map(|key_id| {
+        let on_key = KeyRef {
+            key_id: key_id.to_owned(),
+            ..key.clone()
+        };
+        let here = listed.iter().copied().filter(|g| g.key_id == key_id);
+        match identity::names_listed(here, recorded) {
+            Some(identity::NamesListed::Returned) if !fresh => {}
+            Some(evidence) => {
+                super::names_listed(ctx, &on_key, &evidence);
+            }
+            None => {}
+        }
+        ctx.keys.names_missing(&on_key)
+    })
 }
 
 /// The keys the cached objects using provider config `config_name` name (spec and status).

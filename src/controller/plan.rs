@@ -318,6 +318,25 @@ pub fn alias_key_usable(alias: &str, info: &KeyInfo) -> Option<Outcome> {
     }
 }
 
+/// The condition while a key's listing returns grants without their names: ownership is read
+/// from names, so nothing is adopted, replaced or revoked by name there. Fixed on the cloud's
+/// side, never by the operator; the message says how to show it.
+pub fn names_not_returned(key_id: &str, grant_id: &str, deleting: bool) -> Outcome {
+    let waits = if deleting {
+        format!(
+            "; deletion waits so that no grant of this object is left unseen (or revoke its grants on the key by hand and remove the finalizer {FINALIZER})"
+        )
+    } else {
+        String::new()
+    };
+    Outcome::Stalled {
+        reason: reasons::GRANT_NAMES_NOT_RETURNED,
+        message: format!(
+            "list-grants on key {key_id} returned grant {grant_id}, which this operator created under a name, without any name: this account does not return grant names, so no grant on the key is adopted, replaced or revoked by name until it does{waits}. Fix: run `kmsgrant-operator live-test` against the account (docs/live-test.md) and send its report to the cloud's support and to kmsgrant-operator"
+        ),
+    }
+}
+
 /// The condition for a key the project does not have.
 pub fn key_not_found(key_id: &str) -> Outcome {
     Outcome::Stalled {
@@ -540,12 +559,18 @@ pub struct Live {
     pub elsewhere: Vec<Grant>,
     /// The replaced grant on another account (the config was pointed elsewhere), seen there.
     pub superseded_elsewhere: Option<Place>,
+    /// A grant recorded by its name that a listing of the key (or of a key the object used
+    /// before) returned without one: the account does not return names (see
+    /// [`super::identity::NamesListed`]).
+    pub names_missing: Option<String>,
 }
 
 /// A deleted object's grants, place by place.
 pub struct Deleting {
     pub identity: Identity,
     pub places: Vec<(CleanupPlace, Place)>,
+    /// A key where the account lists grants without their names, and the grant that showed it.
+    pub names_missing: Option<(String, String)>,
 }
 
 /// What was found on one key of one account, listed afresh.
@@ -749,6 +774,15 @@ fn decide_live(object: &KmsGrant, seen: Result<Box<Live>, Stop>) -> Decision {
         Err(err) => Some(failure_outcome(err)),
     };
     if let Some(outcome) = unusable {
+        decision.status = status;
+        decision.requeue = requeue(&outcome);
+        decision.ending = Ending::Outcome(outcome);
+        return decision;
+    }
+    if let Some(grant_id) = &live.names_missing {
+        // Ownership cannot be read from names here: neither adopt nor revoke, nor create a
+        // grant no later pass could find again.
+        let outcome = names_not_returned(&live.key.key_id, grant_id, false);
         decision.status = status;
         decision.requeue = requeue(&outcome);
         decision.ending = Ending::Outcome(outcome);
@@ -997,6 +1031,16 @@ fn decide_deletion(object: &KmsGrant, seen: Result<Deleting, Stop>) -> Decision 
         import,
     };
     let superseded = status.superseded_grant.as_ref();
+    // Grants are found by name for deletion: where names are not returned, whatever carries
+    // the object's identity cannot be told from anyone else's. Orphan revokes nothing.
+    if let Some((key_id, grant_id)) = &deleting.names_missing
+        && (policy != DeletionPolicy::Orphan || superseded.is_some())
+    {
+        let outcome = names_not_returned(key_id, grant_id, true);
+        decision.requeue = cleanup_requeue(&outcome);
+        decision.ending = Ending::Outcome(outcome);
+        return decision;
+    }
     let mut look_again = None;
     for (place, seen) in deleting.places {
         if let Place::Known { retry, .. } = &seen {
@@ -1781,6 +1825,7 @@ mod decision_tests {
             fresh,
             elsewhere: Vec::new(),
             superseded_elsewhere: None,
+            names_missing: None,
         })
     }
 
@@ -1845,6 +1890,49 @@ mod decision_tests {
         assert_eq!(decision.ending, Ending::InSync);
         assert_eq!(decision.requeue, Requeue::Resync);
         assert_eq!(decision.account.as_deref(), Some(ACCOUNT));
+    }
+
+    /// An object whose status records "g1" by its name, on a key that lists "g1" and a
+    /// duplicate of it without names.
+    fn recorded_by_name_listed_unnamed(names_missing: Option<&str>) -> Decision {
+        let recorded = object(serde_json::json!({"status": {
+            "grantId": "g1", "grantName": MINE, "keyId": KEY, "account": ACCOUNT}}));
+        let unnamed = |id: &str| Grant {
+            name: None,
+            ..grant(id, KEY, MINE, &["describe-key"])
+        };
+        let mut seen = live(vec![unnamed("g1"), unnamed("duplicate")], true);
+        seen.names_missing = names_missing.map(str::to_owned);
+        decide(&recorded, Observation::Live(Ok(seen)))
+    }
+
+    #[test]
+    fn where_names_are_not_returned_nothing_is_adopted_created_or_revoked_and_it_says_why() {
+        // What names alone would decide there: the recorded grant looks gone, so a grant is
+        // created, and again at every pass, each one unfindable.
+        assert_eq!(
+            steps(&recorded_by_name_listed_unnamed(None)),
+            ["create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (Recreate)"]
+        );
+        let decision = recorded_by_name_listed_unnamed(Some("g1"));
+        assert!(decision.steps.is_empty(), "{:?}", steps(&decision));
+        assert!(decision.events.is_empty());
+        assert_eq!(
+            outcome_reason(&decision),
+            Some(reasons::GRANT_NAMES_NOT_RETURNED)
+        );
+        let Ending::Outcome(Outcome::Stalled { message, .. }) = &decision.ending else {
+            panic!("Stalled: a person must act")
+        };
+        assert!(message.contains("returned grant g1"), "{message}");
+        assert!(message.contains("kmsgrant-operator live-test"), "{message}");
+        assert_eq!(decision.requeue, Requeue::StalledRetry);
+        assert_eq!(
+            decision.status.grant_id.as_deref(),
+            Some("g1"),
+            "status kept"
+        );
+        assert_eq!(decision.status.grant_name.as_deref(), Some(MINE));
     }
 
     #[test]
@@ -2114,6 +2202,7 @@ mod decision_tests {
         let found = Deleting {
             identity: Identity::new("c1", "team-a", "app", "uid-1"),
             places: vec![(place(ACCOUNT, KEY, Some("g1")), seen)],
+            names_missing: None,
         };
         decide(&object, Observation::Deleting(Ok(found)))
     }
@@ -2129,6 +2218,46 @@ mod decision_tests {
         assert_eq!(decision.finalizer, Some(false));
         assert_eq!(decision.ending, Ending::Quiet);
         assert_eq!(decision.pass, Pass::Deleting);
+    }
+
+    #[test]
+    fn deletion_waits_where_names_are_not_returned_unless_it_revokes_nothing() {
+        let unnamed = Arc::new(vec![Grant {
+            name: None,
+            ..grant("g1", KEY, MINE, &["describe-key"])
+        }]);
+        let deleting = |extra: serde_json::Value| {
+            let mut value = serde_json::json!({"status": {
+                "grantId": "g1", "grantName": MINE, "keyId": KEY, "account": ACCOUNT}});
+            merge(&mut value, extra);
+            let found = Deleting {
+                identity: Identity::new("c1", "team-a", "app", "uid-1"),
+                places: vec![(
+                    place(ACCOUNT, KEY, Some("g1")),
+                    Place::Listed {
+                        client: client(),
+                        key: key(KEY),
+                        grants: unnamed.clone(),
+                    },
+                )],
+                names_missing: Some((KEY.into(), "g1".into())),
+            };
+            decide(&deleted(value), Observation::Deleting(Ok(found)))
+        };
+        let decision = deleting(serde_json::json!({}));
+        assert!(decision.steps.is_empty());
+        assert_eq!(decision.finalizer, None, "the object stays");
+        assert_eq!(
+            outcome_reason(&decision),
+            Some(reasons::GRANT_NAMES_NOT_RETURNED)
+        );
+        let Ending::Outcome(outcome) = &decision.ending else {
+            panic!("an outcome")
+        };
+        assert!(outcome.message().contains("deletion waits"), "{outcome:?}");
+        assert_eq!(decision.requeue, Requeue::Backoff);
+        let orphan = deleting(serde_json::json!({"spec": {"deletionPolicy": "Orphan"}}));
+        assert_eq!(orphan.finalizer, Some(false), "Orphan revokes nothing");
     }
 
     #[test]
@@ -2159,6 +2288,7 @@ mod decision_tests {
                     account: "https://other p9".into(),
                 },
             )],
+            names_missing: None,
         };
         let decision = decide(&object, Observation::Deleting(Ok(found)));
         assert!(decision.steps.is_empty());
@@ -2185,6 +2315,7 @@ mod decision_tests {
                     error: err,
                 },
             )],
+            names_missing: None,
         };
         let decision = decide(&object, Observation::Deleting(Ok(found)));
         assert_eq!(steps(&decision), ["tell GrantOrphaned"]);

@@ -217,9 +217,21 @@ async fn reconcile_policy(policy: &KmsKeyPolicy, ctx: &Context) -> Result<Action
             if mode == UndeclaredGrants::Revoke {
                 ctx.metrics.undeclared_grants_revocable_by(&key.provider);
             }
-            let (audit, held_back) =
-                act_on_undeclared(policy, ctx, &key, audit, scope, &mut revoked).await;
-            let grants = judge_undeclared(&policy.spec, &audit, scope);
+            // Where names are not returned, every grant looks unnamed: undeclared by a name
+            // that was only left out of the answer. Nothing is revoked then.
+            let names_missing = ctx.keys.names_missing(&key);
+            let (audit, held_back) = match names_missing {
+                Some(_) => (audit, None),
+                None => act_on_undeclared(policy, ctx, &key, audit, scope, &mut revoked).await,
+            };
+            let mut grants = judge_undeclared(&policy.spec, &audit, scope);
+            if names_missing.is_some() {
+                for grant in &mut grants {
+                    if grant.action == Some(GrantAction::Revoking) {
+                        grant.action = Some(GrantAction::WouldRevoke);
+                    }
+                }
+            }
             let revocable_count = grants.iter().filter(|g| revocable(g.action)).count() as u32;
             if let Some(held) = &held_back {
                 // The cache or the lease settles soon; a refused KmsGrant list (RBAC) does not.
@@ -270,13 +282,22 @@ async fn reconcile_policy(policy: &KmsKeyPolicy, ctx: &Context) -> Result<Action
                 account: Some(key.account.clone()),
                 ..KmsKeyPolicyStatus::default()
             };
-            let outcome = Outcome::Ready {
-                reason: if audit.unmanaged == 0 {
-                    reasons::NO_UNMANAGED_GRANTS
-                } else {
-                    reasons::UNMANAGED_GRANTS_FOUND
+            let outcome = match names_missing {
+                Some(grant_id) => Outcome::Stalled {
+                    reason: reasons::GRANT_NAMES_NOT_RETURNED,
+                    message: format!(
+                        "{message}; nothing is revoked: list-grants on key {} returned grant {grant_id}, which a KmsGrant records by its name, without any name, so whose grants are whose cannot be read (what Revoke would remove is marked WouldRevoke). Fix: run `kmsgrant-operator live-test` against the account (docs/live-test.md) and send its report to the cloud's support and to kmsgrant-operator",
+                        policy.spec.key_id
+                    ),
                 },
-                message,
+                None => Outcome::Ready {
+                    reason: if audit.unmanaged == 0 {
+                        reasons::NO_UNMANAGED_GRANTS
+                    } else {
+                        reasons::UNMANAGED_GRANTS_FOUND
+                    },
+                    message,
+                },
             };
             (status, outcome)
         }
@@ -299,7 +320,26 @@ async fn reconcile_policy(policy: &KmsKeyPolicy, ctx: &Context) -> Result<Action
     };
     tracing::debug!(policy = %policy.name_any(), reason = outcome.reason(), "key policy audited");
     let newly_found = new_unmanaged(policy, &status);
+    let previous_reason = policy.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == super::conditions::READY)
+            .map(|c| c.reason.clone())
+    });
     write_status(policy, ctx, status, &outcome).await?;
+    if outcome.reason() == reasons::GRANT_NAMES_NOT_RETURNED
+        && previous_reason.as_deref() != Some(reasons::GRANT_NAMES_NOT_RETURNED)
+    {
+        post_event(
+            policy,
+            ctx,
+            "Warning",
+            reasons::GRANT_NAMES_NOT_RETURNED,
+            "Audit",
+            outcome.message(),
+        )
+        .await;
+    }
     publish_found(policy, ctx, &newly_found).await;
     publish_revoked(policy, ctx, &revoked).await;
     Ok(match (next, outcome) {
@@ -450,6 +490,13 @@ async fn act_on_undeclared(
     };
     let mut held_back = None;
     for grant in claimed {
+        // A listing since may have shown the account dropping names (see `reconcile_policy`).
+        if held_back.is_none() && ctx.keys.names_missing(key).is_some() {
+            held_back = Some(HeldBack {
+                why: "list-grants on the key returns grants without their names".into(),
+                soon: false,
+            });
+        }
         if held_back.is_some() {
             record(&grant.grant_id, None);
             continue;

@@ -237,6 +237,7 @@ impl EmulatorArgs {
             drop_after_commit: drop_after_commit.into_iter().collect(),
             error_after_commit: Default::default(),
             clock_offset_seconds: 0,
+            omit_grant_names: false,
         };
         faults.validate()?;
         if !listen.ip().is_loopback() && !allow_non_loopback {

@@ -80,6 +80,11 @@ pub struct FaultSettings {
     /// time it checks signatures against (more than 15 minutes off: 401 APIGW.0303), as a client
     /// whose clock is wrong sees it.
     pub clock_offset_seconds: i64,
+    /// `list-grants` and `list-retirable-grants` answer every grant without its `name`, as an
+    /// account whose service leaves out the optional field would (the API page lists `name` as
+    /// optional in answers): what grant identity, `check --write-probe` and `live-test` must
+    /// notice.
+    pub omit_grant_names: bool,
 }
 
 impl FaultSettings {

@@ -347,7 +347,8 @@ fn run_kms_call(
         }
         Operation::ListGrants => {
             let request = validation::list_grants(&fields)?;
-            return shared.world().list_grants(&request);
+            let page = shared.world().list_grants(&request)?;
+            return Ok(listed_as_faults_say(faults, page));
         }
         Operation::RevokeGrant => {
             let request = validation::grant_on_key(&fields)?;
@@ -359,7 +360,8 @@ fn run_kms_call(
         }
         Operation::ListRetirableGrants => {
             let page = validation::list_retirable_grants(&fields)?;
-            return Ok(shared.world().list_retirable_grants(&caller, page));
+            let listed = shared.world().list_retirable_grants(&caller, page);
+            return Ok(listed_as_faults_say(faults, listed));
         }
         Operation::UserQuotas => Ok(shared.world().user_quotas()),
     }?;
@@ -370,6 +372,21 @@ fn run_kms_call(
             .map(str::to_owned);
     }
     Ok(serde_json::to_vec(&answer).expect("an answer serialises"))
+}
+
+/// A page of grants as the fault settings have it answered: without every grant's `name` under
+/// `omit_grant_names`, else as the state serialised it.
+fn listed_as_faults_say(faults: &super::faults::FaultSettings, page: Vec<u8>) -> Vec<u8> {
+    if !faults.omit_grant_names {
+        return page;
+    }
+    let mut value: Value = serde_json::from_slice(&page).expect("a page the state wrote parses");
+    if let Some(grants) = value.get_mut("grants").and_then(Value::as_array_mut) {
+        for grant in grants.iter_mut().filter_map(Value::as_object_mut) {
+            grant.remove("name");
+        }
+    }
+    serde_json::to_vec(&value).expect("a page serialises")
 }
 
 // ---- IAM ----

@@ -259,6 +259,69 @@ async fn commit_then_drop_happens_at_about_the_configured_rate() {
 }
 
 #[tokio::test]
+async fn omitted_grant_names_leave_the_grants_and_their_names_in_place() {
+    let h = Harness::start().await;
+    let key_id = h.create_key("names").await;
+    // Retirable by the caller too, so list-retirable-grants shows it.
+    let me = h.emulator.config().user_id.clone();
+    let named = |name: &str| {
+        json!({"key_id": key_id, "grantee_principal": GRANTEE, "operations": ["describe-key"],
+               "name": name, "retiring_principal": me})
+    };
+    assert_eq!(
+        h.kms("create-grant", named("k8s/c1/ns/app")).await.status,
+        StatusCode::OK
+    );
+    let names = |answer: &Value| -> Vec<Option<String>> {
+        answer["grants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let listed = h.list_grants(json!({"key_id": key_id})).await;
+    assert_eq!(names(&listed.body), [Some("k8s/c1/ns/app".to_owned())]);
+
+    h.emulator
+        .admin()
+        .set_faults(FaultSettings {
+            omit_grant_names: true,
+            ..Default::default()
+        })
+        .unwrap();
+    let stripped = h.list_grants(json!({"key_id": key_id})).await;
+    assert_eq!(stripped.status, StatusCode::OK);
+    assert_eq!(names(&stripped.body), [None], "{}", stripped.body);
+    let grant = &stripped.body["grants"][0];
+    assert!(grant.get("name").is_none(), "the field is absent: {grant}");
+    // Everything else is answered as before, paging included.
+    for field in [
+        "grant_id",
+        "grantee_principal",
+        "operations",
+        "retiring_principal",
+    ] {
+        assert_eq!(grant[field], listed.body["grants"][0][field], "{field}");
+    }
+    assert_eq!(stripped.body["truncated"], "false");
+    assert_eq!(stripped.body["total"], 1);
+    let retirable = h.kms("list-retirable-grants", json!({})).await;
+    assert_eq!(names(&retirable.body), [None], "{}", retirable.body);
+    // Only the answers lose the name: the grant keeps it.
+    let dump = h.emulator.admin().dump();
+    assert_eq!(dump.grants[0].name.as_deref(), Some("k8s/c1/ns/app"));
+
+    h.emulator
+        .admin()
+        .set_faults(FaultSettings::default())
+        .unwrap();
+    let again = h.list_grants(json!({"key_id": key_id})).await;
+    assert_eq!(names(&again.body), [Some("k8s/c1/ns/app".to_owned())]);
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn counters_and_the_call_log_show_what_was_called_in_order() {
     let h = Harness::start().await;
     let admin = h.emulator.admin();
@@ -334,7 +397,8 @@ async fn the_admin_http_api_sets_faults_dumps_state_and_resets() {
 
     let faults = json!({"latency_ms": 0, "jitter_ms": 0, "errors": {"create-key": {"rate": 1.0, "error": "unavailable"}},
                         "throttle_per_second": null, "drop_after_commit": {"revoke-grant": 0.25},
-                        "error_after_commit": {"create-grant": 0.5}, "clock_offset_seconds": 0});
+                        "error_after_commit": {"create-grant": 0.5}, "clock_offset_seconds": 0,
+                        "omit_grant_names": false});
     let set = h
         .send(h.http.put(format!("{base}/faults")).json(&faults))
         .await;

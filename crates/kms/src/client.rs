@@ -21,8 +21,8 @@ use super::error::{Call, ErrorReason, KmsError, classify};
 use super::rate_limit::TokenBucket;
 use super::session::{SessionCredential, SessionState};
 use super::types::{
-    CreateGrantResponse, DescribeKeyResponse, Grant, KeyInfo, ListGrantsResponse, NewGrant, Quotas,
-    QuotasResponse,
+    CreateGrantResponse, DescribeKeyResponse, Grant, GrantPage, KeyInfo, ListGrantsResponse,
+    NewGrant, Quotas, QuotasResponse,
 };
 use kmsgrant_kms_signer::{self as signer, AccessKeyPair, RequestParts, SdkDateTime};
 use secrecy::{ExposeSecret, SecretString};
@@ -214,12 +214,7 @@ impl KmsClient {
         let mut marker: Option<String> = None;
         let mut seen_markers = std::collections::HashSet::new();
         for _ in 0..max_pages {
-            let mut body = json!({"key_id": key_id, "limit": limit});
-            if let Some(marker) = &marker {
-                body["marker"] = json!(marker);
-            }
-            let page: ListGrantsResponse =
-                self.kms_json(Call::ListGrants, "list-grants", body).await?;
+            let page = self.grants_page(key_id, &limit, marker.as_deref()).await?;
             grants.extend(page.grants.into_iter().map(Grant::from));
             if grants.len() > max_grants {
                 return Err(runaway(format!("returned {} grants", grants.len())));
@@ -244,6 +239,37 @@ impl KmsClient {
         Err(runaway(format!(
             "went on for more than {max_pages} pages of {page_size}"
         )))
+    }
+
+    /// One page of `list-grants`: `limit` grants (sent as given; the page documents 1 to 100)
+    /// from `marker` (`None`: the first page). For callers that look at paging itself; everyone
+    /// else wants [`KmsClient::list_all_grants`].
+    pub async fn list_grants_page(
+        &self,
+        key_id: &str,
+        limit: u32,
+        marker: Option<&str>,
+    ) -> Result<GrantPage, KmsError> {
+        let page = self.grants_page(key_id, &limit.to_string(), marker).await?;
+        Ok(GrantPage {
+            grants: page.grants.into_iter().map(Grant::from).collect(),
+            next_marker: page.next_marker,
+            truncated: page.truncated,
+            total: page.total,
+        })
+    }
+
+    async fn grants_page(
+        &self,
+        key_id: &str,
+        limit: &str,
+        marker: Option<&str>,
+    ) -> Result<ListGrantsResponse, KmsError> {
+        let mut body = json!({"key_id": key_id, "limit": limit});
+        if let Some(marker) = marker {
+            body["marker"] = json!(marker);
+        }
+        self.kms_json(Call::ListGrants, "list-grants", body).await
     }
 
     /// `create-grant`; returns the new grant ID. A lost answer is [`ErrorReason::OutcomeUnknown`]:

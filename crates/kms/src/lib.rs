@@ -26,7 +26,7 @@ pub use reqwest::Url;
 pub use secrecy::{ExposeSecret, SecretString};
 pub use session::CredentialStatus;
 pub use types::{
-    Grant, GranteePrincipalType, KeyInfo, KeyState, NewGrant, Operation, Quota, Quotas,
+    Grant, GrantPage, GranteePrincipalType, KeyInfo, KeyState, NewGrant, Operation, Quota, Quotas,
     parse_creation_date,
 };
 

@@ -173,6 +173,19 @@ impl Grant {
     }
 }
 
+/// One page of `list-grants`, as the service answered it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantPage {
+    /// The grants on this page.
+    pub grants: Vec<Grant>,
+    /// The `marker` of the next page; empty on the last.
+    pub next_marker: String,
+    /// Whether more pages follow.
+    pub truncated: bool,
+    /// How many grants the key holds in all, when the service says.
+    pub total: Option<u64>,
+}
+
 /// What `create-grant` is asked to create.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewGrant {
@@ -248,6 +261,8 @@ pub(crate) struct ListGrantsResponse {
     pub next_marker: String,
     #[serde(default, deserialize_with = "string_or_bool")]
     pub truncated: bool,
+    #[serde(default, deserialize_with = "optional_u64")]
+    pub total: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -411,6 +426,10 @@ fn string_or_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D:
     })
 }
 
+fn optional_u64<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    Ok(optional_string_or_number(deserializer)?.and_then(|text| text.parse().ok()))
+}
+
 fn u64_from_string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
     let text = string_or_number(deserializer)?;
     text.parse()
@@ -445,6 +464,7 @@ mod tests {
         .unwrap();
         assert!(!page.truncated);
         assert_eq!(page.next_marker, "");
+        assert_eq!(page.total, Some(1));
         let grant = Grant::from(page.grants.into_iter().next().unwrap());
         assert_eq!(grant.created_at_millis, Some(1_497_341_531_000));
         assert_eq!(grant.retiring_principal, None);

@@ -142,6 +142,41 @@ async fn lists_every_grant_of_keys_with_0_1_99_and_100_grants_at_page_sizes_1_7_
     }
 }
 
+#[tokio::test]
+async fn one_page_at_a_time_shows_the_marker_truncated_and_total_the_service_answers() {
+    let emu = emulator(100).await;
+    let kms = client(&emu, AuthMethod::AccessKey);
+    let key = new_key(&emu, "one-page");
+    for i in 0..3 {
+        kms.create_grant(&new_grant(&key, Some(format!("g{i}"))))
+            .await
+            .unwrap();
+    }
+    let first = kms.list_grants_page(&key, 2, None).await.unwrap();
+    assert_eq!(first.grants.len(), 2);
+    assert!(first.truncated);
+    assert_eq!(first.next_marker, "2");
+    assert_eq!(first.total, Some(3));
+    let last = kms
+        .list_grants_page(&key, 2, Some(&first.next_marker))
+        .await
+        .unwrap();
+    assert_eq!(last.grants.len(), 1);
+    assert!(!last.truncated);
+    assert_eq!(last.next_marker, "");
+    let names: HashSet<String> = first
+        .grants
+        .iter()
+        .chain(&last.grants)
+        .filter_map(|g| g.name.clone())
+        .collect();
+    assert_eq!(names, ["g0", "g1", "g2"].map(String::from).into());
+    // The limit goes out as given: the service judges it.
+    let refused = kms.list_grants_page(&key, 101, None).await.unwrap_err();
+    assert_eq!(refused.code.as_deref(), Some("KMS.1601"));
+    emu.shutdown().await;
+}
+
 /// A server that answers every list-grants with the same non-empty `next_marker`.
 async fn looping_server() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
