@@ -521,6 +521,9 @@ impl CheckArgs {
                 return findings;
             }
         }
+        if config.spec.iam_endpoint.is_some() {
+            findings.push(catalog_finding(&kms, &name, &config.spec).await);
+        }
         if let (Some(region), Some(project_name)) = (&config.spec.region, &config.spec.project_name)
             && !project_name.starts_with(region.as_str())
         {
@@ -776,6 +779,87 @@ fn failure(check: &'static str, target: &str, err: &KmsError) -> Finding {
 }
 
 /// The installed CRD against this binary's: Established, same versions, same schemas.
+/// The KMS endpoint and region against IAM's service catalog: a wrong region or a copied
+/// endpoint of another region shows here before it shows as keys that cannot be found.
+async fn catalog_finding(
+    kms: &kmsgrant_kms::KmsClient,
+    name: &str,
+    spec: &crate::api::KmsProviderConfigSpec,
+) -> Finding {
+    let entries = match kms.kms_catalog().await {
+        Ok(entries) => entries,
+        Err(err) => {
+            return Finding {
+                check: "catalog",
+                target: name.to_owned(),
+                status: Status::Skip,
+                message: format!("cannot read IAM's service catalog: {err}"),
+                fix: None,
+            };
+        }
+    };
+    let host_of = |url: &str| {
+        kmsgrant_kms::Url::parse(url)
+            .ok()
+            .map(|u| format!("{}:{}", u.host_str().unwrap_or_default(), u.port_or_known_default().unwrap_or(443)))
+    };
+    let configured = host_of(&spec.endpoint);
+    let region = spec.region.as_deref();
+    let in_region: Vec<&kmsgrant_kms::CatalogEndpoint> = entries
+        .iter()
+        .filter(|e| region.is_none() || e.region.as_deref() == region || e.region.as_deref() == Some("*"))
+        .collect();
+    if in_region
+        .iter()
+        .any(|e| host_of(&e.url).is_some() && host_of(&e.url) == configured)
+    {
+        return Finding::ok(
+            "catalog",
+            name,
+            format!(
+                "IAM's catalog lists {} for KMS in region {}",
+                spec.endpoint,
+                region.unwrap_or("(any)")
+            ),
+        );
+    }
+    let listed: Vec<String> = in_region.iter().map(|e| e.url.clone()).collect();
+    let elsewhere: Vec<String> = entries
+        .iter()
+        .filter(|e| host_of(&e.url) == configured)
+        .map(|e| e.region.clone().unwrap_or_default())
+        .collect();
+    let (message, fix) = if !elsewhere.is_empty() {
+        (
+            format!(
+                "IAM's catalog lists {} for KMS in region {elsewhere:?}, not in spec.region {:?}",
+                spec.endpoint,
+                region.unwrap_or_default()
+            ),
+            format!("set spec.region to {:?} (the endpoint's region), or the endpoint of region {:?}", elsewhere[0], region.unwrap_or_default()),
+        )
+    } else if listed.is_empty() {
+        (
+            format!(
+                "IAM's catalog lists no KMS endpoint for region {:?}",
+                region.unwrap_or_default()
+            ),
+            "check spec.region: the catalog names the regions this account's KMS serves".to_owned(),
+        )
+    } else {
+        (
+            format!(
+                "IAM's catalog lists KMS of region {:?} at {}, not at {} (a private endpoint is fine; a copied endpoint of another region or cloud is not)",
+                region.unwrap_or_default(),
+                listed.join(", "),
+                spec.endpoint
+            ),
+            format!("set spec.endpoint to the catalog's {}", listed[0]),
+        )
+    };
+    Finding::bad(Status::Warn, "catalog", name, message, fix)
+}
+
 fn compare_crd(
     expected: &CustomResourceDefinition,
     installed: &CustomResourceDefinition,
@@ -829,6 +913,27 @@ fn compare_crd(
             name,
             "installed, but its schema differs from this binary's (an older or newer release)",
             UPGRADE,
+        );
+    }
+    let storage = installed
+        .spec
+        .versions
+        .iter()
+        .find(|v| v.storage)
+        .map(|v| v.name.clone())
+        .unwrap_or_default();
+    let stored: Vec<String> = installed
+        .status
+        .as_ref()
+        .and_then(|s| s.stored_versions.clone())
+        .unwrap_or_default();
+    if stored.iter().any(|v| *v != storage) {
+        return Finding::bad(
+            Status::Warn,
+            "crd",
+            name,
+            format!("objects may still be stored at an older version: status.storedVersions is {stored:?}, the storage version {storage}"),
+            "the operator's leader migrates them (storageMigration.enabled); or run kmsgrant-operator migrate --cluster, then migrate --check (docs/versioning.md)",
         );
     }
     Finding::ok(

@@ -85,12 +85,13 @@ async fn a_healthy_install_checks_ok_and_the_write_probe_leaves_nothing_behind()
     for crd in of(&findings, "crd") {
         assert_eq!(crd["status"], "ok", "{crd}");
     }
-    assert_eq!(of(&findings, "crd").len(), 3);
+    assert_eq!(of(&findings, "crd").len(), 4);
     for check in [
         "operator",
         "endpoint",
         "clock",
         "credentials",
+        "catalog",
         "key",
         "list-grants",
         "write-probe",
@@ -256,4 +257,31 @@ async fn each_injected_fault_is_found_with_its_fix_and_a_failing_exit() {
     let (_, findings) = check(&env, &["--only", "cloud"]);
     assert_eq!(status_of(&findings, "credentials"), "ok", "{findings:#?}");
     assert_eq!(env.emulator.admin().grant_count(&key), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copied_endpoint_or_a_wrong_region_is_told_by_the_iam_catalog() {
+    let env = Env::new("check-catalog", EmulatorConfig::for_tests(), "30s").await;
+    let (_, findings) = check(&env, &["--only", "cloud"]);
+    assert_eq!(status_of(&findings, "catalog"), "ok", "{findings:#?}");
+
+    // The same KMS under another host name than the catalog's: not the endpoint IAM lists.
+    let port = env.emulator.addr().port();
+    env.apply(&env.provider_config(json!({"endpoint": format!("http://localhost:{port}")})));
+    let (_, findings) = check(&env, &["--only", "cloud"]);
+    assert_eq!(status_of(&findings, "catalog"), "warn", "{findings:#?}");
+    assert!(
+        fix_of(&findings, "catalog").contains("set spec.endpoint to the catalog's"),
+        "{findings:#?}"
+    );
+
+    // The endpoint of one region with another region configured.
+    env.apply(&env.provider_config(json!({"region": "eu-nl"})));
+    let (_, findings) = check(&env, &["--only", "cloud"]);
+    assert_eq!(status_of(&findings, "catalog"), "warn", "{findings:#?}");
+    let region = env.emulator.config().region.clone();
+    assert!(
+        fix_of(&findings, "catalog").contains(&format!("set spec.region to {region:?}")),
+        "{findings:#?}"
+    );
 }

@@ -723,6 +723,33 @@ impl KmsClient {
             })
     }
 
+    /// KMS's entries in IAM's service catalog (`GET /v3/auth/catalog`): services of type `kms`
+    /// or `kmsv1`, one entry per endpoint, with its region and URL.
+    pub async fn kms_catalog(&self) -> Result<Vec<CatalogEndpoint>, KmsError> {
+        let url = join(self.iam_base()?, "v3/auth/catalog");
+        let auth = self.auth_for_kms("").await?;
+        let answer = self
+            .with_retries(Call::IamCatalog, || {
+                self.send(Call::IamCatalog, Method::GET, &url, None, &auth)
+            })
+            .await?;
+        Ok(answer
+            .body
+            .get("catalog")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|service| matches!(service["type"].as_str(), Some("kms" | "kmsv1")))
+            .flat_map(|service| service["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter_map(|endpoint| {
+                Some(CatalogEndpoint {
+                    region: endpoint["region"].as_str().map(str::to_owned),
+                    url: endpoint["url"].as_str()?.to_owned(),
+                })
+            })
+            .collect())
+    }
+
     pub(crate) fn iam_base(&self) -> Result<&Url, KmsError> {
         self.inner.iam_base.as_ref().ok_or_else(|| {
             KmsError::new(
@@ -732,6 +759,15 @@ impl KmsClient {
             )
         })
     }
+}
+
+/// One KMS endpoint of IAM's service catalog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogEndpoint {
+    /// Its region (`None` when the catalog gives none).
+    pub region: Option<String>,
+    /// Its URL (the catalog's KMS URLs end in `/v1.0/<project>`).
+    pub url: String,
 }
 
 /// What an unauthenticated request to an endpoint found.

@@ -22,6 +22,8 @@ pub enum Call {
     IamToken,
     /// IAM `GET /v3/projects`
     IamProjects,
+    /// `GET /v3/auth/catalog`.
+    IamCatalog,
     /// IAM `POST /v3.0/OS-AUTH/id-token/tokens`: an ID token exchanged for an IAM token
     IamIdToken,
     /// IAM `POST /v3.0/OS-CREDENTIAL/securitytokens`: temporary AK/SK
@@ -48,6 +50,7 @@ impl Call {
             Self::UserQuotas => "user-quotas",
             Self::IamToken => "iam-token",
             Self::IamProjects => "iam-projects",
+            Self::IamCatalog => "iam-catalog",
             Self::IamIdToken => "iam-id-token",
             Self::IamSecurityToken => "iam-security-token",
             Self::IamAssumeAgency => "iam-assume-agency",

@@ -14,7 +14,7 @@ mod session;
 mod types;
 
 pub use client::{
-    ClientMetrics, EndpointProbe, KmsClient, MAX_ERROR_MESSAGE_CHARS, MAX_GRANTS_PER_KEY,
+    CatalogEndpoint, ClientMetrics, EndpointProbe, KmsClient, MAX_ERROR_MESSAGE_CHARS, MAX_GRANTS_PER_KEY,
     MAX_PAGE_SIZE,
 };
 pub use config::{
