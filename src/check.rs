@@ -799,15 +799,21 @@ async fn catalog_finding(
         }
     };
     let host_of = |url: &str| {
-        kmsgrant_kms::Url::parse(url)
-            .ok()
-            .map(|u| format!("{}:{}", u.host_str().unwrap_or_default(), u.port_or_known_default().unwrap_or(443)))
+        kmsgrant_kms::Url::parse(url).ok().map(|u| {
+            format!(
+                "{}:{}",
+                u.host_str().unwrap_or_default(),
+                u.port_or_known_default().unwrap_or(443)
+            )
+        })
     };
     let configured = host_of(&spec.endpoint);
     let region = spec.region.as_deref();
     let in_region: Vec<&kmsgrant_kms::CatalogEndpoint> = entries
         .iter()
-        .filter(|e| region.is_none() || e.region.as_deref() == region || e.region.as_deref() == Some("*"))
+        .filter(|e| {
+            region.is_none() || e.region.as_deref() == region || e.region.as_deref() == Some("*")
+        })
         .collect();
     if in_region
         .iter()
@@ -836,7 +842,11 @@ async fn catalog_finding(
                 spec.endpoint,
                 region.unwrap_or_default()
             ),
-            format!("set spec.region to {:?} (the endpoint's region), or the endpoint of region {:?}", elsewhere[0], region.unwrap_or_default()),
+            format!(
+                "set spec.region to {:?} (the endpoint's region), or the endpoint of region {:?}",
+                elsewhere[0],
+                region.unwrap_or_default()
+            ),
         )
     } else if listed.is_empty() {
         (
@@ -932,7 +942,9 @@ fn compare_crd(
             Status::Warn,
             "crd",
             name,
-            format!("objects may still be stored at an older version: status.storedVersions is {stored:?}, the storage version {storage}"),
+            format!(
+                "objects may still be stored at an older version: status.storedVersions is {stored:?}, the storage version {storage}"
+            ),
             "the operator's leader migrates them (storageMigration.enabled); or run kmsgrant-operator migrate --cluster, then migrate --check (docs/versioning.md)",
         );
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use graduation::*;
 use serde_json::{Value, json};
 use std::path::Path;
-use support::{eventually, kubectl, kubectl_ok};
+use support::{REPO, eventually, kubectl_ok};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_upgrade_from_the_chart_of_84dffa1_migrates_without_touching_a_grant_and_guards_the_next_step()

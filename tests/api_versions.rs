@@ -14,7 +14,7 @@ mod support;
 use std::time::Duration;
 
 use graduation::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use support::{eventually, kubectl, kubectl_ok};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,4 +257,3 @@ async fn every_stage_of_the_graduation_keeps_every_object_and_grant() {
     drop(operator);
     support::remove_own_control_plane(&control_plane);
 }
-

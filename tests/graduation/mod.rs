@@ -381,4 +381,3 @@ pub fn chart_at_stage(stage: &str) -> tempfile::TempDir {
     );
     dir
 }
-

@@ -14,8 +14,8 @@ mod session;
 mod types;
 
 pub use client::{
-    CatalogEndpoint, ClientMetrics, EndpointProbe, KmsClient, MAX_ERROR_MESSAGE_CHARS, MAX_GRANTS_PER_KEY,
-    MAX_PAGE_SIZE,
+    CatalogEndpoint, ClientMetrics, EndpointProbe, KmsClient, MAX_ERROR_MESSAGE_CHARS,
+    MAX_GRANTS_PER_KEY, MAX_PAGE_SIZE,
 };
 pub use config::{
     Agency, ClientConfig, Credentials, DEFAULT_MAX_RESPONSE_BYTES, Domain, Project,
