@@ -168,7 +168,22 @@ async fn helm_upgrade_from_the_chart_of_84dffa1_migrates_without_touching_a_gran
         "kmsgrant-system",
     ]);
     world.wait_all_ready(&["late"]).await;
-    let before = (before.0 + 1, before.1);
+    // That chart's guardrail policy names v1beta1 for its params, and KmsGrants are still written.
+    let param = kubectl_ok(
+        &[
+            "get",
+            "validatingadmissionpolicy",
+            "kmsgrant-guardrails",
+            "-o",
+            "jsonpath={.spec.paramKind.apiVersion}",
+        ],
+        None,
+    );
+    assert_eq!(param, "kmsgrant.io/v1beta1");
+    let after = world.grant("kmsgrant.io/v1beta1", "after", json!({}));
+    kubectl_ok(&["apply", "-f", "-"], Some(&after.to_string()));
+    world.wait_all_ready(&["after"]).await;
+    let before = (before.0 + 2, before.1);
 
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert_eq!(
