@@ -195,3 +195,13 @@ async fn helm_upgrade_from_the_chart_of_84dffa1_migrates_without_touching_a_gran
     drop(operator);
     support::remove_own_control_plane(&control_plane);
 }
+
+/// `kmsgrant-operator migrate ARGS` against the test control plane.
+fn migrate(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(support::OPERATOR_BIN)
+        .arg("migrate")
+        .args(args)
+        .args(["--kubeconfig", support::kubeconfig().to_str().unwrap()])
+        .output()
+        .unwrap()
+}

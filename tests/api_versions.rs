@@ -257,3 +257,13 @@ async fn every_stage_of_the_graduation_keeps_every_object_and_grant() {
     drop(operator);
     support::remove_own_control_plane(&control_plane);
 }
+
+/// `kmsgrant-operator migrate ARGS` against the test control plane.
+fn migrate(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(support::OPERATOR_BIN)
+        .arg("migrate")
+        .args(args)
+        .args(["--kubeconfig", support::kubeconfig().to_str().unwrap()])
+        .output()
+        .unwrap()
+}

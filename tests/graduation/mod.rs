@@ -330,15 +330,6 @@ pub fn stderr_of_kubectl_apply(manifest: &Value) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-pub fn migrate(args: &[&str]) -> std::process::Output {
-    Command::new(OPERATOR_BIN)
-        .arg("migrate")
-        .args(args)
-        .args(["--kubeconfig", support::kubeconfig().to_str().unwrap()])
-        .output()
-        .unwrap()
-}
-
 pub fn helm(args: &[&str]) -> std::process::Output {
     Command::new(Path::new(REPO).join("scripts/helm"))
         .args(args)
