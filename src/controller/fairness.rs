@@ -32,12 +32,18 @@ pub enum Admission {
     Admitted(Ticket),
     /// Over its share now: come back after this long.
     Deferred(Duration),
+    /// Within its share, but every slot is taken (by others over theirs, who will not get them
+    /// back): a slot frees within moments, so wait for it ([`FairGate::released`]) and ask again,
+    /// rather than go to the back of a queue others keep filling.
+    Wait,
 }
 
 /// The gate: one per operator.
 #[derive(Clone)]
 pub struct FairGate {
     inner: Arc<Mutex<State>>,
+    /// Woken at every release.
+    released: Arc<tokio::sync::Notify>,
     /// Work admitted at once, across every config.
     capacity: usize,
 }
@@ -54,8 +60,8 @@ struct Lane {
     admitted: usize,
     last_asked: Option<Instant>,
     namespaces: HashMap<String, Flow>,
-    /// Slots released, for the throughput estimate: (when, count in the window).
-    released: Vec<Instant>,
+    /// How long a slot is held, on average lately (`None`: none released yet).
+    hold: Option<Duration>,
 }
 
 /// One namespace's work on one config.
@@ -63,8 +69,11 @@ struct Lane {
 struct Flow {
     admitted: usize,
     last_asked: Option<Instant>,
-    /// Objects deferred and not admitted since, with when they were last deferred.
-    waiting: HashMap<String, Instant>,
+    /// Objects deferred and not admitted since: their place in the line (kept when deferred
+    /// again) and when they were last deferred.
+    waiting: HashMap<String, (u64, Instant)>,
+    /// The next place in the line.
+    next_place: u64,
 }
 
 impl FairGate {
@@ -72,6 +81,7 @@ impl FairGate {
     pub fn new(capacity: usize) -> Self {
         Self {
             inner: Arc::default(),
+            released: Arc::default(),
             capacity: capacity.max(1),
         }
     }
@@ -100,11 +110,13 @@ impl FairGate {
             .max(1);
         let flow_share = (lane_share / namespaces_active).max(1);
         let lane_admitted = entry.admitted;
-        let throughput = entry.throughput(now);
+        // What the lane can serve: its share of slots over how long one is held. Not what it
+        // served lately, which is low exactly when deferred objects came back too late.
+        let throughput = lane_share as f64 / entry.hold_seconds();
         let flow = entry.namespaces.entry(namespace.to_owned()).or_default();
         flow.last_asked = Some(now);
         flow.waiting
-            .retain(|_, at| now.saturating_duration_since(*at) < FORGET_AFTER);
+            .retain(|_, (_, at)| now.saturating_duration_since(*at) < FORGET_AFTER);
         if total < capacity && lane_admitted < lane_share && flow.admitted < flow_share {
             flow.waiting.remove(object);
             flow.admitted += 1;
@@ -114,34 +126,45 @@ impl FairGate {
                 gate: self.clone(),
                 lane: lane.to_owned(),
                 namespace: namespace.to_owned(),
+                admitted_at: now,
             });
         }
         // Over the share (or every slot taken by others over theirs, who will not get them
         // back): come again about when the objects deferred before this one have had their turn.
-        flow.waiting.insert(object.to_owned(), now);
-        let ahead = flow.waiting.len() as f64;
-        let delay = if flow.admitted < flow_share {
-            // Within its share, only waiting for a slot to free: soon.
-            MIN_DEFERRAL
-        } else {
-            // Half the estimate: better early and deferred again than late with idle slots.
-            Duration::from_secs_f64(0.5 * ahead / throughput.max(1.0) / namespaces_active as f64)
+        let place = match flow.waiting.get(object) {
+            Some((place, _)) => *place,
+            None => {
+                flow.next_place += 1;
+                flow.next_place
+            }
+        };
+        flow.waiting.insert(object.to_owned(), (place, now));
+        // First come, first served within the namespace: the objects deferred before this one,
+        // and still waiting, go first.
+        let ahead = flow.waiting.values().filter(|(p, _)| *p < place).count() as f64;
+        if flow.admitted < flow_share {
+            // Within its share, only waiting for a slot to free.
+            return Admission::Wait;
+        }
+        let delay = {
+            // A little early: better deferred again than late with idle slots.
+            Duration::from_secs_f64(0.8 * ahead / throughput.max(1.0) / namespaces_active as f64)
                 .clamp(MIN_DEFERRAL, MAX_DEFERRAL)
         };
         Admission::Deferred(delay + jitter(object, delay))
     }
 
-    fn release(&self, lane: &str, namespace: &str) {
+    fn release(&self, lane: &str, namespace: &str, held: Duration) {
         let now = Instant::now();
         let mut state = self.inner.lock().expect("fair gate lock");
         state.total = state.total.saturating_sub(1);
         let mut drop_lane = false;
         if let Some(entry) = state.lanes.get_mut(lane) {
             entry.admitted = entry.admitted.saturating_sub(1);
-            entry.released.push(now);
-            entry
-                .released
-                .retain(|at| now.saturating_duration_since(*at) < ACTIVE_WINDOW);
+            entry.hold = Some(match entry.hold {
+                Some(average) => average.mul_f64(0.8) + held.mul_f64(0.2),
+                None => held,
+            });
             if let Some(flow) = entry.namespaces.get_mut(namespace) {
                 flow.admitted = flow.admitted.saturating_sub(1);
             }
@@ -153,6 +176,13 @@ impl FairGate {
         if drop_lane {
             state.lanes.remove(lane);
         }
+        drop(state);
+        self.released.notify_waiters();
+    }
+
+    /// Resolves at the next release of a slot.
+    pub async fn released(&self) {
+        self.released.notified().await;
     }
 
     /// Reconciles admitted now (for tests and metrics).
@@ -169,18 +199,9 @@ impl Lane {
                 .is_some_and(|at| now.saturating_duration_since(at) < ACTIVE_WINDOW)
     }
 
-    /// Slots released per second lately; a guess before any were.
-    fn throughput(&self, now: Instant) -> f64 {
-        let recent = self
-            .released
-            .iter()
-            .filter(|at| now.saturating_duration_since(**at) < ACTIVE_WINDOW)
-            .count();
-        if recent == 0 {
-            10.0
-        } else {
-            recent as f64 / ACTIVE_WINDOW.as_secs_f64()
-        }
+    /// How long a slot is held, in seconds: a tenth of a second before any was released.
+    fn hold_seconds(&self) -> f64 {
+        self.hold.map_or(0.1, |hold| hold.as_secs_f64()).max(0.001)
     }
 }
 
@@ -206,11 +227,13 @@ pub struct Ticket {
     gate: FairGate,
     lane: String,
     namespace: String,
+    admitted_at: Instant,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.gate.release(&self.lane, &self.namespace);
+        self.gate
+            .release(&self.lane, &self.namespace, self.admitted_at.elapsed());
     }
 }
 
@@ -234,7 +257,7 @@ mod tests {
     fn admit(gate: &FairGate, lane: &str, ns: &str, object: &str) -> Option<Ticket> {
         match gate.ask(lane, ns, object) {
             Admission::Admitted(ticket) => Some(ticket),
-            Admission::Deferred(_) => None,
+            Admission::Deferred(_) | Admission::Wait => None,
         }
     }
 
@@ -258,11 +281,8 @@ mod tests {
         let mut a: Vec<Ticket> = (0..4)
             .map(|i| admit(&gate, "acct", "a", &format!("a{i}")).unwrap())
             .collect();
-        // B asks while A holds every slot: deferred briefly (within its share).
-        let Admission::Deferred(delay) = gate.ask("acct", "b", "b0") else {
-            panic!("no slot is free yet");
-        };
-        assert!(delay <= Duration::from_millis(60), "{delay:?}");
+        // B asks while A holds every slot: within its share, it waits for the next free one.
+        assert!(matches!(gate.ask("acct", "b", "b0"), Admission::Wait));
         // One of A's finishes: A is over its share (2 of 4 with B competing), B gets the slot.
         a.pop();
         assert!(admit(&gate, "acct", "a", "a9").is_none());
@@ -298,7 +318,7 @@ mod tests {
         let delays: Vec<Duration> = (0..200)
             .map(|i| match gate.ask("acct", "a", &format!("w{i}")) {
                 Admission::Deferred(d) => d,
-                Admission::Admitted(_) => panic!("no slot"),
+                _ => panic!("over its share: deferred"),
             })
             .collect();
         assert!(

@@ -30,6 +30,11 @@ pub async fn reconcile(object: Arc<KmsGrant>, ctx: Arc<Context>) -> Result<Actio
     result.map(|(action, _)| action)
 }
 
+/// How long a reconcile within its fair share waits in the worker for a free slot.
+const MAX_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often it looks again meanwhile (a release also wakes it).
+const SLOT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// observe → decide → (a fair share of KMS work) → execute → report.
 async fn pass(object: &KmsGrant, ctx: &Context) -> Result<(Action, &'static str), ReconcileError> {
     let observed = observe::read(object, ctx).await?;
@@ -38,12 +43,27 @@ async fn pass(object: &KmsGrant, ctx: &Context) -> Result<(Action, &'static str)
         Some(lane) if ctx.settings.fair_scheduling => {
             let namespace = object.metadata.namespace.as_deref().unwrap_or_default();
             let uid = object.metadata.uid.as_deref().unwrap_or_default();
-            match ctx.fair.ask(lane, namespace, uid) {
-                Admission::Admitted(ticket) => Some(ticket),
-                Admission::Deferred(delay) => {
-                    // Over its share: back to the queue, so the worker walks on to others.
-                    ctx.metrics.fair_deferral();
-                    return Ok((Action::requeue(delay), "Deferred"));
+            let mut waited = std::time::Duration::ZERO;
+            loop {
+                match ctx.fair.ask(lane, namespace, uid) {
+                    Admission::Admitted(ticket) => break Some(ticket),
+                    Admission::Deferred(delay) => {
+                        // Over its share: back to the queue, so the worker walks on to others.
+                        ctx.metrics.fair_deferral();
+                        return Ok((Action::requeue(delay), "Deferred"));
+                    }
+                    // Within its share: a slot frees within moments (others over their share
+                    // do not get theirs back). Waiting here keeps its place; a bounded wait,
+                    // then back to the queue.
+                    Admission::Wait if waited < MAX_SLOT_WAIT => {
+                        let started = std::time::Instant::now();
+                        let _ = tokio::time::timeout(SLOT_POLL, ctx.fair.released()).await;
+                        waited += started.elapsed();
+                    }
+                    Admission::Wait => {
+                        ctx.metrics.fair_deferral();
+                        return Ok((Action::requeue(SLOT_POLL), "Deferred"));
+                    }
                 }
             }
         }
