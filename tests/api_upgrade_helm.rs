@@ -180,8 +180,20 @@ async fn helm_upgrade_from_the_chart_of_84dffa1_migrates_without_touching_a_gran
         None,
     );
     assert_eq!(param, "kmsgrant.io/v1beta1");
+    // Right after a CRD change the API server's admission plugin may not map the new paramKind
+    // yet and refuses for a moment ("failed to find resource referenced by paramKind"); a
+    // GitOps tool retries the same way.
     let after = world.grant("kmsgrant.io/v1beta1", "after", json!({}));
-    kubectl_ok(&["apply", "-f", "-"], Some(&after.to_string()));
+    eventually(
+        "a KmsGrant write admitted under the next chart's policy",
+        Duration::from_secs(90),
+        async || {
+            support::kubectl(&["apply", "-f", "-"], Some(&after.to_string()))
+                .status
+                .success()
+        },
+    )
+    .await;
     world.wait_all_ready(&["after"]).await;
     let before = (before.0 + 2, before.1);
 
