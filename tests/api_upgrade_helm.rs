@@ -108,13 +108,7 @@ async fn helm_upgrade_from_the_chart_of_84dffa1_migrates_without_touching_a_gran
 
     // A later chart that stops serving v1alpha1 is refused while v1alpha1 may still be stored.
     let next = chart_at_stage("unserved");
-    let refused = helm(&[
-        "upgrade",
-        "kmsgrant",
-        next.path().join("kmsgrant-operator").to_str().unwrap(),
-        "--namespace",
-        "kmsgrant-system",
-    ]);
+    let refused = upgrade_to(&next);
     let message = String::from_utf8_lossy(&refused.stderr).into_owned();
     assert!(
         !refused.status.success() && message.contains("status.storedVersions"),
@@ -142,13 +136,7 @@ async fn helm_upgrade_from_the_chart_of_84dffa1_migrates_without_touching_a_gran
     // An object applied at v1alpha1 since still blocks the next chart, by its managedFields.
     let late = world.grant("kmsgrant.io/v1alpha1", "late", json!({}));
     kubectl_ok(&["apply", "-f", "-"], Some(&late.to_string()));
-    let refused = helm(&[
-        "upgrade",
-        "kmsgrant",
-        next.path().join("kmsgrant-operator").to_str().unwrap(),
-        "--namespace",
-        "kmsgrant-system",
-    ]);
+    let refused = upgrade_to(&next);
     let message = String::from_utf8_lossy(&refused.stderr).into_owned();
     assert!(
         !refused.status.success() && message.contains("late"),
@@ -160,13 +148,12 @@ async fn helm_upgrade_from_the_chart_of_84dffa1_migrates_without_touching_a_gran
         "{}",
         String::from_utf8_lossy(&migrated.stderr)
     );
-    helm_ok(&[
-        "upgrade",
-        "kmsgrant",
-        next.path().join("kmsgrant-operator").to_str().unwrap(),
-        "--namespace",
-        "kmsgrant-system",
-    ]);
+    let upgraded = upgrade_to(&next);
+    assert!(
+        upgraded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&upgraded.stderr)
+    );
     world.wait_all_ready(&["late"]).await;
     // That chart's guardrail policy names v1beta1 for its params, and KmsGrants are still written.
     let param = kubectl_ok(
@@ -216,4 +203,15 @@ fn migrate(args: &[&str]) -> std::process::Output {
         .args(["--kubeconfig", support::kubeconfig().to_str().unwrap()])
         .output()
         .unwrap()
+}
+
+/// `helm upgrade` of the release to the chart copy in `chart` (from [`chart_at_stage`]).
+fn upgrade_to(chart: &tempfile::TempDir) -> std::process::Output {
+    helm(&[
+        "upgrade",
+        "kmsgrant",
+        chart.path().join("kmsgrant-operator").to_str().unwrap(),
+        "--namespace",
+        "kmsgrant-system",
+    ])
 }
