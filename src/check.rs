@@ -19,7 +19,7 @@ use kube::api::{Api, ListParams};
 use serde::Serialize;
 
 use crate::api::{KmsGrant, KmsProviderConfig};
-use crate::controller::fix_for;
+use crate::controller::{catalog, fix_for};
 use kmsgrant_kms::{ErrorReason, GranteePrincipalType, KmsClient, KmsError, NewGrant, Operation};
 
 /// Options of `kmsgrant-operator check`.
@@ -798,76 +798,13 @@ async fn catalog_finding(
             };
         }
     };
-    let host_of = |url: &str| {
-        kmsgrant_kms::Url::parse(url).ok().map(|u| {
-            format!(
-                "{}:{}",
-                u.host_str().unwrap_or_default(),
-                u.port_or_known_default().unwrap_or(443)
-            )
-        })
-    };
-    let configured = host_of(&spec.endpoint);
     let region = spec.region.as_deref();
-    let in_region: Vec<&kmsgrant_kms::CatalogEndpoint> = entries
-        .iter()
-        .filter(|e| {
-            region.is_none() || e.region.as_deref() == region || e.region.as_deref() == Some("*")
-        })
-        .collect();
-    if in_region
-        .iter()
-        .any(|e| host_of(&e.url).is_some() && host_of(&e.url) == configured)
-    {
-        return Finding::ok(
-            "catalog",
-            name,
-            format!(
-                "IAM's catalog lists {} for KMS in region {}",
-                spec.endpoint,
-                region.unwrap_or("(any)")
-            ),
-        );
+    let verdict = catalog::compare(&entries, &spec.endpoint, region);
+    let message = verdict.message(&spec.endpoint, region);
+    match verdict.fix(region) {
+        None => Finding::ok("catalog", name, message),
+        Some(fix) => Finding::bad(Status::Warn, "catalog", name, message, fix),
     }
-    let listed: Vec<String> = in_region.iter().map(|e| e.url.clone()).collect();
-    let elsewhere: Vec<String> = entries
-        .iter()
-        .filter(|e| host_of(&e.url) == configured)
-        .map(|e| e.region.clone().unwrap_or_default())
-        .collect();
-    let (message, fix) = if !elsewhere.is_empty() {
-        (
-            format!(
-                "IAM's catalog lists {} for KMS in region {elsewhere:?}, not in spec.region {:?}",
-                spec.endpoint,
-                region.unwrap_or_default()
-            ),
-            format!(
-                "set spec.region to {:?} (the endpoint's region), or the endpoint of region {:?}",
-                elsewhere[0],
-                region.unwrap_or_default()
-            ),
-        )
-    } else if listed.is_empty() {
-        (
-            format!(
-                "IAM's catalog lists no KMS endpoint for region {:?}",
-                region.unwrap_or_default()
-            ),
-            "check spec.region: the catalog names the regions this account's KMS serves".to_owned(),
-        )
-    } else {
-        (
-            format!(
-                "IAM's catalog lists KMS of region {:?} at {}, not at {} (a private endpoint is fine; a copied endpoint of another region or cloud is not)",
-                region.unwrap_or_default(),
-                listed.join(", "),
-                spec.endpoint
-            ),
-            format!("set spec.endpoint to the catalog's {}", listed[0]),
-        )
-    };
-    Finding::bad(Status::Warn, "catalog", name, message, fix)
 }
 
 fn compare_crd(

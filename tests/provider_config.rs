@@ -437,3 +437,85 @@ async fn a_provider_check_failing_for_one_period_under_100_ready_grants_writes_n
     fail_user_quotas(&env, false);
     wait_for_config(&env.provider, "condition=Ready", 60);
 }
+
+/// The `EndpointInCatalog` condition of the config (status, message), once it names `reason`.
+async fn wait_for_catalog_reason(name: &str, reason: &str) -> (String, String) {
+    let mut last = None;
+    eventually(
+        &format!("{name}: EndpointInCatalog {reason}"),
+        Duration::from_secs(60),
+        async || {
+            last = provider_config(name).and_then(|c| condition(&c, "EndpointInCatalog"));
+            last.as_ref().is_some_and(|(_, r, _)| r == reason)
+        },
+    )
+    .await;
+    let (status, _, message) = last.unwrap();
+    (status, message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_copied_endpoint_or_a_wrong_region_is_a_condition_and_an_event_naming_the_fix() {
+    let mut env = Env::new("catalog", EmulatorConfig::for_tests(), "30s").await;
+    env.start_operator();
+    wait_for_config(&env.provider, "condition=Ready", 60);
+    let (status, message) = wait_for_catalog_reason(&env.provider, "EndpointListed").await;
+    assert_eq!(status, "True", "{message}");
+
+    // The same KMS under another host name than the catalog lists: still usable (a private
+    // endpoint is fine), but told, with the catalog's endpoint as the fix.
+    let port = env.emulator.addr().port();
+    env.apply(&env.provider_config(json!({"endpoint": format!("http://localhost:{port}")})));
+    let (status, message) = wait_for_catalog_reason(&env.provider, "EndpointNotInCatalog").await;
+    assert_eq!(status, "False");
+    assert!(
+        message.contains(&format!(
+            "set spec.endpoint to the catalog's {}",
+            env.emulator.base_url()
+        )),
+        "{message}"
+    );
+    wait_for_config(&env.provider, "condition=Ready", 60);
+
+    // The endpoint of one region with another region configured.
+    env.apply(&env.provider_config(json!({"region": "eu-nl"})));
+    let (status, message) = wait_for_catalog_reason(&env.provider, "EndpointOfOtherRegion").await;
+    assert_eq!(status, "False");
+    let region = env.emulator.config().region.clone();
+    assert!(
+        message.contains(&format!("set spec.region to {region:?}")),
+        "{message}"
+    );
+
+    // Each mismatch was told once as a Warning event on the config (cluster-scoped objects'
+    // events live in `default`).
+    let events: Value = serde_json::from_str(&kubectl_ok(
+        &[
+            "-n",
+            "default",
+            "get",
+            "events.events.k8s.io",
+            "--field-selector",
+            &format!("regarding.name={}", env.provider),
+            "-o",
+            "json",
+        ],
+        None,
+    ))
+    .unwrap();
+    let reasons: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "Warning")
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    for reason in ["EndpointNotInCatalog", "EndpointOfOtherRegion"] {
+        assert!(reasons.contains(&reason), "no {reason} event: {reasons:?}");
+    }
+
+    // Fixed: listed again.
+    env.apply(&env.provider_config(json!({})));
+    let (status, _) = wait_for_catalog_reason(&env.provider, "EndpointListed").await;
+    assert_eq!(status, "True");
+}

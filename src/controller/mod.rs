@@ -3,6 +3,7 @@
 
 mod audit;
 mod cache;
+pub mod catalog;
 mod conditions;
 pub mod credentials;
 mod execute;

@@ -5,19 +5,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use super::conditions::{Outcome, conditions, now_rfc3339, reasons};
+use super::catalog::{self, CatalogVerdict};
+use super::conditions::{Outcome, conditions, now_rfc3339, reasons, truncate_message};
 use super::credentials::KeylessSettings;
 use super::{Context, ReconcileError};
 use crate::api::{
-    KmsGrant, KmsNamespacedProviderConfig, KmsProviderConfig, KmsProviderConfigSpec,
-    KmsProviderConfigStatus, ProviderConfigKind, SecretReference, SigningVariant,
+    Condition, ConditionStatus, KmsGrant, KmsNamespacedProviderConfig, KmsProviderConfig,
+    KmsProviderConfigSpec, KmsProviderConfigStatus, ProviderConfigKind, SecretReference,
+    SigningVariant,
 };
 use kmsgrant_kms::signer::SigningScheme;
 use kmsgrant_kms::{ClientConfig, KmsClient, KmsError, Project, RateLimitConfig};
@@ -107,6 +110,8 @@ struct Entry {
     verified: bool,
     /// Consecutive failed periodic checks.
     failed_checks: u32,
+    /// The endpoint and region against IAM's catalog, read once per build.
+    catalog: Option<CatalogVerdict>,
 }
 
 /// The providers by config name, checked against the config objects the operator sees.
@@ -379,6 +384,26 @@ async fn check(config: &KmsProviderConfig, ctx: &Context) -> Checked {
         }
     };
     let fingerprint = built.fingerprint.clone();
+    if ctx
+        .providers
+        .entry(&name)
+        .is_some_and(|entry| entry.catalog.is_none())
+    {
+        let verdict = read_catalog(&built).await;
+        if verdict.is_mismatch() {
+            tracing::warn!(provider = %name, reason = verdict.reason(), "{}", verdict.note(&built.spec.endpoint, built.spec.region.as_deref()));
+            ctx.recorder
+                .tell(
+                    &regarding(config),
+                    EventType::Warning,
+                    verdict.reason(),
+                    verdict.note(&built.spec.endpoint, built.spec.region.as_deref()),
+                )
+                .await;
+        }
+        ctx.providers
+            .update(&name, &fingerprint, |entry| entry.catalog = Some(verdict));
+    }
     // One cheap authenticated call proves endpoint, project and credentials.
     let verdict = async {
         let project_id = built.client.project_id().await?;
@@ -498,6 +523,7 @@ async fn build(config: &KmsProviderConfig, ctx: &Context) -> Result<Provider, No
             provider: provider.clone(),
             verified: false,
             failed_checks: 0,
+            catalog: None,
         },
     );
     tracing::info!(provider = %name, auth = ?spec.auth.type_, "provider config (re)built; checking its credentials");
@@ -705,6 +731,65 @@ async fn set_finalizer(
     }
 }
 
+/// The endpoint and region against IAM's catalog (one IAM read per built client).
+async fn read_catalog(provider: &Provider) -> CatalogVerdict {
+    match provider.client.kms_catalog().await {
+        Ok(entries) => catalog::compare(
+            &entries,
+            &provider.spec.endpoint,
+            provider.spec.region.as_deref(),
+        ),
+        Err(err) => CatalogVerdict::Unknown {
+            why: err.to_string(),
+        },
+    }
+}
+
+/// The config object itself, for events: a tenant's is its namespaced kind.
+fn regarding(config: &KmsProviderConfig) -> ObjectReference {
+    let key = config.name_any();
+    match split_tenant_key(&key) {
+        Some((namespace, name)) => ObjectReference {
+            api_version: Some(KmsNamespacedProviderConfig::api_version(&()).into_owned()),
+            kind: Some(KmsNamespacedProviderConfig::kind(&()).into_owned()),
+            namespace: Some(namespace.to_owned()),
+            name: Some(name.to_owned()),
+            uid: config.uid(),
+            ..ObjectReference::default()
+        },
+        None => config.object_ref(&()),
+    }
+}
+
+/// The `EndpointInCatalog` condition for `verdict`, keeping its transition time while its
+/// status stays.
+fn catalog_condition(
+    verdict: &CatalogVerdict,
+    spec: &KmsProviderConfigSpec,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: &str,
+) -> Condition {
+    let status = match verdict.condition_status() {
+        "True" => ConditionStatus::True,
+        "False" => ConditionStatus::False,
+        _ => ConditionStatus::Unknown,
+    };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == catalog::CONDITION_TYPE && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.to_owned());
+    Condition {
+        type_: catalog::CONDITION_TYPE.to_owned(),
+        status,
+        reason: verdict.reason().to_owned(),
+        message: truncate_message(&verdict.note(&spec.endpoint, spec.region.as_deref())),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
 /// The condition for a KMS failure while checking a provider: the shared mapping, with a hint.
 fn kms_outcome(err: &KmsError) -> Outcome {
     const HINT: &str = "; check the endpoint, project and the credentials in the Secret";
@@ -745,11 +830,27 @@ async fn write_status(
 ) -> Result<(), ReconcileError> {
     let previous = config.status.clone().unwrap_or_default();
     let generation = config.meta().generation;
-    let status = KmsProviderConfigStatus {
+    let now = now_rfc3339();
+    let mut status = KmsProviderConfigStatus {
         project_id: project_id.or(previous.project_id.clone()),
         observed_generation: generation,
-        conditions: conditions(outcome, generation, &previous.conditions, &now_rfc3339()),
+        conditions: conditions(outcome, generation, &previous.conditions, &now),
     };
+    // The catalog's verdict on the client in use; none when no client could be built.
+    let verdict = ctx
+        .providers
+        .entry(&config.name_any())
+        .filter(|entry| entry.provider.uid == config.uid().unwrap_or_default())
+        .and_then(|entry| entry.catalog);
+    if let Some(verdict) = verdict {
+        status.conditions.push(catalog_condition(
+            &verdict,
+            &config.spec,
+            generation,
+            &previous.conditions,
+            &now,
+        ));
+    }
     if status == previous {
         return Ok(());
     }
