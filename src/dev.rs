@@ -105,7 +105,7 @@ impl DevArgs {
             (Some(path), _) => self.with_cluster(path, &mut interrupt).await,
             (None, Some(dir)) => {
                 say(
-                    "starting the local control plane (the first run builds kube-apiserver and etcd: ~10 min)",
+                    "starting the local control plane (the first run builds kube-apiserver and etcd: ~6 min)",
                 );
                 // With --owner-pid the control plane also goes when this process dies without
                 // cleaning up (SIGKILL, a crash).
