@@ -77,6 +77,15 @@ pub struct RunArgs {
         default_value_t = 50
     )]
     pub tenant_max_requests_per_second: u32,
+    /// The most KmsGrants of one namespace that its KmsNamespacedProviderConfigs serve (0: no
+    /// limit). Objects holding a grant come first, then the oldest; the others get no grant and
+    /// the reason NamespaceObjectLimit. Lowering it revokes nothing.
+    #[arg(
+        long,
+        env = "KMSGRANT_TENANT_MAX_OBJECTS_PER_NAMESPACE",
+        default_value_t = 0
+    )]
+    pub tenant_max_objects_per_namespace: u32,
     /// Share KMS work fairly across provider configs and namespaces: a reconcile over its share
     /// is handed back to the queue so one tenant's burst never holds every worker (`false`:
     /// first come, first served).
@@ -184,6 +193,7 @@ impl RunArgs {
             tenant_allowed_networks,
             tenant_allow_http,
             tenant_max_requests_per_second,
+            tenant_max_objects_per_namespace,
             fair_scheduling,
             #[cfg(feature = "otel")]
             otlp_endpoint,
@@ -209,6 +219,7 @@ impl RunArgs {
             &tenant_allowed_networks,
             tenant_allow_http,
             tenant_max_requests_per_second,
+            tenant_max_objects_per_namespace,
         ) {
             Ok(policy) => policy,
             Err(err) => {

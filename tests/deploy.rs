@@ -361,6 +361,7 @@ crds: {install: false}
 leaderElection: {leaseName: shard-a, leaseDuration: 20s}
 appRoles: {create: false}
 admissionPolicy: {enabled: false}
+tenants: {maxObjectsPerNamespace: 25}
 ";
 
 #[test]
@@ -443,6 +444,7 @@ fn helm_chart_with_default_values_applies_cleanly_with_server_side_dry_run() {
         "--lease-name=kmsgrant-operator",
         "--log-format=json",
         "--admin-address=0.0.0.0:8080",
+        "--tenant-max-objects-per-namespace=0",
     ] {
         assert!(args.contains(&flag.to_owned()), "{flag} not in {args:?}");
     }
@@ -598,6 +600,7 @@ fn helm_chart_with_non_default_values_applies_cleanly_with_server_side_dry_run()
         "--leader-election".to_owned(),
         "--lease-name=shard-a".to_owned(),
         "--lease-duration=20s".to_owned(),
+        "--tenant-max-objects-per-namespace=25".to_owned(),
     ] {
         assert!(args.contains(&flag), "{flag} not in {args:?}");
     }

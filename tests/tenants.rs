@@ -5,7 +5,8 @@
 //! tenant policy refuses (loopback, the metadata address, a cluster Service address, a name
 //! resolving to loopback, a redirect to loopback) are refused with no connection made to them
 //! (counted on listeners of our own); deleting a tenant's objects revokes its grants and leaves
-//! the other tenant's alone.
+//! the other tenant's alone. A namespace over the platform's object limit gets no new grant,
+//! and a condition naming the rule, until one of its objects goes.
 //!
 //! The emulators listen on 127.0.0.3, the only network the operator's tenant policy allows here
 //! (`--tenant-allowed-networks 127.0.0.3/32`); the counting listeners sit on 127.0.0.1, which it
@@ -87,6 +88,11 @@ struct TenantOperator {
 
 impl TenantOperator {
     fn start(run: &str, log_name: &str) -> Self {
+        Self::start_with(run, log_name, &[])
+    }
+
+    /// With `extra` flags after the others (a flag given twice takes its last value).
+    fn start_with(run: &str, log_name: &str, extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join("kmsgrant-e2e");
         std::fs::create_dir_all(&dir).unwrap();
         let log = std::fs::File::create(dir.join(log_name)).unwrap();
@@ -103,6 +109,7 @@ impl TenantOperator {
             .args(["--tenant-endpoint-hosts", "localhost"])
             .arg("--tenant-allow-http")
             .args(["--log-level", "kmsgrant=debug,info"])
+            .args(extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
@@ -383,4 +390,125 @@ async fn two_tenants_on_two_accounts_stay_apart_and_nothing_reaches_a_refused_ad
     assert_eq!(b.grants_on_key(), 1, "B's grant untouched");
     b.wait_condition("kmsgrant", "app", "Ready", "GrantReady")
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_over_its_object_limit_gets_no_new_grant_and_a_condition_naming_the_rule() {
+    install_crds();
+    let run = format!("ns-limit-{}", std::process::id());
+    let tenant = Tenant::new(&run, "ns-limit").await;
+    // A stalled retry far beyond the test: the waiting object is served when another goes
+    // because the deletion wakes it, not because its retry came round.
+    let _operator = TenantOperator::start_with(
+        &run,
+        &format!("{run}-operator.log"),
+        &[
+            "--tenant-max-objects-per-namespace",
+            "2",
+            "--stalled-retry",
+            "10m",
+        ],
+    );
+    tenant
+        .wait_condition(
+            "kmsnamespacedproviderconfig",
+            "own",
+            "Ready",
+            "CredentialsVerified",
+        )
+        .await;
+
+    // Three at once (likely within one second of creation time: the name decides then).
+    let objects: Vec<Value> = ["first", "second", "third"]
+        .iter()
+        .map(|name| tenant.grant(name, "own", &tenant.key_id))
+        .collect();
+    tenant.apply(&json!({"apiVersion": "v1", "kind": "List", "items": objects}));
+    tenant
+        .wait_condition("kmsgrant", "first", "Ready", "GrantReady")
+        .await;
+    tenant
+        .wait_condition("kmsgrant", "second", "Ready", "GrantReady")
+        .await;
+    let message = tenant
+        .wait_condition("kmsgrant", "third", "Stalled", "NamespaceObjectLimit")
+        .await;
+    for part in [
+        "3 KmsGrants",
+        "at most 2 objects per namespace",
+        "--tenant-max-objects-per-namespace",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    let (ready, reason, _) = tenant.condition("kmsgrant", "third", "Ready");
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "NamespaceObjectLimit")
+    );
+    eventually(
+        "a Warning NamespaceObjectLimit event on the third object",
+        Duration::from_secs(30),
+        async || {
+            let out = kubectl_ok(
+                &[
+                    "-n",
+                    &tenant.namespace,
+                    "get",
+                    "events",
+                    "--field-selector",
+                    "involvedObject.name=third,reason=NamespaceObjectLimit,type=Warning",
+                    "-o",
+                    "name",
+                ],
+                None,
+            );
+            !out.trim().is_empty()
+        },
+    )
+    .await;
+    // A few more resync periods: the third stays without a grant, and no create was ever sent
+    // for it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_ne!(tenant.condition("kmsgrant", "third", "Ready").0, "True");
+    assert_eq!(tenant.grants_on_key(), 2);
+    let creates = |calls: &[kms_emulator::CallRecord]| -> Vec<String> {
+        calls
+            .iter()
+            .filter(|c| c.operation == "create-grant")
+            .map(|c| c.grant_name.clone().unwrap_or_default())
+            .collect()
+    };
+    let before = creates(&tenant.emulator.admin().calls(0));
+    assert_eq!(before.len(), 2, "one create per served object: {before:?}");
+    assert!(
+        before.iter().all(|name| !name.ends_with("/third")),
+        "{before:?}"
+    );
+
+    // One served object goes: the third is served now, long before its stalled retry.
+    kubectl_ok(
+        &[
+            "-n",
+            &tenant.namespace,
+            "delete",
+            "kmsgrant",
+            "first",
+            "--wait=false",
+        ],
+        None,
+    );
+    tenant
+        .wait_condition("kmsgrant", "third", "Ready", "GrantReady")
+        .await;
+    eventually(
+        "the first object's grant revoked, the third's in place",
+        Duration::from_secs(30),
+        async || tenant.grants_on_key() == 2,
+    )
+    .await;
+    assert!(
+        creates(&tenant.emulator.admin().calls(0))
+            .iter()
+            .any(|name| name.ends_with("/third"))
+    );
 }

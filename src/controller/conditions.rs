@@ -98,6 +98,10 @@ pub mod reasons {
     /// Stalled (KmsNamespacedProviderConfig): an endpoint the platform's tenant policy refuses
     /// (scheme, host pattern, or an address it resolves to).
     pub const ENDPOINT_NOT_ALLOWED: &str = "EndpointNotAllowed";
+    /// Stalled (KmsGrant on a KmsNamespacedProviderConfig): its namespace already has as many
+    /// objects served by tenant configs as the platform's tenant policy allows
+    /// (`--tenant-max-objects-per-namespace`); no grant is created for it.
+    pub const NAMESPACE_OBJECT_LIMIT: &str = "NamespaceObjectLimit";
     /// Reconciling (KmsProviderConfig being deleted): KmsGrants still use it.
     pub const IN_USE: &str = "InUse";
     /// `webIdentity.tokenFile` lies outside the operator's `--web-identity-token-dir`.

@@ -10,7 +10,7 @@ use kube::runtime::controller::Action;
 use super::fairness::Admission;
 use super::{Context, ReconcileError};
 use super::{execute, observe, plan, report};
-use crate::api::KmsGrant;
+use crate::api::{KmsGrant, ProviderConfigKind};
 
 #[tracing::instrument(name = "reconcile", skip_all, fields(
     kind = "KmsGrant",
@@ -37,6 +37,12 @@ const SLOT_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// observe → decide → (a fair share of KMS work) → execute → report.
 async fn pass(object: &KmsGrant, ctx: &Context) -> Result<(Action, &'static str), ReconcileError> {
+    if object.metadata.deletion_timestamp.is_some()
+        && object.spec.provider_config_ref.kind == ProviderConfigKind::KmsNamespacedProviderConfig
+    {
+        // Going, it no longer holds a place under its namespace's object limit.
+        ctx.wake_over_limit(object.metadata.namespace.as_deref().unwrap_or_default());
+    }
     let observed = observe::read(object, ctx).await?;
     let decision = plan::decide(object, observed);
     let ticket = match decision.kms_lane() {

@@ -193,6 +193,26 @@ impl Context {
         }
     }
 
+    /// Wakes the objects of `namespace` waiting under the tenant object limit
+    /// ([`tenancy::namespace_share`]): one of theirs is going, so the next may be served now
+    /// rather than at its stalled retry.
+    fn wake_over_limit(&self, namespace: &str) {
+        if self.settings.tenant_policy.max_objects_per_namespace == 0 {
+            return;
+        }
+        for object in self.grants.state() {
+            let waiting = object.metadata.namespace.as_deref() == Some(namespace)
+                && object.status.as_ref().is_some_and(|status| {
+                    status.conditions.iter().any(|c| {
+                        c.type_ == conditions::READY && c.reason == reasons::NAMESPACE_OBJECT_LIMIT
+                    })
+                });
+            if waiting {
+                let _ = self.wake.send(ObjectRef::from_obj(object.as_ref()));
+            }
+        }
+    }
+
     /// Wakes the objects (by UID) whose cleanup waits for a walk that has now been made.
     fn wake_deleting(&self, uids: &[String]) {
         if uids.is_empty() {

@@ -41,6 +41,17 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
         true => Observation::Deleting(Err(stop)),
         false => Observation::Live(Err(stop)),
     };
+    // The platform's limit on objects its tenants' configs serve per namespace, counted in the
+    // object cache (no list): an object beyond it reads and calls nothing.
+    if !deleting
+        && let Err(outcome) = super::tenancy::namespace_share(
+            || ctx.grants.state(),
+            ctx.settings.tenant_policy.max_objects_per_namespace,
+            object,
+        )
+    {
+        return Ok(stopped(Stop::Halted(outcome)));
+    }
     let spec = &object.spec;
     let status = object.status.clone().unwrap_or_default();
     let config_name = &super::provider::key_of(object);
