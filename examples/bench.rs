@@ -1,5 +1,5 @@
 //! The benchmark (never a test): the operator binary against a real local control plane and the
-//! in-process emulator, scenario by scenario (converge, steady, drift, change, delete), with the
+//! in-process emulator, scenario by scenario (converge, steady, drift, change, delete, failover), with the
 //! emulator's latency and throttle and the provider config's rate limit as parameters. Prints a
 //! table, writes JSON and regenerates `docs/benchmarks.md`. Run through `scripts/bench`, which
 //! starts the control plane, builds the operator and passes both.
@@ -67,7 +67,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "converge,steady,drift,change,delete"
+        default_value = "converge,steady,drift,change,failover,delete"
     )]
     scenarios: Vec<String>,
     /// Where to write the JSON figures.
@@ -133,19 +133,47 @@ impl Operator {
 
     /// One series of the operator's /metrics.
     async fn metric(&self, name: &str) -> Option<f64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(&self.admin).await.ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n")
-            .await
-            .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.ok()?;
-        text.lines()
-            .find(|l| l.starts_with(name) && !l.starts_with('#'))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse().ok())
+        metric(&self.admin, name).await
     }
+}
+
+/// The operator's /metrics at `admin` (empty when it does not answer).
+async fn metrics_text(admin: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(admin).await else {
+        return String::new();
+    };
+    if stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text).await;
+    text
+}
+
+/// One series of the operator's /metrics at `admin`.
+async fn metric(admin: &str, name: &str) -> Option<f64> {
+    metrics_text(admin)
+        .await
+        .lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The series of `text` whose name and labels start with `prefix`, each by its labels.
+fn series_by_labels(text: &str, prefix: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series[prefix.len()..].to_owned(), value.parse().ok()?))
+        })
+        .collect()
 }
 
 impl Drop for Operator {
@@ -242,13 +270,19 @@ struct Run<'a> {
     keys: usize,
     namespace: String,
     emulator: kms_emulator::RunningEmulator,
-    operator: Operator,
+    /// The running operator (the failover scenario replaces it).
+    operator: Mutex<Operator>,
     seen: Arc<Mutex<Seen>>,
     api: Api<KmsGrant>,
     apply: PatchParams,
 }
 
 impl Run<'_> {
+    /// The admin address of the running operator.
+    fn admin(&self) -> String {
+        self.operator.lock().unwrap().admin.clone()
+    }
+
     fn deadline(&self, started: Instant, what: &str) -> anyhow::Result<()> {
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(self.args.timeout),
@@ -266,11 +300,11 @@ impl Run<'_> {
     {
         let kms_before = self.emulator.admin().stats();
         let kube_before = apiserver_requests(&self.client).await;
-        let (_, _, cpu_before) = self.operator.usage();
+        let (_, _, cpu_before) = self.operator.lock().unwrap().usage();
         let started = Instant::now();
         let mut figures = body().await?;
         let elapsed = started.elapsed().as_secs_f64();
-        let (peak, rss, cpu_after) = self.operator.usage();
+        let (peak, rss, cpu_after) = self.operator.lock().unwrap().usage();
         let kms = kms_delta(&self.emulator.admin().stats(), &kms_before);
         let kube = delta(&apiserver_requests(&self.client).await, &kube_before);
         let kube_writes: u64 = kube
@@ -300,11 +334,7 @@ impl Run<'_> {
         figures_obj.insert("operator_rss_mib".into(), json!(rss as f64 / 1024.0));
         figures_obj.insert(
             "learned_rate".into(),
-            json!(
-                self.operator
-                    .metric("kmsgrant_kms_rate_limit_requests_per_second")
-                    .await
-            ),
+            json!(metric(&self.admin(), "kmsgrant_kms_rate_limit_requests_per_second").await),
         );
         eprintln!("bench: {name} done in {elapsed:.1} s");
         Ok(figures)
@@ -493,6 +523,102 @@ impl Run<'_> {
         )
     }
 
+    /// Stops the operator (`stop`) and starts a new one on objects that are all in sync, and
+    /// measures the new one from its start until steady: every object reconciled once (its
+    /// `kmsgrant_reconciles_total` for KmsGrants reaches N), then the KMS call log quiet for two
+    /// seconds; the time is until the last call or the last first reconcile, whichever is later.
+    /// The floor is what it takes to know the cloud again: one list walk (one page, ≤ 100
+    /// grants) and one describe per key; nothing is written anywhere.
+    async fn failover(&self, stop: Stop, log: &std::path::Path) -> anyhow::Result<Value> {
+        let name = stop.scenario();
+        eprintln!("bench: {name}");
+        {
+            let mut old = self.operator.lock().unwrap();
+            let pid = old.pid().to_string();
+            match stop {
+                Stop::Kill => old.child.kill()?,
+                Stop::Term => {
+                    let sent = Command::new("kill").args(["-TERM", &pid]).status()?;
+                    anyhow::ensure!(sent.success(), "cannot signal the operator ({pid})");
+                }
+            }
+            let status = old.child.wait()?;
+            if matches!(stop, Stop::Term) {
+                anyhow::ensure!(
+                    status.success(),
+                    "the operator's clean stop exited {status}"
+                );
+            }
+        }
+        let kms_before = self.emulator.admin().stats();
+        let kube_before = apiserver_requests(&self.client).await;
+        let started = Instant::now();
+        let log = log.with_extension(match stop {
+            Stop::Kill => "after-sigkill.log",
+            Stop::Term => "after-sigterm.log",
+        });
+        let new = start_operator(self.args, &self.namespace, &log)?;
+        let admin = new.admin.clone();
+        *self.operator.lock().unwrap() = new;
+        let reconciles = async || -> f64 {
+            series_by_labels(
+                &metrics_text(&admin).await,
+                "kmsgrant_reconciles_total{kind=\"KmsGrant\"",
+            )
+            .values()
+            .sum()
+        };
+        while reconciles().await < self.grants as f64 {
+            self.deadline(started, &format!("{name}: every object reconciled once"))?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let reconciled = started.elapsed().as_secs_f64();
+        let calls = || all_calls(&kms_delta(&self.emulator.admin().stats(), &kms_before));
+        let (mut seen, mut last_change) = (calls(), Instant::now());
+        while last_change.elapsed() < Duration::from_secs(2) {
+            self.deadline(started, &format!("{name}: KMS calls quiet"))?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = calls();
+            if now != seen {
+                (seen, last_change) = (now, Instant::now());
+            }
+        }
+        let seconds = last_change.saturating_duration_since(started).as_secs_f64();
+        let (peak, rss, cpu) = self.operator.lock().unwrap().usage();
+        let kms = kms_delta(&self.emulator.admin().stats(), &kms_before);
+        let kube = delta(&apiserver_requests(&self.client).await, &kube_before);
+        let kube_writes: u64 = kube
+            .iter()
+            .filter(|(k, _)| is_write(k))
+            .map(|(_, v)| v)
+            .sum();
+        let own_writes = series_by_labels(
+            &metrics_text(&admin).await,
+            "kmsgrant_grant_kube_writes_total",
+        );
+        let total = all_calls(&kms);
+        eprintln!("bench: {name} steady in {seconds:.1} s");
+        Ok(json!({
+            "scenario": name,
+            "seconds": seconds,
+            "reconciled_seconds": reconciled,
+            "floor": 2 * self.keys,
+            "kms_calls": kms,
+            "kms_calls_total": total,
+            "kms_throttled": throttled(&kms),
+            "kms_throttled_share": if total == 0 { 0.0 } else { throttled(&kms) as f64 / total as f64 },
+            "kube_requests": kube,
+            "kube_writes": kube_writes,
+            "operator_kube_writes": own_writes,
+            // The new process's own, from its start.
+            "operator_cpu_seconds": cpu,
+            "operator_peak_rss_mib": peak as f64 / 1024.0,
+            "operator_rss_mib": rss as f64 / 1024.0,
+            "learned_rate": metric(&admin, "kmsgrant_kms_rate_limit_requests_per_second").await,
+            "operator_log": log,
+        }))
+    }
+
     async fn delete(&self) -> anyhow::Result<Value> {
         let started = Instant::now();
         self.api
@@ -515,6 +641,46 @@ impl Run<'_> {
         // One revoke per object, and the one fresh list per key that finds a grant whose create
         // answer was lost (the objects being deleted on a key share it).
         Ok(json!({"seconds": started.elapsed().as_secs_f64(), "floor": self.grants + self.keys}))
+    }
+}
+
+/// Starts the operator on `namespace`, logging to `log`, with its admin server on a free port.
+fn start_operator(args: &Args, namespace: &str, log: &std::path::Path) -> anyhow::Result<Operator> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let admin = format!("127.0.0.1:{port}");
+    let file = std::fs::File::create(log)?;
+    let child = Command::new(&args.operator)
+        .args(["run", "--allow-http-endpoints", "--kubeconfig"])
+        .arg(&args.kubeconfig)
+        .args(["--namespace", namespace, "--secret-namespace", namespace])
+        .args(["--resync-interval", &format!("{}s", args.resync)])
+        .args(["--concurrency", &args.concurrency.to_string()])
+        .args(["--admin-address", &admin, "--log-level", &args.log_level])
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", args.operator.display()))?;
+    Ok(Operator { child, admin })
+}
+
+/// How the failover scenario stops the running operator.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// SIGKILL, as a crash or an OOM kill.
+    Kill,
+    /// SIGTERM, as Kubernetes stops a pod; waits for the exit.
+    Term,
+}
+
+impl Stop {
+    fn scenario(self) -> &'static str {
+        match self {
+            Self::Kill => "failover (SIGKILL)",
+            Self::Term => "failover (SIGTERM)",
+        }
     }
 }
 
@@ -581,25 +747,8 @@ async fn run_one(
         .patch(&namespace, &apply, &Patch::Apply(&provider))
         .await?;
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let admin = format!("127.0.0.1:{port}");
     let log = std::env::temp_dir().join(format!("{namespace}-operator.log"));
-    let file = std::fs::File::create(&log)?;
-    let child = Command::new(&args.operator)
-        .args(["run", "--allow-http-endpoints", "--kubeconfig"])
-        .arg(&args.kubeconfig)
-        .args(["--namespace", &namespace, "--secret-namespace", &namespace])
-        .args(["--resync-interval", &format!("{}s", args.resync)])
-        .args(["--concurrency", &args.concurrency.to_string()])
-        .args(["--admin-address", &admin, "--log-level", &args.log_level])
-        .stdout(file.try_clone()?)
-        .stderr(file)
-        .stdin(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot start {}", args.operator.display()))?;
-    let operator = Operator { child, admin };
+    let operator = start_operator(args, &namespace, &log)?;
 
     let api: Api<KmsGrant> = Api::namespaced(client.clone(), &namespace);
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -661,7 +810,7 @@ async fn run_one(
         keys,
         namespace: namespace.clone(),
         emulator,
-        operator,
+        operator: Mutex::new(operator),
         seen,
         api,
         apply,
@@ -675,11 +824,18 @@ async fn run_one(
             "drift" => run.measured("drift", || run.drift()).await?,
             "change" => run.measured("change", || run.change()).await?,
             "delete" => run.measured("delete", || run.delete()).await?,
+            "failover" => {
+                // Two rows: a crash, then a clean stop, each followed by a new operator.
+                for stop in [Stop::Kill, Stop::Term] {
+                    scenarios.push(run.failover(stop, &log).await?);
+                }
+                continue;
+            }
             other => anyhow::bail!("unknown scenario {other:?}"),
         };
         scenarios.push(figures);
     }
-    let (peak, _, cpu) = run.operator.usage();
+    let (peak, _, cpu) = run.operator.lock().unwrap().usage();
     watch.abort();
     drop(run.operator);
     let _ = Api::<Namespace>::all(client.clone())
@@ -808,6 +964,12 @@ fn table(report: &Value, args: &Args) -> String {
                     s["revoked"], args.resync
                 ),
                 "change" => format!("{} objects changed", s["changed"]),
+                failover if failover.starts_with("failover") => format!(
+                    "new operator: every object reconciled by {:.1} s, steady (KMS quiet) at {:.1} s; its CPU and peak RSS from its start; its own KmsGrant writes: {}",
+                    f(s, "reconciled_seconds"),
+                    f(s, "seconds"),
+                    s["operator_kube_writes"]
+                ),
                 _ => String::new(),
             };
             let _ = writeln!(
@@ -944,6 +1106,53 @@ fn targets(report: &Value, args: &Args) -> String {
                     args.resync
                 ),
                 seconds <= args.resync as f64,
+            );
+        }
+        for s in run["scenarios"].as_array().into_iter().flatten() {
+            let name = s["scenario"].as_str().unwrap_or_default();
+            if !name.starts_with("failover") {
+                continue;
+            }
+            let (calls, floor) = (f(s, "kms_calls_total"), f(s, "floor"));
+            line(
+                format!(
+                    "{name}: KMS calls {calls:.0} ≤ 1.02 × {k} lists + {k} describes ({:.3} ×)",
+                    calls / floor
+                ),
+                calls <= 1.02 * floor,
+            );
+            let kms_writes: u64 = ["create-grant", "revoke-grant", "retire-grant"]
+                .iter()
+                .filter_map(|op| s["kms_calls"][op].as_object())
+                .flat_map(|o| o.values().filter_map(Value::as_u64))
+                .sum();
+            line(
+                format!("{name}: {kms_writes} KMS writes (none)"),
+                kms_writes == 0,
+            );
+            let kube = |keys: &[&str]| -> u64 {
+                keys.iter()
+                    .filter_map(|k| s["kube_requests"][k].as_u64())
+                    .sum()
+            };
+            let (status, events, patches) = (
+                status_writes(s),
+                kube(&["POST events", "PATCH events", "PUT events"]),
+                kube(&["PATCH kmsgrants", "APPLY kmsgrants", "PUT kmsgrants"]),
+            );
+            line(
+                format!(
+                    "{name}: {status} status writes, {events} event writes, {patches} object patches for {n} objects in sync (none)"
+                ),
+                status == 0 && events == 0 && patches == 0,
+            );
+            let bound = calls / throttle_rate;
+            let seconds = f(s, "seconds");
+            line(
+                format!(
+                    "{name}: steady in {seconds:.1} s ≤ 1.2 × the {bound:.1} s its KMS calls take at the throttle"
+                ),
+                seconds <= 1.2 * bound,
             );
         }
         for name in ["change", "delete"] {
@@ -1108,7 +1317,7 @@ async fn main() -> anyhow::Result<()> {
         );
         let _ = writeln!(
             doc,
-            "- the emulator's grants-per-key quota is raised to the grants per key + 10 % (a full key has no room for the change scenario's create-before-revoke), its keys quota to K + 10; KMS calls are counted on the emulator (every attempt, 429s included); floors: converge N creates + K lists + K describes, change one create and one revoke per change, delete one revoke per object and one list per key (the fresh list that finds a grant whose create answer was lost)"
+            "- the emulator's grants-per-key quota is raised to the grants per key + 10 % (a full key has no room for the change scenario's create-before-revoke), its keys quota to K + 10; KMS calls are counted on the emulator (every attempt, 429s included); floors: converge N creates + K lists + K describes, change one create and one revoke per change, delete one revoke per object and one list per key (the fresh list that finds a grant whose create answer was lost), failover (a new operator after SIGKILL, then after SIGTERM, on objects in sync) K lists + K describes and no write; its time is from the new process's start until every object was reconciled once and the KMS calls went quiet for 2 s"
         );
         doc.push_str(&table);
         if let Ok(extra) = std::env::var("KMSGRANT_BENCH_NOTE") {

@@ -35,6 +35,12 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KubeWriteLabels {
+    write: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KmsCallLabels {
     operation: &'static str,
     outcome: &'static str,
@@ -133,6 +139,7 @@ pub struct Metrics {
     learned_rate: Gauge<f64, AtomicU64>,
     objects: Family<ConditionLabels, Gauge>,
     drift_repairs: Counter,
+    kube_writes: Family<KubeWriteLabels, Counter>,
     cache_lookups: Family<CacheLabels, Counter>,
     leader: Gauge,
     /// The condition each object was last seen in, to keep the `objects` gauge exact.
@@ -243,6 +250,13 @@ impl Metrics {
             "drift_repairs",
             "Grants recreated after vanishing from the cloud",
             drift_repairs.clone(),
+        );
+        let kube_writes = Family::<KubeWriteLabels, Counter>::default();
+        registry.register(
+            "grant_kube_writes",
+            "Writes to the API server for KmsGrants (write: finalizer, status, event) by outcome \
+             (ok, not_found, conflict, error)",
+            kube_writes.clone(),
         );
         let cache_lookups = Family::<CacheLabels, Counter>::default();
         registry.register(
@@ -371,6 +385,7 @@ impl Metrics {
             learned_rate,
             objects,
             drift_repairs,
+            kube_writes,
             cache_lookups,
             leader,
             object_conditions: Mutex::new(HashMap::new()),
@@ -536,6 +551,20 @@ impl Metrics {
                 .get_or_create(&ConditionLabels { condition })
                 .inc();
         }
+    }
+
+    /// One write to the API server for a KmsGrant: `write` is `finalizer`, `status` or `event`.
+    /// `failed`: the error it met, `None` when it succeeded.
+    pub fn grant_kube_write(&self, write: &'static str, failed: Option<&kube::Error>) {
+        let outcome = match failed {
+            None => "ok",
+            Some(kube::Error::Api(status)) if status.is_not_found() => "not_found",
+            Some(kube::Error::Api(status)) if status.code == 409 => "conflict",
+            Some(_) => "error",
+        };
+        self.kube_writes
+            .get_or_create(&KubeWriteLabels { write, outcome })
+            .inc();
     }
 
     pub fn drift_repaired(&self) {

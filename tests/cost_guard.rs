@@ -321,7 +321,8 @@ async fn deleting_200_grants_on_4_keys_revokes_each_once_and_shares_the_lists() 
     let keys: Vec<String> = (0..KEYS)
         .map(|i| env.new_key(&format!("delete-{i}")))
         .collect();
-    env.start_operator();
+    let port = support::free_port();
+    env.start_operator_with(&["--admin-address", &format!("127.0.0.1:{port}")]);
     let items: Vec<Value> = (0..GRANTS)
         .map(|i| env.grant(&format!("d{i:03}"), &keys[i % KEYS], json!({})))
         .collect();
@@ -348,6 +349,15 @@ async fn deleting_200_grants_on_4_keys_revokes_each_once_and_shares_the_lists() 
         })
         .unwrap();
     let before = env.emulator.admin().calls(0).last().map_or(0, |c| c.seq);
+    let finalizer_writes = async || -> f64 {
+        grant_kube_writes(port)
+            .await
+            .iter()
+            .filter(|(labels, _)| labels.contains("write=\"finalizer\""))
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let finalizer_writes_before = finalizer_writes().await;
     let client = kube::Client::try_from(
         kube::Config::from_custom_kubeconfig(
             kube::config::Kubeconfig::read_from(support::kubeconfig()).unwrap(),
@@ -390,6 +400,15 @@ async fn deleting_200_grants_on_4_keys_revokes_each_once_and_shares_the_lists() 
         calls.len()
     );
     assert_eq!(revokes, GRANTS, "one revoke per object");
+    // One finalizer patch per object, the one that releases it: none repeated, none sent to an
+    // object already gone.
+    let finalizer_patches = finalizer_writes().await - finalizer_writes_before;
+    assert_eq!(
+        finalizer_patches,
+        GRANTS as f64,
+        "finalizer patches to delete {GRANTS} objects: {:?}",
+        grant_kube_writes(port).await
+    );
     // Each deletion needs a list that started after it was asked for; the objects being deleted
     // on a key share one, so a few walks per key (the deletions arrive over a moment, not at
     // once), and the drift detector's one per key per period — not one per object.
@@ -398,4 +417,164 @@ async fn deleting_200_grants_on_4_keys_revokes_each_once_and_shares_the_lists() 
         lists <= allowed,
         "{lists} list-grants walks to delete {GRANTS} objects on {KEYS} keys (allowed {allowed})"
     );
+}
+
+/// The operator's own count of its writes to the API server for KmsGrants, by write (finalizer,
+/// status, event) and outcome, from its /metrics.
+async fn grant_kube_writes(port: u16) -> BTreeMap<String, f64> {
+    support::metrics(port)
+        .await
+        .lines()
+        .filter_map(|line| line.strip_prefix("kmsgrant_grant_kube_writes_total"))
+        .filter_map(|rest| {
+            let (labels, value) = rest.rsplit_once(' ')?;
+            Some((labels.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// KmsGrant reconciles the operator has finished, any result, from its /metrics.
+async fn grant_reconciles(port: u16) -> f64 {
+    support::metrics(port)
+        .await
+        .lines()
+        .filter(|line| line.starts_with("kmsgrant_reconciles_total{kind=\"KmsGrant\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A new operator takes over objects that are all in sync, after its predecessor crashed
+/// (SIGKILL) and after it stopped cleanly (SIGTERM). Steady means: every object reconciled once
+/// (the operator's reconcile count reaches the number of objects) and then the KMS call log quiet
+/// for two seconds. The cost model's floor for a takeover is what it takes to know the cloud: one
+/// `list-grants` walk per key (one page here: 50 grants) and one `describe-key` per key, plus the
+/// provider config's credential check (`user-quotas`); nothing is written anywhere — no
+/// create or revoke, no status, no event, no finalizer, for objects already in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_operator_after_a_crash_or_a_clean_stop_reaches_steady_with_one_list_per_key_and_no_write()
+ {
+    let _turn = TURNS.lock().await;
+    // Longer than the test: the only drift pass in the window is the one a start makes.
+    let resync = "10m";
+    let mut env = Env::new("cost-failover", EmulatorConfig::for_tests(), resync).await;
+    let keys: Vec<String> = (0..KEYS)
+        .map(|i| env.new_key(&format!("failover-{i}")))
+        .collect();
+    let start = |env: &mut Env| -> u16 {
+        let port = support::free_port();
+        env.operator = Some(support::Operator::start_with(
+            &env.namespace,
+            resync,
+            &["--admin-address", &format!("127.0.0.1:{port}")],
+        ));
+        port
+    };
+    start(&mut env);
+    let items: Vec<Value> = (0..GRANTS)
+        .map(|i| env.grant(&format!("f{i:03}"), &keys[i % KEYS], json!({})))
+        .collect();
+    env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "wait",
+            "--for=condition=Ready",
+            "kmsgrants.kmsgrant.io",
+            "--all",
+            "--timeout=240s",
+        ],
+        None,
+    );
+    // The events that follow each status write land.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status_writes = watch_status_writes(&env.namespace).await;
+
+    for stop in ["SIGKILL", "SIGTERM"] {
+        let mut operator = env.operator.take().expect("an operator runs");
+        match stop {
+            "SIGKILL" => operator.kill(),
+            _ => assert!(operator.terminate().success(), "a clean stop exits 0"),
+        }
+        let status_writes_before = status_writes.lock().unwrap().total();
+        let before_kube = written_objects(&env);
+        let before = support::last_seq(&env);
+        let started = std::time::Instant::now();
+        let port = start(&mut env);
+        support::eventually(
+            &format!("every object reconciled once by the operator started after {stop}"),
+            Duration::from_secs(120),
+            async || grant_reconciles(port).await >= GRANTS as f64,
+        )
+        .await;
+        // Then the KMS call log quiet for two seconds.
+        let mut seen = support::last_seq(&env);
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let now = support::last_seq(&env);
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
+        let steady = started.elapsed().saturating_sub(Duration::from_secs(2));
+        let calls = env.emulator.admin().calls(before);
+        let writes = grant_kube_writes(port).await;
+        eprintln!(
+            "after {stop}: steady in {steady:?} (reconciles {}), KMS calls {:?}, kube writes {writes:?}",
+            grant_reconciles(port).await,
+            calls
+                .iter()
+                .fold(BTreeMap::<&str, usize>::new(), |mut by, c| {
+                    *by.entry(c.operation.as_str()).or_default() += 1;
+                    by
+                })
+        );
+        for key in &keys {
+            let on_key = |op: &str| {
+                calls
+                    .iter()
+                    .filter(|c| c.operation == op && c.key_id.as_deref() == Some(key.as_str()))
+                    .count()
+            };
+            assert_eq!(on_key("list-grants"), 1, "list walks of {key} after {stop}");
+            assert!(
+                on_key("describe-key") <= 1,
+                "{} describe-key of {key} after {stop}",
+                on_key("describe-key")
+            );
+        }
+        let beyond: Vec<&str> = calls
+            .iter()
+            .map(|c| c.operation.as_str())
+            .filter(|op| !["list-grants", "describe-key", "user-quotas"].contains(op))
+            .collect();
+        assert!(
+            beyond.is_empty(),
+            "KMS calls beyond the floor after {stop}: {beyond:?}"
+        );
+        assert!(
+            count(&calls, "user-quotas") <= 2,
+            "{} credential checks after {stop}",
+            count(&calls, "user-quotas")
+        );
+        assert!(
+            writes.is_empty(),
+            "writes for KmsGrants by the operator started after {stop}: {writes:?}"
+        );
+        let changed: Vec<String> = written_objects(&env)
+            .into_iter()
+            .filter(|(name, version)| before_kube.get(name) != Some(version))
+            .map(|(name, _)| name)
+            .collect();
+        assert!(
+            changed.is_empty(),
+            "Kubernetes objects written after {stop}: {changed:?}"
+        );
+        assert_eq!(
+            status_writes.lock().unwrap().total(),
+            status_writes_before,
+            "status writes after {stop}"
+        );
+    }
 }

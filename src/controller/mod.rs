@@ -359,7 +359,7 @@ pub async fn run(
     // Objects to reconcile now: on keys whose grants or state changed, in relabelled namespaces.
     let (drift_tx, drift_rx) = mpsc::unbounded_channel::<ObjectRef<KmsGrant>>();
     let ctx = Arc::new(Context {
-        recorder: report::Events::new(client.clone(), reporter),
+        recorder: report::Events::new(client.clone(), reporter, metrics.clone()),
         keys: cache::KeyCache::default(),
         providers: provider::ProviderRegistry::new(provider_store.clone(), tenant_store.clone()),
         provider_configs: provider_store.clone(),

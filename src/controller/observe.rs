@@ -18,6 +18,10 @@ use super::{Context, ReconcileError, keyref};
 use crate::api::{KmsGrant, KmsGrantStatus};
 use kmsgrant_kms::{ErrorClass, ErrorReason, Grant, KeyState, KmsError};
 
+/// How long a pass waits for this process's first check of the object's provider config
+/// before it reports the config as not Ready (the check is one KMS call).
+const PROVIDER_CHECK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Everything one pass of `object` needs to decide; `Err` only when Kubernetes cannot be read.
 pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation, ReconcileError> {
     let Some(uid) = object.uid() else {
@@ -68,6 +72,10 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
     .into_iter()
     .flatten()
     .collect();
+    // A new operator's first pass of an object may come before its first check of the config.
+    ctx.providers
+        .until_checked(config_name, PROVIDER_CHECK_WAIT)
+        .await;
     let view = ctx
         .providers
         .view(

@@ -117,6 +117,10 @@ struct Entry {
 /// The providers by config name, checked against the config objects the operator sees.
 pub struct ProviderRegistry {
     providers: RwLock<HashMap<String, Entry>>,
+    /// The UID of each config object this process has checked at least once (whatever the check
+    /// found), by registry key: until then a config's Ready in the API server is the previous
+    /// operator's word, and "no provider here" means "not checked yet", not "not Ready".
+    checked: RwLock<HashMap<String, String>>,
     configs: Store<KmsProviderConfig>,
     tenant_configs: Store<KmsNamespacedProviderConfig>,
 }
@@ -128,6 +132,7 @@ impl ProviderRegistry {
     ) -> Self {
         Self {
             providers: RwLock::default(),
+            checked: RwLock::default(),
             configs,
             tenant_configs,
         }
@@ -165,6 +170,36 @@ impl ProviderRegistry {
                 .await?
                 .is_some(),
         })
+    }
+
+    /// Notes that this process has checked the config object `uid` behind `name`.
+    fn mark_checked(&self, name: &str, uid: Option<String>) {
+        if let Some(uid) = uid {
+            self.checked
+                .write()
+                .expect("registry lock")
+                .insert(name.to_owned(), uid);
+        }
+    }
+
+    /// Waits, at most `wait`, until this process has checked the config behind `name` once
+    /// (returns at once when the cache holds no such config). A new operator starts its grant
+    /// and provider controllers together: without this, the grants it reaches before its first
+    /// check of their config would be written NotReady (status and a Warning event) and back,
+    /// though nothing changed.
+    pub async fn until_checked(&self, name: &str, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let Some(uid) = self.cached_uid(name) else {
+                return;
+            };
+            if self.checked.read().expect("registry lock").get(name) == Some(&uid)
+                || tokio::time::Instant::now() >= deadline
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The provider KmsGrants may use: built for the config object that exists now and verified.
@@ -315,7 +350,9 @@ pub async fn reconcile(
         }
     };
     let settled_retry = ctx.settings.provider_check_interval;
-    let outcome = match check(&config, &ctx).await {
+    let checked = check(&config, &ctx).await;
+    ctx.providers.mark_checked(&name, config.uid());
+    let outcome = match checked {
         Checked::Ready(project_id) => {
             write_status(
                 &config,

@@ -66,12 +66,21 @@ pub(super) async fn write(
         }
     }
     if let Some(present) = finalizer {
-        match patch_finalizer(&api(object, &ctx.client), object, FINALIZER, present).await {
+        let patched = patch_finalizer(&api(object, &ctx.client), object, FINALIZER, present).await;
+        ctx.metrics.grant_kube_write(
+            "finalizer",
+            match &patched {
+                Err(ReconcileError::Kube(err)) => Some(err),
+                _ => None,
+            },
+        );
+        match patched {
+            Ok(()) => until_finalizer_cached(ctx, object, present).await,
             // Gone already: this pass ran from a cache that had not yet seen an earlier one
             // release the object; what deletion waited for is done.
             Err(ReconcileError::Kube(kube::Error::Api(status)))
                 if !present && status.is_not_found() => {}
-            result => result?,
+            Err(err) => return Err(err),
         }
     }
     let mut reason = match (pass, finalizer) {
@@ -191,8 +200,10 @@ pub(super) async fn write_status(
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(patch),
         )
-        .await
-        .map_err(ReconcileError::Kube)?;
+        .await;
+    ctx.metrics
+        .grant_kube_write("status", written.as_ref().err());
+    let written = written.map_err(ReconcileError::Kube)?;
     until_cached(ctx, object, &written).await;
     Ok(())
 }
@@ -212,6 +223,31 @@ async fn until_cached(ctx: &Context, object: &KmsGrant, written: &KmsGrant) {
         }
         if tokio::time::Instant::now() >= deadline {
             tracing::debug!("the object cache does not show the status written yet");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits, briefly, until the object cache shows the finalizer patch just made: the finalizer
+/// there (`present`) or not, or the object gone (a release deletes it). A reconcile of the object
+/// queued meanwhile (the drift detector wakes every object on a key whose grants changed, so a
+/// revoke wakes the objects being deleted beside it) starts from the cache once this one returns;
+/// from the version before the patch it would patch again — after a release, an object already
+/// gone (one wasted write per such object; 45 for 2,000 deletions before this wait).
+async fn until_finalizer_cached(ctx: &Context, object: &KmsGrant, present: bool) {
+    let object_ref = ObjectRef::from_obj(object);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match ctx.grants.get(&object_ref) {
+            Some(cached)
+                if cached.uid() == object.uid()
+                    && cached.finalizers().iter().any(|f| f == FINALIZER) != present => {}
+            // Cached, or gone from the cache (deleted, or no longer selected).
+            _ => return,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::debug!("the object cache does not show the finalizer patch yet");
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -249,14 +285,20 @@ pub(super) struct Events {
     recorder: Recorder,
     client: Client,
     reporter: Reporter,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Events {
-    pub(super) fn new(client: Client, reporter: Reporter) -> Self {
+    pub(super) fn new(
+        client: Client,
+        reporter: Reporter,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             recorder: Recorder::new(client.clone(), reporter.clone()),
             client,
             reporter,
+            metrics,
         }
     }
 
@@ -275,7 +317,10 @@ impl Events {
             action: "Reconcile".into(),
             secondary: None,
         };
-        if let Err(err) = self.publish(&event, regarding).await {
+        let published = self.publish(&event, regarding).await;
+        self.metrics
+            .grant_kube_write("event", published.as_ref().err());
+        if let Err(err) = published {
             tracing::warn!(error = %err, "cannot publish event");
         }
     }
