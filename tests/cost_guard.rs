@@ -411,8 +411,9 @@ async fn deleting_200_grants_on_4_keys_revokes_each_once_and_shares_the_lists() 
     );
     // Each deletion needs a list that started after it was asked for; the objects being deleted
     // on a key share one, so a few walks per key (the deletions arrive over a moment, not at
-    // once), and the drift detector's one per key per period — not one per object.
-    let allowed = KEYS * (4 + periods as usize + 1);
+    // once: 14 to 24 walks for the 4 keys measured alone, more spread on a loaded machine), and
+    // the drift detector's one per key per period — never one per object (50 per key here).
+    let allowed = KEYS * (8 + periods as usize + 1);
     assert!(
         lists <= allowed,
         "{lists} list-grants walks to delete {GRANTS} objects on {KEYS} keys (allowed {allowed})"
