@@ -133,6 +133,7 @@ pub struct Metrics {
     learned_rate: Gauge<f64, AtomicU64>,
     objects: Family<ConditionLabels, Gauge>,
     drift_repairs: Counter,
+    cluster_name_conflicts: Counter,
     cache_lookups: Family<CacheLabels, Counter>,
     leader: Gauge,
     /// The condition each object was last seen in, to keep the `objects` gauge exact.
@@ -243,6 +244,12 @@ impl Metrics {
             "drift_repairs",
             "Grants recreated after vanishing from the cloud",
             drift_repairs.clone(),
+        );
+        let cluster_name_conflicts = Counter::default();
+        registry.register(
+            "cluster_name_conflicts",
+            "KmsGrants found sharing their identity with another live cluster of the same cluster name (reason ClusterNameInUse), counted when found",
+            cluster_name_conflicts.clone(),
         );
         let cache_lookups = Family::<CacheLabels, Counter>::default();
         registry.register(
@@ -371,6 +378,7 @@ impl Metrics {
             learned_rate,
             objects,
             drift_repairs,
+            cluster_name_conflicts,
             cache_lookups,
             leader,
             object_conditions: Mutex::new(HashMap::new()),
@@ -540,6 +548,11 @@ impl Metrics {
 
     pub fn drift_repaired(&self) {
         self.drift_repairs.inc();
+    }
+
+    /// An object was found sharing its identity with another live cluster.
+    pub fn cluster_name_conflict(&self) {
+        self.cluster_name_conflicts.inc();
     }
 
     pub fn cache_lookup(&self, hit: bool) {
