@@ -726,6 +726,29 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             })
         })
         .count();
+    // One cluster, many replicas: a ClusterNameInUse (an event ever, or a condition now) is a
+    // false detection of a second writer (lost answers, leader changes, crashes, the skewed
+    // replica must never look like one).
+    let conflict_events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(client.clone(), &env.namespace);
+    let false_conflicts = conflict_events
+        .list(&ListParams::default())
+        .await
+        .map(|list| {
+            list.items
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some("ClusterNameInUse"))
+                .count()
+        })
+        .unwrap_or_default()
+        + objects
+            .iter()
+            .filter(|o| {
+                o.status
+                    .as_ref()
+                    .is_some_and(|s| s.conditions.iter().any(|c| c.reason == "ClusterNameInUse"))
+            })
+            .count();
     let mut o = obs.lock().unwrap();
     // The calls made while settling belong to the story too.
     let after = o.call_log.last().map_or(0, |c| c.seq);
@@ -789,29 +812,6 @@ async fn chaos_soak_keeps_every_identity_invariant() {
         .filter(|at| o.outages.iter().any(|(from, to)| *at >= from && *at <= to))
         .count();
     let cross = o.cross_identity.len();
-    // One cluster, many replicas: a ClusterNameInUse (an event ever, or a condition now) is a
-    // false detection of a second writer (lost answers, leader changes, crashes, the skewed
-    // replica must never look like one).
-    let conflict_events: Api<k8s_openapi::api::core::v1::Event> =
-        Api::namespaced(client.clone(), &env.namespace);
-    let false_conflicts = conflict_events
-        .list(&ListParams::default())
-        .await
-        .map(|list| {
-            list.items
-                .iter()
-                .filter(|e| e.reason.as_deref() == Some("ClusterNameInUse"))
-                .count()
-        })
-        .unwrap_or_default()
-        + objects
-            .iter()
-            .filter(|o| {
-                o.status
-                    .as_ref()
-                    .is_some_and(|s| s.conditions.iter().any(|c| c.reason == "ClusterNameInUse"))
-            })
-            .count();
     // Keyless: a KMS call refused for its credentials means an expired or rejected token was sent.
     let refused_credentials = o
         .call_log
