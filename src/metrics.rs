@@ -140,6 +140,7 @@ pub struct Metrics {
     objects: Family<ConditionLabels, Gauge>,
     drift_repairs: Counter,
     kube_writes: Family<KubeWriteLabels, Counter>,
+    cluster_name_conflicts: Counter,
     cache_lookups: Family<CacheLabels, Counter>,
     leader: Gauge,
     /// The condition each object was last seen in, to keep the `objects` gauge exact.
@@ -257,6 +258,12 @@ impl Metrics {
             "Writes to the API server for KmsGrants (write: finalizer, status, event) by outcome \
              (ok, not_found, conflict, error)",
             kube_writes.clone(),
+        );
+        let cluster_name_conflicts = Counter::default();
+        registry.register(
+            "cluster_name_conflicts",
+            "KmsGrants found sharing their identity with another live cluster of the same cluster name (reason ClusterNameInUse), counted when found",
+            cluster_name_conflicts.clone(),
         );
         let cache_lookups = Family::<CacheLabels, Counter>::default();
         registry.register(
@@ -386,6 +393,7 @@ impl Metrics {
             objects,
             drift_repairs,
             kube_writes,
+            cluster_name_conflicts,
             cache_lookups,
             leader,
             object_conditions: Mutex::new(HashMap::new()),
@@ -569,6 +577,11 @@ impl Metrics {
 
     pub fn drift_repaired(&self) {
         self.drift_repairs.inc();
+    }
+
+    /// An object was found sharing its identity with another live cluster.
+    pub fn cluster_name_conflict(&self) {
+        self.cluster_name_conflicts.inc();
     }
 
     pub fn cache_lookup(&self, hit: bool) {

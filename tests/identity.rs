@@ -598,6 +598,112 @@ async fn key_change_revokes_on_the_old_key_and_clears_the_superseded_grant_from_
     );
 }
 
+/// A second live cluster: its own control plane (torn down when this is dropped, also when a
+/// test fails, and by `--owner-pid` if the test process dies), with the CRDs, `env`'s namespace,
+/// credentials and provider config, and an operator of its own on `env`'s emulator.
+struct SecondCluster {
+    dir: std::path::PathBuf,
+    kubeconfig: std::path::PathBuf,
+    operator: Option<Operator>,
+}
+
+impl SecondCluster {
+    fn up(env: &Env, tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "kmsgrant-second-cluster-{tag}-{}",
+            std::process::id()
+        ));
+        let up = std::process::Command::new(
+            std::path::Path::new(support::REPO).join("scripts/control-plane"),
+        )
+        .arg("up")
+        .arg(&dir)
+        .args(["--owner-pid", &std::process::id().to_string()])
+        .output()
+        .unwrap();
+        assert!(
+            up.status.success(),
+            "{}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        let cluster = Self {
+            kubeconfig: dir.join("kubeconfig"),
+            dir,
+            operator: None,
+        };
+        let crds = std::process::Command::new(support::OPERATOR_BIN)
+            .arg("crd")
+            .output()
+            .unwrap();
+        cluster.at(
+            &["apply", "--server-side", "-f", "-"],
+            Some(&String::from_utf8(crds.stdout).unwrap()),
+        );
+        cluster.at(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/kmsgrants.kmsgrant.io",
+                "crd/kmsproviderconfigs.kmsgrant.io",
+                "crd/kmskeypolicies.kmsgrant.io",
+            ],
+            None,
+        );
+        cluster.at(&["create", "namespace", &env.namespace], None);
+        let secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "kms-credentials", "namespace": env.namespace},
+            "stringData": {
+                "accessKey": env.emulator.config().access_key,
+                "secretKey": env.emulator.config().secret_key.as_str()
+            }
+        });
+        cluster.apply(&secret);
+        cluster.apply(&env.provider_config(json!({})));
+        cluster
+    }
+
+    /// kubectl against this cluster.
+    fn at(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let mut full = vec!["--kubeconfig", self.kubeconfig.to_str().unwrap()];
+        full.extend_from_slice(args);
+        kubectl_ok(&full, stdin)
+    }
+
+    fn apply(&self, manifest: &Value) {
+        self.at(&["apply", "-f", "-"], Some(&manifest.to_string()));
+    }
+
+    fn start_operator(&mut self, namespace: &str, extra: &[&str]) {
+        let mut flags = vec!["--kubeconfig", self.kubeconfig.to_str().unwrap()];
+        flags.extend_from_slice(extra);
+        self.operator = Some(Operator::start_with(namespace, "5s", &flags));
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Value {
+        serde_json::from_str(&self.at(
+            &["-n", namespace, "get", "kmsgrants", name, "-o", "json"],
+            None,
+        ))
+        .unwrap()
+    }
+}
+
+impl Drop for SecondCluster {
+    fn drop(&mut self) {
+        if let Some(mut operator) = self.operator.take() {
+            operator.kill();
+        }
+        let _ = std::process::Command::new(
+            std::path::Path::new(support::REPO).join("scripts/control-plane"),
+        )
+        .arg("down")
+        .arg(&self.dir)
+        .output();
+    }
+}
+
 /// Two clusters, each with the operator's default cluster name (its kube-system UID), the same
 /// namespace and object names, on one key: two grants, and deleting one leaves the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -608,74 +714,11 @@ async fn two_clusters_on_one_key_with_defaults_stay_apart() {
     env.apply(&env.grant("app", &key, json!({})));
 
     // A second cluster: its own control plane, the same namespace, provider and manifest.
-    let dir = std::env::temp_dir().join(format!("kmsgrant-second-cluster-{}", std::process::id()));
-    let up = std::process::Command::new(
-        std::path::Path::new(support::REPO).join("scripts/control-plane"),
-    )
-    .arg("up")
-    .arg(&dir)
-    .args(["--owner-pid", &std::process::id().to_string()])
-    .output()
-    .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
-    let kubeconfig = dir.join("kubeconfig");
-    let at = |args: &[&str], stdin: Option<&str>| {
-        let mut full = vec!["--kubeconfig", kubeconfig.to_str().unwrap()];
-        full.extend_from_slice(args);
-        kubectl_ok(&full, stdin)
-    };
-    let crds = std::process::Command::new(support::OPERATOR_BIN)
-        .arg("crd")
-        .output()
-        .unwrap();
-    at(
-        &["apply", "--server-side", "-f", "-"],
-        Some(&String::from_utf8(crds.stdout).unwrap()),
-    );
-    at(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/kmsgrants.kmsgrant.io",
-            "crd/kmsproviderconfigs.kmsgrant.io",
-            "crd/kmskeypolicies.kmsgrant.io",
-        ],
-        None,
-    );
-    at(&["create", "namespace", &env.namespace], None);
-    let secret = json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "kms-credentials", "namespace": env.namespace},
-        "stringData": {
-            "accessKey": env.emulator.config().access_key,
-            "secretKey": env.emulator.config().secret_key.as_str()
-        }
-    });
-    at(&["apply", "-f", "-"], Some(&secret.to_string()));
-    at(
-        &["apply", "-f", "-"],
-        Some(&env.provider_config(json!({})).to_string()),
-    );
-    at(
-        &["apply", "-f", "-"],
-        Some(&env.grant("app", &key, json!({})).to_string()),
-    );
-    let mut second = Operator::start_with(
-        &env.namespace,
-        "5s",
-        &[
-            "--cluster-name=",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-        ],
-    );
+    let mut second = SecondCluster::up(&env, "defaults");
+    second.apply(&env.grant("app", &key, json!({})));
+    second.start_operator(&env.namespace, &["--cluster-name="]);
     env.wait_for("app", "condition=Ready", 60);
-    at(
+    second.at(
         &[
             "-n",
             &env.namespace,
@@ -687,20 +730,7 @@ async fn two_clusters_on_one_key_with_defaults_stay_apart() {
         None,
     );
     let here = grant_id(&env.get("app"));
-    let there: Value = serde_json::from_str(&at(
-        &[
-            "-n",
-            &env.namespace,
-            "get",
-            "kmsgrants",
-            "app",
-            "-o",
-            "json",
-        ],
-        None,
-    ))
-    .unwrap();
-    let there = grant_id(&there);
+    let there = grant_id(&second.get(&env.namespace, "app"));
     assert_ne!(here, there, "two clusters share one grant");
     let names: BTreeSet<String> = grants_on(&env, &key)
         .into_iter()
@@ -726,9 +756,13 @@ async fn two_clusters_on_one_key_with_defaults_stay_apart() {
         uid(support::kubeconfig()),
         env.namespace
     )));
-    assert!(names.contains(&format!("k8s/{}/{}/app", uid(&kubeconfig), env.namespace)));
+    assert!(names.contains(&format!(
+        "k8s/{}/{}/app",
+        uid(&second.kubeconfig),
+        env.namespace
+    )));
 
-    at(
+    second.at(
         &[
             "-n",
             &env.namespace,
@@ -748,13 +782,138 @@ async fn two_clusters_on_one_key_with_defaults_stay_apart() {
         vec![here],
         "deleting in one cluster must leave the other's grant"
     );
-    second.kill();
-    let _ = std::process::Command::new(
-        std::path::Path::new(support::REPO).join("scripts/control-plane"),
+}
+
+/// Two live clusters started with the SAME `--cluster-name` (a copy-pasted `clusterName`), one
+/// account, one key, the same namespace and object name; each cluster's object names its own
+/// principal (one per region), so each takes the other's grant for a replaced one of its own.
+/// Before the fix they replaced each other's grant at every resync. Now the one revoke each
+/// makes is the signature: neither revokes again, the first cluster keeps a grant that stays,
+/// both objects say `ClusterNameInUse`, and each operator counts the conflict once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_live_clusters_with_one_name_stop_revoking_each_others_grants_and_say_so() {
+    let mut env = Env::new("samename", EmulatorConfig::for_tests(), "5s").await;
+    let key = env.new_key("samename");
+    let (port_a, port_b) = (support::free_port(), support::free_port());
+    let admin_a = format!("--admin-address=127.0.0.1:{port_a}");
+    let admin_b = format!("--admin-address=127.0.0.1:{port_b}");
+    env.start_operator_with(&[&admin_a]);
+    env.apply(&env.grant("app", &key, json!({})));
+    env.wait_for("app", "condition=Ready", 60);
+    let first = grant_id(&env.get("app"));
+
+    let mut second = SecondCluster::up(&env, "samename");
+    let mark = support::last_seq(&env);
+    second.apply(&env.grant(
+        "app",
+        &key,
+        json!({"granteePrincipal": "2b8d0c1e5f7a4c3e9d6b1a0f4e2c8d7b"}),
+    ));
+    second.start_operator(&env.namespace, &[&admin_b]);
+
+    let reason_of = |object: &Value| {
+        object["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["status"] == "True"))
+            .and_then(|c| c["reason"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let both_say_so = || {
+        reason_of(&env.get("app")) == "ClusterNameInUse"
+            && reason_of(&second.get(&env.namespace, "app")) == "ClusterNameInUse"
+    };
+    eventually(
+        "both objects report ClusterNameInUse",
+        Duration::from_secs(90),
+        async || both_say_so(),
     )
-    .arg("down")
-    .arg(&dir)
-    .output();
+    .await;
+    let settled = support::last_seq(&env);
+    let kept_here = grant_id(&env.get("app"));
+    let kept_there = grant_id(&second.get(&env.namespace, "app"));
+    // Four resyncs of each operator after detection.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+
+    let name = identity(&env, "app");
+    let calls = env.emulator.admin().calls(mark);
+    let creates: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.operation == "create-grant" && c.grant_name.as_deref() == Some(name.as_str()))
+        .filter_map(|c| c.grant_id.as_deref())
+        .collect();
+    let revokes: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.operation == "revoke-grant" && c.status == 200)
+        .filter_map(|c| c.grant_id.as_deref())
+        .collect();
+    let left: BTreeSet<String> = grants_named(&env, "app")
+        .into_iter()
+        .map(|g| g.grant_id)
+        .collect();
+    eprintln!(
+        "first cluster's grant at first {first}, kept {kept_here}; second's {kept_there}; creates: {creates:?}; revokes: {revokes:?}; grants now: {left:?}"
+    );
+    assert!(
+        !env.emulator
+            .admin()
+            .calls(settled)
+            .iter()
+            .any(|c| c.operation == "revoke-grant" || c.operation == "create-grant"),
+        "nothing is revoked or created once both detected the conflict"
+    );
+    assert!(
+        revokes.len() <= 2,
+        "at most the one revoke per cluster that shows a second writer: {revokes:?}"
+    );
+    assert!(both_say_so(), "the condition stays");
+    assert_eq!(grant_id(&env.get("app")), kept_here);
+    assert_eq!(
+        left,
+        BTreeSet::from([kept_here.clone(), kept_there.clone()]),
+        "each cluster keeps its own grant and leaves the other's"
+    );
+    for (port, cluster) in [(port_a, "first"), (port_b, "second")] {
+        let text = support::metrics(port).await;
+        assert_eq!(
+            support::series(&text, "kmsgrant_cluster_name_conflicts_total"),
+            Some(1.0),
+            "the {cluster} cluster counts the conflict once: {text}"
+        );
+    }
+    let events = env.events();
+    assert!(
+        events.iter().any(|e| e["reason"] == "ClusterNameInUse"
+            && e["type"] == "Warning"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&kept_there) && m.contains("--cluster-name"))),
+        "a Warning event names the other cluster's grant and the fix: {events:?}"
+    );
+
+    // The second cluster goes away: its object is deleted, and its operator revokes only its
+    // own grant; the first cluster's condition clears at its next resync.
+    second.at(
+        &[
+            "-n",
+            &env.namespace,
+            "delete",
+            "kmsgrants",
+            "app",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert_eq!(
+        grants_named(&env, "app")
+            .into_iter()
+            .map(|g| g.grant_id)
+            .collect::<Vec<_>>(),
+        vec![kept_here.clone()],
+        "deleting in the second cluster leaves the first cluster's grant"
+    );
+    env.wait_for("app", "condition=Ready", 30);
+    assert_eq!(grant_id(&env.get("app")), kept_here);
 }
 
 fn unix_ms(timestamp: &str) -> u64 {

@@ -726,6 +726,29 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             })
         })
         .count();
+    // One cluster, many replicas: a ClusterNameInUse (an event ever, or a condition now) is a
+    // false detection of a second writer (lost answers, leader changes, crashes, the skewed
+    // replica must never look like one).
+    let conflict_events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(client.clone(), &env.namespace);
+    let false_conflicts = conflict_events
+        .list(&ListParams::default())
+        .await
+        .map(|list| {
+            list.items
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some("ClusterNameInUse"))
+                .count()
+        })
+        .unwrap_or_default()
+        + objects
+            .iter()
+            .filter(|o| {
+                o.status
+                    .as_ref()
+                    .is_some_and(|s| s.conditions.iter().any(|c| c.reason == "ClusterNameInUse"))
+            })
+            .count();
     let mut o = obs.lock().unwrap();
     // The calls made while settling belong to the story too.
     let after = o.call_log.last().map_or(0, |c| c.seq);
@@ -853,6 +876,7 @@ async fn chaos_soak_keeps_every_identity_invariant() {
          | objects Ready whose grant is missing | {ready_without_grant} |\n\
          | writes by a non-leader (between a fence and the next acquire) | {non_leader_writes} |\n\
          | leadership overlaps (a holder acquired before the previous one's fence closed) | {overlaps} |\n\
+         | false second-writer detections (ClusterNameInUse events and conditions) | {false_conflicts} |\n\
          {}\n\
          | figure | value |\n| --- | --- |\n\
          {}\
@@ -964,7 +988,7 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             "two_resyncs_seconds": 2 * RESYNC_SECONDS, "objects": objects.len(),
             "kills": o.kills, "leader_changes": changes, "writes": o.writes.len(),
             "auth": if keyless { "keyless" } else { "AccessKey" },
-            "refused_credentials": refused_credentials,
+            "refused_credentials": refused_credentials, "false_conflicts": false_conflicts,
             "folder": run_dir.display().to_string(),
         });
         let mut file = std::fs::OpenOptions::new()
@@ -992,9 +1016,10 @@ async fn chaos_soak_keeps_every_identity_invariant() {
             ready_without_grant,
             non_leader_writes,
             overlaps,
-            refused_credentials
+            refused_credentials,
+            false_conflicts
         ),
-        (0, 0, 0, 0, 0, 0, 0),
+        (0, 0, 0, 0, 0, 0, 0, 0),
         "invariants violated:\n{table}\n{diagnosis}\ncross-identity adoptions: {:?}\n{kept}",
         o.cross_identity.iter().take(10).collect::<Vec<_>>(),
     );

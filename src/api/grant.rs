@@ -299,6 +299,13 @@ pub struct KmsGrantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_grant: Option<GrantRef>,
 
+    /// The last grant of this object's identity that this cluster revoked as a duplicate (one
+    /// status did not record). A grant of the identity created on the cloud after it that this
+    /// cluster did not make is the signature of a second live cluster running with the same
+    /// cluster name (reason `ClusterNameInUse`, docs/identity.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_duplicate: Option<RevokedDuplicate>,
+
     /// The `metadata.generation` the conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -312,6 +319,25 @@ pub struct KmsGrantStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// A duplicate of the object's identity this cluster revoked (`status.revokedDuplicate`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokedDuplicate {
+    /// ID of the revoked grant.
+    pub grant_id: String,
+    /// The newest creation time of the grants on the key in the listing the revoke was decided
+    /// from, in the cloud's clock (RFC 3339, milliseconds). Every grant this cluster created
+    /// before the revoke was in that listing, so a grant of the identity created later was made
+    /// by someone else; comparing two times of the cloud's clock leaves the operator's own clock
+    /// (and its skew) out.
+    #[schemars(extend("format" = "date-time"))]
+    pub listed_until: String,
+    /// When the revoke was made, in the operator's clock (RFC 3339); for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub revoked_at: Option<String>,
 }
 
 /// A grant on a key, by ID.

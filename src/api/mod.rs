@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use grant::{
     DeletionPolicy, GrantRef, GranteePrincipalType, KeyAliasRef, KmsGrant, KmsGrantSpec,
-    KmsGrantStatus, Operation, ProviderConfigKind, ProviderConfigRef,
+    KmsGrantStatus, Operation, ProviderConfigKind, ProviderConfigRef, RevokedDuplicate,
 };
 pub use policy::{
     AllowedGrants, AuditedGrant, GrantAction, GrantOwner, KmsKeyPolicy, KmsKeyPolicySpec,

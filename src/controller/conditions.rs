@@ -121,6 +121,10 @@ pub mod reasons {
     /// any name, so ownership cannot be read from the cloud; nothing is adopted or revoked by
     /// name on the key until names come back (KmsGrant and KmsKeyPolicy).
     pub const GRANT_NAMES_NOT_RETURNED: &str = "GrantNamesNotReturned";
+    /// Stalled: a grant of this object's identity that this cluster did not create appeared
+    /// after this cluster revoked one as a duplicate: another live cluster runs with the same
+    /// cluster name. No grant of the identity is revoked until it stops (docs/identity.md).
+    pub const CLUSTER_NAME_IN_USE: &str = "ClusterNameInUse";
 }
 
 /// The longest condition message written (characters); longer ones (a KMS `error_msg` can be
@@ -191,6 +195,22 @@ pub fn now_rfc3339() -> String {
     jiff::Timestamp::now()
         .strftime("%Y-%m-%dT%H:%M:%SZ")
         .to_string()
+}
+
+/// Milliseconds since the epoch as RFC 3339 with the milliseconds (a bound compared with other
+/// times of the cloud's clock).
+pub fn millis_rfc3339_exact(millis: i64) -> Option<String> {
+    jiff::Timestamp::from_millisecond(millis)
+        .ok()
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+}
+
+/// RFC 3339 as milliseconds since the epoch.
+pub fn rfc3339_millis(timestamp: &str) -> Option<i64> {
+    timestamp
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_millisecond())
 }
 
 /// Milliseconds since the epoch as RFC 3339.

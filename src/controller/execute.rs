@@ -174,6 +174,16 @@ impl Record {
             Step::Supersede(old) => self.status.superseded_grant = Some(old),
             Step::ForgetSuperseded => self.status.superseded_grant = None,
             Step::Tell(event) => self.events.push(event),
+            Step::RecordRevokedDuplicate(revoked) => {
+                self.status.revoked_duplicate = Some(crate::api::RevokedDuplicate {
+                    revoked_at: Some(super::conditions::now_rfc3339()),
+                    ..revoked
+                });
+            }
+            Step::ClusterNameInUse(event) => {
+                ctx.metrics.cluster_name_conflict();
+                self.events.push(event);
+            }
         }
         Ok(())
     }

@@ -18,7 +18,7 @@ use super::identity::Identity;
 use super::scope::CleanupPlace;
 use crate::api::{
     DeletionPolicy, GrantRef, GranteePrincipalType, KmsGrant, KmsGrantSpec, KmsGrantStatus,
-    KmsProviderConfigSpec, Operation,
+    KmsProviderConfigSpec, Operation, RevokedDuplicate,
 };
 use kmsgrant_kms::{
     ErrorClass, ErrorReason, Grant, KeyInfo, KeyState, KmsClient, KmsError, NewGrant,
@@ -258,6 +258,81 @@ pub fn plan(
     Plan::Create {
         recreate: recorded_missing && owned.is_empty(),
         replaces: owned.iter().map(|g| gref(g)).collect(),
+    }
+}
+
+/// A second live cluster writing grants under this object's identity (the same cluster name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecondWriter {
+    /// The grants of the identity it made (newest first): never kept, adopted or revoked here.
+    pub foreign: Vec<Grant>,
+    /// The duplicate this cluster revoked before they appeared.
+    pub revoked: String,
+}
+
+/// Whether another live cluster writes grants under this object's identity.
+///
+/// The signature: after this cluster revoked a grant of the identity as a duplicate
+/// (`status.revokedDuplicate`), a grant of the identity appears that status does not record and
+/// that was created on the cloud after everything the listing behind that revoke held. This
+/// cluster never made it: every grant it created before the revoke was in that listing (a create
+/// whose answer was lost included: its key is listed afresh before anything is written there
+/// again), and it creates nothing while a revoke is on record (the record is cleared first, see
+/// [`decide`]). Both times are the cloud's, so the operator's clock and its skew play no part,
+/// nor does a leader change or a restart (the record is in status). A rebuilt cluster never
+/// matches: its objects start without a record, and it adopts what it finds.
+pub fn second_writer(
+    identity: &Identity,
+    grants: &[Grant],
+    recorded: Option<&str>,
+    revoked: Option<&RevokedDuplicate>,
+) -> Option<SecondWriter> {
+    let revoked = revoked?;
+    let listed_until = super::conditions::rfc3339_millis(&revoked.listed_until)?;
+    let mut foreign: Vec<Grant> = grants
+        .iter()
+        .filter(|g| g.name.as_deref() == Some(identity.name.as_str()))
+        .filter(|g| Some(g.grant_id.as_str()) != recorded && g.grant_id != revoked.grant_id)
+        .filter(|g| g.created_at_millis.is_some_and(|at| at > listed_until))
+        .cloned()
+        .collect();
+    if foreign.is_empty() {
+        return None;
+    }
+    foreign.sort_by_key(|g| std::cmp::Reverse(g.created_at_millis));
+    Some(SecondWriter {
+        foreign,
+        revoked: revoked.grant_id.clone(),
+    })
+}
+
+/// The record of a revoke of duplicates, decided from `listed`: `None` when the listing has no
+/// creation times to bound it by (then nothing can be detected later).
+pub fn revoked_duplicate(grant_id: &str, listed: &[Grant]) -> Option<RevokedDuplicate> {
+    let newest = listed.iter().filter_map(|g| g.created_at_millis).max()?;
+    Some(RevokedDuplicate {
+        grant_id: grant_id.to_owned(),
+        listed_until: super::conditions::millis_rfc3339_exact(newest)?,
+        revoked_at: None,
+    })
+}
+
+/// The condition while a second live cluster writes under this object's identity.
+pub fn cluster_name_in_use(identity: &Identity, conflict: &SecondWriter) -> Outcome {
+    let foreign: Vec<&str> = conflict
+        .foreign
+        .iter()
+        .map(|g| g.grant_id.as_str())
+        .collect();
+    Outcome::Stalled {
+        reason: reasons::CLUSTER_NAME_IN_USE,
+        message: format!(
+            "grant {} carries this object's identity {} but this cluster did not create it: it appeared after this cluster revoked {} as a duplicate, so another live cluster runs with the same --cluster-name. No grant of this identity is revoked until that stops (the grant this cluster recorded is kept, the other cluster's is left alone). Fix: give every live cluster its own --cluster-name (Helm value clusterName) and restart that operator; then revoke the grants the renamed cluster left under the old name ({}). The condition clears once no such grant remains",
+            foreign[0],
+            identity.name,
+            conflict.revoked,
+            foreign.join(", ")
+        ),
     }
 }
 
@@ -645,6 +720,11 @@ pub enum Step {
     ForgetSuperseded,
     /// Tell people, once the steps before it are done.
     Tell(PendingEvent),
+    /// Record the duplicate just revoked (`status.revokedDuplicate`), once the revokes before
+    /// it succeeded.
+    RecordRevokedDuplicate(RevokedDuplicate),
+    /// Tell people, and count, that another live cluster runs with this cluster's name.
+    ClusterNameInUse(PendingEvent),
 }
 
 /// Why a grant is created: it says so in the event.
@@ -799,11 +879,32 @@ fn decide_live(object: &KmsGrant, seen: Result<Box<Live>, Stop>) -> Decision {
         import: live.import.as_deref(),
     };
     let recorded = recorded_grant(&status, &live.key.key_id);
+    let recorded_id = recorded.as_ref().map(|r| r.grant_id.as_str());
+    // A second live cluster's grants are not this object's to keep, adopt or revoke.
+    let conflict = second_writer(
+        &live.identity,
+        &live.grants,
+        recorded_id,
+        status.revoked_duplicate.as_ref(),
+    );
+    let without_foreign: Vec<Grant>;
+    let grants: &[Grant] = match &conflict {
+        Some(conflict) => {
+            without_foreign = live
+                .grants
+                .iter()
+                .filter(|g| !conflict.foreign.iter().any(|f| f.grant_id == g.grant_id))
+                .cloned()
+                .collect();
+            &without_foreign
+        }
+        None => &live.grants,
+    };
     let next = plan(
         &desired,
         claim,
         Observed {
-            grants: &live.grants,
+            grants,
             fresh: live.fresh,
             elsewhere: &live.elsewhere,
         },
@@ -811,6 +912,21 @@ fn decide_live(object: &KmsGrant, seen: Result<Box<Live>, Stop>) -> Decision {
             grant: recorded.as_ref(),
         },
     );
+    if conflict.is_none()
+        && status.revoked_duplicate.is_some()
+        && matches!(next, Plan::Create { .. })
+    {
+        // Nothing is created while a revoke is on record: a grant this cluster made after it
+        // (its answer lost) would look like another cluster's. The record goes first.
+        status.revoked_duplicate = None;
+        decision.status = status;
+        decision.ending = Ending::Outcome(Outcome::Progressing {
+            reason: reasons::CREATING,
+            message: "creating a grant for this object".to_owned(),
+        });
+        decision.requeue = Requeue::Now;
+        return decision;
+    }
     let revoke = |target: &GrantRef| Step::Revoke {
         client: live.client.clone(),
         key: KeyRef {
@@ -887,6 +1003,42 @@ fn decide_live(object: &KmsGrant, seen: Result<Box<Live>, Stop>) -> Decision {
             }
         }
     }
+    match &conflict {
+        // While another cluster writes under the identity, the first revoke stays the record.
+        Some(conflict) => {
+            if ending == Ending::InSync {
+                let outcome = cluster_name_in_use(&live.identity, conflict);
+                let told = object
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.conditions.iter().any(|c| c.reason == outcome.reason()));
+                if !told {
+                    steps.push(Step::ClusterNameInUse((
+                        EventType::Warning,
+                        reasons::CLUSTER_NAME_IN_USE,
+                        outcome.message().to_owned(),
+                    )));
+                }
+                ending = Ending::Outcome(outcome);
+            }
+        }
+        None => {
+            let duplicate = steps.iter().find_map(|step| match step {
+                Step::Revoke { target, .. }
+                    if target.key_id == live.key.key_id
+                        && Some(target.grant_id.as_str()) != recorded_id =>
+                {
+                    Some(target.grant_id.as_str())
+                }
+                _ => None,
+            });
+            if let Some(record) =
+                duplicate.and_then(|grant_id| revoked_duplicate(grant_id, &live.grants))
+            {
+                steps.push(Step::RecordRevokedDuplicate(record));
+            }
+        }
+    }
     if ending == Ending::InSync
         && let Some(old) = &status.superseded_grant
     {
@@ -930,7 +1082,13 @@ fn decide_live(object: &KmsGrant, seen: Result<Box<Live>, Stop>) -> Decision {
     decision.status = status;
     decision.account = Some(live.account.clone());
     decision.steps = steps;
-    decision.requeue = decision_requeue(&ending);
+    decision.requeue = match &ending {
+        // Looked at again at every resync, so that it clears once the other grants are gone.
+        Ending::Outcome(outcome) if outcome.reason() == reasons::CLUSTER_NAME_IN_USE => {
+            Requeue::Resync
+        }
+        ending => decision_requeue(ending),
+    };
     decision.ending = ending;
     decision
 }
@@ -1057,11 +1215,26 @@ fn decide_deletion(object: &KmsGrant, seen: Result<Deleting, Stop>) -> Decision 
                 key,
                 grants,
                 ..
-            } => decision.steps.push(Step::Remove {
-                targets: cleanup_targets(policy, claim, &grants, superseded),
-                client,
-                key,
-            }),
+            } => {
+                // Another live cluster's grants under the identity are its own to remove.
+                let foreign = second_writer(
+                    &deleting.identity,
+                    &grants,
+                    status.grant_id.as_deref(),
+                    status.revoked_duplicate.as_ref(),
+                )
+                .map(|c| c.foreign)
+                .unwrap_or_default();
+                let targets = cleanup_targets(policy, claim, &grants, superseded)
+                    .into_iter()
+                    .filter(|(target, _)| !foreign.iter().any(|f| f.grant_id == target.grant_id))
+                    .collect();
+                decision.steps.push(Step::Remove {
+                    targets,
+                    client,
+                    key,
+                });
+            }
             Place::KeyGone => {}
             Place::Unreachable { account } => {
                 if let Some(grant_id) = &place.recorded_grant {
@@ -1850,6 +2023,11 @@ mod decision_tests {
                 Step::Supersede(old) => format!("supersede {}", old.grant_id),
                 Step::ForgetSuperseded => "forget superseded".into(),
                 Step::Tell((_, reason, _)) => format!("tell {reason}"),
+                Step::RecordRevokedDuplicate(revoked) => format!(
+                    "record revoked {} listed until {}",
+                    revoked.grant_id, revoked.listed_until
+                ),
+                Step::ClusterNameInUse((_, reason, _)) => format!("tell {reason} and count it"),
             })
             .collect()
     }
@@ -2331,5 +2509,209 @@ mod decision_tests {
             assert_eq!(decision.pass, Pass::Idle);
             assert!(decision.steps.is_empty() && decision.finalizer.is_none());
         }
+    }
+
+    // A second live cluster under the same cluster name (docs/identity.md).
+
+    const SECOND: &str = "2026-01-01T00:00:02.000Z";
+
+    fn at(id: &str, created_at_millis: i64) -> Grant {
+        Grant {
+            created_at_millis: Some(created_at_millis),
+            ..grant(id, KEY, MINE, &["describe-key"])
+        }
+    }
+
+    /// 2026-01-01T00:00:00Z plus `seconds`, in milliseconds.
+    fn millis(seconds: i64) -> i64 {
+        1_767_225_600_000 + seconds * 1000
+    }
+
+    /// An object recording "g1" and, when `revoked` names one, the duplicate it revoked while
+    /// the key's listing held grants created until 00:00:02.
+    fn recording_g1(revoked: Option<&str>, extra: serde_json::Value) -> KmsGrant {
+        let mut status = serde_json::json!({"grantId": "g1", "keyId": KEY, "account": ACCOUNT});
+        if let Some(revoked) = revoked {
+            status["revokedDuplicate"] =
+                serde_json::json!({"grantId": revoked, "listedUntil": SECOND});
+        }
+        merge(&mut status, extra);
+        object(serde_json::json!({"status": status}))
+    }
+
+    #[test]
+    fn revoking_a_duplicate_records_it_with_the_newest_creation_time_listed() {
+        let decision = decide(
+            &recording_g1(None, serde_json::json!({})),
+            Observation::Live(Ok(live(
+                vec![at("g1", millis(1)), at("dup", millis(2))],
+                true,
+            ))),
+        );
+        assert_eq!(
+            steps(&decision),
+            vec![
+                "revoke dup".to_owned(),
+                "keep g1".into(),
+                format!("record revoked dup listed until {SECOND}"),
+            ]
+        );
+        assert_eq!(decision.ending, Ending::InSync);
+    }
+
+    #[test]
+    fn a_grant_of_the_identity_created_after_this_cluster_revoked_one_is_left_alone_and_reported() {
+        let object = recording_g1(Some("dup"), serde_json::json!({}));
+        let seen = || vec![at("g1", millis(1)), at("theirs", millis(3))];
+        let decision = decide(&object, Observation::Live(Ok(live(seen(), true))));
+        assert_eq!(
+            steps(&decision),
+            ["keep g1", "tell ClusterNameInUse and count it"],
+            "nothing revoked, the recorded grant kept"
+        );
+        assert_eq!(
+            outcome_reason(&decision),
+            Some(reasons::CLUSTER_NAME_IN_USE)
+        );
+        assert_eq!(decision.requeue, Requeue::Resync);
+        let Ending::Outcome(outcome) = &decision.ending else {
+            panic!("{:?}", decision.ending)
+        };
+        for part in ["theirs", "dup", MINE, "--cluster-name"] {
+            assert!(
+                outcome.message().contains(part),
+                "{part}: {}",
+                outcome.message()
+            );
+        }
+        assert!(
+            decision.status.revoked_duplicate.is_some(),
+            "the record stays while the conflict lasts"
+        );
+
+        // The next pass (this process or a new leader, from status alone) says it again
+        // without telling or counting twice.
+        let told = recording_g1(
+            Some("dup"),
+            serde_json::json!({"conditions": [{"type": "Stalled", "status": "True",
+                "reason": "ClusterNameInUse", "message": "m",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"}]}),
+        );
+        let again = decide(&told, Observation::Live(Ok(live(seen(), true))));
+        assert_eq!(steps(&again), ["keep g1"]);
+        assert_eq!(outcome_reason(&again), Some(reasons::CLUSTER_NAME_IN_USE));
+
+        // Its own grant vanished meanwhile: it makes one, and still leaves the other alone.
+        let lost = decide(
+            &object,
+            Observation::Live(Ok(live(vec![at("theirs", millis(3))], true))),
+        );
+        assert_eq!(
+            steps(&lost),
+            [
+                "create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (Recreate)",
+                "tell ClusterNameInUse and count it"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_conflict_clears_once_the_other_clusters_grants_are_gone() {
+        let decision = decide(
+            &recording_g1(Some("dup"), serde_json::json!({})),
+            Observation::Live(Ok(live(vec![at("g1", millis(1))], true))),
+        );
+        assert_eq!(steps(&decision), ["keep g1"]);
+        assert_eq!(decision.ending, Ending::InSync);
+    }
+
+    #[test]
+    fn a_rebuilt_cluster_without_a_record_adopts_the_oldest_and_revokes_the_rest_without_conflict()
+    {
+        let decision = decide(
+            &object(serde_json::json!({})),
+            Observation::Live(Ok(live(
+                vec![at("old", millis(1)), at("new", millis(9))],
+                true,
+            ))),
+        );
+        assert_eq!(
+            steps(&decision),
+            [
+                "revoke new".to_owned(),
+                "keep old".into(),
+                "record revoked new listed until 2026-01-01T00:00:09.000Z".into()
+            ]
+        );
+        assert_eq!(decision.ending, Ending::InSync);
+    }
+
+    #[test]
+    fn a_duplicate_of_its_own_from_a_lost_answer_is_still_revoked() {
+        // Created before the revoke on record (its answer lost, listed only now): not foreign.
+        let decision = decide(
+            &recording_g1(Some("dup"), serde_json::json!({})),
+            Observation::Live(Ok(live(
+                vec![at("g1", millis(1)), at("lost", millis(2))],
+                true,
+            ))),
+        );
+        assert_eq!(steps(&decision)[..2], ["revoke lost", "keep g1"]);
+        assert_eq!(decision.ending, Ending::InSync);
+    }
+
+    #[test]
+    fn nothing_is_created_while_a_revoke_is_on_record_so_a_lost_create_never_looks_foreign() {
+        let recording = recording_g1(Some("dup"), serde_json::json!({}));
+        let decision = decide(&recording, Observation::Live(Ok(live(vec![], true))));
+        assert!(decision.steps.is_empty(), "{:?}", steps(&decision));
+        assert_eq!(decision.status.revoked_duplicate, None);
+        assert_eq!(decision.requeue, Requeue::Now);
+        assert_eq!(outcome_reason(&decision), Some(reasons::CREATING));
+
+        // With the record gone (as the status write leaves it), the next pass creates; a grant
+        // of that create found later is its own duplicate, revoked as any other.
+        let cleared = object(
+            serde_json::json!({"status": {"grantId": "g1", "keyId": KEY, "account": ACCOUNT}}),
+        );
+        let next = decide(&cleared, Observation::Live(Ok(live(vec![], true))));
+        assert_eq!(
+            steps(&next),
+            ["create on bb6a3d22-dc93-47ac-b5bd-88df7ad35f1e (Recreate)"]
+        );
+    }
+
+    #[test]
+    fn grants_without_a_creation_time_or_created_by_then_never_look_foreign() {
+        // A new leader reads the record from status; its snapshot holds the grant this cluster
+        // created (no creation time known yet) and one created exactly at the bound.
+        let mut unknown = at("g1", 0);
+        unknown.created_at_millis = None;
+        let decision = decide(
+            &recording_g1(Some("dup"), serde_json::json!({})),
+            Observation::Live(Ok(live(vec![unknown, at("same", millis(2))], false))),
+        );
+        assert_eq!(outcome_reason(&decision), None);
+        assert!(steps(&decision).contains(&"revoke same".to_owned()));
+    }
+
+    #[test]
+    fn deleting_in_one_cluster_leaves_the_other_clusters_grants() {
+        let object = deleted(serde_json::json!({"status": {"grantId": "g1", "keyId": KEY,
+            "account": ACCOUNT, "revokedDuplicate": {"grantId": "dup", "listedUntil": SECOND}}}));
+        let found = Deleting {
+            identity: Identity::new("c1", "team-a", "app", "uid-1"),
+            places: vec![(
+                place(ACCOUNT, KEY, Some("g1")),
+                Place::Listed {
+                    client: client(),
+                    key: key(KEY),
+                    grants: Arc::new(vec![at("g1", millis(1)), at("theirs", millis(3))]),
+                },
+            )],
+            names_missing: None,
+        };
+        let decision = decide(&object, Observation::Deleting(Ok(found)));
+        assert_eq!(steps(&decision), ["remove g1:Revoke"]);
     }
 }
