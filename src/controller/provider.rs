@@ -421,10 +421,13 @@ async fn check(config: &KmsProviderConfig, ctx: &Context) -> Checked {
         }
     };
     let fingerprint = built.fingerprint.clone();
+    // Read once per spec: a status that already tells the catalog's verdict on this generation
+    // (written by an earlier process) is kept, so a restart or a new leader adds no call.
     if ctx
         .providers
         .entry(&name)
         .is_some_and(|entry| entry.catalog.is_none())
+        && catalog_told(config).is_none()
     {
         let verdict = read_catalog(&built).await;
         if verdict.is_mismatch() {
@@ -798,6 +801,15 @@ fn regarding(config: &KmsProviderConfig) -> ObjectReference {
     }
 }
 
+/// The `EndpointInCatalog` condition the config's status holds for its current generation.
+fn catalog_told(config: &KmsProviderConfig) -> Option<&Condition> {
+    config.status.as_ref()?.conditions.iter().find(|c| {
+        c.type_ == catalog::CONDITION_TYPE
+            && c.observed_generation.is_some()
+            && c.observed_generation == config.meta().generation
+    })
+}
+
 /// The `EndpointInCatalog` condition for `verdict`, keeping its transition time while its
 /// status stays.
 fn catalog_condition(
@@ -879,7 +891,11 @@ async fn write_status(
         .entry(&config.name_any())
         .filter(|entry| entry.provider.uid == config.uid().unwrap_or_default())
         .and_then(|entry| entry.catalog);
-    if let Some(verdict) = verdict {
+    if verdict.is_none()
+        && let Some(told) = catalog_told(config)
+    {
+        status.conditions.push(told.clone());
+    } else if let Some(verdict) = verdict {
         status.conditions.push(catalog_condition(
             &verdict,
             &config.spec,
