@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +24,10 @@ use kmsgrant::api::KmsGrant;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
+
+/// The charts' drawing: standalone SVG from the measured series.
+#[path = "bench/svg.rs"]
+mod svg;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Benchmark the operator at scale against the emulator")]
@@ -108,8 +113,19 @@ impl Operator {
 
     /// (peak RSS KiB, current RSS KiB, CPU seconds) of the operator process.
     fn usage(&self) -> (u64, u64, f64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        usage_of(self.pid())
+    }
+
+    /// One series of the operator's /metrics.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        metric(&self.admin, name).await
+    }
+}
+
+/// (peak RSS KiB, current RSS KiB, CPU seconds) of process `pid` (zeros once it is gone).
+fn usage_of(pid: u32) -> (u64, u64, f64) {
+    {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let kib = |field: &str| {
             status
                 .lines()
@@ -118,8 +134,7 @@ impl Operator {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
         let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
         let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -130,11 +145,77 @@ impl Operator {
             .unwrap_or(0.0);
         (kib("VmHWM:"), kib("VmRSS:"), ticks / 100.0)
     }
+}
 
-    /// One series of the operator's /metrics.
-    async fn metric(&self, name: &str) -> Option<f64> {
-        metric(&self.admin, name).await
-    }
+/// What a run looked like every half second, for the charts.
+struct Sample {
+    /// Seconds since the run's first scenario started.
+    t: f64,
+    /// Objects Ready at their current generation.
+    ready: usize,
+    /// KMS calls so far by operation (every attempt, 429s included).
+    calls: BTreeMap<String, u64>,
+    /// The operator's resident memory.
+    rss_mib: f64,
+}
+
+/// Samples the run until aborted: Ready objects from the watcher, KMS calls from the emulator,
+/// RSS of whichever operator process runs (`pid`; the failover scenario replaces it).
+fn start_sampling(
+    seen: Arc<Mutex<Seen>>,
+    kms: kms_emulator::EmulatorAdmin,
+    pid: Arc<AtomicU32>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+) -> tokio::task::JoinHandle<()> {
+    let started = Instant::now();
+    tokio::spawn(async move {
+        loop {
+            let ready = seen
+                .lock()
+                .unwrap()
+                .state
+                .values()
+                .filter(|(generation, observed, ready)| *ready && observed == generation)
+                .count();
+            let calls = kms
+                .stats()
+                .by_status
+                .iter()
+                .map(|(operation, outcomes)| (operation.clone(), outcomes.values().sum()))
+                .collect();
+            let (_, rss, _) = usage_of(pid.load(Ordering::Relaxed));
+            samples.lock().unwrap().push(Sample {
+                t: started.elapsed().as_secs_f64(),
+                ready,
+                calls,
+                rss_mib: rss as f64 / 1024.0,
+            });
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
+/// The samples as JSON columns, with where each scenario started.
+fn series_json(samples: &[Sample], marks: &[(String, f64)]) -> Value {
+    let operations: std::collections::BTreeSet<&String> =
+        samples.iter().flat_map(|s| s.calls.keys()).collect();
+    let calls: serde_json::Map<String, Value> = operations
+        .into_iter()
+        .map(|operation| {
+            let column: Vec<u64> = samples
+                .iter()
+                .map(|s| s.calls.get(operation).copied().unwrap_or(0))
+                .collect();
+            (operation.clone(), json!(column))
+        })
+        .collect();
+    json!({
+        "t": samples.iter().map(|s| (s.t * 10.0).round() / 10.0).collect::<Vec<_>>(),
+        "ready": samples.iter().map(|s| s.ready).collect::<Vec<_>>(),
+        "rss_mib": samples.iter().map(|s| (s.rss_mib * 10.0).round() / 10.0).collect::<Vec<_>>(),
+        "calls": calls,
+        "scenarios": marks.iter().map(|(name, t)| json!({"scenario": name, "t": t})).collect::<Vec<_>>(),
+    })
 }
 
 /// The operator's /metrics at `admin` (empty when it does not answer).
@@ -272,6 +353,8 @@ struct Run<'a> {
     emulator: kms_emulator::RunningEmulator,
     /// The running operator (the failover scenario replaces it).
     operator: Mutex<Operator>,
+    /// Its process ID, for the sampler.
+    operator_pid: Arc<AtomicU32>,
     seen: Arc<Mutex<Seen>>,
     api: Api<KmsGrant>,
     apply: PatchParams,
@@ -559,6 +642,7 @@ impl Run<'_> {
         });
         let new = start_operator(self.args, &self.namespace, &log)?;
         let admin = new.admin.clone();
+        self.operator_pid.store(new.pid(), Ordering::Relaxed);
         *self.operator.lock().unwrap() = new;
         let reconciles = async || -> f64 {
             series_by_labels(
@@ -803,6 +887,16 @@ async fn run_one(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let operator_pid = Arc::new(AtomicU32::new(operator.pid()));
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let sampler = start_sampling(
+        Arc::clone(&seen),
+        emulator.admin(),
+        Arc::clone(&operator_pid),
+        Arc::clone(&samples),
+    );
+    let sampling_since = Instant::now();
+    let mut marks = Vec::new();
     let run = Run {
         args,
         client: client.clone(),
@@ -811,6 +905,7 @@ async fn run_one(
         namespace: namespace.clone(),
         emulator,
         operator: Mutex::new(operator),
+        operator_pid,
         seen,
         api,
         apply,
@@ -818,6 +913,10 @@ async fn run_one(
     let mut scenarios = Vec::new();
     for scenario in scenario_names {
         eprintln!("bench: {grants} grants on {keys} keys: {scenario}");
+        marks.push((
+            scenario.clone(),
+            (sampling_since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        ));
         let figures = match scenario.as_str() {
             "converge" => run.measured("converge", || run.converge(&key_ids)).await?,
             "steady" => run.measured("steady", || run.steady()).await?,
@@ -836,6 +935,8 @@ async fn run_one(
         scenarios.push(figures);
     }
     let (peak, _, cpu) = run.operator.lock().unwrap().usage();
+    sampler.abort();
+    let series = series_json(&samples.lock().unwrap(), &marks);
     watch.abort();
     drop(run.operator);
     let _ = Api::<Namespace>::all(client.clone())
@@ -844,8 +945,197 @@ async fn run_one(
     Ok(
         json!({"grants": grants, "keys": keys, "scenarios": scenarios,
         "operator_peak_rss_mib": peak as f64 / 1024.0, "operator_cpu_seconds": cpu,
-        "operator_log": log}),
+        "operator_log": log, "series": series}),
     )
+}
+
+/// The charts of one run from its series: Ready objects while converging against the throttle
+/// bound, KMS calls per second by operation, and the operator's RSS, over the whole run. Each
+/// with the file name it is written under (`stem`).
+fn charts(run: &Value, args: &Args) -> Vec<(&'static str, svg::Chart)> {
+    let series = &run["series"];
+    let column = |name: &str| -> Vec<f64> {
+        series[name]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_f64)
+            .collect()
+    };
+    let t = column("t");
+    if t.len() < 2 {
+        return Vec::new();
+    }
+    let (grants, keys) = (
+        run["grants"].as_u64().unwrap_or(0),
+        run["keys"].as_u64().unwrap_or(0),
+    );
+    let marks: Vec<(String, f64)> = series["scenarios"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| Some((m["scenario"].as_str()?.to_owned(), m["t"].as_f64()?)))
+        .collect();
+    let markers = || -> Vec<svg::Marker> {
+        marks
+            .iter()
+            .map(|(label, x)| svg::Marker {
+                x: *x,
+                label: label.clone(),
+            })
+            .collect()
+    };
+    let mut out = Vec::new();
+
+    // Ready while converging, from the converge scenario's start to the next one's.
+    if let Some(index) = marks.iter().position(|(name, _)| name == "converge") {
+        let from = marks[index].1;
+        let to = marks.get(index + 1).map_or(f64::INFINITY, |m| m.1);
+        let ready = column("ready");
+        let points: Vec<(f64, f64)> = t
+            .iter()
+            .zip(&ready)
+            .filter(|(at, _)| **at >= from && **at <= to)
+            .map(|(at, n)| (at - from, *n))
+            .collect();
+        let end = points.last().map_or(0.0, |p| p.0);
+        let mut lines = vec![svg::Series {
+            label: "Ready objects".into(),
+            points,
+            dashed: false,
+        }];
+        if args.throttle > 0.0 {
+            // The floor of calls (N creates + K lists + K describes) through the emulator's
+            // throttle, a token bucket that starts full (one second's worth): no operator can be
+            // Ready above this line.
+            let floor = (grants + 2 * keys) as f64;
+            let burst = args.throttle.max(1.0).min(floor);
+            let full = (floor - burst) / args.throttle;
+            let share = grants as f64 / floor;
+            lines.push(svg::Series {
+                label: format!(
+                    "throttle bound: {floor:.0} calls at {} req/s after a {burst:.0}-call burst",
+                    args.throttle
+                ),
+                points: vec![
+                    (0.0, burst * share),
+                    (full, grants as f64),
+                    (end.max(full), grants as f64),
+                ],
+                dashed: true,
+            });
+        }
+        out.push((
+            "ready",
+            svg::Chart {
+                title: format!("Ready objects while converging {grants} grants on {keys} keys"),
+                x_label: "seconds since the objects were applied".into(),
+                y_label: "objects Ready".into(),
+                series: lines,
+                markers: Vec::new(),
+            },
+        ));
+    }
+
+    // Calls per second by operation, over 1-second windows (two samples).
+    let window = 2;
+    let calls: Vec<svg::Series> = series["calls"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(operation, counts)| {
+            let counts: Vec<f64> = counts
+                .as_array()?
+                .iter()
+                .filter_map(Value::as_f64)
+                .collect();
+            let points: Vec<(f64, f64)> = (window..counts.len().min(t.len()))
+                .step_by(window)
+                .map(|i| {
+                    let dt = (t[i] - t[i - window]).max(0.001);
+                    (t[i], (counts[i] - counts[i - window]) / dt)
+                })
+                .collect();
+            let any =
+                counts.last().copied().unwrap_or(0.0) > counts.first().copied().unwrap_or(0.0);
+            any.then(|| svg::Series {
+                label: operation.clone(),
+                points,
+                dashed: false,
+            })
+        })
+        .collect();
+    if !calls.is_empty() {
+        out.push((
+            "calls",
+            svg::Chart {
+                title: format!("KMS calls per second by operation, {grants} grants on {keys} keys"),
+                x_label: "seconds since the run started".into(),
+                y_label: "calls per second (1 s windows)".into(),
+                series: calls,
+                markers: markers(),
+            },
+        ));
+    }
+
+    let rss = column("rss_mib");
+    out.push((
+        "rss",
+        svg::Chart {
+            title: format!("Operator resident memory, {grants} grants on {keys} keys"),
+            x_label: "seconds since the run started".into(),
+            y_label: "RSS (MiB)".into(),
+            series: vec![svg::Series {
+                label: "operator RSS".into(),
+                // A sample between a stopped operator and its successor reads no process.
+                points: t
+                    .iter()
+                    .copied()
+                    .zip(rss)
+                    .filter(|(_, mib)| *mib > 0.0)
+                    .collect(),
+                dashed: false,
+            }],
+            markers: markers(),
+        },
+    ));
+    out
+}
+
+/// Writes each run's charts beside the doc (`<doc dir>/benchmarks/<commit>-<N>x<K>-<chart>.svg`)
+/// and returns the Markdown that shows them.
+fn write_charts(report: &Value, args: &Args) -> anyhow::Result<String> {
+    let doc = std::path::Path::new(&args.doc);
+    let dir_name = "benchmarks";
+    let dir = doc
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(dir_name);
+    let commit = report["commit"].as_str().unwrap_or("unknown");
+    let mut markdown = String::new();
+    for run in report["runs"].as_array().into_iter().flatten() {
+        let drawn = charts(run, args);
+        if drawn.is_empty() {
+            continue;
+        }
+        std::fs::create_dir_all(&dir)?;
+        let size = format!(
+            "{}x{}",
+            run["grants"].as_u64().unwrap_or(0),
+            run["keys"].as_u64().unwrap_or(0)
+        );
+        let _ = writeln!(
+            markdown,
+            "\n### Charts: {} grants on {} keys\n",
+            run["grants"], run["keys"]
+        );
+        for (stem, chart) in drawn {
+            let file = format!("{commit}-{size}-{stem}.svg");
+            std::fs::write(dir.join(&file), chart.svg())?;
+            let _ = writeln!(markdown, "![{}]({dir_name}/{file})\n", chart.title);
+        }
+    }
+    Ok(markdown)
 }
 
 fn is_ready(grant: &KmsGrant) -> bool {
@@ -1181,9 +1471,10 @@ fn targets(report: &Value, args: &Args) -> String {
             worst <= 0.02,
         );
         let rss = f(run, "operator_peak_rss_mib");
+        // Issue 27's target for the release binary at 10,000 objects (59 MiB when it was set).
         line(
-            format!("operator peak RSS {rss:.0} MiB ≤ 64 MiB"),
-            rss <= 64.0,
+            format!("operator peak RSS {rss:.0} MiB ≤ 48 MiB"),
+            rss <= 48.0,
         );
     }
     out
@@ -1226,6 +1517,10 @@ async fn main() -> anyhow::Result<()> {
             runs.push(run_fairness(&args, &client, n.parse()?, k.parse()?).await?);
             continue;
         }
+        if own == ["clusters"] {
+            runs.push(run_clusters(&args, &client, n.parse()?, k.parse()?).await?);
+            continue;
+        }
         runs.push(run_one(&args, &client, n.parse()?, k.parse()?, index, &own).await?);
     }
     let report = json!({
@@ -1241,18 +1536,32 @@ async fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(&args.json, serde_json::to_string_pretty(&report)?)?;
-    let fairness: String = report["runs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|run| run.get("fairness").is_some())
-        .map(|run| fairness_table(run, &args))
-        .collect();
-    let table = if fairness.is_empty() {
-        table(&report, &args) + &targets(&report, &args)
-    } else {
-        fairness
+    // Scenarios of their own (fairness, clusters) have tables of their own; the others share one.
+    let runs_of = |special: bool| -> Vec<Value> {
+        report["runs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|run| {
+                (run.get("fairness").is_some() || run.get("clusters").is_some()) == special
+            })
+            .cloned()
+            .collect()
     };
+    let mut table = String::new();
+    let scenario_runs = runs_of(false);
+    if !scenario_runs.is_empty() {
+        let mut shared = report.clone();
+        shared["runs"] = json!(scenario_runs);
+        table = self::table(&shared, &args) + &targets(&shared, &args);
+    }
+    for run in runs_of(true) {
+        if run.get("fairness").is_some() {
+            table.push_str(&fairness_table(&run, &args));
+        } else {
+            table.push_str(&clusters_table(&run, &args));
+        }
+    }
     println!("{table}");
     if !args.doc.is_empty() {
         let mut doc = String::new();
@@ -1320,6 +1629,7 @@ async fn main() -> anyhow::Result<()> {
             "- the emulator's grants-per-key quota is raised to the grants per key + 10 % (a full key has no room for the change scenario's create-before-revoke), its keys quota to K + 10; KMS calls are counted on the emulator (every attempt, 429s included); floors: converge N creates + K lists + K describes, change one create and one revoke per change, delete one revoke per object and one list per key (the fresh list that finds a grant whose create answer was lost), failover (a new operator after SIGKILL, then after SIGTERM, on objects in sync) K lists + K describes and no write; its time is from the new process's start until every object was reconciled once and the KMS calls went quiet for 2 s"
         );
         doc.push_str(&table);
+        doc.push_str(&write_charts(&report, &args)?);
         if let Ok(extra) = std::env::var("KMSGRANT_BENCH_NOTE") {
             let _ = writeln!(doc, "\n{extra}");
         }
@@ -1612,6 +1922,342 @@ async fn fairness_mode(
         "operator_cpu_seconds": cpu,
         "operator_log": log,
     }))
+}
+
+/// How many operators (clusters) the `clusters` scenario runs on one account.
+const CLUSTERS: usize = 3;
+
+/// Several clusters on one account: `CLUSTERS` operators, each with its own `--cluster-name`,
+/// label selector, provider config and `grants` objects on its own `keys` keys, all on one
+/// emulated account whose throttle they share (the emulator throttles per credential; they use
+/// one). They share this control plane too, which real clusters would not: the API server is not
+/// what is measured here, the shared throttle is. All apply at once, 16 at a time each.
+async fn run_clusters(
+    args: &Args,
+    client: &kube::Client,
+    grants: usize,
+    keys: usize,
+) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        keys > 0 && grants.div_ceil(keys) <= 100,
+        "at most 100 grants per key"
+    );
+    let apply = PatchParams::apply("kmsgrant-bench").force();
+    let emulator = Emulator::start(EmulatorConfig {
+        keys_per_project: CLUSTERS * keys + 10,
+        ..EmulatorConfig::for_tests()
+    })
+    .await?;
+    let run_id = format!("clusters-{}", std::process::id());
+    let config = emulator.config();
+    let ready_at: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let mut clusters = Vec::new();
+    for index in 0..CLUSTERS {
+        let name = format!("{run_id}-c{index}");
+        let key_ids: Vec<String> = (0..keys)
+            .map(|k| {
+                emulator
+                    .admin()
+                    .create_key(NewKey {
+                        key_alias: format!("{name}-{k}"),
+                        ..NewKey::default()
+                    })
+                    .map(|key| key.key_id)
+                    .map_err(anyhow::Error::msg)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let label = json!({"kmsgrant.io/bench": name});
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+        Api::<Namespace>::all(client.clone())
+            .patch(&name, &apply, &Patch::Apply(&ns))
+            .await?;
+        let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "kms", "namespace": name},
+            "stringData": {"accessKey": config.access_key, "secretKey": config.secret_key.as_str()}});
+        Api::<Secret>::namespaced(client.clone(), &name)
+            .patch("kms", &apply, &Patch::Apply(&secret))
+            .await?;
+        let provider = json!({"apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsProviderConfig",
+            "metadata": {"name": name, "labels": label},
+            "spec": {"endpoint": emulator.base_url(), "projectId": config.project_id, "region": config.region,
+                "auth": {"type": "AccessKey", "secretRef": {"namespace": name, "name": "kms"}},
+                "rateLimit": {"requestsPerSecond": args.rate_limit, "burst": args.rate_limit.ceil() as u64}}});
+        Api::<kmsgrant::api::KmsProviderConfig>::all(client.clone())
+            .patch(&name, &apply, &Patch::Apply(&provider))
+            .await?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let admin = format!("127.0.0.1:{port}");
+        let log = std::env::temp_dir().join(format!("{name}-operator.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(&args.operator)
+            .args(["run", "--allow-http-endpoints", "--kubeconfig"])
+            .arg(&args.kubeconfig)
+            .args(["--label-selector", &format!("kmsgrant.io/bench={name}")])
+            .args(["--cluster-name", &format!("bench-c{index}")])
+            .args(["--secret-namespace", &name, "--migrate-storage=false"])
+            .args(["--resync-interval", &format!("{}s", args.resync)])
+            .args(["--concurrency", &args.concurrency.to_string()])
+            .args(["--admin-address", &admin, "--log-level", &args.log_level])
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", args.operator.display()))?;
+        clusters.push((name, key_ids, Operator { child, admin }, log));
+    }
+    let configs = Api::<kmsgrant::api::KmsProviderConfig>::all(client.clone());
+    let waiting = Instant::now();
+    for (name, _, _, log) in &clusters {
+        while !configs.get_opt(name).await?.is_some_and(|c| {
+            c.status.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == kmsgrant::api::ConditionStatus::True)
+            })
+        }) {
+            anyhow::ensure!(
+                waiting.elapsed() < Duration::from_secs(120),
+                "provider config {name} not verified within 120 s (log: {})",
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let watch = {
+        let ready_at = Arc::clone(&ready_at);
+        let api: Api<KmsGrant> = Api::all(client.clone());
+        let prefix = format!("{run_id}-c");
+        tokio::spawn(async move {
+            let mut stream = watcher(api, watcher::Config::default()).boxed();
+            while let Ok(Some(event)) = stream.try_next().await {
+                let (watcher::Event::Apply(o) | watcher::Event::InitApply(o)) = event else {
+                    continue;
+                };
+                let namespace = o.metadata.namespace.clone().unwrap_or_default();
+                if namespace.starts_with(&prefix) && is_ready(&o) {
+                    let key = format!(
+                        "{namespace}/{}",
+                        o.metadata.name.clone().unwrap_or_default()
+                    );
+                    ready_at
+                        .lock()
+                        .unwrap()
+                        .entry(key)
+                        .or_insert_with(Instant::now);
+                }
+            }
+        })
+    };
+    emulator
+        .admin()
+        .set_faults(FaultSettings {
+            latency_ms: args.latency_ms,
+            throttle_per_second: (args.throttle > 0.0).then_some(args.throttle),
+            ..FaultSettings::default()
+        })
+        .map_err(anyhow::Error::msg)?;
+    let before = emulator.admin().stats();
+    let started = Instant::now();
+    let mut applying = Vec::new();
+    for (name, key_ids, _, _) in &clusters {
+        let api: Api<KmsGrant> = Api::namespaced(client.clone(), name);
+        let apply = apply.clone();
+        let manifests: Vec<(String, Value)> = (0..grants)
+            .map(|i| {
+                let object = format!("g{i:05}");
+                let manifest = json!({"apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
+                    "metadata": {"name": object, "namespace": name, "labels": {"kmsgrant.io/bench": name}},
+                    "spec": {"providerConfigRef": {"name": name}, "keyId": key_ids[i % keys],
+                        "granteePrincipal": "13gg44z4g2sglzk0egw0u726zoyzvrs8",
+                        "operations": ["describe-key", "encrypt-datakey"]}});
+                (object, manifest)
+            })
+            .collect();
+        applying.push(tokio::spawn(async move {
+            futures::stream::iter(manifests)
+                .map(|(object, manifest)| {
+                    let (api, apply) = (api.clone(), apply.clone());
+                    async move { api.patch(&object, &apply, &Patch::Apply(&manifest)).await }
+                })
+                .buffer_unordered(16)
+                .try_collect::<Vec<_>>()
+                .await
+                .map(|_| ())
+        }));
+    }
+    for task in applying {
+        task.await??;
+    }
+    let mut converged: Vec<Option<f64>> = vec![None; CLUSTERS];
+    while converged.iter().any(Option::is_none) {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(args.timeout),
+            "clusters did not converge: {converged:?}"
+        );
+        for (index, (name, ..)) in clusters.iter().enumerate() {
+            if converged[index].is_none()
+                && ready_at_count(&ready_at, &format!("{name}/")) >= grants
+            {
+                converged[index] = Some(started.elapsed().as_secs_f64());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let converge_kms = kms_delta(&emulator.admin().stats(), &before);
+    let seconds: Vec<f64> = converged.into_iter().flatten().collect();
+    // The combined floor: every cluster's creates, and a list and a describe per key.
+    let floor = CLUSTERS * (grants + 2 * keys);
+    let bound = if args.throttle > 0.0 {
+        floor as f64 / args.throttle
+    } else {
+        0.0
+    };
+    // Afterwards, one resync period: each cluster lists its keys once and writes nothing.
+    let steady_before = emulator.admin().stats();
+    tokio::time::sleep(Duration::from_secs(args.resync)).await;
+    let steady_kms = kms_delta(&emulator.admin().stats(), &steady_before);
+    let usage: Vec<(u64, f64)> = clusters
+        .iter()
+        .map(|(_, _, operator, _)| {
+            let (peak, _, cpu) = operator.usage();
+            (peak, cpu)
+        })
+        .collect();
+    watch.abort();
+    for (name, ..) in &clusters {
+        let _ = Api::<Namespace>::all(client.clone())
+            .delete(name, &DeleteParams::default())
+            .await;
+    }
+    let logs: Vec<String> = clusters
+        .iter()
+        .map(|(_, _, _, log)| log.display().to_string())
+        .collect();
+    drop(clusters);
+    let total = all_calls(&converge_kms);
+    let slowest = seconds.iter().copied().fold(0.0, f64::max);
+    let mean = seconds.iter().sum::<f64>() / seconds.len().max(1) as f64;
+    let spread = seconds
+        .iter()
+        .map(|s| (s - mean).abs() / mean.max(f64::EPSILON))
+        .fold(0.0, f64::max);
+    let steady_writes: u64 = ["create-grant", "revoke-grant", "retire-grant"]
+        .iter()
+        .filter_map(|op| steady_kms.get(*op))
+        .flat_map(|outcomes| outcomes.values())
+        .sum();
+    let steady_lists: u64 = steady_kms
+        .get("list-grants")
+        .map_or(0, |outcomes| outcomes.values().sum());
+    eprintln!(
+        "bench: {CLUSTERS} clusters × {grants} on one account: converged in {seconds:?} s (bound {bound:.1} s), {total} calls, {} throttled",
+        throttled(&converge_kms)
+    );
+    Ok(json!({
+        "grants": grants, "keys": keys,
+        "clusters": {
+            "count": CLUSTERS,
+            "converge_seconds": seconds,
+            "slowest_seconds": slowest,
+            "bound_seconds": bound,
+            "slowest_over_bound": if bound > 0.0 { slowest / bound } else { 0.0 },
+            "largest_deviation_from_mean": spread,
+            "floor": floor,
+            "kms_calls": converge_kms,
+            "kms_calls_total": total,
+            "kms_throttled": throttled(&converge_kms),
+            "kms_throttled_share": if total == 0 { 0.0 } else { throttled(&converge_kms) as f64 / total as f64 },
+            "steady_kms_calls": steady_kms,
+            "steady_lists": steady_lists,
+            "steady_writes": steady_writes,
+            "steady_list_floor": CLUSTERS * keys,
+            "operator_peak_rss_mib": usage.iter().map(|(peak, _)| *peak as f64 / 1024.0).collect::<Vec<_>>(),
+            "operator_cpu_seconds": usage.iter().map(|(_, cpu)| *cpu).collect::<Vec<_>>(),
+            "operator_logs": logs,
+        }
+    }))
+}
+
+/// The several-clusters section of the report, with issue 27's targets.
+fn clusters_table(run: &Value, args: &Args) -> String {
+    let c = &run["clusters"];
+    let number = |field: &str| c[field].as_f64().unwrap_or(0.0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n### {} clusters on one account, {} grants on {} keys each\n\n{} operators, each with its own `--cluster-name`, label selector and provider config, share one emulated account (one credential, one throttle of {} req/s, latency {} ms) and this control plane; all apply their objects at once (16 at a time each).\n",
+        c["count"], run["grants"], run["keys"], c["count"], args.throttle, args.latency_ms
+    );
+    let _ = writeln!(
+        out,
+        "| converged (each cluster) | slowest / bound (combined floor {} calls / throttle) | largest deviation from the mean | KMS calls | throttled | steady period: lists (floor) / writes | peak RSS (each) | CPU (each) |",
+        c["floor"]
+    );
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let list = |field: &str, unit: &str| -> String {
+        c[field]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_f64)
+            .map(|v| format!("{v:.1}{unit}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let _ = writeln!(
+        out,
+        "| {} | {:.1} s / {:.1} s = {:.2} × | {:.0} % | {} | {} ({:.2} %) | {} ({}) / {} | {} | {} |",
+        list("converge_seconds", " s"),
+        number("slowest_seconds"),
+        number("bound_seconds"),
+        number("slowest_over_bound"),
+        100.0 * number("largest_deviation_from_mean"),
+        c["kms_calls_total"],
+        c["kms_throttled"],
+        100.0 * number("kms_throttled_share"),
+        c["steady_lists"],
+        c["steady_list_floor"],
+        c["steady_writes"],
+        list("operator_peak_rss_mib", " MiB"),
+        list("operator_cpu_seconds", " s"),
+    );
+    let _ = writeln!(out);
+    let mut line = |text: String, met: bool| {
+        let _ = writeln!(out, "- {text}: {}", if met { "met" } else { "**not met**" });
+    };
+    if number("bound_seconds") > 0.0 {
+        line(
+            format!(
+                "all converge within 1.1 × the bound of the combined floor ({:.2} ×)",
+                number("slowest_over_bound")
+            ),
+            number("slowest_over_bound") <= 1.1,
+        );
+    }
+    line(
+        format!(
+            "each cluster's converge time within ±20 % of the others' mean (largest deviation {:.0} %)",
+            100.0 * number("largest_deviation_from_mean")
+        ),
+        number("largest_deviation_from_mean") <= 0.2,
+    );
+    line(
+        format!(
+            "throttled answers ≤ 2 % of calls ({:.2} %)",
+            100.0 * number("kms_throttled_share")
+        ),
+        number("kms_throttled_share") <= 0.02,
+    );
+    line(
+        format!(
+            "steady afterwards at the floor: {} lists for {} keys in one resync, {} writes",
+            c["steady_lists"], c["steady_list_floor"], c["steady_writes"]
+        ),
+        c["steady_writes"].as_u64() == Some(0)
+            && c["steady_lists"].as_u64() <= c["steady_list_floor"].as_u64(),
+    );
+    out
 }
 
 fn ready_at_count(ready_at: &Mutex<HashMap<String, Instant>>, prefix: &str) -> usize {
