@@ -465,16 +465,16 @@ mod tests {
         while let Some(result) = clients.join_next().await {
             results.push(result.unwrap());
         }
-        // Together at the cloud's bound: 9,000 calls at 50/s take 180 s (measured: 183 s).
+        // Together at the cloud's bound: 9,000 calls at 50/s take 180 s (measured: 185 s).
         let slowest = results.iter().map(|(_, elapsed)| *elapsed).max().unwrap();
         assert!(slowest <= Duration::from_secs(198), "{results:?}");
-        // Shared fairly: each within 20 % of the mean (measured: 161, 176 and 183 s).
+        // Shared fairly: each within 20 % of the mean (measured: 163, 177 and 185 s).
         let mean = results.iter().map(|(_, e)| e.as_secs_f64()).sum::<f64>() / 3.0;
         for (_, elapsed) in &results {
             let deviation = (elapsed.as_secs_f64() - mean).abs() / mean;
             assert!(deviation <= 0.2, "{results:?}");
         }
-        // Throttled answers stay rare (measured: 97 of 9,097 calls).
+        // Throttled answers stay rare (measured: 116 of 9,116 calls).
         let throttled: usize = results.iter().map(|(t, _)| t).sum();
         assert!(throttled * 100 <= 2 * 9000, "{results:?}");
     }
