@@ -790,26 +790,8 @@ async fn run_one(
         ..EmulatorConfig::for_tests()
     })
     .await?;
-    let key_ids: Vec<String> = (0..keys)
-        .map(|i| {
-            emulator
-                .admin()
-                .create_key(NewKey {
-                    key_alias: format!("bench-{i}"),
-                    ..NewKey::default()
-                })
-                .map(|k| k.key_id)
-                .map_err(anyhow::Error::msg)
-        })
-        .collect::<anyhow::Result<_>>()?;
-    emulator
-        .admin()
-        .set_faults(FaultSettings {
-            latency_ms: args.latency_ms,
-            throttle_per_second: (args.throttle > 0.0).then_some(args.throttle),
-            ..FaultSettings::default()
-        })
-        .map_err(anyhow::Error::msg)?;
+    let key_ids = create_keys(&emulator, "bench", keys)?;
+    set_bench_faults(&emulator, args)?;
     let namespace = format!("bench-{}-{index}", std::process::id());
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
     Api::<Namespace>::all(client.clone())
@@ -1136,6 +1118,38 @@ fn write_charts(report: &Value, args: &Args) -> anyhow::Result<String> {
         }
     }
     Ok(markdown)
+}
+
+/// `count` new keys on the emulator, aliased `<prefix>-<i>`.
+fn create_keys(
+    emulator: &kms_emulator::RunningEmulator,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
+    (0..count)
+        .map(|i| {
+            emulator
+                .admin()
+                .create_key(NewKey {
+                    key_alias: format!("{prefix}-{i}"),
+                    ..NewKey::default()
+                })
+                .map(|key| key.key_id)
+                .map_err(anyhow::Error::msg)
+        })
+        .collect()
+}
+
+/// The emulator's latency and throttle from the flags.
+fn set_bench_faults(emulator: &kms_emulator::RunningEmulator, args: &Args) -> anyhow::Result<()> {
+    emulator
+        .admin()
+        .set_faults(FaultSettings {
+            latency_ms: args.latency_ms,
+            throttle_per_second: (args.throttle > 0.0).then_some(args.throttle),
+            ..FaultSettings::default()
+        })
+        .map_err(anyhow::Error::msg)
 }
 
 fn is_ready(grant: &KmsGrant) -> bool {
@@ -1688,14 +1702,7 @@ async fn fairness_mode(
         .map(|i| new_key(format!("tenant-a-{i}")))
         .collect::<anyhow::Result<_>>()?;
     let b_key = new_key("tenant-b".into())?;
-    emulator
-        .admin()
-        .set_faults(FaultSettings {
-            latency_ms: args.latency_ms,
-            throttle_per_second: (args.throttle > 0.0).then_some(args.throttle),
-            ..FaultSettings::default()
-        })
-        .map_err(anyhow::Error::msg)?;
+    set_bench_faults(&emulator, args)?;
     let run_id = format!(
         "fair-{}-{}",
         std::process::id(),
@@ -1954,18 +1961,7 @@ async fn run_clusters(
     let mut clusters = Vec::new();
     for index in 0..CLUSTERS {
         let name = format!("{run_id}-c{index}");
-        let key_ids: Vec<String> = (0..keys)
-            .map(|k| {
-                emulator
-                    .admin()
-                    .create_key(NewKey {
-                        key_alias: format!("{name}-{k}"),
-                        ..NewKey::default()
-                    })
-                    .map(|key| key.key_id)
-                    .map_err(anyhow::Error::msg)
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let key_ids = create_keys(&emulator, &name, keys)?;
         let label = json!({"kmsgrant.io/bench": name});
         let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
         Api::<Namespace>::all(client.clone())
@@ -2049,14 +2045,7 @@ async fn run_clusters(
             }
         })
     };
-    emulator
-        .admin()
-        .set_faults(FaultSettings {
-            latency_ms: args.latency_ms,
-            throttle_per_second: (args.throttle > 0.0).then_some(args.throttle),
-            ..FaultSettings::default()
-        })
-        .map_err(anyhow::Error::msg)?;
+    set_bench_faults(&emulator, args)?;
     let before = emulator.admin().stats();
     let started = Instant::now();
     let mut applying = Vec::new();
