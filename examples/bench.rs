@@ -1,6 +1,7 @@
 //! The benchmark (never a test): the operator binary against a real local control plane and the
-//! in-process emulator, scenario by scenario (converge, steady, drift, change, delete, failover), with the
-//! emulator's latency and throttle and the provider config's rate limit as parameters. Prints a
+//! in-process emulator, scenario by scenario (converge, steady, drift, change, delete, failover;
+//! and runs of their own: ceiling, fairness, clusters), with the emulator's latency and throttle
+//! and the provider config's rate limit as parameters. Prints a
 //! table, writes JSON and regenerates `docs/benchmarks.md`. Run through `scripts/bench`, which
 //! starts the control plane, builds the operator and passes both.
 //!
@@ -21,7 +22,7 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kms_emulator::{Emulator, EmulatorConfig, FaultSettings, NewKey, StatsSnapshot};
 use kmsgrant::api::KmsGrant;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 
@@ -145,6 +146,21 @@ fn usage_of(pid: u32) -> (u64, u64, f64) {
             .unwrap_or(0.0);
         (kib("VmHWM:"), kib("VmRSS:"), ticks / 100.0)
     }
+}
+
+/// CPU seconds so far of the processes whose command is `name` (the control plane's
+/// kube-apiserver and etcd: the only ones of that name while the benchmark runs).
+fn cpu_of_command(name: &str) -> f64 {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .map(|pid| usage_of(pid).2)
+        .sum()
 }
 
 /// What a run looked like every half second, for the charts.
@@ -606,6 +622,81 @@ impl Run<'_> {
         )
     }
 
+    /// The API server's own bound for the writes a converge makes, measured by this harness
+    /// with no operator involved: for each converged object, the four writes its converge made
+    /// (the object's apply, a merge patch of its metadata in place of the finalizer patch, a
+    /// server-side apply of its status copied from the converged object, an event), taken as
+    /// fast as the API server answers with as many in flight as during the converge (the
+    /// harness's 16 applies and the operator's concurrency). In a namespace the operator does not
+    /// watch, deleted before the figures are returned.
+    async fn kube_write_bound(&self) -> anyhow::Result<Value> {
+        let namespace = format!("{}-writes", self.namespace);
+        let namespaces = Api::<Namespace>::all(self.client.clone());
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
+        namespaces
+            .patch(&namespace, &self.apply, &Patch::Apply(&ns))
+            .await?;
+        let converged = self.api.list(&ListParams::default()).await?.items;
+        let api: Api<KmsGrant> = Api::namespaced(self.client.clone(), &namespace);
+        let events: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &namespace);
+        let status_manager = PatchParams::apply("kmsgrant-bench-status").force();
+        let in_flight = 16 + usize::from(self.args.concurrency);
+        let started = Instant::now();
+        futures::stream::iter(converged.iter())
+            .map(|object| {
+                let (api, events, apply, status_manager, namespace) = (
+                    api.clone(),
+                    events.clone(),
+                    self.apply.clone(),
+                    status_manager.clone(),
+                    namespace.clone(),
+                );
+                async move {
+                    let name = object.metadata.name.clone().unwrap_or_default();
+                    let manifest = json!({"apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
+                        "metadata": {"name": name, "namespace": namespace}, "spec": object.spec});
+                    let created = api.patch(&name, &apply, &Patch::Apply(&manifest)).await?;
+                    let stand_in = json!({"metadata": {
+                        "resourceVersion": created.metadata.resource_version,
+                        "labels": {"bench.kmsgrant.io/finalizer-stand-in": "true"}}});
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&stand_in))
+                        .await?;
+                    let status = json!({"apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
+                        "status": object.status});
+                    api.patch_status(&name, &status_manager, &Patch::Apply(&status))
+                        .await?;
+                    let event: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({
+                        "metadata": {"generateName": format!("{name}."), "namespace": namespace},
+                        "eventTime": jiff::Timestamp::now().to_string(),
+                        "action": "CreateGrant", "reason": "GrantCreated", "type": "Normal",
+                        "note": "Created grant 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef on key 0d0466b0-e727-4d9c-b35d-f84bb474a37f",
+                        "reportingController": "kmsgrant.io/operator", "reportingInstance": "kmsgrant-bench",
+                        "regarding": {"apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
+                            "name": name, "namespace": namespace, "uid": created.metadata.uid}}))?;
+                    events.create(&PostParams::default(), &event).await?;
+                    Ok::<_, anyhow::Error>(())
+                }
+            })
+            .buffer_unordered(in_flight)
+            .try_collect::<Vec<()>>()
+            .await?;
+        let seconds = started.elapsed().as_secs_f64();
+        namespaces
+            .delete(&namespace, &DeleteParams::default())
+            .await?;
+        // Gone before the next figure is taken: its deletion loads the API server too.
+        while namespaces.get_opt(&namespace).await?.is_some() {
+            self.deadline(started, "the write-bound namespace's deletion")?;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let writes = 4 * converged.len();
+        Ok(
+            json!({"seconds": seconds, "objects": converged.len(), "writes": writes,
+            "writes_per_second": writes as f64 / seconds, "in_flight": in_flight}),
+        )
+    }
+
     /// Stops the operator (`stop`) and starts a new one on objects that are all in sync, and
     /// measures the new one from its start until steady: every object reconciled once (its
     /// `kmsgrant_reconciles_total` for KmsGrants reaches N), then the KMS call log quiet for two
@@ -905,6 +996,50 @@ async fn run_one(
             "drift" => run.measured("drift", || run.drift()).await?,
             "change" => run.measured("change", || run.change()).await?,
             "delete" => run.measured("delete", || run.delete()).await?,
+            "ceiling" => {
+                // The converge with the cloud out of the way (run it with --throttle 0), then the
+                // API server's own bound for the same writes, and the CPU of every process that
+                // shares the machine meanwhile: what bounds the operator when the cloud does not.
+                let shared = || {
+                    [
+                        cpu_of_command("kube-apiserver"),
+                        cpu_of_command("etcd"),
+                        usage_of(std::process::id()).2,
+                    ]
+                };
+                let before = shared();
+                let mut figures = run.measured("ceiling", || run.converge(&key_ids)).await?;
+                let after = shared();
+                let bound = run.kube_write_bound().await?;
+                let kms_bound = (grants as f64 * args.latency_ms as f64
+                    / 1000.0
+                    / f64::from(args.concurrency.max(1)))
+                .max(f(&figures, "floor") / args.rate_limit);
+                let extra = json!({
+                    "cpu_seconds_by_process": {
+                        "operator": f(&figures, "operator_cpu_seconds"),
+                        "kube-apiserver": after[0] - before[0],
+                        "etcd": after[1] - before[1],
+                        "bench (harness, watcher, emulator)": after[2] - before[2],
+                    },
+                    "write_bound_seconds": bound["seconds"],
+                    "write_bound_writes": bound["writes"],
+                    "kms_bound_seconds": kms_bound,
+                    "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+                });
+                let object = figures.as_object_mut().expect("figures are an object");
+                object.extend(extra.as_object().expect("an object").clone());
+                scenarios.push(figures);
+                scenarios.push(json!({
+                    "scenario": "API-server write bound",
+                    "seconds": bound["seconds"],
+                    "kms_calls": {}, "kms_calls_total": 0, "kms_throttled": 0, "kms_throttled_share": 0.0,
+                    "kube_requests": {}, "kube_writes": bound["writes"],
+                    "writes_per_second": bound["writes_per_second"], "in_flight": bound["in_flight"],
+                    "objects": bound["objects"],
+                }));
+                continue;
+            }
             "failover" => {
                 // Two rows: a crash, then a clean stop, each followed by a new operator.
                 for stop in [Stop::Kill, Stop::Term] {
@@ -1268,6 +1403,29 @@ fn table(report: &Value, args: &Args) -> String {
                     s["revoked"], args.resync
                 ),
                 "change" => format!("{} objects changed", s["changed"]),
+                "ceiling" => {
+                    let cpu = &s["cpu_seconds_by_process"];
+                    format!(
+                        "no throttle: {:.0} grants/s; the API server's write bound for the same writes {:.1} s ({:.2} ×); KMS bound {:.1} s; operator CPU {:.2} ms per object; CPU s during the converge: operator {:.1}, kube-apiserver {:.1}, etcd {:.1}, harness and emulator {:.1} ({} CPUs: {:.1} CPU s in {:.1} s)",
+                        f(s, "grants_per_second"),
+                        f(s, "write_bound_seconds"),
+                        f(s, "seconds") / f(s, "write_bound_seconds"),
+                        f(s, "kms_bound_seconds"),
+                        1000.0 * f(s, "operator_cpu_seconds") / n.max(1) as f64,
+                        f(cpu, "operator"),
+                        f(cpu, "kube-apiserver"),
+                        f(cpu, "etcd"),
+                        f(cpu, "bench (harness, watcher, emulator)"),
+                        s["cpus"],
+                        s["cpus"].as_f64().unwrap_or(1.0) * f(s, "seconds"),
+                        f(s, "seconds"),
+                    )
+                }
+                "API-server write bound" => format!(
+                    "this harness alone, no operator: per object its apply, a metadata patch, a status apply and an event, {} in flight: {:.0} writes/s",
+                    s["in_flight"],
+                    f(s, "writes_per_second")
+                ),
                 failover if failover.starts_with("failover") => format!(
                     "new operator: every object reconciled by {:.1} s, steady (KMS quiet) at {:.1} s; its CPU and peak RSS from its start; its own KmsGrant writes: {}",
                     f(s, "reconciled_seconds"),
@@ -1347,6 +1505,8 @@ fn targets(report: &Value, args: &Args) -> String {
             run["grants"].as_u64().unwrap_or(0),
             run["keys"].as_u64().unwrap_or(0),
         );
+        // Figures reported without a target, written after the run's target lines.
+        let mut reported: Vec<String> = Vec::new();
         let mut line = |what: String, met: bool| {
             let _ = writeln!(out, "- {n}/{k}: {what}: {}", mark(met));
         };
@@ -1459,6 +1619,48 @@ fn targets(report: &Value, args: &Args) -> String {
                 seconds <= 1.2 * bound,
             );
         }
+        if let Some(c) = scenario(run, "ceiling") {
+            let (seconds, bound) = (f(c, "seconds"), f(c, "write_bound_seconds"));
+            line(
+                format!(
+                    "ceiling: converge with no throttle {seconds:.1} s ≤ 1.2 × the API server's write bound {bound:.1} s for the same {} writes ({:.2} ×)",
+                    c["write_bound_writes"],
+                    seconds / bound
+                ),
+                seconds <= 1.2 * bound,
+            );
+            let cpu = &c["cpu_seconds_by_process"];
+            let busy: f64 = cpu
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(_, v)| v.as_f64())
+                .sum();
+            let cpus = c["cpus"].as_f64().unwrap_or(1.0);
+            let bounds = [
+                (
+                    "the KMS (latency over concurrency)",
+                    f(c, "kms_bound_seconds"),
+                ),
+                ("the API server's writes", bound),
+                ("the operator's own CPU", f(cpu, "operator")),
+                ("the machine's CPUs, shared by all processes", busy / cpus),
+            ];
+            let (what, at) = bounds
+                .iter()
+                .copied()
+                .fold(("nothing", 0.0), |max, b| if b.1 > max.1 { b } else { max });
+            reported.push(format!(
+                "- {n}/{k}: ceiling: {:.0} grants/s, operator CPU {:.2} ms per converged object; the largest bound is {what} ({at:.1} s; {})",
+                f(c, "grants_per_second"),
+                1000.0 * f(cpu, "operator") / n.max(1) as f64,
+                bounds
+                    .iter()
+                    .map(|(w, s)| format!("{w} {s:.1} s"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         for name in ["change", "delete"] {
             if let Some(s) = scenario(run, name) {
                 let (calls, floor) = (f(s, "kms_calls_total"), f(s, "floor"));
@@ -1490,6 +1692,9 @@ fn targets(report: &Value, args: &Args) -> String {
             format!("operator peak RSS {rss:.0} MiB ≤ 48 MiB"),
             rss <= 48.0,
         );
+        for text in reported {
+            let _ = writeln!(out, "{text}");
+        }
     }
     out
 }
