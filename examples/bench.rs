@@ -666,9 +666,11 @@ impl Run<'_> {
                         "status": object.status});
                     api.patch_status(&name, &status_manager, &Patch::Apply(&status))
                         .await?;
+                    let now = jiff::Timestamp::now();
                     let event: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({
-                        "metadata": {"generateName": format!("{name}."), "namespace": namespace},
-                        "eventTime": jiff::Timestamp::now().to_string(),
+                        // Named as the operator names its events: the object's name and the time.
+                        "metadata": {"name": format!("{name}.{:x}", now.as_nanosecond()), "namespace": namespace},
+                        "eventTime": now.to_string(),
                         "action": "CreateGrant", "reason": "GrantCreated", "type": "Normal",
                         "note": "Created grant 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef on key 0d0466b0-e727-4d9c-b35d-f84bb474a37f",
                         "reportingController": "kmsgrant.io/operator", "reportingInstance": "kmsgrant-bench",
@@ -682,14 +684,25 @@ impl Run<'_> {
             .try_collect::<Vec<()>>()
             .await?;
         let seconds = started.elapsed().as_secs_f64();
-        namespaces
-            .delete(&namespace, &DeleteParams::default())
+        // Emptied here (this control plane runs no namespace controller to do it), and gone
+        // before the next figure is taken: deleting loads the API server too.
+        api.delete_collection(&DeleteParams::default(), &ListParams::default())
             .await?;
-        // Gone before the next figure is taken: its deletion loads the API server too.
-        while namespaces.get_opt(&namespace).await?.is_some() {
-            self.deadline(started, "the write-bound namespace's deletion")?;
+        events
+            .delete_collection(&DeleteParams::default(), &ListParams::default())
+            .await?;
+        while !api
+            .list_metadata(&ListParams::default().limit(1))
+            .await?
+            .items
+            .is_empty()
+        {
+            self.deadline(started, "the write-bound objects' deletion")?;
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        let _ = namespaces
+            .delete(&namespace, &DeleteParams::default())
+            .await;
         let writes = 4 * converged.len();
         Ok(
             json!({"seconds": seconds, "objects": converged.len(), "writes": writes,
