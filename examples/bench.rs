@@ -1232,7 +1232,7 @@ fn charts(run: &Value, args: &Args) -> Vec<(&'static str, svg::Chart)> {
     out
 }
 
-/// Writes each run's charts beside the doc (`<doc dir>/benchmarks/<commit>-<N>x<K>-<chart>.svg`)
+/// Writes each run's charts beside the doc (`<doc dir>/benchmarks/<commit>-<N>x<K>-<scenarios>-<chart>.svg`)
 /// and returns the Markdown that shows them.
 fn write_charts(report: &Value, args: &Args) -> anyhow::Result<String> {
     let doc = std::path::Path::new(&args.doc);
@@ -1249,10 +1249,19 @@ fn write_charts(report: &Value, args: &Args) -> anyhow::Result<String> {
             continue;
         }
         std::fs::create_dir_all(&dir)?;
+        // Named by commit, size and the run's scenarios: two runs of one size in one commit's
+        // report (the default scenarios, the ceiling) must not draw over each other's files.
+        let scenarios: Vec<&str> = run["series"]["scenarios"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|mark| mark["scenario"].as_str())
+            .collect();
         let size = format!(
-            "{}x{}",
+            "{}x{}-{}",
             run["grants"].as_u64().unwrap_or(0),
-            run["keys"].as_u64().unwrap_or(0)
+            run["keys"].as_u64().unwrap_or(0),
+            scenarios.join("-")
         );
         let _ = writeln!(
             markdown,
