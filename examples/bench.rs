@@ -622,6 +622,52 @@ impl Run<'_> {
         )
     }
 
+    /// The converge with the cloud out of the way (run with --throttle 0), then the API
+    /// server's own bound for the same writes, with the CPU of every process that shares the
+    /// machine meanwhile: what bounds the operator when the cloud does not. Two rows.
+    async fn ceiling(&self, key_ids: &[String]) -> anyhow::Result<Vec<Value>> {
+        let shared = || {
+            [
+                cpu_of_command("kube-apiserver"),
+                cpu_of_command("etcd"),
+                usage_of(std::process::id()).2,
+            ]
+        };
+        let before = shared();
+        let mut figures = self.measured("ceiling", || self.converge(key_ids)).await?;
+        let after = shared();
+        let bound = self.kube_write_bound().await?;
+        let kms_bound = (self.grants as f64 * self.args.latency_ms as f64
+            / 1000.0
+            / f64::from(self.args.concurrency.max(1)))
+        .max(f(&figures, "floor") / self.args.rate_limit);
+        let extra = json!({
+            "cpu_seconds_by_process": {
+                "operator": f(&figures, "operator_cpu_seconds"),
+                "kube-apiserver": after[0] - before[0],
+                "etcd": after[1] - before[1],
+                "bench (harness, watcher, emulator)": after[2] - before[2],
+            },
+            "write_bound_seconds": bound["seconds"],
+            "write_bound_writes": bound["writes"],
+            "kms_bound_seconds": kms_bound,
+            "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        });
+        let object = figures.as_object_mut().expect("figures are an object");
+        object.extend(extra.as_object().expect("an object").clone());
+        Ok(vec![
+            figures,
+            json!({
+                "scenario": "API-server write bound",
+                "seconds": bound["seconds"],
+                "kms_calls": {}, "kms_calls_total": 0, "kms_throttled": 0, "kms_throttled_share": 0.0,
+                "kube_requests": {}, "kube_writes": bound["writes"],
+                "writes_per_second": bound["writes_per_second"], "in_flight": bound["in_flight"],
+                "objects": bound["objects"],
+            }),
+        ])
+    }
+
     /// The API server's own bound for the writes a converge makes, measured by this harness
     /// with no operator involved: for each converged object, the four writes its converge made
     /// (the object's apply, a merge patch of its metadata in place of the finalizer patch, a
@@ -1010,47 +1056,8 @@ async fn run_one(
             "change" => run.measured("change", || run.change()).await?,
             "delete" => run.measured("delete", || run.delete()).await?,
             "ceiling" => {
-                // The converge with the cloud out of the way (run it with --throttle 0), then the
-                // API server's own bound for the same writes, and the CPU of every process that
-                // shares the machine meanwhile: what bounds the operator when the cloud does not.
-                let shared = || {
-                    [
-                        cpu_of_command("kube-apiserver"),
-                        cpu_of_command("etcd"),
-                        usage_of(std::process::id()).2,
-                    ]
-                };
-                let before = shared();
-                let mut figures = run.measured("ceiling", || run.converge(&key_ids)).await?;
-                let after = shared();
-                let bound = run.kube_write_bound().await?;
-                let kms_bound = (grants as f64 * args.latency_ms as f64
-                    / 1000.0
-                    / f64::from(args.concurrency.max(1)))
-                .max(f(&figures, "floor") / args.rate_limit);
-                let extra = json!({
-                    "cpu_seconds_by_process": {
-                        "operator": f(&figures, "operator_cpu_seconds"),
-                        "kube-apiserver": after[0] - before[0],
-                        "etcd": after[1] - before[1],
-                        "bench (harness, watcher, emulator)": after[2] - before[2],
-                    },
-                    "write_bound_seconds": bound["seconds"],
-                    "write_bound_writes": bound["writes"],
-                    "kms_bound_seconds": kms_bound,
-                    "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
-                });
-                let object = figures.as_object_mut().expect("figures are an object");
-                object.extend(extra.as_object().expect("an object").clone());
-                scenarios.push(figures);
-                scenarios.push(json!({
-                    "scenario": "API-server write bound",
-                    "seconds": bound["seconds"],
-                    "kms_calls": {}, "kms_calls_total": 0, "kms_throttled": 0, "kms_throttled_share": 0.0,
-                    "kube_requests": {}, "kube_writes": bound["writes"],
-                    "writes_per_second": bound["writes_per_second"], "in_flight": bound["in_flight"],
-                    "objects": bound["objects"],
-                }));
+                // Two rows: the converge with no throttle, then the API server's own bound.
+                scenarios.extend(run.ceiling(&key_ids).await?);
                 continue;
             }
             "failover" => {
@@ -1915,20 +1922,8 @@ async fn fairness_mode(
         ..EmulatorConfig::for_tests()
     })
     .await?;
-    let new_key = |alias: String| {
-        emulator
-            .admin()
-            .create_key(NewKey {
-                key_alias: alias,
-                ..NewKey::default()
-            })
-            .map(|k| k.key_id)
-            .map_err(anyhow::Error::msg)
-    };
-    let a_keys: Vec<String> = (0..keys)
-        .map(|i| new_key(format!("tenant-a-{i}")))
-        .collect::<anyhow::Result<_>>()?;
-    let b_key = new_key("tenant-b".into())?;
+    let a_keys = create_keys(&emulator, "tenant-a", keys)?;
+    let b_key = create_keys(&emulator, "tenant-b", 1)?.remove(0);
     set_bench_faults(&emulator, args)?;
     let run_id = format!(
         "fair-{}-{}",
