@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use super::config::{ClientConfig, Credentials, Project};
+use super::config::{ClientConfig, Credentials, LearnedRate, Project};
 use super::error::{Call, ErrorReason, KmsError, classify};
 use super::rate_limit::TokenBucket;
 use super::session::{SessionCredential, SessionState};
@@ -168,7 +168,7 @@ impl KmsClient {
         }
         Ok(Self {
             inner: Arc::new(Inner {
-                bucket: TokenBucket::new(config.rate_limit),
+                bucket: TokenBucket::new(config.rate_limit, config.learned_rate),
                 config,
                 http,
                 kms_base,
@@ -485,6 +485,13 @@ impl KmsClient {
     /// cloud has throttled it (learned from 429 answers, recovering additively).
     pub fn current_rate(&self) -> f64 {
         self.inner.bucket.rate()
+    }
+
+    /// What the cloud's throttle taught this client at its last cut, and how long ago; `None`
+    /// when it never throttled this client. A new leader can start from it (see
+    /// [`ClientConfig::learned_rate`]).
+    pub fn last_cut(&self) -> Option<(LearnedRate, std::time::Duration)> {
+        self.inner.bucket.last_cut()
     }
 
     async fn send(

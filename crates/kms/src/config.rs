@@ -29,6 +29,10 @@ pub struct ClientConfig {
     pub signing: SigningScheme,
     /// Client-side pacing, below the cloud's throttle.
     pub rate_limit: RateLimitConfig,
+    /// What an earlier client (another process: the previous leader) learned of the cloud's
+    /// throttle on this account: the new client starts at that rate instead of `rate_limit`'s
+    /// and meets no throttle in its first second (see [`LearnedRate`]).
+    pub learned_rate: Option<LearnedRate>,
     /// Extra trusted CAs (PEM), for private endpoints.
     pub ca_bundle: Option<String>,
     /// Plain `http://` endpoints are refused unless this is set (the emulator).
@@ -92,6 +96,7 @@ impl ClientConfig {
             temporary_access_key: None,
             signing: SigningScheme::Access,
             rate_limit: RateLimitConfig::default(),
+            learned_rate: None,
             ca_bundle: None,
             allow_http: false,
             connect_timeout: Duration::from_secs(5),
@@ -193,6 +198,17 @@ impl Default for RateLimitConfig {
             burst: 20,
         }
     }
+}
+
+/// What the cloud's throttle taught a client at its last cut: the rate it was cut to and the
+/// rate the cloud throttled. Carried to a new client (a new leader, a restart), it starts at
+/// `requests_per_second` and probes slowly above it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LearnedRate {
+    /// The rate the last cut left in force.
+    pub requests_per_second: f64,
+    /// The rate in force when the cloud throttled.
+    pub throttled_requests_per_second: f64,
 }
 
 /// Bounded retries with jittered exponential backoff under an overall deadline.

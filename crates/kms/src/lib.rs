@@ -18,7 +18,7 @@ pub use client::{
     MAX_GRANTS_PER_KEY, MAX_PAGE_SIZE,
 };
 pub use config::{
-    Agency, ClientConfig, Credentials, DEFAULT_MAX_RESPONSE_BYTES, Domain, Project,
+    Agency, ClientConfig, Credentials, DEFAULT_MAX_RESPONSE_BYTES, Domain, LearnedRate, Project,
     RateLimitConfig, RetryPolicy, SubjectTokenSource, WriteGate,
 };
 pub use error::{Call, ErrorClass, ErrorReason, KmsError};

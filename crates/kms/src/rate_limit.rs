@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::config::RateLimitConfig;
+use super::config::{LearnedRate, RateLimitConfig};
 
 /// A cut keeps at most this fraction of the current rate.
 const DECREASE: f64 = 0.9;
@@ -75,6 +75,9 @@ struct BucketState {
     accepted: VecDeque<Instant>,
     /// The rate in force when the cloud last throttled us, and when (`None`: never).
     last_cut: Option<(f64, Instant)>,
+    /// The last cut as another client can start from it (`None` until this bucket is cut: a
+    /// seed is what the caller already knows).
+    last_learned: Option<(LearnedRate, Instant)>,
 }
 
 /// What [`TokenBucket::acquire`] hands back: report the outcome of the request with it.
@@ -86,21 +89,45 @@ pub(crate) struct Permit {
 }
 
 impl TokenBucket {
-    pub fn new(config: RateLimitConfig) -> Self {
-        let rate = config.requests_per_second.max(0.001);
-        let burst = f64::from(config.burst.max(1));
-        Self {
-            max_rate: rate,
-            max_burst: burst,
-            state: Mutex::new(BucketState {
-                rate,
-                tokens: burst,
-                updated: Instant::now(),
-                generation: 0,
-                accepted: VecDeque::new(),
-                last_cut: None,
-            }),
-        }
+    /// A bucket at the configured rate, or at a rate an earlier client learned (never above the
+    /// configured one): then it starts as if the cloud had just throttled at that rate, with no
+    /// burst above half a second's worth, so a new process sends no first-second burst into a
+    /// throttle its predecessor already knew.
+    pub fn new(config: RateLimitConfig, learned: Option<LearnedRate>) -> Self {
+        let max_rate = config.requests_per_second.max(0.001);
+        let max_burst = f64::from(config.burst.max(1));
+        let now = Instant::now();
+        let mut state = BucketState {
+            rate: max_rate,
+            tokens: max_burst,
+            updated: now,
+            generation: 0,
+            accepted: VecDeque::new(),
+            last_cut: None,
+            last_learned: None,
+        };
+        let bucket = |state| Self {
+            max_rate,
+            max_burst,
+            state: Mutex::new(state),
+        };
+        let Some(learned) = learned.filter(|l| {
+            l.requests_per_second.is_finite() && l.throttled_requests_per_second.is_finite()
+        }) else {
+            return bucket(state);
+        };
+        let rate = learned
+            .requests_per_second
+            .clamp(MIN_RATE.min(max_rate), max_rate);
+        state.rate = rate;
+        // Half a second's worth at most: the cloud's own burst is about a second's worth at its
+        // rate, and it refills no faster than we send.
+        state.tokens = (max_burst * rate / max_rate).min(rate / 2.0).max(1.0);
+        // Probed slowly from the start: the rate of a cut is the cloud's rate seen from one
+        // second's window, and the first cut of a burst overestimates it (the window holds the
+        // cloud's own burst), so nothing above the seed is taken for granted.
+        state.last_cut = Some((rate, now));
+        bucket(state)
     }
 
     /// The burst scales with the learned rate: after a cut, no burst above one second's worth.
@@ -193,6 +220,13 @@ impl TokenBucket {
                 rate = rate.min(accepted * ACCEPTED_MARGIN);
             }
             state.last_cut = Some((state.rate, now));
+            state.last_learned = Some((
+                LearnedRate {
+                    requests_per_second: rate.max(floor),
+                    throttled_requests_per_second: state.rate,
+                },
+                now,
+            ));
             state.rate = rate.max(floor);
             state.generation += 1;
             // Spend the burst: the bucket restarts empty at the new rate. Tokens reserved before
@@ -210,6 +244,14 @@ impl TokenBucket {
     pub fn rate(&self) -> f64 {
         self.state.lock().expect("token bucket lock").rate
     }
+
+    /// The last cut and how long ago it was made (`None`: never cut; a seed is not a cut).
+    pub fn last_cut(&self) -> Option<(LearnedRate, Duration)> {
+        let state = self.state.lock().expect("token bucket lock");
+        state
+            .last_learned
+            .map(|(learned, at)| (learned, Instant::now().saturating_duration_since(at)))
+    }
 }
 
 #[cfg(test)]
@@ -219,10 +261,13 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn bucket(rate: f64, burst: u32) -> TokenBucket {
-        TokenBucket::new(RateLimitConfig {
-            requests_per_second: rate,
-            burst,
-        })
+        TokenBucket::new(
+            RateLimitConfig {
+                requests_per_second: rate,
+                burst,
+            },
+            None,
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -330,6 +375,61 @@ mod tests {
         assert!(elapsed <= Duration::from_secs(44), "{elapsed:?}");
         let learned = bucket.rate();
         assert!((40.0..=55.0).contains(&learned), "settled at {learned}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_client_seeded_with_what_the_last_one_learned_meets_no_throttle_at_its_start() {
+        // The leader learns the account's 50 req/s throttle over a converge ...
+        let cloud = Arc::new(Mutex::new(Cloud::new(50.0)));
+        let leader = Arc::new(bucket(1000.0, 20));
+        let latency = Duration::from_millis(20);
+        drive(Arc::clone(&leader), Arc::clone(&cloud), 2000, 16, latency).await;
+        let (learned, _) = leader.last_cut().expect("the cloud throttled the leader");
+        assert!(
+            (40.0..=50.0).contains(&learned.requests_per_second)
+                && learned.throttled_requests_per_second >= learned.requests_per_second,
+            "{learned:?}"
+        );
+        // ... and dies. Its successor starts at once against the same throttle: a list and a
+        // describe for each of 100 keys.
+        let config = RateLimitConfig {
+            requests_per_second: 1000.0,
+            burst: 20,
+        };
+        let successor = Arc::new(TokenBucket::new(config, Some(learned)));
+        let (throttled, elapsed) =
+            drive(Arc::clone(&successor), Arc::clone(&cloud), 200, 16, latency).await;
+        assert_eq!(throttled, 0, "a seeded start is paced below the throttle");
+        assert!(elapsed <= Duration::from_secs(5), "{elapsed:?}");
+        // A seed is not a cut of this bucket: nothing new to hand on.
+        assert!(successor.last_cut().is_none());
+        // Without the seed the same start bursts into the throttle.
+        let unseeded = Arc::new(TokenBucket::new(config, None));
+        let (throttled, _) = drive(unseeded, cloud, 200, 16, latency).await;
+        assert!(throttled > 0, "an unseeded start meets the throttle");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_learned_rate_above_the_configured_one_is_capped_and_nonsense_is_ignored() {
+        let config = RateLimitConfig {
+            requests_per_second: 20.0,
+            burst: 20,
+        };
+        let above = LearnedRate {
+            requests_per_second: 500.0,
+            throttled_requests_per_second: 600.0,
+        };
+        assert_eq!(TokenBucket::new(config, Some(above)).rate(), 20.0);
+        let nonsense = LearnedRate {
+            requests_per_second: f64::NAN,
+            throttled_requests_per_second: 1.0,
+        };
+        assert_eq!(TokenBucket::new(config, Some(nonsense)).rate(), 20.0);
+        let zero = LearnedRate {
+            requests_per_second: 0.0,
+            throttled_requests_per_second: 0.0,
+        };
+        assert_eq!(TokenBucket::new(config, Some(zero)).rate(), MIN_RATE);
     }
 
     #[tokio::test(start_paused = true)]
