@@ -921,8 +921,10 @@ fn unix_ms(timestamp: &str) -> u64 {
     u64::try_from(at.as_millisecond()).unwrap()
 }
 
+/// The lease as the API server has it; null until the first replica has created it (on a busy
+/// machine the first look can come before that).
 fn lease(namespace: &str) -> Value {
-    serde_json::from_str(&kubectl_ok(
+    let out = kubectl(
         &[
             "-n",
             namespace,
@@ -933,8 +935,11 @@ fn lease(namespace: &str) -> Value {
             "json",
         ],
         None,
-    ))
-    .unwrap_or(Value::Null)
+    );
+    if !out.status.success() {
+        return Value::Null;
+    }
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
 /// The leader loses the API server (a proxy stalls) but still reaches KMS, where grants keep

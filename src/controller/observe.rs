@@ -72,6 +72,13 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
     .into_iter()
     .flatten()
     .collect();
+    // A new operator's first passes can come before its provider config cache holds the
+    // configs (the runtime holds reconciles until the grant cache is ready, not the others):
+    // "the config's UID" would be read from an empty store and the pass would go on without
+    // the config. Polled, not awaited on the stores: their readiness wakes one waiter only.
+    while !ctx.caches_synced.load(std::sync::atomic::Ordering::Acquire) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     // A new operator's first pass of an object may come before its first check of the config.
     ctx.providers
         .until_checked(config_name, PROVIDER_CHECK_WAIT)
@@ -113,10 +120,12 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
     // snapshot a lost answer made uncertain), so that the object does not go before it.
     let mut unrecorded = ctx.keys.unrecorded_of(&namespace, &object.name_any());
     if deleting {
-        let names = [identity.name.as_str(), identity.legacy_name.as_str()];
-        unrecorded.extend(ctx.keys.keys_naming(&names).await);
         // A new leader has not listed every key yet: a grant the previous one created just
         // before it went (and before the object moved to another key) may be on any key in use.
+        // Asked first: it waits for the walks in flight (another object's reconcile listing a
+        // key), and the snapshots they leave are then read for the object's names below. The
+        // other way round, a walk ending between the two looks is in neither: its key counts as
+        // listed, and its snapshot was not there yet when the names were looked for.
         if !ctx
             .listed_every_key
             .load(std::sync::atomic::Ordering::Acquire)
@@ -130,6 +139,10 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
             let in_use = keys_in_use(&ctx.grants.state(), config_name);
             unrecorded.extend(ctx.keys.never_listed(&like, in_use).await);
         }
+        let names = [identity.name.as_str(), identity.legacy_name.as_str()];
+        unrecorded.extend(ctx.keys.keys_naming(&names).await);
+        unrecorded.sort();
+        unrecorded.dedup();
     }
     let unrecorded: Vec<(String, String)> = unrecorded
         .into_iter()
