@@ -555,7 +555,7 @@ async fn a_new_operator_after_a_crash_or_a_clean_stop_reaches_steady_with_one_li
             "KMS calls beyond the floor after {stop}: {beyond:?}"
         );
         assert!(
-            count(&calls, "user-quotas") <= 2,
+            count(&calls, "user-quotas") <= 1,
             "{} credential checks after {stop}",
             count(&calls, "user-quotas")
         );
@@ -578,4 +578,170 @@ async fn a_new_operator_after_a_crash_or_a_clean_stop_reaches_steady_with_one_li
             "status writes after {stop}"
         );
     }
+}
+
+/// The provider config's `status.learnedRateLimit`, if any.
+fn learned_rate_limit(env: &Env) -> Option<Value> {
+    let config: Value = serde_json::from_str(&kubectl_ok(
+        &[
+            "get",
+            "kmsproviderconfigs.kmsgrant.io",
+            &env.provider,
+            "-o",
+            "json",
+        ],
+        None,
+    ))
+    .unwrap();
+    config["status"].get("learnedRateLimit").cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_operator_starts_at_the_throttle_its_predecessor_learned_and_is_not_throttled() {
+    let _turn = TURNS.lock().await;
+    const THROTTLE: f64 = 10.0;
+    const THROTTLED_KEYS: usize = 16;
+    let resync = "10m";
+    let mut emulator = EmulatorConfig::for_tests();
+    emulator.faults.throttle_per_second = Some(THROTTLE);
+    let mut env = Env::new("cost-learned-rate", emulator, resync).await;
+    let keys: Vec<String> = (0..THROTTLED_KEYS)
+        .map(|i| env.new_key(&format!("learned-{i}")))
+        .collect();
+    let start = |env: &mut Env| -> u16 {
+        let port = support::free_port();
+        env.operator = Some(support::Operator::start_with(
+            &env.namespace,
+            resync,
+            &["--admin-address", &format!("127.0.0.1:{port}")],
+        ));
+        port
+    };
+    // The provider config allows 1,000 requests a second (the test default); the account takes 10.
+    start(&mut env);
+    let items: Vec<Value> = (0..2 * THROTTLED_KEYS)
+        .map(|i| env.grant(&format!("l{i:03}"), &keys[i % THROTTLED_KEYS], json!({})))
+        .collect();
+    env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "wait",
+            "--for=condition=Ready",
+            "kmsgrants.kmsgrant.io",
+            "--all",
+            "--timeout=240s",
+        ],
+        None,
+    );
+    // The converge met the throttle; the leader wrote what it learned into the config's status.
+    let calls = env.emulator.admin().calls(0);
+    assert!(
+        calls.iter().any(|c| c.status == 429),
+        "the first operator's burst met the throttle"
+    );
+    let mut recorded = None;
+    support::eventually(
+        "the learned rate limit recorded in the provider config's status",
+        Duration::from_secs(30),
+        async || {
+            recorded = learned_rate_limit(&env);
+            recorded.is_some()
+        },
+    )
+    .await;
+    let recorded = recorded.unwrap();
+    let rate = recorded["requestsPerSecond"].as_u64().unwrap();
+    let throttled = recorded["throttledRequestsPerSecond"].as_u64().unwrap();
+    assert!(
+        (1..=THROTTLE as u64).contains(&rate) && throttled >= rate,
+        "{recorded}"
+    );
+    assert!(
+        recorded["lastThrottleTime"]
+            .as_str()
+            .is_some_and(|t| t.parse::<jiff::Timestamp>().is_ok()),
+        "{recorded}"
+    );
+
+    // A new operator after a crash: it starts at the recorded rate, so its look at every key (a
+    // list and a describe each, 32 calls against a throttle of 10 a second) meets no 429, and it
+    // writes nothing, the config's status included.
+    let restart = |env: &mut Env| {
+        env.operator.take().expect("an operator runs").kill();
+        std::thread::sleep(Duration::from_secs(2));
+        let before = support::last_seq(env);
+        let port = start(env);
+        (before, port)
+    };
+    let until_reconciled = async |port: u16, env: &Env| {
+        support::eventually(
+            "every object reconciled by the new operator",
+            Duration::from_secs(120),
+            async || grant_reconciles(port).await >= (2 * THROTTLED_KEYS) as f64,
+        )
+        .await;
+        let mut seen = support::last_seq(env);
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let now = support::last_seq(env);
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
+    };
+    let before_kube = written_objects(&env);
+    let (before, port) = restart(&mut env);
+    until_reconciled(port, &env).await;
+    let calls = env.emulator.admin().calls(before);
+    let throttled_calls: Vec<String> = calls
+        .iter()
+        .filter(|c| c.status == 429)
+        .map(|c| format!("{} #{} at {} ms", c.operation, c.seq, c.at_ms))
+        .collect();
+    assert!(
+        throttled_calls.is_empty(),
+        "throttled answers to the operator that started from the learned rate {recorded}: {throttled_calls:?} of {} calls",
+        calls.len()
+    );
+    assert_eq!(
+        count(&calls, "list-grants"),
+        THROTTLED_KEYS,
+        "one list walk per key"
+    );
+    assert_eq!(
+        written_objects(&env),
+        before_kube,
+        "Kubernetes objects written by the new operator"
+    );
+
+    // The same start without the record bursts into the throttle: what the record saves.
+    kubectl_ok(
+        &[
+            "patch",
+            "kmsproviderconfigs.kmsgrant.io",
+            &env.provider,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"learnedRateLimit":null}}"#,
+        ],
+        None,
+    );
+    let (before, port) = restart(&mut env);
+    until_reconciled(port, &env).await;
+    let calls = env.emulator.admin().calls(before);
+    assert!(
+        calls.iter().any(|c| c.status == 429),
+        "an operator starting at spec.rateLimit meets the throttle"
+    );
+    // ... and records what it learned for the next one.
+    support::eventually(
+        "the learned rate limit recorded again",
+        Duration::from_secs(30),
+        async || learned_rate_limit(&env).is_some(),
+    )
+    .await;
 }

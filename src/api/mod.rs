@@ -23,8 +23,8 @@ pub use policy::{
 };
 pub use provider::{
     AgencyReference, AuthConfig, AuthType, KmsProviderConfig, KmsProviderConfigSpec,
-    KmsProviderConfigStatus, RateLimit, SecretReference, ServiceAccountTokenReference,
-    SigningVariant, TemporaryAccessKey, WebIdentity,
+    KmsProviderConfigStatus, LearnedRateLimit, RateLimit, SecretReference,
+    ServiceAccountTokenReference, SigningVariant, TemporaryAccessKey, WebIdentity,
 };
 pub use tenant::{
     KmsNamespacedProviderConfig, KmsNamespacedProviderConfigSpec, LocalSecretReference,

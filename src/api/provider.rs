@@ -430,4 +430,26 @@ pub struct KmsProviderConfigStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// What the operator learned of the account's throttle the last time the cloud answered
+    /// 429: a new leader or a restarted operator starts at that rate instead of
+    /// `spec.rateLimit` while it is recent, so a failover does not begin with a burst of
+    /// throttled calls. Written by the operator only when the cloud throttles it, never in
+    /// steady state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned_rate_limit: Option<LearnedRateLimit>,
+}
+
+/// The account's throttle as the operator last learned it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LearnedRateLimit {
+    /// The rate the operator paced at after the cloud's last 429, in requests per second
+    /// (rounded down).
+    #[schemars(range(min = 1))]
+    pub requests_per_second: u32,
+    /// The rate the cloud throttled, in requests per second (rounded up).
+    #[schemars(range(min = 1))]
+    pub throttled_requests_per_second: u32,
+    /// When the cloud throttled (RFC 3339).
+    pub last_throttle_time: String,
 }

@@ -12,6 +12,7 @@ mod fixes;
 mod grant;
 pub mod identity;
 mod keyref;
+mod learned_rate;
 mod namespaces;
 mod observe;
 mod plan;
@@ -33,6 +34,7 @@ use kube::api::Api;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
+use kube::runtime::utils::PredicateConfig;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::mpsc;
@@ -179,6 +181,9 @@ pub struct Context {
     /// Set once a drift pass has listed every key in use: before that (a new leader's first
     /// minutes), a grant of a deleted object may sit on a key this process has not listed yet.
     listed_every_key: std::sync::atomic::AtomicBool,
+    /// Both caches (KmsGrants, provider configs) hold the cluster's objects: set once, by the
+    /// readiness task (the operator's /readyz says the same).
+    caches_synced: Arc<std::sync::atomic::AtomicBool>,
     /// Fair shares of KMS work across configs and namespaces.
     fair: fairness::FairGate,
 }
@@ -330,26 +335,55 @@ pub async fn run(
         () = shutdown.clone() => return Ok(()),
     };
     tracing::info!(cluster = %cluster, "grant identities are k8s/{cluster}/<namespace>/<name>");
-    let provider_controller = Controller::new(configs.clone(), selected.clone());
-    let provider_store = provider_controller.store();
+    // A config's own status writes (its conditions, the learned rate) do not wake it: every
+    // reconcile of a config is a check, a KMS call.
+    let (provider_store, provider_writer) = reflector::store();
+    let provider_controller = Controller::for_stream(
+        reflector(
+            provider_writer,
+            watcher(configs.clone(), selected.clone()).default_backoff(),
+        )
+        .applied_objects()
+        .predicate_filter(
+            provider::wakes_its_check::<KmsProviderConfig>,
+            PredicateConfig::default(),
+        ),
+        provider_store.clone(),
+    );
     // Tenants' own configs: in the watched namespace only, when the operator has one.
     let tenant_configs: Api<KmsNamespacedProviderConfig> = match &settings.namespace {
         Some(namespace) => Api::namespaced(client.clone(), namespace),
         None => Api::all(client.clone()),
     };
-    let tenant_controller = Controller::new(tenant_configs.clone(), selected.clone());
-    let tenant_store = tenant_controller.store();
+    let (tenant_store, tenant_writer) = reflector::store();
+    let tenant_controller = Controller::for_stream(
+        reflector(
+            tenant_writer,
+            watcher(tenant_configs.clone(), selected.clone()).default_backoff(),
+        )
+        .applied_objects()
+        .predicate_filter(
+            provider::wakes_its_check::<KmsNamespacedProviderConfig>,
+            PredicateConfig::default(),
+        ),
+        tenant_store.clone(),
+    );
     // The grant cache holds every selected object: without what the controller never reads
     // (managedFields, kubectl's last-applied copy of the object) it costs a fraction.
     let (grant_store, grant_writer) = reflector::store();
     let grant_events = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let applied = Arc::clone(&grant_events);
     let grant_controller = Controller::for_stream(
-        reflector(grant_writer, watcher(grants, selected.clone()).modify(slim))
-            .inspect(move |_| {
-                applied.fetch_add(1, std::sync::atomic::Ordering::Release);
-            })
-            .applied_objects(),
+        reflector(
+            grant_writer,
+            watcher(grants, selected.clone())
+                .default_backoff()
+                .modify(slim),
+        )
+        .inspect(move |_| {
+            applied.fetch_add(1, std::sync::atomic::Ordering::Release);
+        })
+        .applied_objects(),
         grant_store.clone(),
     );
     let policy_controller =
@@ -382,6 +416,7 @@ pub async fn run(
         grant_events,
         wake: drift_tx.clone(),
         listed_every_key: std::sync::atomic::AtomicBool::new(false),
+        caches_synced: Arc::clone(&ready),
         // Half of the workers may hold KMS work; the others keep the queue moving.
         fair: fairness::FairGate::new(usize::from(settings.concurrency) / 2),
     });
@@ -472,9 +507,8 @@ pub async fn run(
     let (audit_tx, audit_rx) = mpsc::unbounded_channel::<ObjectRef<KmsKeyPolicy>>();
     let policy_controller = policy_controller
         // A provider config changing (becoming Ready, say) wakes the policies that name it.
-        .watches(
-            configs.clone(),
-            watcher::Config::default(),
+        .watches_stream(
+            config_changes(&configs),
             move |config: KmsProviderConfig| {
                 let name = config.name_any();
                 policy_store
@@ -507,9 +541,8 @@ pub async fn run(
     let grants_of_tenant = grant_store.clone();
     let grant_controller = grant_controller
         // A provider config changing (becoming Ready, say) wakes the grants that use it.
-        .watches(
-            configs,
-            watcher::Config::default(),
+        .watches_stream(
+            config_changes(&configs),
             move |config: KmsProviderConfig| {
                 let name = config.name_any();
                 grant_store
@@ -520,9 +553,8 @@ pub async fn run(
                     .collect::<Vec<_>>()
             },
         )
-        .watches(
-            tenant_configs,
-            watcher::Config::default(),
+        .watches_stream(
+            config_changes(&tenant_configs),
             move |tenant: KmsNamespacedProviderConfig| {
                 let key = provider::tenant_key(
                     &tenant.namespace().unwrap_or_default(),
@@ -550,12 +582,13 @@ pub async fn run(
         });
 
     let detector = drift_detector(ctx.clone(), drift_tx, audit_tx, shutdown.clone());
+    let rate_recorder = learned_rate::recorder(ctx.clone(), shutdown.clone());
     // Ready once both caches hold the cluster's objects.
     let readiness = {
         let (grants, configs) = (ctx.grants.clone(), ctx.provider_configs.clone());
         async move {
             let _ = tokio::join!(grants.wait_until_ready(), configs.wait_until_ready());
-            ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            ready.store(true, std::sync::atomic::Ordering::Release);
             tracing::info!("caches synced");
         }
     };
@@ -566,10 +599,26 @@ pub async fn run(
         grant_controller,
         policy_controller,
         detector,
+        rate_recorder,
         readiness
     );
     tracing::info!("controllers stopped");
     Ok(())
+}
+
+/// The changes of provider configs that matter to the grants and policies using them: anything
+/// but the learned rate limit the leader records (which would otherwise wake every grant of the
+/// config each time the cloud throttles).
+fn config_changes<K>(
+    api: &Api<K>,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: provider::ConfigObject,
+{
+    watcher(api.clone(), watcher::Config::default())
+        .default_backoff()
+        .applied_objects()
+        .predicate_filter(provider::wakes_its_users::<K>, PredicateConfig::default())
 }
 
 /// Drops from a cached object what the controller never reads.

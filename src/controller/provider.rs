@@ -83,6 +83,64 @@ pub struct Provider {
     pub fingerprint: String,
 }
 
+/// A provider config object, cluster-scoped or a tenant's: what the watches that wake on its
+/// changes need of it.
+pub trait ConfigObject:
+    Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    fn config_status(&self) -> Option<&KmsProviderConfigStatus>;
+}
+
+impl ConfigObject for KmsProviderConfig {
+    fn config_status(&self) -> Option<&KmsProviderConfigStatus> {
+        self.status.as_ref()
+    }
+}
+
+impl ConfigObject for KmsNamespacedProviderConfig {
+    fn config_status(&self) -> Option<&KmsProviderConfigStatus> {
+        self.status.as_ref()
+    }
+}
+
+fn hash_of(value: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
+}
+
+/// What a config's own reconcile (a check: a KMS call) wakes for: a new object under its name, its
+/// spec, its finalizers, its deletion. Not its status, which the operator writes itself: a woken
+/// check after each of its own writes would be a second call for nothing.
+pub fn wakes_its_check<K: Resource>(config: &K) -> Option<u64> {
+    let meta = config.meta();
+    Some(hash_of((
+        meta.uid.as_deref(),
+        meta.generation,
+        meta.deletion_timestamp.is_some(),
+        meta.finalizers.as_deref(),
+    )))
+}
+
+/// What wakes the grants and key policies using a config: its spec, its deletion and its status
+/// (it becoming Ready or not), but not the learned rate limit, written when the cloud throttles.
+pub fn wakes_its_users<K: ConfigObject>(config: &K) -> Option<u64> {
+    let meta = config.meta();
+    let mut status = config.config_status().cloned().unwrap_or_default();
+    status.learned_rate_limit = None;
+    Some(hash_of((
+        meta.uid.as_deref(),
+        meta.generation,
+        meta.deletion_timestamp.is_some(),
+        serde_json::to_string(&status).unwrap_or_default(),
+    )))
+}
+
 /// The account a provider reaches: its endpoint and its (resolved) project.
 pub(super) async fn account_of(provider: &Provider) -> Result<String, KmsError> {
     let project_id = provider.client.project_id().await?;
@@ -112,7 +170,14 @@ struct Entry {
     failed_checks: u32,
     /// The endpoint and region against IAM's catalog, read once per build.
     catalog: Option<CatalogVerdict>,
+    /// When the last check succeeded.
+    passed_at: Option<tokio::time::Instant>,
 }
+
+/// A config woken again this soon after a passed check of the same config and Secret (its Secret's
+/// watch starting, say, right after the config's own first check) is not checked again: nothing
+/// the check looks at changed.
+const RECHECK_AFTER: Duration = Duration::from_secs(10);
 
 /// The providers by config name, checked against the config objects the operator sees.
 pub struct ProviderRegistry {
@@ -150,6 +215,26 @@ impl ProviderRegistry {
                 .get(&ObjectRef::<KmsProviderConfig>::new(key))?
                 .uid(),
         }
+    }
+
+    /// The status of the config object `uid` behind a registry key, as the cache holds it (empty
+    /// when it has none); `None` when the cache holds no such object.
+    pub fn cached_status(&self, key: &str, uid: &str) -> Option<KmsProviderConfigStatus> {
+        let (cached_uid, status) = match split_tenant_key(key) {
+            Some((namespace, name)) => {
+                let config = self
+                    .tenant_configs
+                    .get(&ObjectRef::<KmsNamespacedProviderConfig>::new(name).within(namespace))?;
+                (config.uid(), config.status.clone())
+            }
+            None => {
+                let config = self
+                    .configs
+                    .get(&ObjectRef::<KmsProviderConfig>::new(key))?;
+                (config.uid(), config.status.clone())
+            }
+        };
+        (cached_uid.as_deref() == Some(uid)).then(|| status.unwrap_or_default())
     }
 
     /// Whether the config behind a registry key exists (asked of the API server when the
@@ -444,6 +529,17 @@ async fn check(config: &KmsProviderConfig, ctx: &Context) -> Checked {
         ctx.providers
             .update(&name, &fingerprint, |entry| entry.catalog = Some(verdict));
     }
+    if ctx.providers.entry(&name).is_some_and(|entry| {
+        entry.provider.fingerprint == fingerprint
+            && entry.verified
+            && entry.failed_checks == 0
+            && entry
+                .passed_at
+                .is_some_and(|at| at.elapsed() < RECHECK_AFTER)
+    }) && let Ok(project_id) = built.client.project_id().await
+    {
+        return Checked::Ready(project_id);
+    }
     // One cheap authenticated call proves endpoint, project and credentials.
     let verdict = async {
         let project_id = built.client.project_id().await?;
@@ -460,6 +556,7 @@ async fn check(config: &KmsProviderConfig, ctx: &Context) -> Checked {
                 was_healthy = entry.verified && entry.failed_checks == 0;
                 entry.verified = true;
                 entry.failed_checks = 0;
+                entry.passed_at = Some(tokio::time::Instant::now());
             });
             if !was_healthy {
                 tracing::info!(provider = %name, "provider config verified");
@@ -544,6 +641,14 @@ async fn build(config: &KmsProviderConfig, ctx: &Context) -> Result<Provider, No
         client_config.allow_http = ctx.settings.tenant_policy.allow_http;
         client_config.address_policy = Some(ctx.settings.tenant_policy.addresses.clone());
     }
+    // Start at the account's throttle as the last leader learned it, when that is recent.
+    client_config.learned_rate = super::learned_rate::seed(
+        config
+            .status
+            .as_ref()
+            .and_then(|status| status.learned_rate_limit.as_ref()),
+        jiff::Timestamp::now(),
+    );
     // Every attempt of a write asks the leader fence, retries included.
     let fence = ctx.fence.clone();
     client_config.write_gate = Some(kmsgrant_kms::WriteGate::new(move || fence.check().is_ok()));
@@ -564,9 +669,10 @@ async fn build(config: &KmsProviderConfig, ctx: &Context) -> Result<Provider, No
             verified: false,
             failed_checks: 0,
             catalog: None,
+            passed_at: None,
         },
     );
-    tracing::info!(provider = %name, auth = ?spec.auth.type_, "provider config (re)built; checking its credentials");
+    tracing::info!(provider = %name, auth = ?spec.auth.type_, starting_rate = provider.client.current_rate(), "provider config (re)built; checking its credentials");
     Ok(provider)
 }
 
@@ -884,6 +990,9 @@ async fn write_status(
         project_id: project_id.or(previous.project_id.clone()),
         observed_generation: generation,
         conditions: conditions(outcome, generation, &previous.conditions, &now),
+        // The learned rate's own writer keeps it (see `learned_rate`); a merge patch without it
+        // leaves it as it is.
+        learned_rate_limit: previous.learned_rate_limit.clone(),
     };
     // The catalog's verdict on the client in use; none when no client could be built.
     let verdict = ctx
@@ -907,9 +1016,20 @@ async fn write_status(
     if status == previous {
         return Ok(());
     }
-    let patch = Patch::Merge(json!({"status": status}));
-    let key = config.name_any();
-    match split_tenant_key(&key) {
+    patch_status(ctx, &config.name_any(), json!({"status": status}))
+        .await
+        .map_err(ReconcileError::Kube)
+}
+
+/// A JSON merge patch of the status of the config behind a registry key (a cluster config, or a
+/// tenant's `namespace/name`).
+pub(super) async fn patch_status(
+    ctx: &Context,
+    key: &str,
+    patch: serde_json::Value,
+) -> Result<(), kube::Error> {
+    let patch = Patch::Merge(patch);
+    match split_tenant_key(key) {
         Some((namespace, name)) => {
             Api::<KmsNamespacedProviderConfig>::namespaced(ctx.client.clone(), namespace)
                 .patch_status(name, &PatchParams::default(), &patch)
@@ -917,11 +1037,10 @@ async fn write_status(
                 .map(|_| ())
         }
         None => Api::<KmsProviderConfig>::all(ctx.client.clone())
-            .patch_status(&key, &PatchParams::default(), &patch)
+            .patch_status(key, &PatchParams::default(), &patch)
             .await
             .map(|_| ()),
     }
-    .map_err(ReconcileError::Kube)
 }
 
 #[cfg(test)]
