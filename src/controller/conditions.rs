@@ -166,6 +166,8 @@ pub fn conditions(
             ConditionStatus::True,
         ),
     };
+    // One message for the three.
+    let message: std::sync::Arc<str> = truncate_message(outcome.message()).into();
     [
         (READY, ready),
         (RECONCILING, reconciling),
@@ -182,7 +184,7 @@ pub fn conditions(
             type_: type_.to_owned(),
             status,
             reason: outcome.reason().to_owned(),
-            message: truncate_message(outcome.message()),
+            message: std::sync::Arc::clone(&message),
             observed_generation: generation,
             last_transition_time,
         }

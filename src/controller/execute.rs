@@ -171,14 +171,14 @@ impl Record {
                 targets,
             } => remove(ctx, &client, &key, &targets, &mut self.events).await?,
             Step::Keep(grant) => self.keep(grant),
-            Step::Supersede(old) => self.status.superseded_grant = Some(old),
+            Step::Supersede(old) => self.status.superseded_grant = Some(Box::new(old)),
             Step::ForgetSuperseded => self.status.superseded_grant = None,
             Step::Tell(event) => self.events.push(event),
             Step::RecordRevokedDuplicate(revoked) => {
-                self.status.revoked_duplicate = Some(crate::api::RevokedDuplicate {
+                self.status.revoked_duplicate = Some(Box::new(crate::api::RevokedDuplicate {
                     revoked_at: Some(super::conditions::now_rfc3339()),
                     ..revoked
-                });
+                }));
             }
             Step::ClusterNameInUse(event) => {
                 ctx.metrics.cluster_name_conflict();

@@ -62,10 +62,9 @@ fn aliases_in_use(ctx: &Context) -> AliasUsers {
         // No alias in use: nothing to look up, not even the interest map.
         return aliases;
     }
-    let registered = ctx.interest.by_object.lock().expect("interest lock");
     for (object, alias) in by_alias {
         let object_ref = ObjectRef::from_obj(object.as_ref());
-        let Some(key) = registered.get(&object_ref) else {
+        let Some(key) = ctx.interest.key_of(&object_ref) else {
             continue;
         };
         let status = object.status.as_ref();

@@ -885,7 +885,7 @@ fn decide_live(object: &KmsGrant, seen: Result<Box<Live>, Stop>) -> Decision {
         &live.identity,
         &live.grants,
         recorded_id,
-        status.revoked_duplicate.as_ref(),
+        status.revoked_duplicate.as_deref(),
     );
     let without_foreign: Vec<Grant>;
     let grants: &[Grant] = match &conflict {
@@ -1125,10 +1125,12 @@ pub fn replaced_by_account_change(status: &mut KmsGrantStatus, account: &str) {
         && status.account.as_deref().is_some_and(|a| a != account)
         && status.superseded_grant.is_none()
     {
-        status.superseded_grant = status.grant_id.clone().map(|grant_id| GrantRef {
-            key_id: status.key_id.clone().unwrap_or_default(),
-            grant_id,
-            account: status.account.clone(),
+        status.superseded_grant = status.grant_id.clone().map(|grant_id| {
+            Box::new(GrantRef {
+                key_id: status.key_id.clone().unwrap_or_default(),
+                grant_id,
+                account: status.account.clone(),
+            })
         });
         status.grant_id = None;
     }
@@ -1188,7 +1190,7 @@ fn decide_deletion(object: &KmsGrant, seen: Result<Deleting, Stop>) -> Decision 
         identity: &deleting.identity,
         import,
     };
-    let superseded = status.superseded_grant.as_ref();
+    let superseded = status.superseded_grant.as_deref();
     // Grants are found by name for deletion: where names are not returned, whatever carries
     // the object's identity cannot be told from anyone else's. Orphan revokes nothing.
     if let Some((key_id, grant_id)) = &deleting.names_missing
@@ -1221,7 +1223,7 @@ fn decide_deletion(object: &KmsGrant, seen: Result<Deleting, Stop>) -> Decision 
                     &deleting.identity,
                     &grants,
                     status.grant_id.as_deref(),
-                    status.revoked_duplicate.as_ref(),
+                    status.revoked_duplicate.as_deref(),
                 )
                 .map(|c| c.foreign)
                 .unwrap_or_default();
@@ -2201,9 +2203,9 @@ mod decision_tests {
     fn by_alias(extra: serde_json::Value) -> KmsGrant {
         let mut object = object(extra);
         object.spec.key_id = None;
-        object.spec.key_ref = Some(crate::api::KeyAliasRef {
+        object.spec.key_ref = Some(Box::new(crate::api::KeyAliasRef {
             alias: "alias/app".into(),
-        });
+        }));
         object
     }
 

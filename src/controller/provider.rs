@@ -939,7 +939,7 @@ fn catalog_condition(
         type_: catalog::CONDITION_TYPE.to_owned(),
         status,
         reason: verdict.reason().to_owned(),
-        message: truncate_message(&verdict.note(&spec.endpoint, spec.region.as_deref())),
+        message: truncate_message(&verdict.note(&spec.endpoint, spec.region.as_deref())).into(),
         observed_generation: generation,
         last_transition_time,
     }

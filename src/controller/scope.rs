@@ -504,11 +504,11 @@ mod tests {
             cleanup_places(DeletionPolicy::Orphan, &status, KEY, Some("acct"), "p"),
             Ok(vec![])
         );
-        status.superseded_grant = Some(GrantRef {
+        status.superseded_grant = Some(Box::new(GrantRef {
             key_id: OTHER_KEY.into(),
             grant_id: "g0".into(),
             account: None,
-        });
+        }));
         assert_eq!(
             cleanup_places(DeletionPolicy::Orphan, &status, KEY, Some("acct"), "p"),
             Ok(vec![place("acct", OTHER_KEY, Some("g0"))])
