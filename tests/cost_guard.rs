@@ -114,6 +114,35 @@ fn written_objects(env: &Env) -> BTreeMap<String, String> {
     versions
 }
 
+/// Waits until every KmsGrant of the test's namespace is Ready.
+fn wait_all_ready(env: &Env) {
+    kubectl_ok(
+        &[
+            "-n",
+            &env.namespace,
+            "wait",
+            "--for=condition=Ready",
+            "kmsgrants.kmsgrant.io",
+            "--all",
+            "--timeout=240s",
+        ],
+        None,
+    );
+}
+
+/// Waits until the emulator's call log has been quiet for two seconds.
+async fn until_kms_quiet(env: &Env) {
+    let mut seen = support::last_seq(env);
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = support::last_seq(env);
+        if now == seen {
+            return;
+        }
+        seen = now;
+    }
+}
+
 /// GETs of Namespaces the API server has answered, from its own metrics.
 fn namespace_gets() -> u64 {
     kubectl_ok(&["get", "--raw", "/metrics"], None)
@@ -149,18 +178,7 @@ async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_wri
         .map(|i| env.grant(&format!("g{i:03}"), &keys[i % KEYS], json!({})))
         .collect();
     env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
-    kubectl_ok(
-        &[
-            "-n",
-            &env.namespace,
-            "wait",
-            "--for=condition=Ready",
-            "kmsgrants.kmsgrant.io",
-            "--all",
-            "--timeout=240s",
-        ],
-        None,
-    );
+    wait_all_ready(&env);
 
     let calls = env.emulator.admin().calls(0);
     let (creates, lists, describes) = (
@@ -327,18 +345,7 @@ async fn deleting_200_grants_on_4_keys_revokes_each_once_and_shares_the_lists() 
         .map(|i| env.grant(&format!("d{i:03}"), &keys[i % KEYS], json!({})))
         .collect();
     env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
-    kubectl_ok(
-        &[
-            "-n",
-            &env.namespace,
-            "wait",
-            "--for=condition=Ready",
-            "kmsgrants.kmsgrant.io",
-            "--all",
-            "--timeout=240s",
-        ],
-        None,
-    );
+    wait_all_ready(&env);
     // KMS answers as a real cloud does, not at once: the deletions arrive while walks are in
     // flight, as they do at scale.
     env.emulator
@@ -475,18 +482,7 @@ async fn a_new_operator_after_a_crash_or_a_clean_stop_reaches_steady_with_one_li
         .map(|i| env.grant(&format!("f{i:03}"), &keys[i % KEYS], json!({})))
         .collect();
     env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
-    kubectl_ok(
-        &[
-            "-n",
-            &env.namespace,
-            "wait",
-            "--for=condition=Ready",
-            "kmsgrants.kmsgrant.io",
-            "--all",
-            "--timeout=240s",
-        ],
-        None,
-    );
+    wait_all_ready(&env);
     // The events that follow each status write land.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let status_writes = watch_status_writes(&env.namespace).await;
@@ -509,15 +505,7 @@ async fn a_new_operator_after_a_crash_or_a_clean_stop_reaches_steady_with_one_li
         )
         .await;
         // Then the KMS call log quiet for two seconds.
-        let mut seen = support::last_seq(&env);
-        loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let now = support::last_seq(&env);
-            if now == seen {
-                break;
-            }
-            seen = now;
-        }
+        until_kms_quiet(&env).await;
         let steady = started.elapsed().saturating_sub(Duration::from_secs(2));
         let calls = env.emulator.admin().calls(before);
         let writes = grant_kube_writes(port).await;
@@ -623,18 +611,7 @@ async fn a_new_operator_starts_at_the_throttle_its_predecessor_learned_and_is_no
         .map(|i| env.grant(&format!("l{i:03}"), &keys[i % THROTTLED_KEYS], json!({})))
         .collect();
     env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
-    kubectl_ok(
-        &[
-            "-n",
-            &env.namespace,
-            "wait",
-            "--for=condition=Ready",
-            "kmsgrants.kmsgrant.io",
-            "--all",
-            "--timeout=240s",
-        ],
-        None,
-    );
+    wait_all_ready(&env);
     // The converge met the throttle; the leader wrote what it learned into the config's status.
     let calls = env.emulator.admin().calls(0);
     assert!(
@@ -682,15 +659,7 @@ async fn a_new_operator_starts_at_the_throttle_its_predecessor_learned_and_is_no
             async || grant_reconciles(port).await >= (2 * THROTTLED_KEYS) as f64,
         )
         .await;
-        let mut seen = support::last_seq(env);
-        loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let now = support::last_seq(env);
-            if now == seen {
-                break;
-            }
-            seen = now;
-        }
+        until_kms_quiet(env).await;
     };
     let before_kube = written_objects(&env);
     let (before, port) = restart(&mut env);

@@ -380,37 +380,15 @@ pub async fn run(
     tracing::info!(cluster = %cluster, "grant identities are k8s/{cluster}/<namespace>/<name>");
     // A config's own status writes (its conditions, the learned rate) do not wake it: every
     // reconcile of a config is a check, a KMS call.
-    let (provider_store, provider_writer) = reflector::store();
-    let provider_controller = Controller::for_stream(
-        reflector(
-            provider_writer,
-            watcher(configs.clone(), selected.clone()).default_backoff(),
-        )
-        .applied_objects()
-        .predicate_filter(
-            provider::wakes_its_check::<KmsProviderConfig>,
-            PredicateConfig::default(),
-        ),
-        provider_store.clone(),
-    );
+    let provider_controller = config_controller(&configs, &selected);
+    let provider_store = provider_controller.store();
     // Tenants' own configs: in the watched namespace only, when the operator has one.
     let tenant_configs: Api<KmsNamespacedProviderConfig> = match &settings.namespace {
         Some(namespace) => Api::namespaced(client.clone(), namespace),
         None => Api::all(client.clone()),
     };
-    let (tenant_store, tenant_writer) = reflector::store();
-    let tenant_controller = Controller::for_stream(
-        reflector(
-            tenant_writer,
-            watcher(tenant_configs.clone(), selected.clone()).default_backoff(),
-        )
-        .applied_objects()
-        .predicate_filter(
-            provider::wakes_its_check::<KmsNamespacedProviderConfig>,
-            PredicateConfig::default(),
-        ),
-        tenant_store.clone(),
-    );
+    let tenant_controller = config_controller(&tenant_configs, &selected);
+    let tenant_store = tenant_controller.store();
     // The grant cache holds every selected object: without what the controller never reads
     // (managedFields, kubectl's last-applied copy of the object) it costs a fraction.
     let (grant_store, grant_writer) = reflector::store();
@@ -647,6 +625,24 @@ pub async fn run(
     );
     tracing::info!("controllers stopped");
     Ok(())
+}
+
+/// The controller of one kind of provider config, woken by what its check looks at (see
+/// [`provider::wakes_its_check`]), not by its own status writes.
+fn config_controller<K: provider::ConfigObject>(
+    api: &Api<K>,
+    selected: &watcher::Config,
+) -> Controller<K> {
+    let (store, writer) = reflector::store();
+    Controller::for_stream(
+        reflector(
+            writer,
+            watcher(api.clone(), selected.clone()).default_backoff(),
+        )
+        .applied_objects()
+        .predicate_filter(provider::wakes_its_check::<K>, PredicateConfig::default()),
+        store,
+    )
 }
 
 /// The changes of provider configs that matter to the grants and policies using them: anything
