@@ -433,8 +433,8 @@ pub struct KmsProviderConfigStatus {
     /// What the operator learned of the account's throttle the last time the cloud answered
     /// 429: a new leader or a restarted operator starts at that rate instead of
     /// `spec.rateLimit` while it is recent, so a failover does not begin with a burst of
-    /// throttled calls. Written by the operator only while the cloud throttles it (the last
-    /// rate within a minute after), never when nothing is throttled.
+    /// throttled calls. Written by the operator only when the cloud throttles it (at once when
+    /// lower, else at most once a minute of throttling), never when nothing is throttled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub learned_rate_limit: Option<LearnedRateLimit>,
 }

@@ -5,8 +5,10 @@
 //! throttle in its first second, at the moment a failover or a rollout has every object to look at.
 //! So the leader writes what its client learned into the config's
 //! `status.learnedRateLimit` when the cloud throttles it — never in steady state: at once when the
-//! cloud throttles lower than recorded, else at most once per [`SETTLE`] while it keeps throttling —
-//! and a client built for the config starts from it while it is younger than [`RECORD_VALID`].
+//! cloud throttles lower than recorded, else when a cut comes [`SETTLE`] or more after the
+//! recorded one — and a client built for the config starts from it while it is younger than
+//! [`RECORD_VALID`]. Every write is caused by a cut: once the cloud stops throttling, nothing is
+//! written, however long after.
 //!
 //! A stale record costs little either way: a limit that was raised since is found again by the
 //! bucket's rise once its memory of the cut fades (seconds), a lowered one by one 429.
@@ -23,9 +25,12 @@ use crate::api::LearnedRateLimit;
 
 /// A record is a starting rate for a new client while younger than this.
 pub const RECORD_VALID: Duration = Duration::from_secs(3600);
-/// While the cloud keeps throttling, a cut that does not lower the record is written only when
-/// the record is older than this: the last rate of a throttled converge is recorded within a
-/// minute, for a write a minute at most.
+/// A cut that does not lower the record is written only when it comes this long or more after
+/// the recorded cut: while the cloud keeps throttling, a write a minute at most, and the record is
+/// never more than a minute of cuts behind. The cut that ends a throttled converge is not chased
+/// by a write afterwards (a steady operator writes nothing): the record keeps an earlier rate
+/// within 5 % above it (a lower one is written at once) or below it (a seed that starts low finds
+/// the rest by the bucket's rise).
 pub const SETTLE: Duration = Duration::from_secs(60);
 /// A record the cloud keeps confirming is rewritten when this old, so that it stays valid
 /// (see [`RECORD_VALID`]) while the throttling goes on.
@@ -66,15 +71,12 @@ pub fn record_of(learned: LearnedRate, at: jiff::Timestamp) -> LearnedRateLimit 
     }
 }
 
-/// Whether a cut, recorded as `new`, is worth a write at `now` over what the status holds:
-/// nothing recorded (or unreadable), a rate lower by more than [`LOWER`], other rates on a
-/// record older than [`SETTLE`], or the same rates on one older than [`REFRESH_AFTER`] than the
-/// cut. A record as new as the cut or newer (another leader's, written since) is kept.
-pub fn worth_recording(
-    recorded: Option<&LearnedRateLimit>,
-    new: &LearnedRateLimit,
-    now: jiff::Timestamp,
-) -> bool {
+/// Whether a cut, recorded as `new`, is worth a write over what the status holds: nothing
+/// recorded (or unreadable), a rate lower by more than [`LOWER`], other rates [`SETTLE`] or more
+/// after the recorded cut, or the same rates [`REFRESH_AFTER`] or more after it. A record as new
+/// as the cut or newer (another leader's, written since) is kept. Decided from the two cuts'
+/// times alone, not the clock: a write always follows a cut, never the passing of time.
+pub fn worth_recording(recorded: Option<&LearnedRateLimit>, new: &LearnedRateLimit) -> bool {
     let Some(recorded) = recorded else {
         return true;
     };
@@ -91,10 +93,11 @@ pub fn worth_recording(
         < f64::from(recorded.requests_per_second) * (1.0 - LOWER);
     let since = |duration: Duration| jiff::SignedDuration::try_from(duration).unwrap_or_default();
     let rates = |r: &LearnedRateLimit| (r.requests_per_second, r.throttled_requests_per_second);
+    let apart = new_at.duration_since(old_at);
     if rates(recorded) == rates(new) {
-        return new_at.duration_since(old_at) >= since(REFRESH_AFTER);
+        return apart >= since(REFRESH_AFTER);
     }
-    lower || now.duration_since(old_at) >= since(SETTLE)
+    lower || apart >= since(SETTLE)
 }
 
 /// The leader's recorder: looks at every provider's client each [`LOOK_EVERY`] and writes a cut
@@ -134,7 +137,7 @@ pub async fn recorder(ctx: Arc<Context>, shutdown: impl std::future::Future<Outp
                 // The config is gone or was re-created: its new client has its own cuts.
                 continue;
             };
-            if !worth_recording(status.learned_rate_limit.as_ref(), &record, now) {
+            if !worth_recording(status.learned_rate_limit.as_ref(), &record) {
                 continue;
             }
             if ctx.fence.check().is_err() {
@@ -214,44 +217,39 @@ mod tests {
     }
 
     #[test]
-    fn a_cut_is_written_when_first_lower_or_a_minute_on_and_never_over_a_newer_one() {
+    fn a_cut_is_written_when_first_lower_or_a_minute_after_the_recorded_one_and_never_over_a_newer_one()
+     {
         let old = recorded(47, 50, "2026-12-07T10:00:00Z");
-        let worth = |new: &LearnedRateLimit, now: &str| worth_recording(Some(&old), new, at(now));
+        let worth = |new: &LearnedRateLimit| worth_recording(Some(&old), new);
         // Nothing recorded yet.
-        assert!(worth_recording(None, &old, at("2026-12-07T10:00:01Z")));
-        // A cut within the minute at about the same rate, or higher: nothing written yet ...
-        let later = recorded(46, 50, "2026-12-07T10:00:30Z");
-        assert!(!worth(&later, "2026-12-07T10:00:31Z"));
-        assert!(!worth(
-            &recorded(60, 64, "2026-12-07T10:00:30Z"),
-            "2026-12-07T10:00:31Z"
-        ));
-        // ... but once the record is a minute old, with no cut since: the last rate is recorded.
-        assert!(worth(&later, "2026-12-07T10:01:00Z"));
+        assert!(worth_recording(None, &old));
+        // A cut within the minute at about the same rate, or higher: not written ...
+        assert!(!worth(&recorded(46, 50, "2026-12-07T10:00:30Z")));
+        assert!(!worth(&recorded(60, 64, "2026-12-07T10:00:59Z")));
+        // ... a cut a minute or more after the recorded one is: while the cloud keeps throttling,
+        // the record follows it a minute behind at most.
+        assert!(worth(&recorded(46, 50, "2026-12-07T10:01:00Z")));
+        assert!(worth(&recorded(60, 64, "2026-12-07T10:03:00Z")));
         // The same rates later: nothing to tell, until the record needs refreshing to stay valid.
-        assert!(!worth(
-            &recorded(47, 50, "2026-12-07T10:20:00Z"),
-            "2026-12-07T10:20:00Z"
-        ));
-        assert!(worth(
-            &recorded(47, 50, "2026-12-07T10:30:00Z"),
-            "2026-12-07T10:30:00Z"
-        ));
+        assert!(!worth(&recorded(47, 50, "2026-12-07T10:20:00Z")));
+        assert!(worth(&recorded(47, 50, "2026-12-07T10:30:00Z")));
         // A lower rate at once: the first cut of a burst overestimated the cloud.
-        assert!(worth(
-            &recorded(44, 47, "2026-12-07T10:00:02Z"),
-            "2026-12-07T10:00:02Z"
-        ));
+        assert!(worth(&recorded(44, 47, "2026-12-07T10:00:02Z")));
         // Another leader recorded a later cut: ours is older news.
-        assert!(!worth(
-            &recorded(10, 12, "2026-12-07T09:59:00Z"),
-            "2026-12-07T10:05:00Z"
-        ));
+        assert!(!worth(&recorded(10, 12, "2026-12-07T09:59:00Z")));
         // An unreadable record is replaced.
         assert!(worth_recording(
             Some(&recorded(47, 50, "soon")),
             &recorded(47, 50, "2026-12-07T10:01:00Z"),
-            at("2026-12-07T10:01:00Z")
         ));
+    }
+
+    #[test]
+    fn no_write_follows_the_last_cut_of_a_throttled_converge_however_long_after() {
+        // The recorder looks again every second with the same last cut: the decision does not
+        // depend on when it looks, so a steady operator writes nothing once the throttling ends.
+        let old = recorded(47, 50, "2026-12-07T10:00:00Z");
+        let last_cut = recorded(48, 51, "2026-12-07T10:00:40Z");
+        assert!(!worth_recording(Some(&old), &last_cut));
     }
 }
