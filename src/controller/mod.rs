@@ -23,6 +23,7 @@ mod scope;
 pub mod tenancy;
 #[cfg(test)]
 pub(crate) mod test_support;
+mod warm;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -604,13 +605,20 @@ pub async fn run(
 
     let detector = drift_detector(ctx.clone(), drift_tx, audit_tx, shutdown.clone());
     let rate_recorder = learned_rate::recorder(ctx.clone(), shutdown.clone());
-    // Ready once both caches hold the cluster's objects.
+    // Ready once both caches hold the cluster's objects; then the first look at every key the
+    // objects in sync hold grants on, all keys at once (see `warm`).
     let readiness = {
         let (grants, configs) = (ctx.grants.clone(), ctx.provider_configs.clone());
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
         async move {
             let _ = tokio::join!(grants.wait_until_ready(), configs.wait_until_ready());
             ready.store(true, std::sync::atomic::Ordering::Release);
             tracing::info!("caches synced");
+            tokio::select! {
+                () = warm::keys_in_sync(ctx) => {}
+                () = shutdown => {}
+            }
         }
     };
     tracing::info!(resync = ?settings.resync, concurrency = settings.concurrency, "controllers started");
