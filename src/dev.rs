@@ -235,6 +235,8 @@ impl DevArgs {
             settings,
             metrics,
             ready,
+            // A sandbox's cluster is new: no object stored at v1alpha1 holds a spec.name.
+            std::future::ready(()),
             async {
                 let _ = stopped.await;
             },

@@ -367,23 +367,34 @@ async fn operate(
         }
     };
     // Before any controller writes at v1beta1 (which drops the removed spec.name): keep it.
-    tokio::select! {
-        () = keep_legacy_grant_names(&client, settings.namespace.as_deref()) => {}
-        () = shutdown.clone() => {}
-    }
+    // While the caches fill (its list and theirs overlap), not before the controllers start.
+    let legacy_names_kept = {
+        let (client, namespace) = (client.clone(), settings.namespace.clone());
+        futures::FutureExt::shared(Box::pin(async move {
+            keep_legacy_grant_names(&client, namespace.as_deref()).await;
+        }))
+    };
     // A namespace-scoped operator cannot see every object; `migrate --cluster` does it then.
+    // After the legacy names are kept: its rewrites at v1beta1 drop spec.name too.
     let migrate_storage = migrate_storage.filter(|_| settings.namespace.is_none());
     let migration = migrate_storage.map(|interval| {
         let sink: Arc<dyn crate::storage_migration::ProgressSink> = metrics.clone();
-        tokio::spawn(crate::storage_migration::run_as_leader(
-            client.clone(),
-            sink,
-            interval,
-        ))
+        let (client, kept) = (client.clone(), legacy_names_kept.clone());
+        tokio::spawn(async move {
+            kept.await;
+            crate::storage_migration::run_as_leader(client, sink, interval).await;
+        })
     });
-    let controllers = controller::run(client, settings, metrics.clone(), ready.clone(), async {
-        let _ = stopped.await;
-    });
+    let controllers = controller::run(
+        client,
+        settings,
+        metrics.clone(),
+        ready.clone(),
+        legacy_names_kept,
+        async {
+            let _ = stopped.await;
+        },
+    );
     let (result, ()) = tokio::join!(
         async {
             tokio::select! {

@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, ListParams, ObjectList, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -169,16 +169,41 @@ async fn post_event(
     }
 }
 
-fn reference(object: &DynamicObject, api_version: &str, kind: &str) -> ObjectReference {
+fn reference(metadata: &LegacyMeta, api_version: &str, kind: &str) -> ObjectReference {
     ObjectReference {
         api_version: Some(api_version.to_owned()),
         kind: Some(kind.to_owned()),
-        name: object.metadata.name.clone(),
-        namespace: object.metadata.namespace.clone(),
-        uid: object.metadata.uid.clone(),
-        resource_version: object.metadata.resource_version.clone(),
+        name: metadata.name.clone(),
+        namespace: metadata.namespace.clone(),
+        uid: metadata.uid.clone(),
+        resource_version: metadata.resource_version.clone(),
         ..ObjectReference::default()
     }
+}
+
+/// What [`preserve_legacy_grant_names`] reads of a KmsGrant listed at `v1alpha1`; the rest of
+/// the object (status, managedFields) is skipped while decoding.
+#[derive(Clone, Debug, serde::Deserialize)]
+struct LegacyGrant {
+    metadata: LegacyMeta,
+    #[serde(default)]
+    spec: LegacySpec,
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LegacyMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+struct LegacySpec {
+    /// Whatever the stored object holds; only a string is a name.
+    name: Option<serde_json::Value>,
 }
 
 /// The note of the Warning event for a preserved `spec.name`.
@@ -200,15 +225,19 @@ pub async fn preserve_legacy_grant_names(
     namespace: Option<&str>,
     dry_run: bool,
 ) -> Result<Vec<(String, String)>, MigrationError> {
+    use kube::Resource;
     let resource = resource("KmsGrant", "kmsgrants", DEPRECATED_VERSION);
-    let api: Api<DynamicObject> = match namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-        None => Api::all_with(client.clone(), &resource),
-    };
+    let lists = kube::core::Request::new(DynamicObject::url_path(&resource, namespace));
     let mut found = Vec::new();
     let mut params = ListParams::default().limit(PAGE);
     loop {
-        let page = match api.list(&params).await {
+        // Only the fields looked at are decoded: the operator runs this at every start, while its
+        // caches fill, and a page of whole objects would be megabytes.
+        let listed = match lists.list(&params) {
+            Ok(request) => client.request::<ObjectList<LegacyGrant>>(request).await,
+            Err(err) => Err(kube::Error::BuildRequest(err)),
+        };
+        let page = match listed {
             Ok(page) => page,
             // v1alpha1 not served (or the CRD not installed): nothing can hold the field.
             Err(kube::Error::Api(status)) if status.code == 404 => return Ok(found),
@@ -221,48 +250,48 @@ pub async fn preserve_legacy_grant_names(
         };
         for object in &page.items {
             let Some(value) = object
-                .data
-                .pointer("/spec/name")
+                .spec
+                .name
+                .as_ref()
                 .and_then(|v| v.as_str())
                 .filter(|v| !v.is_empty())
             else {
                 continue;
             };
             if object
-                .annotations()
-                .get(LEGACY_GRANT_NAME_ANNOTATION)
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LEGACY_GRANT_NAME_ANNOTATION))
                 .map(String::as_str)
                 == Some(value)
             {
                 continue;
             }
-            let key = format!(
-                "{}/{}",
-                object.namespace().unwrap_or_default(),
-                object.name_any()
+            let (object_namespace, object_name) = (
+                object.metadata.namespace.clone().unwrap_or_default(),
+                object.metadata.name.clone().unwrap_or_default(),
             );
+            let key = format!("{object_namespace}/{object_name}");
             found.push((key.clone(), value.to_owned()));
             if dry_run {
                 continue;
             }
-            let namespaced: Api<DynamicObject> = Api::namespaced_with(
-                client.clone(),
-                &object.namespace().unwrap_or_default(),
-                &resource,
-            );
+            let namespaced: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), &object_namespace, &resource);
             let patch = json!({"metadata": {
                 "annotations": {LEGACY_GRANT_NAME_ANNOTATION: value},
-                "resourceVersion": object.resource_version(),
+                "resourceVersion": object.metadata.resource_version,
             }});
             match namespaced
-                .patch(&object.name_any(), &write_params(), &Patch::Merge(&patch))
+                .patch(&object_name, &write_params(), &Patch::Merge(&patch))
                 .await
             {
                 Ok(_) => {
                     tracing::warn!(object = %key, legacy_grant_name = value, "kept the removed spec.name in an annotation");
                     post_event(
                         client,
-                        reference(object, DEPRECATED_API_VERSION, "KmsGrant"),
+                        reference(&object.metadata, DEPRECATED_API_VERSION, "KmsGrant"),
                         "Warning",
                         "LegacyGrantName",
                         legacy_grant_name_note(value),

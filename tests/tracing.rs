@@ -73,6 +73,7 @@ async fn a_reconcile_is_one_span_with_its_kms_calls_as_children() {
         settings,
         Arc::new(kmsgrant::metrics::Metrics::new()),
         Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        std::future::ready(()),
         async {
             let _ = stopped.await;
         },

@@ -351,12 +351,16 @@ fn object_of(key: &str) -> ObjectRef<KmsGrant> {
     }
 }
 
-/// Runs both controllers and the drift detector until `shutdown` resolves.
+/// Runs both controllers and the drift detector until `shutdown` resolves. No KmsGrant is
+/// written (reconciles wait, and the operator is not ready) until `before_writes` is done: the
+/// caller's chores that must see the objects as stored (the legacy `spec.name` kept by
+/// [`crate::storage_migration`]) run while the caches fill.
 pub async fn run(
     client: Client,
     settings: Settings,
     metrics: Arc<Metrics>,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    before_writes: impl std::future::Future<Output = ()> + Send + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
@@ -395,6 +399,9 @@ pub async fn run(
     let (grant_store, grant_writer) = reflector::store();
     let grant_events = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let applied = Arc::clone(&grant_events);
+    // The keys of the objects in sync, as the first list arrives (see `warm`).
+    let (first_list, seen_keys) = warm::FirstList::new();
+    let mut first_list = Some(first_list);
     let grant_controller = Controller::for_stream(
         reflector(
             grant_writer,
@@ -402,8 +409,17 @@ pub async fn run(
                 .default_backoff()
                 .modify(slim),
         )
-        .inspect(move |_| {
+        .inspect(move |event| {
             applied.fetch_add(1, std::sync::atomic::Ordering::Release);
+            match event {
+                Ok(watcher::Event::InitApply(object)) => {
+                    if let Some(first_list) = first_list.as_mut() {
+                        first_list.saw(object);
+                    }
+                }
+                Ok(watcher::Event::InitDone) => first_list = None,
+                _ => {}
+            }
         })
         .applied_objects(),
         grant_store.clone(),
@@ -605,18 +621,29 @@ pub async fn run(
 
     let detector = drift_detector(ctx.clone(), drift_tx, audit_tx, shutdown.clone());
     let rate_recorder = learned_rate::recorder(ctx.clone(), shutdown.clone());
-    // Ready once both caches hold the cluster's objects; then the first look at every key the
-    // objects in sync hold grants on, all keys at once (see `warm`).
+    // Ready (and reconciles go on) once both caches hold the cluster's objects and what must
+    // come before the first write is done.
     let readiness = {
         let (grants, configs) = (ctx.grants.clone(), ctx.provider_configs.clone());
-        let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         async move {
-            let _ = tokio::join!(grants.wait_until_ready(), configs.wait_until_ready());
-            ready.store(true, std::sync::atomic::Ordering::Release);
-            tracing::info!("caches synced");
             tokio::select! {
-                () = warm::keys_in_sync(ctx) => {}
+                _ = async {
+                    tokio::join!(grants.wait_until_ready(), configs.wait_until_ready(), before_writes)
+                } => {
+                    ready.store(true, std::sync::atomic::Ordering::Release);
+                    tracing::info!("caches synced");
+                }
+                () = shutdown => {}
+            }
+        }
+    };
+    // Meanwhile, the first look at every key the objects in sync hold grants on.
+    let first_look = {
+        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+        async move {
+            tokio::select! {
+                () = warm::first_look(ctx, seen_keys) => {}
                 () = shutdown => {}
             }
         }
@@ -629,7 +656,8 @@ pub async fn run(
         policy_controller,
         detector,
         rate_recorder,
-        readiness
+        readiness,
+        first_look
     );
     tracing::info!("controllers stopped");
     Ok(())

@@ -27,6 +27,15 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
     let Some(uid) = object.uid() else {
         return Ok(Observation::Unstored);
     };
+    // A new operator's first passes can come before its provider config cache holds the
+    // configs (the runtime holds reconciles until the grant cache is ready, not the others):
+    // "the config's UID" would be read from an empty store and the pass would go on without
+    // the config. And nothing is written, not even a finalizer, before the chores that must see
+    // the objects as stored are done (see `controller::run`). Polled, not awaited on the stores:
+    // their readiness wakes one waiter only.
+    while !ctx.caches_synced.load(std::sync::atomic::Ordering::Acquire) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let namespace = object.namespace().unwrap_or_default();
     let identity = Identity::new(&ctx.cluster, &namespace, &object.name_any(), &uid);
     let object_ref = ObjectRef::from_obj(object);
@@ -72,13 +81,6 @@ pub(super) async fn read(object: &KmsGrant, ctx: &Context) -> Result<Observation
     .into_iter()
     .flatten()
     .collect();
-    // A new operator's first passes can come before its provider config cache holds the
-    // configs (the runtime holds reconciles until the grant cache is ready, not the others):
-    // "the config's UID" would be read from an empty store and the pass would go on without
-    // the config. Polled, not awaited on the stores: their readiness wakes one waiter only.
-    while !ctx.caches_synced.load(std::sync::atomic::Ordering::Acquire) {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
     // A new operator's first pass of an object may come before its first check of the config.
     ctx.providers
         .until_checked(config_name, PROVIDER_CHECK_WAIT)

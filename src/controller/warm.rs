@@ -4,22 +4,24 @@
 //! listed them: usually all the objects of one key, then of the next. The controller's workers
 //! (`--concurrency`) then all wait on the same key's `describe-key` and `list-grants`, and the
 //! next key's calls only start once those objects are through: the calls go one key at a time,
-//! below the rate the cloud would take (at 10,000 objects on 100 keys, 6 s where the throttle
-//! allows 4). So once the caches hold the cluster, the leader describes and lists, at once and
-//! paced by the client's token bucket, the keys its objects already hold grants on; the
-//! reconciles that follow share those answers (the key cache single-flights them) and make no
-//! call of their own.
+//! below the rate the cloud would take, and only after the whole list has arrived (at 10,000
+//! objects on 100 keys, 6 s where the throttle allows 4). So as the grant cache's first list
+//! arrives, page by page, the leader describes and lists the keys its objects already hold
+//! grants on, several at once, paced by the client's token bucket; the reconciles that follow
+//! share those answers (the key cache single-flights them) and make no call of their own.
 //!
 //! It only reads, and only what those reconciles read anyway: the key an object in sync (Ready
 //! for its generation, its grant recorded on the key its spec names) holds its grant on, through
-//! the config it names, once that config's check passed. Everything else (aliases, new or
-//! changed objects, deletions) is left to the reconciles, which decide what to read.
+//! the config it names, once that config's check passed and only on the account that config
+//! reaches. Everything else (aliases, new or changed objects, deletions) is left to the
+//! reconciles, which decide what to read.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use tokio::sync::mpsc;
 
 use super::cache::KeyRef;
 use super::{Context, conditions, provider};
@@ -29,99 +31,140 @@ use crate::api::{ConditionStatus, KmsGrant};
 /// cloud's latency), few enough that the reconciles' own calls are not queued behind hundreds.
 const IN_FLIGHT: usize = 8;
 
-/// How long to wait for a config's first check before its keys are left to the reconciles.
+/// How long, from the start, a key waits for its config's first passed check before it is
+/// left to the reconciles.
 const CHECK_WAIT: Duration = Duration::from_secs(10);
 
-/// Describes and lists every key the objects in sync hold grants on (see the module's doc).
-pub async fn keys_in_sync(ctx: Arc<Context>) {
-    let by_config = keys_of_objects_in_sync(&ctx.grants.state());
-    if by_config.is_empty() {
-        return;
+/// A key an object in sync holds its grant on: the config (registry key) it goes through, the
+/// account and the key ID its status records.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SeenKey {
+    config: String,
+    account: String,
+    key_id: String,
+}
+
+/// What the grant cache's first list shows, as it arrives: each key an object in sync holds its
+/// grant on, once. Fed from the watch stream (no store access, no call); dropped at the end of
+/// the first list, which ends the first look once its keys are done.
+pub struct FirstList {
+    sender: mpsc::UnboundedSender<SeenKey>,
+    sent: HashSet<SeenKey>,
+}
+
+impl FirstList {
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<SeenKey>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let sent = HashSet::new();
+        (Self { sender, sent }, receiver)
     }
-    let started = tokio::time::Instant::now();
-    let mut keys = Vec::new();
-    for (config_name, wanted) in by_config {
-        ctx.providers.until_checked(&config_name, CHECK_WAIT).await;
-        // Only a config whose credentials work: the same client the reconciles will use.
-        let Some(provider) = ctx.providers.get(&config_name) else {
-            continue;
-        };
-        let Ok(account) = provider::account_of(&provider).await else {
-            continue;
-        };
-        for (recorded_account, key_id) in wanted {
-            if recorded_account == account {
-                let key = KeyRef {
-                    provider: config_name.clone(),
-                    account: account.clone(),
-                    key_id,
-                };
-                keys.push((provider.client.clone(), key));
-            }
+
+    /// An object of the first list.
+    pub fn saw(&mut self, object: &KmsGrant) {
+        if let Some(key) = key_in_sync(object)
+            && !self.sent.contains(&key)
+        {
+            let _ = self.sender.send(key.clone());
+            self.sent.insert(key);
         }
     }
-    let count = keys.len();
-    let (info_age, page_size) = (ctx.settings.key_info_max_age(), ctx.settings.page_size);
-    let snapshot_age = ctx.settings.snapshot_max_age();
-    futures::stream::iter(keys)
-        .for_each_concurrent(IN_FLIGHT, |(client, key)| {
-            let ctx = &ctx;
+}
+
+/// Describes and lists each key the first list shows an object in sync holding its grant on,
+/// as the list arrives (see the module's doc). Ends when the first list has ended and its keys
+/// are done.
+pub async fn first_look(ctx: Arc<Context>, seen: mpsc::UnboundedReceiver<SeenKey>) {
+    let started = tokio::time::Instant::now();
+    let looked = std::sync::atomic::AtomicUsize::new(0);
+    tokio_stream::wrappers::UnboundedReceiverStream::new(seen)
+        .for_each_concurrent(IN_FLIGHT, |seen| {
+            let (ctx, looked) = (&ctx, &looked);
             async move {
-                // A failure is the reconciles' to report: they ask again and say why.
-                if let Err(err) = ctx.keys.key_info(&client, &key, info_age).await {
-                    tracing::debug!(key = %key.key_id, error = %err, "first look at a key: describe-key failed");
-                    return;
-                }
-                if let Err(err) = ctx
-                    .keys
-                    .grants(&client, &key, snapshot_age, page_size, &ctx.metrics)
-                    .await
-                {
-                    tracing::debug!(key = %key.key_id, error = %err, "first look at a key: list-grants failed");
+                if look(ctx, seen, started + CHECK_WAIT).await {
+                    looked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         })
         .await;
-    tracing::info!(keys = count, took = ?started.elapsed(), "looked at the keys of the objects in sync");
+    let keys = looked.into_inner();
+    tracing::info!(keys, took = ?started.elapsed(), "looked at the keys of the objects in sync");
 }
 
-/// Per config (registry key), the `(account, key ID)` pairs that objects in sync hold their
-/// grants on: not being deleted, named by ID (not alias), Ready for their current generation,
-/// with a grant recorded on that key and account.
-fn keys_of_objects_in_sync(
-    objects: &[Arc<KmsGrant>],
-) -> BTreeMap<String, BTreeSet<(String, String)>> {
-    let mut keys: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
-    for object in objects {
-        if object.metadata.deletion_timestamp.is_some() || object.spec.key_alias().is_some() {
-            continue;
+/// Describes and lists one key through its config's client, once that config's check has passed
+/// (waiting until `deadline` at most). Whether it did.
+async fn look(ctx: &Context, seen: SeenKey, deadline: tokio::time::Instant) -> bool {
+    // Only a config whose credentials work: the same client the reconciles will use. Its check
+    // comes moments after the start; a config that does not pass is left to the reconciles.
+    let provider = loop {
+        if let Some(provider) = ctx.providers.get(&seen.config) {
+            break provider;
         }
-        let Some(status) = object.status.as_ref() else {
-            continue;
-        };
-        let (Some(key_id), Some(account), Some(_)) = (
-            status.key_id.as_ref(),
-            status.account.as_ref(),
-            status.grant_id.as_ref(),
-        ) else {
-            continue;
-        };
-        if object.spec.key_id.as_ref() != Some(key_id) {
-            continue;
+        if tokio::time::Instant::now() >= deadline {
+            return false;
         }
-        let ready_now = status.conditions.iter().any(|c| {
-            c.type_ == conditions::READY
-                && c.status == ConditionStatus::True
-                && c.observed_generation.is_some()
-                && c.observed_generation == object.metadata.generation
-        });
-        if ready_now {
-            keys.entry(provider::key_of(object))
-                .or_default()
-                .insert((account.clone(), key_id.clone()));
-        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if provider::account_of(&provider).await.ok().as_ref() != Some(&seen.account) {
+        return false;
     }
-    keys
+    let key = KeyRef {
+        provider: seen.config,
+        account: seen.account,
+        key_id: seen.key_id,
+    };
+    let client = &provider.client;
+    // A failure is the reconciles' to report: they ask again and say why.
+    if let Err(err) = ctx
+        .keys
+        .key_info(client, &key, ctx.settings.key_info_max_age())
+        .await
+    {
+        tracing::debug!(key = %key.key_id, error = %err, "first look at a key: describe-key failed");
+        return false;
+    }
+    let listed = ctx
+        .keys
+        .grants(
+            client,
+            &key,
+            ctx.settings.snapshot_max_age(),
+            ctx.settings.page_size,
+            &ctx.metrics,
+        )
+        .await;
+    if let Err(err) = listed {
+        tracing::debug!(key = %key.key_id, error = %err, "first look at a key: list-grants failed");
+        return false;
+    }
+    true
+}
+
+/// The key an object in sync holds its grant on: not being deleted, named by ID (not alias),
+/// Ready for its current generation, with a grant recorded on that key and an account.
+fn key_in_sync(object: &KmsGrant) -> Option<SeenKey> {
+    if object.metadata.deletion_timestamp.is_some() || object.spec.key_alias().is_some() {
+        return None;
+    }
+    let status = object.status.as_ref()?;
+    let (key_id, account, _) = (
+        status.key_id.as_ref()?,
+        status.account.as_ref()?,
+        status.grant_id.as_ref()?,
+    );
+    if object.spec.key_id.as_ref() != Some(key_id) {
+        return None;
+    }
+    let ready_now = status.conditions.iter().any(|c| {
+        c.type_ == conditions::READY
+            && c.status == ConditionStatus::True
+            && c.observed_generation.is_some()
+            && c.observed_generation == object.metadata.generation
+    });
+    ready_now.then(|| SeenKey {
+        config: provider::key_of(object),
+        account: account.clone(),
+        key_id: key_id.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -172,7 +215,7 @@ mod tests {
     const KEY_2: &str = "1d0466b0-e727-4d9c-b35d-f84bb474a37f";
 
     #[test]
-    fn only_keys_that_objects_in_sync_hold_grants_on_are_looked_at_first() {
+    fn only_keys_that_objects_in_sync_hold_grants_on_are_looked_at_first_and_each_once() {
         let mut deleting = (*object("deleting", KEY_2, 1, Some(in_sync(KEY_2, 1)))).clone();
         deleting.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
@@ -187,9 +230,21 @@ mod tests {
             object("moved", KEY_2, 1, Some(in_sync(KEY_1, 1))),
             Arc::new(deleting),
         ];
-        let keys = keys_of_objects_in_sync(&objects);
-        let expected: BTreeSet<(String, String)> =
-            [("kms.example|project".to_owned(), KEY_1.to_owned())].into();
-        assert_eq!(keys, BTreeMap::from([("prod".to_owned(), expected)]));
+        let (mut first_list, mut seen) = FirstList::new();
+        for object in &objects {
+            first_list.saw(object);
+        }
+        drop(first_list);
+        let expected = SeenKey {
+            config: "prod".into(),
+            account: "kms.example|project".into(),
+            key_id: KEY_1.into(),
+        };
+        assert_eq!(seen.try_recv(), Ok(expected));
+        // Once, and the end of the first list ends the stream.
+        assert_eq!(
+            seen.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
+        );
     }
 }
