@@ -117,12 +117,12 @@ pub struct Condition {
     /// Condition type: `Ready`, `Reconciling` or `Stalled`.
     #[serde(rename = "type")]
     #[schemars(length(min = 1, max = 316), pattern(CONDITION_TYPE_PATTERN))]
-    pub type_: String,
+    pub type_: Word,
     /// `True`, `False` or `Unknown`.
     pub status: ConditionStatus,
     /// Why the condition has this status: a CamelCase word from a fixed, documented set.
     #[schemars(length(min = 1, max = 1024), pattern(CONDITION_REASON_PATTERN))]
-    pub reason: String,
+    pub reason: Word,
     /// What is wrong and what to do about it, for people.
     // Shared: a KmsGrant's three conditions carry the same message (see `controller::slim`),
     // which the grant cache then holds once instead of three times (3 MiB at 10,000 objects).
@@ -134,8 +134,142 @@ pub struct Condition {
     #[schemars(range(min = 0))]
     pub observed_generation: Option<i64>,
     /// When the status last changed (RFC 3339).
+    // Shared like the message: a KmsGrant's conditions usually changed at the same moment.
     #[schemars(extend("format" = "date-time"))]
-    pub last_transition_time: String,
+    pub last_transition_time: std::sync::Arc<str>,
+}
+
+/// A short string that many objects repeat, such as a condition's type and reason: decoded
+/// values are held once per process (a bounded set of them), so the grant cache keeps one copy
+/// of `GrantReady` instead of one per object and condition. Compares and reads as a `str`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, JsonSchema)]
+#[serde(transparent)]
+#[schemars(transparent)]
+pub struct Word(std::sync::Arc<str>);
+
+impl Word {
+    /// The longest value held once; longer ones are not repeated words.
+    const MAX_SHARED_LEN: usize = 64;
+    /// How many distinct values are held at most: the documented types and reasons are some
+    /// dozens; values beyond (a status edited by hand) simply get their own copy.
+    const MAX_SHARED: usize = 1024;
+
+    /// `value`, sharing the copy already held when there is one.
+    pub fn new(value: &str) -> Self {
+        use std::collections::HashSet;
+        use std::sync::{Arc, LazyLock, Mutex};
+        static HELD: LazyLock<Mutex<HashSet<Arc<str>>>> = LazyLock::new(Mutex::default);
+        if value.len() > Self::MAX_SHARED_LEN {
+            return Self(value.into());
+        }
+        let mut held = HELD
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(word) = held.get(value) {
+            return Self(Arc::clone(word));
+        }
+        let word: Arc<str> = value.into();
+        if held.len() < Self::MAX_SHARED {
+            held.insert(Arc::clone(&word));
+        }
+        Self(word)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Word {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        Ok(Self::new(&value))
+    }
+}
+
+impl std::ops::Deref for Word {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Word {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Word {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Word {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for Word {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Default for Word {
+    fn default() -> Self {
+        Self::new("")
+    }
+}
+
+impl From<&str> for Word {
+    fn from(value: &str) -> Self {
+        Self::new(value)
+    }
+}
+
+impl From<String> for Word {
+    fn from(value: String) -> Self {
+        Self::new(&value)
+    }
+}
+
+impl From<&String> for Word {
+    fn from(value: &String) -> Self {
+        Self::new(value)
+    }
+}
+
+impl PartialEq<str> for Word {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for Word {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<String> for Word {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<Word> for str {
+    fn eq(&self, other: &Word) -> bool {
+        *self == *other.0
+    }
+}
+
+impl PartialEq<Word> for &str {
+    fn eq(&self, other: &Word) -> bool {
+        **self == *other.0
+    }
 }
 
 /// The status of a condition.

@@ -270,11 +270,11 @@ pub async fn audit(
 }
 
 fn reported(grant: &Grant, owner: GrantOwner) -> AuditedGrant {
-    let mut operations = grant.operations.clone();
+    let mut operations = grant.operations.to_vec();
     operations.sort();
     AuditedGrant {
         grant_id: grant.grant_id.clone(),
-        grantee_principal: grant.grantee_principal.clone(),
+        grantee_principal: grant.grantee_principal.to_string(),
         operations,
         created_at: grant.created_at_millis.and_then(millis_rfc3339),
         name: grant.name.clone(),
@@ -310,7 +310,7 @@ mod tests {
             grant_id: id.into(),
             grantee_principal: "p".into(),
             grantee_principal_type: Some("user".into()),
-            operations: vec!["encrypt-datakey".into(), "describe-key".into()],
+            operations: vec!["encrypt-datakey".into(), "describe-key".into()].into(),
             issuing_principal: None,
             created_at_millis: Some(1_700_000_000_000),
             name: name.map(str::to_owned),

@@ -772,7 +772,7 @@ mod tests {
             grant_id: "g".into(),
             grantee_principal: "p".into(),
             grantee_principal_type: Some("user".into()),
-            operations: vec!["describe-key".into(), "encrypt-datakey".into()],
+            operations: vec!["describe-key".into(), "encrypt-datakey".into()].into(),
             issuing_principal: None,
             created_at_millis: None,
             name: Some("n".into()),
@@ -780,7 +780,7 @@ mod tests {
         };
         let listed = Grant {
             grantee_principal_type: None,
-            operations: vec!["encrypt-datakey".into(), "describe-key".into()],
+            operations: vec!["encrypt-datakey".into(), "describe-key".into()].into(),
             issuing_principal: Some("i".into()),
             created_at_millis: Some(1_497_341_531_000),
             ..created.clone()
@@ -793,7 +793,7 @@ mod tests {
         };
         assert!(!agrees(&listed, &later));
         let narrower = Grant {
-            operations: vec!["describe-key".into()],
+            operations: vec!["describe-key".into()].into(),
             ..listed.clone()
         };
         assert!(!agrees(&listed, &narrower));

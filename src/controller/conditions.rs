@@ -168,6 +168,8 @@ pub fn conditions(
     };
     // One message for the three.
     let message: std::sync::Arc<str> = truncate_message(outcome.message()).into();
+    // The three change together, usually: one copy of the time for those that changed now.
+    let now: std::sync::Arc<str> = now.into();
     [
         (READY, ready),
         (RECONCILING, reconciling),
@@ -178,12 +180,12 @@ pub fn conditions(
         let last_transition_time = previous
             .iter()
             .find(|c| c.type_ == type_ && c.status == status)
-            .map(|c| c.last_transition_time.clone())
-            .unwrap_or_else(|| now.to_owned());
+            .map(|c| std::sync::Arc::clone(&c.last_transition_time))
+            .unwrap_or_else(|| std::sync::Arc::clone(&now));
         Condition {
-            type_: type_.to_owned(),
+            type_: type_.into(),
             status,
-            reason: outcome.reason().to_owned(),
+            reason: outcome.reason().into(),
             message: std::sync::Arc::clone(&message),
             observed_generation: generation,
             last_transition_time,
@@ -260,7 +262,7 @@ mod tests {
         };
         let first = conditions(&stalled, Some(1), &[], "t1");
         let again = conditions(&stalled, Some(1), &first, "t2");
-        assert!(again.iter().all(|c| c.last_transition_time == "t1"));
+        assert!(again.iter().all(|c| &*c.last_transition_time == "t1"));
         let ready = Outcome::Ready {
             reason: reasons::GRANT_READY,
             message: String::new(),

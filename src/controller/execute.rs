@@ -195,14 +195,15 @@ impl Record {
         let same = status.grant_id.as_deref() == Some(grant.grant_id.as_str());
         status.issuing_principal = grant
             .issuing_principal
-            .clone()
+            .as_deref()
+            .map(str::to_owned)
             .or_else(|| same.then(|| status.issuing_principal.take()).flatten());
         status.created_at = grant
             .created_at_millis
             .and_then(millis_rfc3339)
             .or_else(|| same.then(|| status.created_at.take()).flatten());
         status.grant_id = Some(grant.grant_id.clone());
-        status.key_id = Some(grant.key_id.clone());
+        status.key_id = Some(grant.key_id.to_string());
         status.grant_name = grant.name.clone();
         status.account = Some(self.account.clone());
         self.kept = Some(grant);
@@ -210,7 +211,7 @@ impl Record {
 
     fn in_sync(&self) -> Outcome {
         let (grant_id, key_id) = match &self.kept {
-            Some(grant) => (grant.grant_id.as_str(), grant.key_id.as_str()),
+            Some(grant) => (grant.grant_id.as_str(), &*grant.key_id),
             None => (
                 self.status.grant_id.as_deref().unwrap_or_default(),
                 self.status.key_id.as_deref().unwrap_or_default(),

@@ -200,7 +200,7 @@ mod tests {
             grant_id: id.into(),
             grantee_principal: "alice".into(),
             grantee_principal_type: None,
-            operations: vec!["describe-key".into()],
+            operations: vec!["describe-key".into()].into(),
             issuing_principal: None,
             created_at_millis: None,
             name: name.map(str::to_owned),

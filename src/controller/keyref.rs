@@ -70,7 +70,7 @@ fn aliases_in_use(ctx: &Context) -> AliasUsers {
         let status = object.status.as_ref();
         let ready_reason = status
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == conditions::READY))
-            .map(|c| c.reason.clone());
+            .map(|c| c.reason.to_string());
         aliases
             .entry(alias_entry(
                 &super::provider::key_of(object),

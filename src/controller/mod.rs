@@ -696,8 +696,10 @@ where
         .predicate_filter(provider::wakes_its_users::<K>, PredicateConfig::default())
 }
 
-/// Drops from a cached object what the controller never reads, and holds the message its
-/// conditions share once (the three carry the same; decoded, each has its own copy).
+/// Drops from a cached object what the controller never reads, and holds the message and the
+/// transition time its conditions share once (the three usually carry the same; decoded, each
+/// has its own copy). Their types and reasons are shared across objects as they are decoded
+/// (see [`crate::api::Word`]).
 fn slim(grant: &mut KmsGrant) {
     let meta = grant.meta_mut();
     meta.managed_fields = None;
@@ -710,6 +712,9 @@ fn slim(grant: &mut KmsGrant) {
         for condition in rest {
             if condition.message == first.message {
                 condition.message = Arc::clone(&first.message);
+            }
+            if condition.last_transition_time == first.last_transition_time {
+                condition.last_transition_time = Arc::clone(&first.last_transition_time);
             }
         }
     }
@@ -1037,7 +1042,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slim_holds_a_message_the_conditions_share_once() {
+    fn slim_holds_a_message_and_a_time_the_conditions_share_once_and_words_once_per_process() {
         let mut grant: KmsGrant = serde_json::from_value(serde_json::json!({
             "apiVersion": "kmsgrant.io/v1beta1", "kind": "KmsGrant",
             "metadata": {"name": "app", "namespace": "team-a", "managedFields": [{"manager": "x"}]},
@@ -1057,6 +1062,20 @@ mod tests {
         let conditions = &grant.status.as_ref().expect("status").conditions;
         assert!(Arc::ptr_eq(&conditions[0].message, &conditions[1].message));
         assert!(!Arc::ptr_eq(&conditions[0].message, &conditions[2].message));
+        assert!(Arc::ptr_eq(
+            &conditions[0].last_transition_time,
+            &conditions[2].last_transition_time
+        ));
+        // One copy of a reason for every object and condition that gives it.
+        let word_ptr = |word: &crate::api::Word| word.as_str().as_ptr();
+        assert_eq!(
+            word_ptr(&conditions[0].reason),
+            word_ptr(&conditions[2].reason)
+        );
+        assert_eq!(
+            word_ptr(&conditions[0].reason),
+            word_ptr(&crate::api::Word::new("GrantReady"))
+        );
     }
 
     fn key(key_id: &str) -> KeyRef {

@@ -459,14 +459,14 @@ fn names_missing(
     fresh: bool,
 ) -> Option<String> {
     let recorded = |id: &str| status.grant_name.is_some() && status.grant_id.as_deref() == Some(id);
-    let mut keys: BTreeSet<&str> = listed.iter().map(|g| g.key_id.as_str()).collect();
+    let mut keys: BTreeSet<&str> = listed.iter().map(|g| &*g.key_id).collect();
     keys.insert(&key.key_id);
     keys.into_iter().find_map(|key_id| {
         let on_key = KeyRef {
             key_id: key_id.to_owned(),
             ..key.clone()
         };
-        let here = listed.iter().copied().filter(|g| g.key_id == key_id);
+        let here = listed.iter().copied().filter(|g| *g.key_id == *key_id);
         match identity::names_listed(here, recorded) {
             Some(identity::NamesListed::Returned) if !fresh => {}
             Some(evidence) => {

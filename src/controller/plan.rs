@@ -56,8 +56,8 @@ impl DesiredGrant {
     /// its name.
     pub fn fields_match(&self, grant: &Grant) -> bool {
         let operations: BTreeSet<&str> = self.operations.iter().map(|op| op.as_str()).collect();
-        grant.key_id == self.key_id
-            && grant.grantee_principal == self.grantee_principal
+        *grant.key_id == *self.key_id
+            && *grant.grantee_principal == *self.grantee_principal
             && grant.grantee_type() == self.grantee_principal_type.as_str()
             && grant.operation_set() == operations
             && grant.retiring_principal == self.retiring_principal
@@ -77,10 +77,10 @@ impl DesiredGrant {
     /// A grant we just created, as list-grants would show it (minus what only the server knows).
     pub fn created(&self, grant_id: &str) -> Grant {
         Grant {
-            key_id: self.key_id.clone(),
+            key_id: self.key_id.as_str().into(),
             grant_id: grant_id.to_owned(),
-            grantee_principal: self.grantee_principal.clone(),
-            grantee_principal_type: Some(self.grantee_principal_type.as_str().to_owned()),
+            grantee_principal: self.grantee_principal.as_str().into(),
+            grantee_principal_type: Some(self.grantee_principal_type.as_str().into()),
             operations: self
                 .operations
                 .iter()
@@ -167,7 +167,7 @@ pub enum Plan {
 
 fn gref(grant: &Grant) -> GrantRef {
     GrantRef {
-        key_id: grant.key_id.clone(),
+        key_id: grant.key_id.to_string(),
         grant_id: grant.grant_id.clone(),
         account: None,
     }
@@ -214,7 +214,7 @@ pub fn plan(
             observed
                 .elsewhere
                 .iter()
-                .filter(|g| g.key_id != desired.key_id),
+                .filter(|g| *g.key_id != *desired.key_id),
         )
         .filter(|g| claim.owns(g))
         .collect();

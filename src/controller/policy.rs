@@ -575,11 +575,11 @@ async fn still_undeclared(
     let grants: Vec<Grant> = candidates
         .iter()
         .map(|g| Grant {
-            key_id: key.key_id.clone(),
+            key_id: key.key_id.as_str().into(),
             grant_id: g.grant_id.clone(),
-            grantee_principal: g.grantee_principal.clone(),
+            grantee_principal: g.grantee_principal.as_str().into(),
             grantee_principal_type: None,
-            operations: g.operations.clone(),
+            operations: g.operations.clone().into(),
             issuing_principal: None,
             created_at_millis: None,
             name: g.name.clone(),

@@ -933,12 +933,12 @@ fn catalog_condition(
     let last_transition_time = previous
         .iter()
         .find(|c| c.type_ == catalog::CONDITION_TYPE && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| now.to_owned());
+        .map(|c| std::sync::Arc::clone(&c.last_transition_time))
+        .unwrap_or_else(|| now.into());
     Condition {
-        type_: catalog::CONDITION_TYPE.to_owned(),
+        type_: catalog::CONDITION_TYPE.into(),
         status,
-        reason: verdict.reason().to_owned(),
+        reason: verdict.reason().into(),
         message: truncate_message(&verdict.note(&spec.endpoint, spec.region.as_deref())).into(),
         observed_generation: generation,
         last_transition_time,

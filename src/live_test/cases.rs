@@ -399,10 +399,10 @@ async fn grant_fields(kit: &Kit) -> Verdict {
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as i64);
                 let mut wrong = Vec::new();
-                if grant.key_id != kit.key() {
+                if *grant.key_id != *kit.key() {
                     wrong.push(format!("key_id {:?}", grant.key_id));
                 }
-                if grant.grantee_principal != kit.account.principal {
+                if *grant.grantee_principal != *kit.account.principal {
                     wrong.push(format!("grantee_principal {:?}", grant.grantee_principal));
                 }
                 if grant.grantee_type() != "user" {

@@ -21,8 +21,8 @@ use super::error::{Call, ErrorReason, KmsError, classify};
 use super::rate_limit::TokenBucket;
 use super::session::{SessionCredential, SessionState};
 use super::types::{
-    CreateGrantResponse, DescribeKeyResponse, Grant, GrantPage, KeyInfo, ListGrantsResponse,
-    NewGrant, Quotas, QuotasResponse,
+    CreateGrantResponse, DescribeKeyResponse, Grant, GrantPage, Grants, KeyInfo,
+    ListGrantsResponse, NewGrant, Quotas, QuotasResponse,
 };
 use kmsgrant_kms_signer::{self as signer, AccessKeyPair, RequestParts, SdkDateTime};
 use secrecy::{ExposeSecret, SecretString};
@@ -211,11 +211,12 @@ impl KmsClient {
             )
         };
         let mut grants = Vec::new();
+        let mut decoded = Grants::default();
         let mut marker: Option<String> = None;
         let mut seen_markers = std::collections::HashSet::new();
         for _ in 0..max_pages {
             let page = self.grants_page(key_id, &limit, marker.as_deref()).await?;
-            grants.extend(page.grants.into_iter().map(Grant::from));
+            grants.extend(page.grants.into_iter().map(|grant| decoded.decode(grant)));
             if grants.len() > max_grants {
                 return Err(runaway(format!("returned {} grants", grants.len())));
             }
@@ -251,8 +252,13 @@ impl KmsClient {
         marker: Option<&str>,
     ) -> Result<GrantPage, KmsError> {
         let page = self.grants_page(key_id, &limit.to_string(), marker).await?;
+        let mut decoded = Grants::default();
         Ok(GrantPage {
-            grants: page.grants.into_iter().map(Grant::from).collect(),
+            grants: page
+                .grants
+                .into_iter()
+                .map(|grant| decoded.decode(grant))
+                .collect(),
             next_marker: page.next_marker,
             truncated: page.truncated,
             total: page.total,

@@ -4,7 +4,8 @@
 //! `key_state`); the parsers here accept either form so a server that sends the other one does not
 //! break us.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 
 use secrecy::SecretString;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -139,20 +140,24 @@ impl KeyState {
 }
 
 /// A grant on a key, as `list-grants` reports it.
+///
+/// The fields that the grants of one key usually repeat (the key, the grantee, the issuer, the
+/// operations) are shared: a listing holds each distinct value once (see [`Grants`]), which
+/// keeps a cached listing of 10,000 grants some megabytes smaller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Grant {
     /// The key the grant is on.
-    pub key_id: String,
+    pub key_id: Arc<str>,
     /// The grant's ID (64 hexadecimal characters).
     pub grant_id: String,
     /// Who received the permissions.
-    pub grantee_principal: String,
+    pub grantee_principal: Arc<str>,
     /// `user` or `domain`; absent on clouds that do not report it (then `user`).
-    pub grantee_principal_type: Option<String>,
+    pub grantee_principal_type: Option<Arc<str>>,
     /// The operations verbatim, in the order the server chose.
-    pub operations: Vec<String>,
+    pub operations: Arc<[String]>,
     /// Who created the grant.
-    pub issuing_principal: Option<String>,
+    pub issuing_principal: Option<Arc<str>>,
     /// Creation time in milliseconds since the epoch.
     pub created_at_millis: Option<i64>,
     /// The grant's name, if it has one.
@@ -284,19 +289,58 @@ pub(crate) struct WireGrant {
     pub retiring_principal: Option<String>,
 }
 
-impl From<WireGrant> for Grant {
-    fn from(wire: WireGrant) -> Self {
-        Self {
+/// Grants decoded from listings, holding each repeated value once (see [`Grant`]). One per
+/// walk of a key: its pages share the values.
+#[derive(Default)]
+pub(crate) struct Grants {
+    strings: HashSet<Arc<str>>,
+    operations: HashSet<Arc<[String]>>,
+}
+
+impl Grants {
+    fn shared(&mut self, value: String) -> Arc<str> {
+        if let Some(held) = self.strings.get(value.as_str()) {
+            return Arc::clone(held);
+        }
+        let held: Arc<str> = value.into();
+        self.strings.insert(Arc::clone(&held));
+        held
+    }
+
+    fn shared_operations(&mut self, operations: Vec<String>) -> Arc<[String]> {
+        if let Some(held) = self.operations.get(operations.as_slice()) {
+            return Arc::clone(held);
+        }
+        let held: Arc<[String]> = operations.into();
+        self.operations.insert(Arc::clone(&held));
+        held
+    }
+
+    /// A listed grant, its repeated values shared with the grants decoded before it.
+    pub(crate) fn decode(&mut self, wire: WireGrant) -> Grant {
+        Grant {
             created_at_millis: wire.creation_date.as_deref().and_then(parse_creation_date),
-            key_id: wire.key_id,
+            key_id: self.shared(wire.key_id),
             grant_id: wire.grant_id,
-            grantee_principal: wire.grantee_principal,
-            grantee_principal_type: wire.grantee_principal_type.filter(|t| !t.is_empty()),
-            operations: wire.operations,
-            issuing_principal: wire.issuing_principal.filter(|p| !p.is_empty()),
+            grantee_principal: self.shared(wire.grantee_principal),
+            grantee_principal_type: wire
+                .grantee_principal_type
+                .filter(|t| !t.is_empty())
+                .map(|t| self.shared(t)),
+            operations: self.shared_operations(wire.operations),
+            issuing_principal: wire
+                .issuing_principal
+                .filter(|p| !p.is_empty())
+                .map(|p| self.shared(p)),
             name: wire.name.filter(|n| !n.is_empty()),
             retiring_principal: wire.retiring_principal.filter(|p| !p.is_empty()),
         }
+    }
+}
+
+impl From<WireGrant> for Grant {
+    fn from(wire: WireGrant) -> Self {
+        Grants::default().decode(wire)
     }
 }
 
@@ -472,6 +516,47 @@ mod tests {
         assert_eq!(
             grant.operation_set(),
             BTreeSet::from(["describe-key", "create-datakey"])
+        );
+    }
+
+    #[test]
+    fn the_grants_of_a_listing_share_the_values_they_repeat_and_keep_their_own() {
+        let grant = |id: char, operations: &str| {
+            format!(
+                r#"{{"key_id": "1f5a7c6e-45b5-4f13-bb7e-8b4f0d5e6b73", "grant_id": "{}",
+                    "grantee_principal": "13gg44z4g2sglzk0egw0u726zoyzvrs8",
+                    "grantee_principal_type": "user", "operations": {operations},
+                    "issuing_principal": "e4hkeeea506ex3wgnzyhi656n8hx8xa3", "name": "n-{id}"}}"#,
+                id.to_string().repeat(64)
+            )
+        };
+        let page: ListGrantsResponse = serde_json::from_str(&format!(
+            r#"{{"grants": [{}, {}, {}]}}"#,
+            grant('a', r#"["describe-key", "encrypt-datakey"]"#),
+            grant('b', r#"["describe-key", "encrypt-datakey"]"#),
+            grant('c', r#"["describe-key"]"#),
+        ))
+        .unwrap();
+        let mut decoded = Grants::default();
+        let grants: Vec<Grant> = page.grants.into_iter().map(|g| decoded.decode(g)).collect();
+        let (a, b, c) = (&grants[0], &grants[1], &grants[2]);
+        assert!(Arc::ptr_eq(&a.key_id, &c.key_id));
+        assert!(Arc::ptr_eq(&a.grantee_principal, &b.grantee_principal));
+        let (a_type, c_type) = (
+            a.grantee_principal_type.as_ref(),
+            c.grantee_principal_type.as_ref(),
+        );
+        assert!(Arc::ptr_eq(a_type.unwrap(), c_type.unwrap()));
+        assert!(Arc::ptr_eq(
+            a.issuing_principal.as_ref().unwrap(),
+            b.issuing_principal.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(&a.operations, &b.operations));
+        // Equal values only: another list of operations, and every grant's own ID and name.
+        assert_eq!(&*c.operations, ["describe-key".to_owned()]);
+        assert_eq!(
+            (a.grant_id.as_str(), b.name.as_deref()),
+            (&*"a".repeat(64), Some("n-b"))
         );
     }
 

@@ -123,8 +123,8 @@ async fn lists_every_grant_of_keys_with_0_1_99_and_100_grants_at_page_sizes_1_7_
                     "{auth:?}: {count} grants at page size {page_size}"
                 );
                 for grant in &grants {
-                    assert_eq!(grant.key_id, key);
-                    assert_eq!(grant.grantee_principal, GRANTEE);
+                    assert_eq!(&*grant.key_id, key.as_str());
+                    assert_eq!(&*grant.grantee_principal, GRANTEE);
                     assert_eq!(grant.retiring_principal.as_deref(), Some(GRANTEE));
                     assert_eq!(
                         grant.operation_set(),
