@@ -37,6 +37,9 @@ pub const FIELD_MANAGER: &str = "kmsgrant-operator";
 pub const PROGRESS_ANNOTATION: &str = "kmsgrant.io/storage-migration";
 /// Objects per list page.
 const PAGE: u32 = 500;
+/// Objects per page of the legacy-name scan: it runs at every start, beside the grant cache's
+/// first list, and its page bodies are what it holds (see `controller::GRANT_LIST_PAGE`).
+const SCAN_PAGE: u32 = 100;
 
 /// The three kinds: CRD name, kind, plural, namespaced.
 pub const KINDS: [(&str, &str, &str, bool); 3] = [
@@ -229,7 +232,7 @@ pub async fn preserve_legacy_grant_names(
     let resource = resource("KmsGrant", "kmsgrants", DEPRECATED_VERSION);
     let lists = kube::core::Request::new(DynamicObject::url_path(&resource, namespace));
     let mut found = Vec::new();
-    let mut params = ListParams::default().limit(PAGE);
+    let mut params = ListParams::default().limit(SCAN_PAGE);
     loop {
         // Only the fields looked at are decoded: the operator runs this at every start, while its
         // caches fill, and a page of whole objects would be megabytes.
