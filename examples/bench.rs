@@ -1072,6 +1072,12 @@ async fn run_one(
         scenarios.push(figures);
     }
     let (peak, _, cpu) = run.operator.lock().unwrap().usage();
+    // The run's peak is the highest of every operator process it ran: a failover replaces the
+    // process, and the one measured last (the newest) is not the one that held the most.
+    let peak_mib = scenarios
+        .iter()
+        .filter_map(|s| s["operator_peak_rss_mib"].as_f64())
+        .fold(peak as f64 / 1024.0, f64::max);
     sampler.abort();
     let series = series_json(&samples.lock().unwrap(), &marks);
     watch.abort();
@@ -1081,7 +1087,7 @@ async fn run_one(
         .await;
     Ok(
         json!({"grants": grants, "keys": keys, "scenarios": scenarios,
-        "operator_peak_rss_mib": peak as f64 / 1024.0, "operator_cpu_seconds": cpu,
+        "operator_peak_rss_mib": peak_mib, "operator_cpu_seconds": cpu,
         "operator_log": log, "series": series}),
     )
 }
