@@ -14,27 +14,6 @@ fn apply_all(env: &Env, items: Vec<Value>) {
     env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
 }
 
-fn wait_all_ready(env: &Env, timeout_seconds: u32) {
-    let out = support::kubectl(
-        &[
-            "-n",
-            &env.namespace,
-            "wait",
-            "--for=condition=Ready",
-            "kmsgrants.kmsgrant.io",
-            "--all",
-            &format!("--timeout={timeout_seconds}s"),
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "not every KmsGrant became Ready: {}\noperator log: {:?}",
-        String::from_utf8_lossy(&out.stderr),
-        env.operator.as_ref().map(|o| o.log.clone())
-    );
-}
-
 fn grant_ids(env: &Env) -> Vec<String> {
     let list: Value = serde_json::from_str(&kubectl_ok(
         &[
@@ -96,7 +75,7 @@ async fn no_duplicate_grant_survives_five_crashes_and_lost_create_answers() {
         env.kill_operator();
         env.start_operator();
     }
-    wait_all_ready(&env, 240);
+    env.wait_all_ready(240);
     eprintln!(
         "200 grants converged through 5 crashes in {:?}",
         started.elapsed()
@@ -184,7 +163,7 @@ async fn everything_converges_under_20_percent_injected_5xx_and_429_with_bounded
             .map(|i| env.grant(&format!("f{i:02}"), &keys[i % 2], json!({})))
             .collect(),
     );
-    wait_all_ready(&env, 180);
+    env.wait_all_ready(180);
 
     let calls = env.emulator.admin().calls(before);
     let on_kms = env.emulator.admin().dump().grants.len();
@@ -216,7 +195,7 @@ async fn converging_100_grants_on_one_key_costs_100_creates_and_at_most_3_list_w
             .map(|i| env.grant(&format!("c{i:03}"), &key, json!({})))
             .collect(),
     );
-    wait_all_ready(&env, 180);
+    env.wait_all_ready(180);
     let calls = env.emulator.admin().calls(before);
     let creates = count(&calls, "create-grant");
     // Each walk of up to 100 grants is one page at limit 100.
@@ -242,7 +221,7 @@ async fn ready_grants_cost_no_writes_and_one_list_per_key_per_resync() {
             .map(|i| env.grant(&format!("i{i:03}"), &keys[i % 5], json!({})))
             .collect(),
     );
-    wait_all_ready(&env, 180);
+    env.wait_all_ready(180);
     // Let the first drift pass fill in what only a listing tells (issuer, creation date).
     tokio::time::sleep(resync * 2).await;
 

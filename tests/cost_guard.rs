@@ -114,22 +114,6 @@ fn written_objects(env: &Env) -> BTreeMap<String, String> {
     versions
 }
 
-/// Waits until every KmsGrant of the test's namespace is Ready.
-fn wait_all_ready(env: &Env) {
-    kubectl_ok(
-        &[
-            "-n",
-            &env.namespace,
-            "wait",
-            "--for=condition=Ready",
-            "kmsgrants.kmsgrant.io",
-            "--all",
-            "--timeout=240s",
-        ],
-        None,
-    );
-}
-
 /// Waits until the emulator's call log has been quiet for two seconds.
 async fn until_kms_quiet(env: &Env) {
     let mut seen = support::last_seq(env);
@@ -178,7 +162,7 @@ async fn converging_200_grants_on_4_keys_costs_the_floor_and_a_steady_period_wri
         .map(|i| env.grant(&format!("g{i:03}"), &keys[i % KEYS], json!({})))
         .collect();
     env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
-    wait_all_ready(&env);
+    env.wait_all_ready(240);
 
     let calls = env.emulator.admin().calls(0);
     let (creates, lists, describes) = (
@@ -291,18 +275,7 @@ async fn objects_deleted_without_a_finalizer_leave_no_key_being_listed() {
         .map(|i| env.grant(&format!("o{i}"), &key, json!({"deletionPolicy": "Orphan"})))
         .collect();
     env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
-    kubectl_ok(
-        &[
-            "-n",
-            &env.namespace,
-            "wait",
-            "--for=condition=Ready",
-            "kmsgrants.kmsgrant.io",
-            "--all",
-            "--timeout=120s",
-        ],
-        None,
-    );
+    env.wait_all_ready(120);
     // Orphan: no finalizer, so the operator never sees a last reconcile of these objects.
     kubectl_ok(
         &[
@@ -345,7 +318,7 @@ async fn deleting_200_grants_on_4_keys_revokes_each_once_and_shares_the_lists() 
         .map(|i| env.grant(&format!("d{i:03}"), &keys[i % KEYS], json!({})))
         .collect();
     env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
-    wait_all_ready(&env);
+    env.wait_all_ready(240);
     // KMS answers as a real cloud does, not at once: the deletions arrive while walks are in
     // flight, as they do at scale.
     env.emulator
@@ -482,7 +455,7 @@ async fn a_new_operator_after_a_crash_or_a_clean_stop_reaches_steady_with_one_li
         .map(|i| env.grant(&format!("f{i:03}"), &keys[i % KEYS], json!({})))
         .collect();
     env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
-    wait_all_ready(&env);
+    env.wait_all_ready(240);
     // The events that follow each status write land.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let status_writes = watch_status_writes(&env.namespace).await;
@@ -611,7 +584,7 @@ async fn a_new_operator_starts_at_the_throttle_its_predecessor_learned_and_is_no
         .map(|i| env.grant(&format!("l{i:03}"), &keys[i % THROTTLED_KEYS], json!({})))
         .collect();
     env.apply(&json!({"apiVersion": "v1", "kind": "List", "items": items}));
-    wait_all_ready(&env);
+    env.wait_all_ready(240);
     // The converge met the throttle; the leader wrote what it learned into the config's status.
     let calls = env.emulator.admin().calls(0);
     assert!(

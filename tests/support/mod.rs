@@ -343,6 +343,28 @@ impl Env {
         }
     }
 
+    /// Waits until every KmsGrant of the test's namespace is Ready.
+    pub fn wait_all_ready(&self, timeout_seconds: u32) {
+        let out = kubectl(
+            &[
+                "-n",
+                &self.namespace,
+                "wait",
+                "--for=condition=Ready",
+                "kmsgrants.kmsgrant.io",
+                "--all",
+                &format!("--timeout={timeout_seconds}s"),
+            ],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "not every KmsGrant became Ready: {}\noperator log: {:?}",
+            String::from_utf8_lossy(&out.stderr),
+            self.operator.as_ref().map(|o| o.log.clone())
+        );
+    }
+
     /// The Ready condition's reason (or "" when absent).
     pub fn ready_reason(&self, name: &str) -> String {
         let object = self.get(name);
